@@ -1,0 +1,148 @@
+"""The assembled model: shapes, MTP loss, heads, init, generation with caches."""
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from dsv3_min.config import count_params
+from dsv3_min.model import DeepSeekV3, DeepSeekV3ForSequenceClassification, generate
+
+
+def test_logits_shape_and_param_count(tiny):
+    """model(input_ids (B,S)) returns (B,S,vocab), and count_params equals the real numel (total and MTP)."""
+    m = DeepSeekV3(tiny)
+    x = torch.randint(0, tiny.vocab_size, (3, 7))
+    assert m(x).shape == (3, 7, tiny.vocab_size)
+    mtp = sum(p.numel() for p in m.mtp.parameters()) + sum(
+        b.numel() for k, b in m.mtp.named_buffers() if k.endswith("e_score_correction_bias"))
+    total = sum(p.numel() for p in m.parameters()) + sum(
+        b.numel() for k, b in m.named_buffers() if k.endswith("e_score_correction_bias")) - mtp
+    pc = count_params(tiny)
+    assert (pc.total, pc.mtp) == (total, mtp)
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": True}, {"attention": "gqa", "num_key_value_heads": 2},
+                                {"gated_attention": True}, {"norm_scheme": "deepnorm"}, {"q_lora_rank": None},
+                                {"first_k_dense_replace": 0}])
+def test_param_count_formula_matches_modules(kw):
+    """count_params matches the instantiated modules for every structural switch."""
+    cfg = tiny_config(**kw)
+    m = DeepSeekV3(cfg)
+    n = sum(p.numel() for p in m.parameters()) + sum(
+        b.numel() for k, b in m.named_buffers() if k.endswith("e_score_correction_bias"))
+    pc = count_params(cfg)
+    assert pc.total + pc.mtp == n
+
+
+def test_mtp_loss_is_combined_with_lambda():
+    """loss = main + λ·mean_k CE_k + balance, and each MTP depth predicts the token k+1 ahead of its position."""
+    cfg = tiny_config(num_nextn_predict_layers=2, mtp_loss_weight=0.5, aux_loss_alpha=0.01)
+    m = DeepSeekV3(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 17))
+    parts = m.loss(x[:, :-1], x[:, 1:])
+    torch.testing.assert_close(parts.loss, parts.main + 0.5 * parts.mtp + parts.balance)
+    assert parts.balance > 0 and parts.mtp > 0
+    # the main loss equals plain cross-entropy of forward()'s logits
+    logits = m(x[:, :-1])
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+    torch.testing.assert_close(parts.main, ref)
+    # depth-1 MTP, recomputed by hand: position i sees emb(t_{i+1}) and predicts t_{i+2}
+    inp, tgt = x[:, :-1], x[:, 1:]
+    h = m.hidden_states(inp)
+    cos, sin = m._positions(15, 0, x.device)
+    h1 = m.mtp[0](h[:, :15], m.embed_tokens(tgt[:, 0:15]), cos, sin)
+    ce1 = torch.nn.functional.cross_entropy(m.lm_head(m.mtp[0].shared_head.norm(h1)).flatten(0, 1), tgt[:, 1:16].flatten())
+    h2 = m.mtp[1](h1[:, :14], m.embed_tokens(tgt[:, 1:15]), *m._positions(14, 0, x.device))
+    ce2 = torch.nn.functional.cross_entropy(m.lm_head(m.mtp[1].shared_head.norm(h2)).flatten(0, 1), tgt[:, 2:16].flatten())
+    torch.testing.assert_close(parts.mtp, (ce1 + ce2) / 2)
+
+
+def test_untrained_loss_near_log_vocab(tiny):
+    """At init (normal 0.02) the logits are nearly uniform, so the main loss is close to ln(vocab)."""
+    m = DeepSeekV3(tiny)
+    x = torch.randint(0, tiny.vocab_size, (4, 32))
+    assert abs(m.loss(x[:, :-1], x[:, 1:]).main.item() - math.log(tiny.vocab_size)) < 0.1
+
+
+def test_tied_head_shares_storage():
+    """tie_word_embeddings=True makes lm_head use the embedding matrix itself."""
+    m = DeepSeekV3(tiny_config(tie_word_embeddings=True))
+    assert m.lm_head.weight.data_ptr() == m.embed_tokens.weight.data_ptr()
+
+
+def test_deepnorm_init_scales_value_and_ffn_weights():
+    """DeepNorm init gives the FFN/value/output weights a smaller scale than the q/k weights of the same block."""
+    cfg = tiny_config(norm_scheme="deepnorm", num_hidden_layers=12, hidden_size=128, attention="gqa",
+                      num_key_value_heads=4, intermediate_size=256)
+    m = DeepSeekV3(cfg)
+    blk = m.layers[0]
+    assert blk.self_attn.v_proj.weight.std() < blk.self_attn.q_proj.weight.std()
+    assert blk.mlp.down_proj.weight.std() < blk.self_attn.q_proj.weight.std()
+
+
+@pytest.mark.parametrize("kw", [{"mla_impl": "naive"}, {"mla_impl": "absorb"},
+                                {"attention": "gqa", "num_key_value_heads": 2},
+                                {"mla_impl": "absorb", "gated_attention": True, "q_lora_rank": None}])
+def test_cached_greedy_equals_recompute(kw):
+    """Greedy generation through the KV/latent cache equals recomputing the full sequence at every step."""
+    torch.manual_seed(0)
+    m = DeepSeekV3(tiny_config(**kw)).eval()
+    prompt = torch.randint(0, m.config.vocab_size, (2, 5))
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            ids = torch.cat([ids, m(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    out = generate(m, prompt, 10, temperature=0)
+    assert torch.equal(out, ids)
+    assert torch.equal(out[:, :5], prompt)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    """The same seed gives the same sample; top_k=1 is greedy whatever the temperature."""
+    m = DeepSeekV3(tiny_config()).eval()
+    p = torch.randint(0, m.config.vocab_size, (1, 4))
+    a = generate(m, p, 8, temperature=1.0, seed=3)
+    b = generate(m, p, 8, temperature=1.0, seed=3)
+    assert torch.equal(a, b)
+    assert torch.equal(generate(m, p, 8, temperature=5.0, top_k=1, seed=1), generate(m, p, 8, temperature=0))
+    assert torch.equal(generate(m, p, 8, temperature=0.7, top_p=1e-6, seed=5), generate(m, p, 8, temperature=0))
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+    """Unknown token ids, too-long prompts and bad sampling settings are refused with a ValueError."""
+    m = DeepSeekV3(tiny).eval()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        m(torch.tensor([[0, tiny.vocab_size]]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(m, torch.zeros(1, tiny.max_position_embeddings - 2, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(m, torch.zeros(1, 3, dtype=torch.long), 2, top_p=1.5)
+    with pytest.raises(ValueError, match="shape"):
+        m(torch.zeros(4, dtype=torch.long))
+
+
+def test_classification_head_pools_last_real_token(tiny):
+    """The classification logits read the last non-pad token: padding after it does not change them."""
+    clf = DeepSeekV3ForSequenceClassification(tiny, num_labels=3).eval()
+    x = torch.randint(0, tiny.vocab_size, (1, 6))
+    padded = torch.cat([x, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[1] * 6 + [0] * 4])
+    torch.testing.assert_close(clf(x), clf(padded, mask))
+    assert clf(x).shape == (1, 3)
+    loss = clf.loss(padded, torch.tensor([2]), mask)
+    loss.backward()
+    assert clf.score.weight.grad is not None
+
+
+def test_router_bias_update_and_stats(tiny):
+    """After a training forward, update_router_biases moves biases and moe_stats reports loads and MaxVio."""
+    m = DeepSeekV3(tiny_config(bias_update_speed=0.01)).train()
+    x = torch.randint(0, tiny.vocab_size, (4, 16))
+    m.loss(x[:, :-1], x[:, 1:]).loss.backward()
+    stats = m.moe_stats()
+    assert len(stats) == len(m.moe_layers()) == 3  # 2 MoE main layers + the MoE MTP block
+    assert all(s["max_vio"] >= 0 and sum(s["load"]) > 0 for s in stats)
+    before = [mm.gate.e_score_correction_bias.clone() for mm in m.moe_layers()]
+    m.update_router_biases()
+    assert any(not torch.equal(b, mm.gate.e_score_correction_bias) for b, mm in zip(before, m.moe_layers()))

@@ -1,0 +1,240 @@
+"""Tests for dsv3_min.tokenizer: lossless round trips, special tokens, the chat template (against transformers),
+Hugging Face tokenizer.json loading, training, caching and stats."""
+import json
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dsv3_min.tokenizer as tokmod
+from dsv3_min.data import Corpus, load_corpus, pack, split_documents
+from dsv3_min.tokenizer import (
+    ASSISTANT,
+    BOS,
+    DEEPSEEK_V3_CHAT_TEMPLATE,
+    EOS,
+    PAD,
+    SPECIAL_TOKENS,
+    USER,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    get_tokenizer,
+    tokenizer_stats,
+    train_tokenizer,
+)
+
+TRICKY = ["\x00", "\r", "\r\n", "\n", "\t", " ", "  ", "▁", "▁▁", "🙂", "👩‍👩‍👧", "e\u0301", "ﬁ", "中文", "\U0010ffff",
+          "\ufeff", "\u2028", BOS, USER, "<unk>", "<0x41>", "<s>", "a", "the", "HAMLET:"]
+
+
+@pytest.fixture(scope="module")
+def small_corpus():
+    """A small, tiny-tokenizer-sized slice of Shakespeare: 12 documents of 8 kB, split by document."""
+    shakespeare = load_corpus("shakespeare")
+    docs = [(f"{n}#{k}", t[k * 8000:(k + 1) * 8000]) for n, t in shakespeare.train_docs[:4] for k in range(3)]
+    return Corpus("small", *split_documents(docs, 0.25))
+
+
+@pytest.fixture(scope="module")
+def tok(small_corpus):
+    """A tiny (500-token) SentencePiece tokenizer trained on the small slice."""
+    return train_tokenizer(small_corpus, vocab_size=500)
+
+
+@pytest.fixture(scope="module")
+def hf_json(tmp_path_factory, small_corpus):
+    """A tokenizer.json built here: a tiny byte-level BPE (as DeepSeek-V3 uses) with DeepSeek's special tokens."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    t = HFTok(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(small_corpus.texts("train"), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
+    t.save(str(path))
+    return path
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.text(max_size=200), st.lists(st.sampled_from(TRICKY), max_size=30).map("".join)))
+def test_roundtrip_any_unicode(tok, text):
+    """decode(encode(s)) == s for arbitrary Unicode (no lone surrogates) and for mixes of awkward characters:
+    NUL, CR, U+2581, emoji/ZWJ, combining marks, specials' spellings."""
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=8, deadline=None)
+@given(alphabet=st.lists(st.characters(codec="utf-8"), min_size=1, max_size=64), seed=st.integers(0, 2**32))
+def test_roundtrip_long_strings(tok, alphabet, seed):
+    """Strings of 10,000 characters (drawn from random alphabets of any Unicode scalar values) round-trip exactly."""
+    text = "".join(random.Random(seed).choices(alphabet, k=10_000))
+    assert len(text) == 10_000 and tok.decode(tok.encode(text)) == text
+
+
+def test_literal_meta_space_is_kept(tok):
+    """A literal U+2581 is encoded as its UTF-8 bytes (not turned into a space) and decodes back to U+2581."""
+    ids = tok.encode("a▁b")
+    assert tok.decode(ids) == "a▁b" and sum(map(tok.is_byte, ids)) == 3
+
+
+def test_lone_surrogate_is_a_clear_error(tok):
+    """A lone surrogate has no UTF-8 encoding: ValueError giving the character and its index."""
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800' at index 2"):
+        tok.encode("ab\ud800cd")
+
+
+def test_special_token_ids_and_flags(tok):
+    """BOS=0, EOS=1, pad=2, User=3, Assistant=4 (V3's BOS/EOS ids); bos/eos flags add them; decode spells them."""
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert tok.special_ids == {BOS: 0, EOS: 1, PAD: 2, USER: 3, ASSISTANT: 4}
+    assert [tok.id_to_piece(i) for i in (5, 6, 261)] == ["<unk>", "<0x00>", "<0xFF>"]
+    ids = tok.encode("hi", bos=True, eos=True)
+    assert ids[0] == 0 and ids[-1] == 1 and ids[1:-1] == tok.encode("hi")
+    assert tok.decode(ids) == BOS + "hi" + EOS and tok.decode(ids, skip_special=True) == "hi"
+
+
+def test_special_spellings_are_text_unless_allowed(tok):
+    """Plain encode never emits control ids for special-token spellings in the text; allow_special does."""
+    text = f"{USER}hello{ASSISTANT}{EOS}"
+    ids = tok.encode(text)
+    assert not set(ids) & {0, 1, 2, 3, 4} and tok.decode(ids) == text
+    assert tok.encode(text, allow_special=True) == [3, *tok.encode("hello"), 4, 1]
+
+
+def test_decode_rejects_unknown_ids(tok):
+    """An id outside the vocabulary raises ValueError naming the id and the range."""
+    with pytest.raises(ValueError, match=r"token id 500 is outside the vocabulary \[0, 500\)"):
+        tok.decode([10, 500])
+    with pytest.raises(ValueError, match="token id -1"):
+        tok.decode([-1])
+
+
+def test_encode_batch_equals_encode(tok, small_corpus):
+    """The parallel batch encoder gives exactly the per-text ids (including texts with a literal U+2581)."""
+    texts = small_corpus.texts("val") + ["x▁y", ""]
+    assert tok.encode_batch(texts, bos=True) == [tok.encode(t, bos=True) for t in texts]
+
+
+def _conversations():
+    return [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"},
+         {"role": "assistant", "content": "A player."}, {"role": "user", "content": "More?"}],
+        [{"role": "user", "content": "a"}, {"role": "system", "content": "S1"}, {"role": "assistant", "content": ""},
+         {"role": "system", "content": "S2\nline"}, {"role": "user", "content": " spaced  "}],
+        [{"role": "assistant", "content": "Hello 🙂"}],
+    ]
+
+
+def test_chat_template_matches_transformers(hf_json):
+    """Our chat template renders the same string and ids as transformers' Jinja rendering of DeepSeek-V3's own
+    template, with and without the generation prompt."""
+    from transformers import PreTrainedTokenizerFast
+
+    ours = Tokenizer.load(hf_json)
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(hf_json), bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    ref.chat_template = DEEPSEEK_V3_CHAT_TEMPLATE
+    for conv in _conversations():
+        for gen in (True, False):
+            expected = ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+            assert ours.apply_chat_template(conv, add_generation_prompt=gen) == expected
+            ids = ref.apply_chat_template(conv, tokenize=True, add_generation_prompt=gen)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            assert ours.apply_chat_template(conv, add_generation_prompt=gen, tokenize=True) == list(ids)
+
+
+def test_chat_template_keeps_injected_specials_as_text(tok):
+    """A special-token spelling inside a message is encoded as text; only the template's markers are control ids."""
+    conv = [{"role": "user", "content": f"x{ASSISTANT}y{EOS}"}]
+    ids = tok.apply_chat_template(conv, tokenize=True)
+    assert [i for i in ids if i < 5] == [0, 3, 4]
+    assert tok.decode(ids) == tok.apply_chat_template(conv) == f"{BOS}{USER}x{ASSISTANT}y{EOS}{ASSISTANT}"
+
+
+def test_chat_template_rejects_bad_messages(tok):
+    """Unsupported roles and non-string contents raise ValueError naming the message."""
+    with pytest.raises(ValueError, match=r"messages\[1\]\['role'\] = 'tool'"):
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
+    with pytest.raises(ValueError, match=r"messages\[0\]\['content'\]"):
+        tok.apply_chat_template([{"role": "user", "content": None}])
+
+
+def test_hf_tokenizer_json_behind_same_interface(hf_json, tmp_path):
+    """Tokenizer.load opens a tokenizer.json (file or folder) as HFTokenizer: same special ids, no injection of
+    special spellings, lossless round trips, range-checked decode, and save/load keeps the fingerprint."""
+    t = Tokenizer.load(hf_json)
+    assert isinstance(t, HFTokenizer) and t.vocab_size == 600
+    assert (t.bos_id, t.eos_id, t.pad_id, t.special_ids[USER], t.special_ids[ASSISTANT]) == (0, 1, 2, 3, 4)
+    for s in TRICKY + ["".join(TRICKY)]:
+        assert t.decode(t.encode(s)) == s
+        assert not set(t.encode(s)) & {0, 1, 2, 3, 4}
+    assert t.encode(USER, allow_special=True) == [3]
+    assert t.encode_batch(["ab", "c"], eos=True) == [t.encode("ab", eos=True), t.encode("c", eos=True)]
+    with pytest.raises(ValueError, match="token id 600"):
+        t.decode([600])
+    again = Tokenizer.load(t.save(tmp_path / "saved"))
+    assert again.fingerprint == t.fingerprint and isinstance(again, HFTokenizer)
+
+
+def test_save_load_roundtrip(tok, tmp_path):
+    """save writes tokenizer.model + tokenizer_config.json (with V3's chat template); load restores the same model."""
+    path = tok.save(tmp_path / "tok")
+    cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert cfg["bos_token"] == BOS and cfg["chat_template"] == DEEPSEEK_V3_CHAT_TEMPLATE
+    for p in (path, path / "tokenizer.model"):
+        loaded = Tokenizer.load(p)
+        assert isinstance(loaded, SentencePieceTokenizer) and loaded.fingerprint == tok.fingerprint
+        assert loaded.encode("To be, or not to be") == tok.encode("To be, or not to be")
+    with pytest.raises(ValueError, match="neither"):
+        Tokenizer.load(tmp_path)
+
+
+def test_training_is_deterministic_and_checks_vocab(small_corpus, tok):
+    """Training twice on the same text gives the identical model; a vocabulary too small for the fixed
+    262 special/byte tokens is a ValueError."""
+    assert train_tokenizer(small_corpus, vocab_size=500).fingerprint == tok.fingerprint
+    with pytest.raises(ValueError, match="vocab_size=200"):
+        train_tokenizer(["abc"], vocab_size=200)
+
+
+def test_get_tokenizer_trains_once_then_loads(small_corpus, tmp_path, monkeypatch):
+    """get_tokenizer trains and caches on the first call; the second call loads without training."""
+    first = get_tokenizer(small_corpus, vocab_size=400, cache_dir=tmp_path)
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+
+    def no_training(*a, **k):
+        raise AssertionError("get_tokenizer retrained instead of loading its cache")
+
+    monkeypatch.setattr(tokmod, "train_tokenizer", no_training)
+    second = get_tokenizer(small_corpus, vocab_size=400, cache_dir=tmp_path)
+    assert second.fingerprint == first.fingerprint and second.vocab_size == 400
+
+
+def test_tokenizer_stats(tok, small_corpus):
+    """tokenizer_stats reports the vocab size and, per split, bytes/token and byte-fallback share consistent
+    with a direct count."""
+    s = tokenizer_stats(tok, small_corpus)
+    ids = [i for t in small_corpus.texts("val") for i in tok.encode(t)]
+    assert s["vocab_size"] == 500
+    assert s["val_bytes_per_token"] == pytest.approx(small_corpus.val_bytes / len(ids), abs=1e-4)
+    assert s["val_byte_fallback"] == pytest.approx(sum(map(tok.is_byte, ids)) / len(ids), abs=1e-5)
+    assert 1.5 < s["train_bytes_per_token"] < 4
+
+
+def test_pack_with_real_tokenizer(tok, small_corpus, tmp_path):
+    """Packing with the SentencePiece tokenizer stores BOS + ids of each document, which decode to the texts."""
+    p = pack(small_corpus, tok, cache_dir=tmp_path)
+    val = np.asarray(p.val)
+    starts = np.flatnonzero(val == tok.bos_id)
+    docs = np.split(val, starts)[1:]
+    assert [tok.decode(d[1:]) for d in docs] == small_corpus.texts("val")
+    assert p.meta["val"]["bytes"] == small_corpus.val_bytes and p.train.dtype == np.uint16

@@ -3,6 +3,8 @@
 # %% auto #0
 __all__ = []
 
-# %% ../notebooks/index.ipynb #08eca99d
+# %% ../notebooks/index.ipynb #ed31aa70
 __version__ = "0.1.0"
 from .config import PRESETS, ModelConfig, ParamCount, count_params, get_preset
+from .model import DeepSeekV3, DeepSeekV3ForSequenceClassification, LossParts, generate
+from .hf import from_pretrained, save_pretrained

@@ -262,6 +262,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                            'dsv3_min/tokenizer.py'),
                                     'dsv3_min.tokenizer.SentencePieceTokenizer.save': ( 'tokenizer.html#sentencepiecetokenizer.save',
                                                                                         'dsv3_min/tokenizer.py'),
+                                    'dsv3_min.tokenizer.SentencePieceTokenizer.to_hf': ( 'tokenizer.html#sentencepiecetokenizer.to_hf',
+                                                                                         'dsv3_min/tokenizer.py'),
                                     'dsv3_min.tokenizer.Tokenizer': ('tokenizer.html#tokenizer', 'dsv3_min/tokenizer.py'),
                                     'dsv3_min.tokenizer.Tokenizer._decode_text': ( 'tokenizer.html#tokenizer._decode_text',
                                                                                    'dsv3_min/tokenizer.py'),

@@ -158,3 +158,13 @@ def test_bad_shapes_raise():
         apply_rope(torch.randn(2, 5, 3, 8), cos, sin)
     with pytest.raises(ValueError, match="even"):
         rope_inv_freq(15)
+
+
+def test_frequencies_stay_fp32_after_module_cast():
+    """A model-wide `.to(torch.bfloat16)` casts buffers; the rotary tables must still come from fp32 frequencies."""
+    ref = RotaryEmbedding(64, 10000.0, YARN)
+    cast = RotaryEmbedding(64, 10000.0, YARN).to(torch.bfloat16)
+    pos = torch.tensor([0, 5, 4095, 100_000])
+    for a, b in zip(ref(pos), cast(pos)):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -186,10 +186,12 @@ def test_hf_tokenizer_json_behind_same_interface(hf_json, tmp_path):
 
 
 def test_save_load_roundtrip(tok, tmp_path):
-    """save writes tokenizer.model + tokenizer_config.json (with V3's chat template); load restores the same model."""
+    """save writes tokenizer.model, tokenizer.json and tokenizer_config.json (with V3's chat template); load restores
+    the same SentencePiece model."""
     path = tok.save(tmp_path / "tok")
     cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert cfg["bos_token"] == BOS and cfg["chat_template"] == DEEPSEEK_V3_CHAT_TEMPLATE
+    assert (path / "tokenizer.json").exists()
     for p in (path, path / "tokenizer.model"):
         loaded = Tokenizer.load(p)
         assert isinstance(loaded, SentencePieceTokenizer) and loaded.fingerprint == tok.fingerprint
@@ -238,3 +240,38 @@ def test_pack_with_real_tokenizer(tok, small_corpus, tmp_path):
     docs = np.split(val, starts)[1:]
     assert [tok.decode(d[1:]) for d in docs] == small_corpus.texts("val")
     assert p.meta["val"]["bytes"] == small_corpus.val_bytes and p.train.dtype == np.uint16
+
+
+@pytest.fixture(scope="module")
+def hf_auto(tok, tmp_path_factory):
+    """transformers' AutoTokenizer opened on the folder our `save` wrote (via its tokenizer.json)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tok.save(tmp_path_factory.mktemp("saved")))
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.one_of(st.text(max_size=200), st.lists(st.sampled_from(TRICKY), max_size=30).map("".join)))
+def test_saved_tokenizer_runs_identically_in_transformers(tok, hf_auto, text):
+    """transformers, loading the tokenizer.json that `save` writes, gives exactly our ids (BOS first) and decodes
+    them back; excluded by design: a literal U+2581 (a space to `tokenizers`) and special-token spellings."""
+    if "▁" in text or any(s in text for s in SPECIAL_TOKENS):
+        text = text.replace("▁", "_").replace("<｜", "<|")
+    ids = hf_auto(text)["input_ids"]
+    assert ids == tok.encode(text, bos=True)
+    assert hf_auto.decode(ids, skip_special_tokens=True) == text
+
+
+def test_saved_tokenizer_in_transformers_on_corpus_and_chat(tok, hf_auto, small_corpus):
+    """On real held-out text and on the chat template (string and ids), transformers and our tokenizer agree."""
+    for text in small_corpus.texts("val"):
+        assert hf_auto(text)["input_ids"] == tok.encode(text, bos=True)
+    for conv in _conversations():
+        assert hf_auto.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) == \
+            tok.apply_chat_template(conv)
+        ids = hf_auto.apply_chat_template(conv, add_generation_prompt=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert list(ids) == tok.apply_chat_template(conv, tokenize=True)

@@ -1,0 +1,224 @@
+"""Training throughput of dsv3_min against transformers' DeepseekV3ForCausalLM, gpu-small preset, one GPU.
+
+Both models hold the same weights (ours -> save_pretrained -> transformers.from_pretrained), in bf16, and train with
+the same batch (16 x 1024 tokens), the same loss (next-token cross-entropy; ours adds the tiny balance loss and the
+router bias update, which are part of V3's algorithm) and the same optimizer (torch AdamW, fused, betas 0.9/0.95).
+MTP is off in both (transformers has no MTP module): `num_nextn_predict_layers=0`.
+
+FLOPs per token, forward + backward (the MFU numerator):
+    F = 6 * N_matmul + 3 * L * H * S * (d_qk + d_v)
+  N_matmul = active parameters that enter a matmul for one token: attention projections, dense FFN, router,
+             the shared expert, num_experts_per_tok routed experts, and the LM head (the embedding lookup is not a
+             matmul; norms are not matmuls). 6 = 2 (multiply-add) x 3 (forward, two backward matmuls).
+  Attention: a causal query sees S/2 keys on average; per layer and token the forward costs 2*H*(S/2)*(d_qk + d_v)
+             (scores and weighted values), the backward twice that: 3 * H * S * (d_qk + d_v) in all.
+MFU = F * tokens/s / peak, with peak = the bf16 matmul rate measured in this run (8192^3 torch.matmul), and also
+against the 989 TFLOP/s datasheet figure.
+
+    python bench/train_throughput.py --out results/            # on a GPU; writes train_throughput.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dsv3_min.config import count_params, get_preset
+from dsv3_min.model import DeepSeekV3
+
+DATASHEET_TFLOPS = 989.0
+
+
+def flops_per_token(cfg, seq_len: int) -> dict:
+    "The MFU numerator, F = 6 * N_matmul + 3 * L * H * S * (d_qk + d_v) (see the module docstring)."
+    pc = count_params(cfg)
+    b = pc.breakdown
+    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    n_matmul = pc.active - b["embedding"] - b["norms"] - n_moe * cfg.n_routed_experts  # router bias is no matmul
+    n_matmul -= cfg.num_hidden_layers * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank)  # q/kv latent norms
+    if cfg.tie_word_embeddings:
+        n_matmul += cfg.vocab_size * cfg.hidden_size  # the tied head is still a matmul
+    d_qk = cfg.qk_head_dim if cfg.attention == "mla" else cfg.head_dim
+    d_v = cfg.v_head_dim if cfg.attention == "mla" else cfg.head_dim
+    attn = 3 * cfg.num_hidden_layers * cfg.num_attention_heads * seq_len * (d_qk + d_v)
+    return {"n_matmul": n_matmul, "attention": attn, "total": 6 * n_matmul + attn}
+
+
+def matmul_peak(n: int = 8192, reps: int = 20) -> float:
+    "Measured bf16 matmul TFLOP/s on random data (median of `reps` timed products after warm-up)."
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e12
+
+
+def time_steps(step, batches, warmup: int, steps: int) -> dict:
+    "Median and mean step time of `step(x, y)` over `steps` timed steps after `warmup` (CUDA events)."
+    for i in range(warmup):
+        step(*batches[i % len(batches)])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        loss = step(*batches[i % len(batches)])
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    st = sorted(times)
+    return {"step_s_median": st[len(st) // 2], "step_s_mean": sum(times) / len(times),
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "last_loss": float(loss)}
+
+
+def ours_step_fn(model, compiled: bool):
+    "One AdamW training step of dsv3_min: loss (main + balance), backward, step, router bias update."
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    loss_fn = (lambda x, y: model.loss(x, y).loss)
+    if compiled:
+        loss_fn = torch.compile(loss_fn)
+
+    def step(x, y):
+        loss = loss_fn(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_biases()
+        return loss.detach()
+    return step
+
+
+def hf_step_fn(model):
+    "One AdamW training step of transformers' model: next-token cross-entropy, backward, step."
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+    def step(x, y):
+        logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def profile_top(step, batches, n: int = 3, top: int = 20) -> list[dict]:
+    "The `top` CUDA kernels by total device time over `n` steps (torch.profiler)."
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for i in range(n):
+            step(*batches[i % len(batches)])
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if dev > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append({"name": ev.key[:120], "device_ms_per_step": dev / 1e3 / n, "calls_per_step": ev.count / n})
+    rows.sort(key=lambda r: -r["device_ms_per_step"])
+    return rows[:top]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "results"))
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--backend", default="sdpa", help="our attn_backend")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-hf", action="store_true")
+    a = ap.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    import transformers
+    torch.manual_seed(0)
+    cfg = get_preset("gpu-small", num_nextn_predict_layers=0, attn_backend=a.backend)
+    tokens = a.batch * a.seq
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), device="cuda")
+        batches.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
+    peak = matmul_peak()
+    fl = flops_per_token(cfg, a.seq)
+    res = {"config": cfg.to_dict(), "batch": a.batch, "seq_len": a.seq, "tokens_per_step": tokens,
+           "measured_bf16_matmul_tflops": peak, "datasheet_bf16_tflops": DATASHEET_TFLOPS,
+           "flops_per_token": fl, "flop_formula": "6*N_matmul + 3*L*H*S*(d_qk+d_v)",
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "python": platform.python_version(), "gpu": torch.cuda.get_device_name()},
+           "variants": {}}
+
+    def record(name, r):
+        r["tokens_per_s"] = tokens / r["step_s_median"]
+        r["mfu_measured_peak"] = fl["total"] * r["tokens_per_s"] / (peak * 1e12)
+        r["mfu_datasheet"] = fl["total"] * r["tokens_per_s"] / (DATASHEET_TFLOPS * 1e12)
+        res["variants"][name] = r
+        print(f"{name:28s} {r['step_s_median'] * 1e3:8.1f} ms/step {r['tokens_per_s']:>10,.0f} tok/s "
+              f"MFU {r['mfu_measured_peak']:.1%} (datasheet {r['mfu_datasheet']:.1%}) peak {r['peak_mem_gib']:.1f} GiB",
+              flush=True)
+
+    model = DeepSeekV3(cfg).cuda()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, dtype=torch.bfloat16)
+        model = DeepSeekV3.from_pretrained(tmp, dtype=torch.bfloat16, device="cuda", attn_backend=a.backend)
+        if not a.no_hf:
+            from transformers import DeepseekV3ForCausalLM
+            hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+            hf.train()
+            res["hf_experts_implementation"] = str(getattr(hf.config, "_experts_implementation", None))
+            record("transformers (sdpa)", time_steps(hf_step_fn(hf), batches, a.warmup, a.steps))
+            del hf
+            gc.collect()
+            torch.cuda.empty_cache()
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    record(f"dsv3_min eager ({a.backend})", time_steps(ours_step_fn(model, False), batches, a.warmup, a.steps))
+    best = f"dsv3_min eager ({a.backend})"
+    if not a.no_compile:
+        model.load_state_dict(state)
+        t0 = time.time()
+        step = ours_step_fn(model, True)
+        r = time_steps(step, batches, a.warmup, a.steps)
+        r["compile_and_warmup_s"] = time.time() - t0
+        record(f"dsv3_min compiled ({a.backend})", r)
+        if r["tokens_per_s"] > res["variants"][best]["tokens_per_s"]:
+            best = f"dsv3_min compiled ({a.backend})"
+    else:
+        step = ours_step_fn(model, False)
+    res["best_variant"] = best
+    res["dsv3_min_tokens_per_s"] = res["variants"][best]["tokens_per_s"]
+    res["mfu"] = res["variants"][best]["mfu_measured_peak"]
+    if not a.no_hf:
+        res["hf_tokens_per_s"] = res["variants"]["transformers (sdpa)"]["tokens_per_s"]
+        res["speedup_vs_hf"] = res["dsv3_min_tokens_per_s"] / res["hf_tokens_per_s"]
+    res["profile_top_kernels_best"] = profile_top(step, batches)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_throughput.json").write_text(json.dumps(res, indent=2))
+    print(f"peak bf16 matmul {peak:.0f} TFLOP/s; F/token {fl['total'] / 1e9:.3f} GFLOP")
+    if "speedup_vs_hf" in res:
+        print(f"best {best}: {res['dsv3_min_tokens_per_s']:,.0f} tok/s = {res['speedup_vs_hf']:.2f}x transformers, "
+              f"MFU {res['mfu']:.1%}")
+    for row in res["profile_top_kernels_best"][:10]:
+        print(f"  {row['device_ms_per_step']:7.2f} ms  {row['calls_per_step']:6.0f}x  {row['name'][:90]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Tests for dsv3_min.flash: tiled PyTorch FlashAttention and the Triton kernel (interpreter on CPU, GPU if present)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsv3_min.flash import (
+    TiledAttention,
+    check_attention_inputs,
+    flash_attention,
+    naive_attention,
+    split_head_dim,
+    tiled_attention_forward,
+)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _inputs(b, hq, hkv, sq, sk, dqk, dv, dtype=torch.float32, device="cpu", seed=0):
+    """Random q, k, v (requiring grad) and an output gradient, (b, h, s, d) layout."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(b, hq, sq, dqk, generator=g, device=device).to(dtype).requires_grad_()
+    k = torch.randn(b, hkv, sk, dqk, generator=g, device=device).to(dtype).requires_grad_()
+    v = torch.randn(b, hkv, sk, dv, generator=g, device=device).to(dtype).requires_grad_()
+    do = torch.randn(b, hq, sq, dv, generator=g, device=device).to(dtype)
+    return q, k, v, do
+
+
+def _fwd_bwd(fn, q, k, v, do, causal):
+    """Output and (dq, dk, dv) of one attention implementation."""
+    o = fn(q, k, v, causal)
+    return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+
+def _rel(x, ref):
+    """‖x − ref‖ / ‖ref‖ (the absolute norm when ref is exactly zero: one key gives a constant softmax)."""
+    x, ref = x.double(), ref.double()
+    return ((x - ref).norm() / ref.norm()).item() if ref.norm() > 0 else x.norm().item()
+
+
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), sq=st.integers(1, 40),
+       extra=st.integers(0, 20), dqk=st.sampled_from([8, 24, 32]), dv=st.sampled_from([8, 12, 32]),
+       causal=st.booleans(), block=st.sampled_from([4, 16, 128]))
+def test_tiled_matches_naive_property(b, hkv, group, sq, extra, dqk, dv, causal, block):
+    """The tiled PyTorch FlashAttention (forward and backward) equals naive fp32 attention to 1e-5 on any shape:
+    ragged tiles, GQA, dqk != dv, causal with sq <= sk (bottom-right aligned), any tile size."""
+    q, k, v, do = _inputs(b, hkv * group, hkv, sq, sq + extra, dqk, dv)
+
+    def tiled(q, k, v, causal):
+        return TiledAttention.apply(q, k, v, causal, dqk**-0.5, block, block)
+
+    got, ref = _fwd_bwd(tiled, q, k, v, do, causal), _fwd_bwd(naive_attention, q, k, v, do, causal)
+    for x, r in zip(got, ref):
+        torch.testing.assert_close(x, r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("s", [1, 17, 130, 1000])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tiled_ragged_lengths(s, causal):
+    """Tiled forward+backward on the CPU path of `flash_attention` equals naive attention at lengths that are not
+    tile multiples (1, 17, 130, 1000 with 128-row tiles), MLA head dims 24/16 and GQA 2 (relative error <= 1e-5)."""
+    q, k, v, do = _inputs(1, 4, 2, s, s, 24, 16, seed=s)
+    got = _fwd_bwd(lambda *a: flash_attention(*a, backend="torch"), q, k, v, do, causal)
+    ref = _fwd_bwd(naive_attention, q, k, v, do, causal)
+    for x, r in zip(got, ref):
+        assert _rel(x, r) <= 1e-5
+
+
+def test_lse_is_logsumexp():
+    """The tiled forward's log-sum-exp equals torch.logsumexp of the scaled, masked score rows."""
+    q, k, v, _ = _inputs(1, 2, 2, 37, 50, 16, 16)
+    _, lse = tiled_attention_forward(q, k, v, True, 0.25, 16, 16)
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * 0.25
+    s = s.masked_fill(torch.ones(37, 50, dtype=torch.bool).triu(50 - 37 + 1), float("-inf"))
+    torch.testing.assert_close(lse, s.logsumexp(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_split_head_dim():
+    """Head dims are covered by power-of-two blocks without padding where two blocks do it (192 = 128 + 64)."""
+    assert split_head_dim(192) == (128, 64)
+    assert split_head_dim(128) == (128, 0)
+    assert split_head_dim(24) == (32, 0)
+    assert split_head_dim(80) == (64, 16)
+    assert split_head_dim(8) == (16, 0)
+
+
+@pytest.mark.parametrize("shapes, causal, match", [
+    (((1, 4, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16)), True, "multiple"),
+    (((1, 4, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16)), True, "sq <= sk"),
+    (((1, 4, 8, 16), (1, 2, 8, 8), (1, 2, 8, 16)), False, "k must be"),
+    (((4, 8, 16),) * 3, False, "batch, heads, seq"),
+])
+def test_bad_inputs_raise(shapes, causal, match):
+    """Mismatched heads, a causal query longer than the keys, head dims that disagree and wrong ranks raise
+    ValueError naming the problem."""
+    q, k, v = (torch.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        check_attention_inputs(q, k, v, causal)
+    with pytest.raises(ValueError):
+        flash_attention(q, k, v, causal)
+
+
+def test_unknown_backend_raises():
+    """An unknown backend name raises ValueError listing the valid ones."""
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="backend"):
+        flash_attention(q, q, q, backend="cuda-magic")
+
+
+def test_imports_without_triton():
+    """`import dsv3_min.flash` works when triton cannot be imported, and the CPU path still computes attention."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None  # makes `import triton` raise ImportError
+        import torch
+        import dsv3_min.flash as f
+        assert not f.HAS_TRITON and not f.triton_available()
+        q = torch.randn(1, 2, 5, 16)
+        torch.testing.assert_close(f.flash_attention(q, q, q), f.naive_attention(q, q, q))
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+# The Triton kernel in Triton's CPU interpreter. TRITON_INTERPRET is read when the kernels are decorated (at import),
+# so these cases run in one subprocess that sets it first. fp32 throughout (numpy has no bfloat16).
+INTERPRETER_CASES = {  # name: (b, hq, hkv, sq, sk, dqk, dv, causal)
+    "one_token": (1, 2, 1, 1, 1, 16, 16, True),
+    "ragged_17_mla_tiny": (1, 2, 2, 17, 17, 24, 12, True),
+    "ragged_130_gqa2": (1, 2, 1, 130, 130, 32, 32, True),
+    "mla_192_128_gqa4_noncausal": (1, 4, 1, 40, 40, 192, 128, False),
+    "decode_sq_lt_sk": (1, 2, 1, 17, 45, 24, 12, True),
+    "noncausal_ragged": (1, 3, 3, 33, 33, 64, 48, False),
+}
+
+_INTERPRETER_SCRIPT = """
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+sys.path.insert(0, {tests!r})
+from test_flash import INTERPRETER_CASES, _fwd_bwd, _inputs, _rel
+from dsv3_min.flash import TritonFlashAttention, flash_attention, naive_attention, INTERPRET
+assert INTERPRET
+out = {{}}
+for name, (b, hq, hkv, sq, sk, dqk, dv, causal) in INTERPRETER_CASES.items():
+    q, k, v, do = _inputs(b, hq, hkv, sq, sk, dqk, dv, seed=sq)
+    got = _fwd_bwd(lambda q, k, v, c: TritonFlashAttention.apply(q, k, v, c, dqk ** -0.5), q, k, v, do, causal)
+    ref = _fwd_bwd(naive_attention, q, k, v, do, causal)
+    out[name] = [_rel(x, r) for x, r in zip(got, ref)]
+q, k, v, do = _inputs(1, 2, 1, 20, 20, 16, 16, dtype=torch.bfloat16)
+o = flash_attention(q, k, v)  # bf16 through the interpreter: computed in fp32, returned in bf16
+out["bf16_dtype"] = [str(o.dtype), _rel(o, naive_attention(q, k, v))]
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    """Run every interpreter case once, in a subprocess with TRITON_INTERPRET=1."""
+    if not HAS_TRITON:
+        pytest.skip("triton not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    script = _INTERPRETER_SCRIPT.format(tests=os.path.dirname(__file__))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("RESULT", 1)[1])
+
+
+@pytest.mark.parametrize("name", list(INTERPRETER_CASES))
+def test_triton_kernel_in_interpreter(interpreter_results, name):
+    """Our Triton kernel (forward, dq, dk, dv), run in Triton's CPU interpreter in fp32, equals naive fp32 attention
+    to a relative error <= 1e-3: one token, ragged tiles, GQA 1/2/4, dqk != dv (24/12, 192/128), causal with
+    sq < sk, non-causal."""
+    errs = interpreter_results[name]
+    assert max(errs) <= 1e-3, dict(zip(("o", "dq", "dk", "dv"), errs))
+
+
+def test_triton_interpreter_bf16_roundtrip(interpreter_results):
+    """bf16 inputs through the interpreter path come back in bf16, within bf16 rounding (<= 1e-2) of fp32."""
+    dtype, err = interpreter_results["bf16_dtype"]
+    assert dtype == "torch.bfloat16" and err <= 1e-2
+
+
+CUDA_CASES = [(2, 4, 2, s, s, 192, 128, c) for s in (1, 17, 130, 1000) for c in (True, False)] + [
+    (1, 8, 1, 257, 257, 128, 128, True), (1, 8, 8, 300, 300, 64, 64, True), (2, 6, 3, 100, 233, 64, 64, True)]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("case", CUDA_CASES)
+def test_triton_kernel_cuda_bf16(case):
+    """On the GPU, the Triton kernel in bf16 (fp32 accumulation) matches fp32 naive attention: relative error <= 1e-2
+    for the output and all three gradients."""
+    b, hq, hkv, sq, sk, dqk, dv, causal = case
+    q, k, v, do = _inputs(b, hq, hkv, sq, sk, dqk, dv, dtype=torch.bfloat16, device="cuda")
+    got = _fwd_bwd(flash_attention, q, k, v, do, causal)
+    ref = _fwd_bwd(naive_attention, *(t.float().detach().requires_grad_() for t in (q, k, v)), do.float(), causal)
+    for x, r in zip(got, ref):
+        assert _rel(x, r) <= 1e-2

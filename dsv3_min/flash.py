@@ -6,7 +6,7 @@ __all__ = ['INTERPRET', 'LOG2E', 'BACKENDS', 'triton_available', 'flash_attn_ava
            'FlashConfig', 'default_config', 'split_head_dim', 'triton_flash_forward', 'triton_flash_backward',
            'TritonFlashAttention', 'flash_attn_package', 'flash_attention']
 
-# %% ../notebooks/08_flash.ipynb #bbe1be4e
+# %% ../notebooks/08_flash.ipynb #d669b587
 import os
 from dataclasses import dataclass
 
@@ -35,7 +35,7 @@ except ImportError:  # no triton: the kernels below are still defined as plain f
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as triton reads it when it decorates kernels
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2, the GPU's native exponential
 
-# %% ../notebooks/08_flash.ipynb #9b9e8f14
+# %% ../notebooks/08_flash.ipynb #71932d4d
 def triton_available() -> bool:
     """True when the Triton kernel can run here: triton installed and a CUDA GPU, or `TRITON_INTERPRET=1`."""
     return HAS_TRITON and (torch.cuda.is_available() or INTERPRET)
@@ -93,7 +93,7 @@ def naive_attention(q, k, v, causal: bool = True, scale: float | None = None) ->
         s = s.masked_fill(causal_mask(0, sq, 0, sk, sk - sq, q.device), float("-inf"))
     return einsum(s.softmax(-1), v, "b h i j, b h j e -> b h i e").to(q.dtype)
 
-# %% ../notebooks/08_flash.ipynb #c18ad9ca
+# %% ../notebooks/08_flash.ipynb #f4a4b5d6
 def _key_range(i0: int, i1: int, sk: int, off: int, causal: bool) -> int:
     """End (exclusive) of the keys that query rows `i0..i1-1` can see: all of them, or up to `i1 - 1 + off`."""
     return min(sk, i1 + off) if causal else sk
@@ -132,7 +132,7 @@ def tiled_attention_forward(q, k, v, causal: bool = True, scale: float | None = 
         lse[..., i0:i1] = m + torch.log(l)
     return (rearrange(o, "b h g s e -> b (h g) s e").to(q.dtype), rearrange(lse, "b h g s -> b (h g) s"))
 
-# %% ../notebooks/08_flash.ipynb #f6745750
+# %% ../notebooks/08_flash.ipynb #1cb8b62f
 def tiled_attention_backward(do, q, k, v, o, lse, causal: bool = True, scale: float | None = None,
                              block_m: int = 128, block_n: int = 128):
     """FlashAttention-2 backward in PyTorch: recompute each probability tile from the saved log-sum-exp.
@@ -182,7 +182,7 @@ class TiledAttention(torch.autograd.Function):
         dq, dk, dv = tiled_attention_backward(do, *ctx.saved_tensors, ctx.causal, ctx.scale, *ctx.blocks)
         return dq, dk, dv, None, None, None, None
 
-# %% ../notebooks/08_flash.ipynb #14b40308
+# %% ../notebooks/08_flash.ipynb #a39d7561
 @triton.jit
 def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
     """Load the (rows, cols) tile at `base`; positions past `n_rows` / `n_cols` read as 0 when checked."""
@@ -224,7 +224,7 @@ def _scores(q1, q2, k_ptr, cols, s_k, s_d, SK, DIM_QK, D1: tl.constexpr, D2: tl.
         s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
     return s, k1, k2
 
-# %% ../notebooks/08_flash.ipynb #ad37ba0b
+# %% ../notebooks/08_flash.ipynb #5e7a676b
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q1, q2, k_ptr, v_ptr, s_kn, s_kd, s_vn, s_vd, rows, lo, hi, off, SK, DIM_QK, DIM_V, scale_log2,
                D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr,
@@ -298,7 +298,7 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, scale_log2, SQ, SK,
     else:
         tl.store(lse_ptr, m_i + tl.math.log2(l_i))
 
-# %% ../notebooks/08_flash.ipynb #b24203ec
+# %% ../notebooks/08_flash.ipynb #4c4c55bc
 @triton.jit
 def _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_ptr, v_ptr, s_kn, s_kd, s_vn, s_vd, rows, lo, hi, off, SK, DIM_QK, DIM_V,
               scale_log2, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr,
@@ -382,7 +382,7 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, scale_log2, scale, SQ, 
         _store_tile(dq_ptr, (dq2 * scale).to(DQ.dtype.element_ty), rows, D1 + tl.arange(0, D2), s_dm, s_dd, SQ, DIM_QK,
                     RAGGED_M, PAD2)
 
-# %% ../notebooks/08_flash.ipynb #d1d25c9a
+# %% ../notebooks/08_flash.ipynb #f0e4aff8
 @triton.jit
 def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qm, s_qd, s_om, s_od, cols, lo, hi, off,
                 SQ, DIM_QK, DIM_V, scale_log2, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
@@ -475,7 +475,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, scale_log2, scale, S
                     RAGGED_N, PAD2)
     _store_tile(dv_ptr, dv.to(DV.dtype.element_ty), cols, dvr, s_dvn, s_dvd, SK, DIM_V, RAGGED_N, PADV)
 
-# %% ../notebooks/08_flash.ipynb #3469e051
+# %% ../notebooks/08_flash.ipynb #1732cd6c
 @dataclass(frozen=True)
 class Tiles:
     """Launch shape of one kernel: rows of queries and keys per tile, warps per program, pipeline depth."""
@@ -496,24 +496,26 @@ class FlashConfig:
 
 
 def default_config(dqk: int, dv: int, device: torch.device) -> FlashConfig:
-    """Tile sizes by head dim: measured on an H200 (bench/attention.py); small tiles for the CPU interpreter."""
+    """Tile sizes by head dim, the fastest of a few candidates on an H200 (bench/attention.py's sweep at S=4096);
+    small tiles for the CPU interpreter."""
     if device.type != "cuda":  # the interpreter: small tiles, so short test sequences still span several tiles
         t = Tiles(32, 32, 1, 1)
         return FlashConfig(t, t, t)
-    if dqk + dv > 256:  # MLA 192/128: small key tiles keep dK, dV (BLOCK_N x 320 fp32) in registers without spills
-        return FlashConfig(Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3), Tiles(32, 32, 8, 2))
-    return FlashConfig(Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 2), Tiles(32, 32, 4, 2))
+    if dqk + dv > 256:  # MLA 192/128
+        return FlashConfig(Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3), Tiles(64, 128, 8, 2))
+    return FlashConfig(Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2))
 
 
 def _pow2(d: int) -> int:
-    """The smallest power of two >= d, and at least 16 (the smallest dimension tl.dot accepts)."""
-    return max(16, 1 << (d - 1).bit_length())
+    """The smallest power of two >= d, and at least 32: tl.dot needs 16, and Triton 3.6 miscompiled a 16-wide
+    V tile on the H200 (an out-of-bounds shared-memory read found by compute-sanitizer)."""
+    return max(32, 1 << (d - 1).bit_length())
 
 
 def split_head_dim(d: int) -> tuple[int, int]:
-    """Cover `d` with one or two power-of-two blocks: 192 -> (128, 64) (no padding), 24 -> (32, 0), 80 -> (64, 16)."""
+    """Cover `d` with one or two power-of-two blocks: 192 -> (128, 64) (no padding), 24 -> (32, 0), 80 -> (64, 32)."""
     whole = _pow2(d)
-    lo = max(16, 1 << (d.bit_length() - 1))
+    lo = max(32, 1 << (d.bit_length() - 1))
     if lo < d:
         rest = _pow2(d - lo)
         if lo + rest < whole:
@@ -580,7 +582,7 @@ class TritonFlashAttention(torch.autograd.Function):
         dq, dk, dv, _ = triton_flash_backward(do, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.cfg)
         return dq, dk, dv, None, None, None
 
-# %% ../notebooks/08_flash.ipynb #a5bfd0b6
+# %% ../notebooks/08_flash.ipynb #06bee874
 def flash_attn_package(q, k, v, causal: bool = True, scale: float | None = None) -> torch.Tensor:
     """Tri Dao's `flash_attn.flash_attn_func` behind our layout: `(b, h, s, d)` in and out (it wants `(b, s, h, d)`)."""
     from flash_attn import flash_attn_func

@@ -19,6 +19,7 @@ from dsv3_min.data import (
     iter_batches,
     iter_val_batches,
     load_corpus,
+    mix_corpora,
     pack,
     python_stdlib_docs,
     split_documents,
@@ -106,6 +107,55 @@ def test_local_folder_and_file(tmp_path):
     (train_name, train), (val_name, val) = one.train_docs[0], one.val_docs[0]
     assert (train_name, val_name) == ("one.txt", "one.txt#val")
     assert train + val == f.read_text() and train.endswith("\n") and 0.05 < len(val) / len(train + val) < 0.15
+
+
+def _folder(root, n, prefix):
+    "A folder of `n` small text files named f<i>.txt (helper for the mixing tests)."
+    root.mkdir()
+    for i in range(n):
+        (root / f"f{i}.txt").write_text(f"{prefix} {i}\n" * (i + 3))
+    return root
+
+
+def test_mixed_corpus_is_the_union_of_its_parts_splits(tmp_path):
+    """`a+b` holds exactly each part's own train and val documents (names prefixed by the part), bytes add up,
+    and the part order does not change which document lands in val."""
+    a, b = _folder(tmp_path / "a", 12, "alpha"), _folder(tmp_path / "b", 7, "beta")
+    ca, cb = load_corpus(a), load_corpus(b)
+    mix = load_corpus(f"{a}+{b}")
+    assert mix.name == f"{a}+{b}"
+    for split in ("train", "val"):
+        expect = sorted([(f"{a}:{n}", t) for n, t in ca.docs(split)] + [(f"{b}:{n}", t) for n, t in cb.docs(split)])
+        assert mix.docs(split) == expect
+        assert getattr(mix, f"{split}_bytes") == getattr(ca, f"{split}_bytes") + getattr(cb, f"{split}_bytes")
+    swapped = load_corpus(f"{b}+{a}")
+    assert sorted(swapped.val_docs) == sorted(mix.val_docs) and swapped.fingerprint() == mix.fingerprint()
+
+
+def test_mixed_corpus_with_a_named_corpus(tmp_path):
+    """A named corpus mixes with a path: the Shakespeare part keeps its 34/4 play split."""
+    mix = load_corpus(f"shakespeare+{_folder(tmp_path / 'a', 5, 'x')}")
+    plays = [n for n, _ in mix.val_docs if n.startswith("shakespeare:")]
+    assert len(plays) == 4 and len([n for n, _ in mix.train_docs if n.startswith("shakespeare:")]) == 34
+
+
+def test_mix_errors(tmp_path):
+    """An empty part, a repeated part, an unknown part, or no corpora at all raise ValueError saying which."""
+    a = _folder(tmp_path / "a", 3, "x")
+    with pytest.raises(ValueError, match="empty part"):
+        load_corpus(f"{a}++{a}")
+    with pytest.raises(ValueError, match="twice"):
+        load_corpus(f"{a}+{a}")
+    with pytest.raises(ValueError, match="unknown corpus 'nope-xyz'"):
+        load_corpus(f"{a}+nope-xyz")
+    with pytest.raises(ValueError, match="at least one"):
+        mix_corpora([])
+
+
+def test_path_with_plus_loads_as_one_path(tmp_path):
+    """An existing path containing '+' is a single corpus, not a mix."""
+    c = load_corpus(_folder(tmp_path / "a+b", 4, "x"))
+    assert len(c.train_docs) + len(c.val_docs) == 4 and not any(":" in n for n, _ in c.train_docs)
 
 
 def test_hf_datasets_saved_to_disk_and_data_files(tmp_path):

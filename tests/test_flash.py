@@ -84,12 +84,14 @@ def test_lse_is_logsumexp():
 
 
 def test_split_head_dim():
-    """Head dims are covered by power-of-two blocks without padding where two blocks do it (192 = 128 + 64)."""
+    """Head dims are covered by power-of-two blocks of at least 32, split in two where that pads less
+    (192 = 128 + 64 exactly, 80 = 64 + 32 instead of 128)."""
     assert split_head_dim(192) == (128, 64)
     assert split_head_dim(128) == (128, 0)
     assert split_head_dim(24) == (32, 0)
-    assert split_head_dim(80) == (64, 16)
-    assert split_head_dim(8) == (16, 0)
+    assert split_head_dim(80) == (64, 32)
+    assert split_head_dim(8) == (32, 0)
+    assert split_head_dim(320) == (256, 64)
 
 
 @pytest.mark.parametrize("shapes, causal, match", [

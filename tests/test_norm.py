@@ -110,3 +110,38 @@ def test_deepnorm_init_needs_head_sizes_for_kv_b_proj():
     """Without a cfg, a kv_b_proj cannot be split into key and value rows: ValueError."""
     with pytest.raises(ValueError, match="kv_b_proj"):
         deepnorm_init_(nn.ModuleDict(dict(kv_b_proj=nn.Linear(8, 8))), 0.5)
+
+
+@pytest.mark.parametrize("attention", ["mla", "gqa"])
+def test_deepnorm_init_on_real_attention_and_moe(attention):
+    """On the package's own attention (MLA or GQA) and MoE modules, deepnorm_init_ scales exactly the value/output and
+    FFN weights by beta (MLA: the value rows of kv_b_proj), leaves queries/keys at gain 1 and the router untouched."""
+    from dsv3_min.attention import GroupedQueryAttention
+    from dsv3_min.mla import MultiHeadLatentAttention
+    from dsv3_min.moe import MoE
+
+    cfg = tiny_config(attention=attention, hidden_size=128, num_attention_heads=8, num_key_value_heads=8,
+                      qk_nope_head_dim=32, v_head_dim=32, kv_lora_rank=64, moe_intermediate_size=128)
+    attn = (MultiHeadLatentAttention if attention == "mla" else GroupedQueryAttention)(cfg, 0)
+    block = nn.ModuleDict(dict(self_attn=attn, mlp=MoE(cfg)))
+    router = block["mlp"].gate.weight.detach().clone()
+    beta = deepnorm_beta(100)
+    deepnorm_init_(block, beta)
+    xs = lambda w: math.sqrt(2 / (w.shape[-1] + w.shape[-2]))
+    rel = lambda w, gain: w.std().item() / (gain * xs(w))
+    o = attn.o_proj.weight
+    assert rel(o, beta) == pytest.approx(1, abs=0.1)
+    if attention == "mla":
+        kvb = attn.kv_b_proj.weight.view(8, 64, 64)
+        full = math.sqrt(2 / (64 + 8 * 64))
+        assert kvb[:, 32:].std().item() / (beta * full) == pytest.approx(1, abs=0.1)
+        assert kvb[:, :32].std().item() / full == pytest.approx(1, abs=0.1)
+        assert rel(attn.q_b_proj.weight, 1.0) == pytest.approx(1, abs=0.1)
+    else:
+        assert rel(attn.v_proj.weight, beta) == pytest.approx(1, abs=0.1)
+        assert rel(attn.q_proj.weight, 1.0) == pytest.approx(1, abs=0.1)
+        assert rel(attn.k_proj.weight, 1.0) == pytest.approx(1, abs=0.1)
+    ex = block["mlp"].experts
+    assert ex.gate_up_proj.std().item() / (beta * math.sqrt(2 / (128 + 128))) == pytest.approx(1, abs=0.1)
+    assert rel(block["mlp"].shared_experts.down_proj.weight, beta) == pytest.approx(1, abs=0.1)
+    assert torch.equal(block["mlp"].gate.weight, router)

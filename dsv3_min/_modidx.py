@@ -200,6 +200,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'dsv3_min.moe.Router._apply': ('moe.html#router._apply', 'dsv3_min/moe.py'),
                               'dsv3_min.moe.Router.forward': ('moe.html#router.forward', 'dsv3_min/moe.py'),
                               'dsv3_min.moe._grouped_mm_ok': ('moe.html#_grouped_mm_ok', 'dsv3_min/moe.py'),
+                              'dsv3_min.moe._matmul_dtype': ('moe.html#_matmul_dtype', 'dsv3_min/moe.py'),
                               'dsv3_min.moe.expert_counts': ('moe.html#expert_counts', 'dsv3_min/moe.py'),
                               'dsv3_min.moe.grouped_linear': ('moe.html#grouped_linear', 'dsv3_min/moe.py'),
                               'dsv3_min.moe.max_vio': ('moe.html#max_vio', 'dsv3_min/moe.py'),

@@ -6,7 +6,7 @@ __all__ = ['INTERPRET', 'LOG2E', 'BACKENDS', 'triton_available', 'flash_attn_ava
            'FlashConfig', 'default_config', 'split_head_dim', 'triton_flash_forward', 'triton_flash_backward',
            'TritonFlashAttention', 'flash_attn_package', 'flash_attention']
 
-# %% ../notebooks/08_flash.ipynb #d669b587
+# %% ../notebooks/08_flash.ipynb #5b8fe770
 import os
 from dataclasses import dataclass
 
@@ -35,7 +35,7 @@ except ImportError:  # no triton: the kernels below are still defined as plain f
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as triton reads it when it decorates kernels
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2, the GPU's native exponential
 
-# %% ../notebooks/08_flash.ipynb #71932d4d
+# %% ../notebooks/08_flash.ipynb #d1d7efb9
 def triton_available() -> bool:
     """True when the Triton kernel can run here: triton installed and a CUDA GPU, or `TRITON_INTERPRET=1`."""
     return HAS_TRITON and (torch.cuda.is_available() or INTERPRET)
@@ -93,7 +93,7 @@ def naive_attention(q, k, v, causal: bool = True, scale: float | None = None) ->
         s = s.masked_fill(causal_mask(0, sq, 0, sk, sk - sq, q.device), float("-inf"))
     return einsum(s.softmax(-1), v, "b h i j, b h j e -> b h i e").to(q.dtype)
 
-# %% ../notebooks/08_flash.ipynb #f4a4b5d6
+# %% ../notebooks/08_flash.ipynb #9c480493
 def _key_range(i0: int, i1: int, sk: int, off: int, causal: bool) -> int:
     """End (exclusive) of the keys that query rows `i0..i1-1` can see: all of them, or up to `i1 - 1 + off`."""
     return min(sk, i1 + off) if causal else sk
@@ -132,7 +132,7 @@ def tiled_attention_forward(q, k, v, causal: bool = True, scale: float | None = 
         lse[..., i0:i1] = m + torch.log(l)
     return (rearrange(o, "b h g s e -> b (h g) s e").to(q.dtype), rearrange(lse, "b h g s -> b (h g) s"))
 
-# %% ../notebooks/08_flash.ipynb #1cb8b62f
+# %% ../notebooks/08_flash.ipynb #a667fbff
 def tiled_attention_backward(do, q, k, v, o, lse, causal: bool = True, scale: float | None = None,
                              block_m: int = 128, block_n: int = 128):
     """FlashAttention-2 backward in PyTorch: recompute each probability tile from the saved log-sum-exp.
@@ -182,7 +182,7 @@ class TiledAttention(torch.autograd.Function):
         dq, dk, dv = tiled_attention_backward(do, *ctx.saved_tensors, ctx.causal, ctx.scale, *ctx.blocks)
         return dq, dk, dv, None, None, None, None
 
-# %% ../notebooks/08_flash.ipynb #a39d7561
+# %% ../notebooks/08_flash.ipynb #954ae0b2
 @triton.jit
 def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
     """Load the (rows, cols) tile at `base`; positions past `n_rows` / `n_cols` read as 0 when checked."""
@@ -224,7 +224,7 @@ def _scores(q1, q2, k_ptr, cols, s_k, s_d, SK, DIM_QK, D1: tl.constexpr, D2: tl.
         s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
     return s, k1, k2
 
-# %% ../notebooks/08_flash.ipynb #5e7a676b
+# %% ../notebooks/08_flash.ipynb #95a29b5d
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q1, q2, k_ptr, v_ptr, s_kn, s_kd, s_vn, s_vd, rows, lo, hi, off, SK, DIM_QK, DIM_V, scale_log2,
                D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr,
@@ -298,7 +298,7 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, scale_log2, SQ, SK,
     else:
         tl.store(lse_ptr, m_i + tl.math.log2(l_i))
 
-# %% ../notebooks/08_flash.ipynb #4c4c55bc
+# %% ../notebooks/08_flash.ipynb #61eb4607
 @triton.jit
 def _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_ptr, v_ptr, s_kn, s_kd, s_vn, s_vd, rows, lo, hi, off, SK, DIM_QK, DIM_V,
               scale_log2, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr,
@@ -382,7 +382,7 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, scale_log2, scale, SQ, 
         _store_tile(dq_ptr, (dq2 * scale).to(DQ.dtype.element_ty), rows, D1 + tl.arange(0, D2), s_dm, s_dd, SQ, DIM_QK,
                     RAGGED_M, PAD2)
 
-# %% ../notebooks/08_flash.ipynb #f0e4aff8
+# %% ../notebooks/08_flash.ipynb #d61200da
 @triton.jit
 def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qm, s_qd, s_om, s_od, cols, lo, hi, off,
                 SQ, DIM_QK, DIM_V, scale_log2, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
@@ -475,7 +475,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, scale_log2, scale, S
                     RAGGED_N, PAD2)
     _store_tile(dv_ptr, dv.to(DV.dtype.element_ty), cols, dvr, s_dvn, s_dvd, SK, DIM_V, RAGGED_N, PADV)
 
-# %% ../notebooks/08_flash.ipynb #1732cd6c
+# %% ../notebooks/08_flash.ipynb #7bb033e0
 @dataclass(frozen=True)
 class Tiles:
     """Launch shape of one kernel: rows of queries and keys per tile, warps per program, pipeline depth."""
@@ -582,14 +582,17 @@ class TritonFlashAttention(torch.autograd.Function):
         dq, dk, dv, _ = triton_flash_backward(do, *ctx.saved_tensors, ctx.causal, ctx.scale, ctx.cfg)
         return dq, dk, dv, None, None, None
 
-# %% ../notebooks/08_flash.ipynb #06bee874
+# %% ../notebooks/08_flash.ipynb #52e0d83c
 def flash_attn_package(q, k, v, causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    """Tri Dao's `flash_attn.flash_attn_func` behind our layout: `(b, h, s, d)` in and out (it wants `(b, s, h, d)`)."""
+    """Tri Dao's `flash_attn.flash_attn_func` behind our layout: `(b, h, s, d)` in and out (it wants `(b, s, h, d)`
+    and one head width for q, k, v, so a narrower V is zero-padded and the output sliced back)."""
     from flash_attn import flash_attn_func
 
-    check_attention_inputs(q, k, v, causal)
+    dqk, dv = check_attention_inputs(q, k, v, causal)[5:]
+    if dv < dqk:
+        v = torch.nn.functional.pad(v, (0, dqk - dv))
     o = flash_attn_func(*(rearrange(t, "b h s d -> b s h d") for t in (q, k, v)), causal=causal, softmax_scale=scale)
-    return rearrange(o, "b s h d -> b h s d")
+    return rearrange(o, "b s h d -> b h s d")[..., :dv]
 
 
 BACKENDS = ("auto", "triton", "torch", "flash_attn")

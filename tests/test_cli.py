@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from dsv3_min.__main__ import build_parser, main
 from dsv3_min.config import count_params, get_preset
 from dsv3_min.model import DeepSeekV3
@@ -114,3 +114,15 @@ def test_python_dash_m_runs():
     r = subprocess.run([sys.executable, "-m", "dsv3_min", "--help"], capture_output=True, text=True, cwd=ROOT,
                        timeout=60)
     assert r.returncode == 0 and all(c in r.stdout for c in ("train", "sample", "info", "tokenizer"))
+
+
+def test_tokenizer_subcommand_prints_stats(tmp_path, monkeypatch, capsys):
+    """`tokenizer` trains (and caches) a tokenizer of the asked size on a corpus folder and prints its statistics."""
+    monkeypatch.setenv("DSV3_CACHE", str(tmp_path / "cache"))
+    for i in range(6):
+        (tmp_path / "corpus").mkdir(exist_ok=True)
+        (tmp_path / "corpus" / f"d{i}.txt").write_text(f"Act {i}. To be, or not to be: that is the question.\n" * 40)
+    assert main(["tokenizer", "--corpus", str(tmp_path / "corpus"), "--vocab-size", "300"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["vocab_size"] == 300 and stats["train_bytes_per_token"] > 1
+    assert list((tmp_path / "cache" / "tokenizers").iterdir())  # cached for the next call

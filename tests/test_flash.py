@@ -117,6 +117,27 @@ def test_unknown_backend_raises():
         flash_attention(q, q, q, backend="cuda-magic")
 
 
+def test_flash_attn_wrapper_layout(monkeypatch):
+    """`flash_attn_package` converts (b, h, s, d) to flash_attn's (b, s, h, d) and back, passes causal and the scale,
+    and pads a narrower V to the q/k width then slices the output (MLA 24/16 here). The `flash_attn` package is not
+    installed anywhere we run, so a stand-in module computes `flash_attn_func` with naive attention in its layout:
+    this checks our wrapper, not Tri Dao's kernels."""
+    import types
+
+    from dsv3_min.flash import flash_attn_package
+
+    def flash_attn_func(q, k, v, causal=False, softmax_scale=None):
+        assert q.shape[-1] == k.shape[-1] == v.shape[-1], "flash_attn wants one head width"
+        bhsd = [t.transpose(1, 2) for t in (q, k, v)]
+        return naive_attention(*bhsd, causal, softmax_scale).transpose(1, 2)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    q, k, v, _ = _inputs(2, 4, 2, 9, 13, 24, 16)
+    got = flash_attn_package(q, k, v, True, 0.3)
+    torch.testing.assert_close(got, naive_attention(q, k, v, True, 0.3))
+    assert got.shape == (2, 4, 9, 16)
+
+
 def test_imports_without_triton():
     """`import dsv3_min.flash` works when triton cannot be imported, and the CPU path still computes attention."""
     code = textwrap.dedent("""
@@ -158,6 +179,10 @@ for name, (b, hq, hkv, sq, sk, dqk, dv, causal) in INTERPRETER_CASES.items():
     got = _fwd_bwd(lambda q, k, v, c: TritonFlashAttention.apply(q, k, v, c, dqk ** -0.5), q, k, v, do, causal)
     ref = _fwd_bwd(naive_attention, q, k, v, do, causal)
     out[name] = [_rel(x, r) for x, r in zip(got, ref)]
+q, k, v, do = (t.transpose(1, 2).contiguous().transpose(1, 2).detach().requires_grad_(t.requires_grad)
+               for t in _inputs(1, 4, 2, 37, 37, 24, 16))  # strided views, as rearranged from (b, s, h, d)
+got = _fwd_bwd(lambda q, k, v, c: TritonFlashAttention.apply(q, k, v, c, 24 ** -0.5), q, k, v, do, True)
+out["strided_bshd_views"] = [_rel(x, r) for x, r in zip(got, _fwd_bwd(naive_attention, q, k, v, do, True))]
 q, k, v, do = _inputs(1, 2, 1, 20, 20, 16, 16, dtype=torch.bfloat16)
 o = flash_attention(q, k, v)  # bf16 through the interpreter: computed in fp32, returned in bf16
 out["bf16_dtype"] = [str(o.dtype), _rel(o, naive_attention(q, k, v))]
@@ -184,6 +209,12 @@ def test_triton_kernel_in_interpreter(interpreter_results, name):
     sq < sk, non-causal."""
     errs = interpreter_results[name]
     assert max(errs) <= 1e-3, dict(zip(("o", "dq", "dk", "dv"), errs))
+
+
+def test_triton_kernel_strided_inputs(interpreter_results):
+    """The kernel reads its inputs through their strides: (b, h, s, d) views of (b, s, h, d) memory (what a
+    `rearrange` of projected heads gives) produce the same output and gradients (relative error <= 1e-3)."""
+    assert max(interpreter_results["strided_bshd_views"]) <= 1e-3
 
 
 def test_triton_interpreter_bf16_roundtrip(interpreter_results):

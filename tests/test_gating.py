@@ -1,12 +1,12 @@
 """Tests for dsv3_min.gating: SwiGLU parity with transformers, HeadGate formula, shapes and errors."""
 import pytest
 import torch
-from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP
 
+from conftest import tiny_config
 from dsv3_min.gating import HeadGate, SwiGLU
 
 

@@ -4,13 +4,13 @@ import inspect
 
 import pytest
 import torch
-from conftest import tiny_config
 from einops import rearrange
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE, DeepseekV3TopkRouter
 
+from conftest import tiny_config
 from dsv3_min.moe import Experts, MoE, Router, expert_counts, max_vio, sequence_balance_loss
 
 # transformers >= ~5.20 masks non-selected groups with -inf (as we do); older releases (5.17 on the GPU box) with 0.0.
@@ -170,8 +170,17 @@ def _imbalanced(cfg, seed=0):
     return moe, mu
 
 
+@pytest.fixture
+def one_thread():
+    """Run a loop of tiny ops on one thread (faster than two, and robust to a busy CPU); restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("gamma", [0.0, 1e-2])
-def test_bias_update_moves_load_toward_balance(gamma):
+def test_bias_update_moves_load_toward_balance(gamma, one_thread):
     """From a deliberately imbalanced router, bias updates alone (no gradient step) bring MaxVio from > 2 to < 0.8
     (mean of the last 50 of 150 steps); with gamma = 0 it stays > 2."""
     cfg = tiny_config(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=2, aux_loss_alpha=0.0)
@@ -274,7 +283,7 @@ def test_grouped_mm_cuda_matches_loop_without_host_sync():
     with torch.no_grad():
         m.gate.e_score_correction_bias.normal_(0, 0.05)
     x = torch.randn(4, 100, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
-    assert moe_mod._grouped_mm_ok(x.view(-1, cfg.hidden_size), m.experts.gate_up_proj)
+    assert moe_mod._grouped_mm_ok(x.view(-1, cfg.hidden_size), m.experts.gate_up_proj, torch.bfloat16)
     res = {}
     for impl in ("loop", "grouped"):
         m.impl = impl
@@ -293,3 +302,35 @@ def test_grouped_mm_cuda_matches_loop_without_host_sync():
                      m.gate.weight.grad.float())
     for a, b in zip(res["grouped"], res["loop"]):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not CUDA_SM90, reason="needs a CUDA GPU with sm90+ (torch._grouped_mm path)")
+def test_grouped_mm_under_autocast_with_fp32_weights():
+    """Training keeps fp32 master weights under bf16 autocast: the grouped path must still take torch._grouped_mm
+    (autocast does not cover it), with no host sync, and agree with the loop path run under the same autocast."""
+    from dsv3_min import moe as moe_mod
+
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_size=128, moe_intermediate_size=64, n_routed_experts=16, num_experts_per_tok=4,
+                      n_group=1, topk_group=1)
+    m = MoE(cfg).cuda().train()
+    x = torch.randn(4, 64, cfg.hidden_size, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert moe_mod._matmul_dtype(x) == torch.bfloat16
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = m(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        m.impl = "loop"
+        ref = m(x)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_matmul_dtype_follows_the_tensor_on_cpu():
+    """Off CUDA autocast the grouped matmul runs in the input's own dtype."""
+    from dsv3_min import moe as moe_mod
+
+    assert moe_mod._matmul_dtype(torch.zeros(2, 2)) == torch.float32
+    assert moe_mod._matmul_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) == torch.bfloat16

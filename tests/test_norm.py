@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
+from conftest import tiny_config
 from dsv3_min.norm import ResidualNorm, RMSNorm, deepnorm_alpha, deepnorm_beta, deepnorm_init_, rms_norm
 
 

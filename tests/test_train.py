@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import load, save
 
+from conftest import tiny_config
 from dsv3_min.__main__ import main
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.train import (
@@ -242,7 +242,7 @@ def test_resume_after_sigkill_reproduces_losses_exactly(tiny_corpus, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_resume_errors(tiny_corpus, tmp_path, capsys):
     """SIGTERM mid-run saves a checkpoint at the current step and exits 143; --resume with no checkpoint, or with
-    a different model config, is a clear error naming the problem."""
+    a different model config, and a new run into a directory that holds one, are clear errors naming the problem."""
     run = tmp_path / "run"
     t = threading.Thread(target=lambda: (_wait_for_step(run, 5, lambda: True), os.kill(os.getpid(), signal.SIGTERM)))
     os.environ["DSV3_DEBUG_PAUSE_AFTER_STEP"] = "5"
@@ -256,6 +256,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_errors(tiny_corpus, tmp_path, cap
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler was put back
     assert main(_argv(tiny_corpus, "--out", str(tmp_path / "empty"), "--resume")) == 2
     assert "no checkpoint under" in capsys.readouterr().err
+    assert main(_argv(tiny_corpus, "--out", str(run))) == 2  # a new run never overwrites an old one
+    assert "already holds a run (ckpt-0000005); add --resume" in capsys.readouterr().err
     assert main(_argv(tiny_corpus, "--out", str(run), "--resume", "--set", "hidden_size=48", "seed=1")) == 2
     err = capsys.readouterr().err
     assert "mismatching fields: hidden_size: checkpoint 32 vs now 48; seed: checkpoint 0 vs now 1" in err

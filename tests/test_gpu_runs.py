@@ -1,0 +1,116 @@
+"""Tests for bench/gpu_runs.py, the GPU training run's helpers (the GPU part itself runs only on a GPU)."""
+import importlib.util
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsv3_min.__main__ import _configs as cli_configs
+from dsv3_min.config import count_params
+
+_BENCH = Path(__file__).resolve().parents[1] / "bench"
+_spec = importlib.util.spec_from_file_location("gpu_runs", _BENCH / "gpu_runs.py")
+gpu_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_runs)
+
+DICTD = """
+
+00-database-url
+   ftp://ftp.gnu.org/gnu/gcide
+
+ Begin file 1 of 26:  Letter A
+GCIDE is free software; licence text.
+
+A \\A\\ (named [=a] in the English).
+   The first letter of the English alphabet.
+   [1913 Webster]
+
+Aback \\A*back"\\, adv.
+   Backward; back.
+      [1913 Webster]
+
+            Therefore came I to them aback. --Chaucer.
+      [WordNet 1.5 +PJC]
+
+Zythum \\Zy"thum\\, n.
+   A kind of ancient malt beverage.
+   [1913 Webster]
+"""
+
+
+def test_gcide_docs_drops_preamble_and_source_tags_and_keeps_whole_entries():
+    """The licence preamble and the lines holding only a source tag go; entries stay whole and in order, and a
+    small `doc_chars` cuts documents only between entries."""
+    docs = gpu_runs.gcide_docs(DICTD, doc_chars=10**6)
+    assert len(docs) == 1 and docs[0][0] == "gcide-0000.txt"
+    text = docs[0][1]
+    assert text.startswith("A \\A\\ (named") and "licence" not in text and "00-database" not in text
+    assert "[1913 Webster]" not in text and "[WordNet" not in text
+    assert "Therefore came I to them aback. --Chaucer." in text and text.rstrip().endswith("malt beverage.")
+    small = gpu_runs.gcide_docs(DICTD, doc_chars=1)
+    assert [t.split(" ", 1)[0] for _, t in small] == ["A", "Aback", "Zythum"]
+    assert "\n\n".join(t.rstrip("\n") for _, t in small) + "\n" == text
+
+
+def test_configs_match_the_cli():
+    """`_configs` builds exactly the ModelConfig and TrainConfig that `python -m dsv3_min train --set ...` builds."""
+    ov = {**gpu_runs.ABL, **gpu_runs.ABLATIONS["aux"], "time_budget": 35.0}
+    cfg, tc = gpu_runs._configs("gpu-small", ov)
+    cli_cfg, cli_tc = cli_configs("gpu-small", [f"{k}={json.dumps(v)}" for k, v in ov.items()])
+    assert cfg == cli_cfg and tc == cli_tc
+    assert (cfg.bias_update_speed, cfg.aux_loss_alpha, tc.time_budget, tc.compile) == (0.0, 0.01, 35.0, False)
+
+
+def test_dense_ablation_matches_active_parameters():
+    """The dense (GQA + SwiGLU) model has no MoE layer and its active parameters are within 0.5% of the MoE base."""
+    base, _ = gpu_runs._configs("gpu-small", {**gpu_runs.ABL, **gpu_runs.ABLATIONS["base"]})
+    dense, _ = gpu_runs._configs("gpu-small", {**gpu_runs.ABL, **gpu_runs.ABLATIONS["dense"]})
+    assert dense.attention == "gqa" and not any(dense.is_moe_layer(i) for i in range(dense.num_hidden_layers))
+    a, b = count_params(base).active, count_params(dense).active
+    assert abs(a - b) / a < 0.005, (a, b)
+    assert count_params(base).total > 2 * count_params(dense).total  # the MoE holds far more parameters
+
+
+def test_ablations_differ_from_base_in_one_knob_each():
+    """Each ablation changes only the knobs it names (same data, seed, batch, budget): a fair comparison."""
+    base, base_tc = gpu_runs._configs("gpu-small", gpu_runs.ABL)
+    for name, ov in gpu_runs.ABLATIONS.items():
+        cfg, tc = gpu_runs._configs("gpu-small", {**gpu_runs.ABL, **ov})
+        changed = {k for k in base.to_dict() if getattr(cfg, k) != getattr(base, k)}
+        assert changed == {k for k in ov if getattr(base, k) != ov[k]}, name
+        assert tc == base_tc, name
+
+
+def test_load_data_reads_packed_tokens(tmp_path):
+    """`load_data` maps the carried uint16 splits and derives val tokens per byte from the sidecar."""
+    from dsv3_min.tokenizer import train_tokenizer
+    tok = train_tokenizer(["to be or not to be, that is the question\n" * 50], vocab_size=300)
+    tok.save(tmp_path / "tokenizer")
+    ids = {"train": np.arange(100, dtype=np.uint16), "val": np.arange(40, dtype=np.uint16)}
+    for s, a in ids.items():
+        a.tofile(tmp_path / f"{s}.bin")
+    meta = {"dtype": "uint16", "train": {"tokens": 100, "bytes": 350}, "val": {"tokens": 40, "bytes": 160}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    data, m = gpu_runs.load_data(tmp_path)
+    assert m == meta and data.val_tokens_per_byte == pytest.approx(0.25)
+    assert np.array_equal(data.train, ids["train"]) and np.array_equal(data.val, ids["val"])
+    assert data.tokenizer.vocab_size == tok.vocab_size
+
+
+def test_report_keeps_metrics_and_drops_weights(tmp_path):
+    """`report` unpacks metrics, configs and summary under `dest` (the `gpu_train/` prefix removed) and never a
+    checkpoint or a .safetensors file."""
+    tar = tmp_path / "g.tar.gz"
+    with tarfile.open(tar, "w:gz") as t:
+        for name, body in [("gpu_train/summary.json", b"{}"), ("gpu_train/main/metrics.jsonl", b'{"step": 1}\n'),
+                           ("gpu_train/main/ckpt-0000100/state.json", b"{}"), ("gpu_train/x.safetensors", b"w"),
+                           ("log.txt", b"log")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            t.addfile(info, io.BytesIO(body))
+    gpu_runs.report(str(tar), tmp_path / "out")
+    got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert got == ["log.txt", "main/metrics.jsonl", "summary.json"]

@@ -305,6 +305,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'dsv3_min.train._Signals.__exit__': ('train.html#_signals.__exit__', 'dsv3_min/train.py'),
                                 'dsv3_min.train._Signals._handle': ('train.html#_signals._handle', 'dsv3_min/train.py'),
                                 'dsv3_min.train._check_resume': ('train.html#_check_resume', 'dsv3_min/train.py'),
+                                'dsv3_min.train._forward_backward': ('train.html#_forward_backward', 'dsv3_min/train.py'),
                                 'dsv3_min.train._last_val': ('train.html#_last_val', 'dsv3_min/train.py'),
                                 'dsv3_min.train._parse_value': ('train.html#_parse_value', 'dsv3_min/train.py'),
                                 'dsv3_min.train._progress': ('train.html#_progress', 'dsv3_min/train.py'),

@@ -24,7 +24,7 @@ def test_logits_shape_and_param_count(tiny):
 
 @pytest.mark.parametrize("kw", [{}, {"tie_word_embeddings": True}, {"attention": "gqa", "num_key_value_heads": 2},
                                 {"gated_attention": True}, {"norm_scheme": "deepnorm"}, {"q_lora_rank": None},
-                                {"first_k_dense_replace": 0}, {"attention_bias": True},
+                                {"first_k_dense_replace": 0}, {"attention_bias": True}, {"first_k_dense_replace": 3},
                                 {"attention": "gqa", "num_key_value_heads": 1, "attention_bias": True}])
 def test_param_count_formula_matches_modules(kw):
     """count_params matches the instantiated modules for every structural switch."""

@@ -5,7 +5,7 @@ the same batch (16 x 1024 tokens), the same loss (next-token cross-entropy; ours
 router bias update, which are part of V3's algorithm) and the same optimizer (torch AdamW, fused, betas 0.9/0.95).
 MTP is off in both (transformers has no MTP module): `num_nextn_predict_layers=0`.
 
-FLOPs per token, forward + backward (the MFU numerator):
+FLOPs per token, forward + backward (the MFU numerator, `dsv3_min.train.flops_per_token`, here with MTP off):
     F = 6 * N_matmul + 3 * L * H * S * (d_qk + d_v)
   N_matmul = active parameters that enter a matmul for one token: attention projections, dense FFN, router,
              the shared expert, num_experts_per_tok routed experts, and the LM head (the embedding lookup is not a
@@ -31,25 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsv3_min.config import count_params, get_preset
+from dsv3_min.config import get_preset
 from dsv3_min.model import DeepSeekV3
+from dsv3_min.train import flops_per_token
 
 DATASHEET_TFLOPS = 989.0
-
-
-def flops_per_token(cfg, seq_len: int) -> dict:
-    "The MFU numerator, F = 6 * N_matmul + 3 * L * H * S * (d_qk + d_v) (see the module docstring)."
-    pc = count_params(cfg)
-    b = pc.breakdown
-    n_moe = cfg.num_hidden_layers - cfg.first_k_dense_replace
-    n_matmul = pc.active - b["embedding"] - b["norms"] - n_moe * cfg.n_routed_experts  # router bias is no matmul
-    n_matmul -= cfg.num_hidden_layers * ((cfg.q_lora_rank or 0) + cfg.kv_lora_rank)  # q/kv latent norms
-    if cfg.tie_word_embeddings:
-        n_matmul += cfg.vocab_size * cfg.hidden_size  # the tied head is still a matmul
-    d_qk = cfg.qk_head_dim if cfg.attention == "mla" else cfg.head_dim
-    d_v = cfg.v_head_dim if cfg.attention == "mla" else cfg.head_dim
-    attn = 3 * cfg.num_hidden_layers * cfg.num_attention_heads * seq_len * (d_qk + d_v)
-    return {"n_matmul": n_matmul, "attention": attn, "total": 6 * n_matmul + attn}
 
 
 def matmul_peak(n: int = 8192, reps: int = 20) -> float:
@@ -157,7 +143,7 @@ def main() -> None:
         ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), device="cuda")
         batches.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
     peak = matmul_peak()
-    fl = flops_per_token(cfg, a.seq)
+    fl = {"total": flops_per_token(cfg, a.seq)}  # the training loop's MFU numerator (formula in the docstring)
     res = {"config": cfg.to_dict(), "batch": a.batch, "seq_len": a.seq, "tokens_per_step": tokens,
            "measured_bf16_matmul_tflops": peak, "datasheet_bf16_tflops": DATASHEET_TFLOPS,
            "flops_per_token": fl, "flop_formula": "6*N_matmul + 3*L*H*S*(d_qk+d_v)",

@@ -120,6 +120,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'dsv3_min.hf': { 'dsv3_min.hf.CheckpointError': ('hf.html#checkpointerror', 'dsv3_min/hf.py'),
                              'dsv3_min.hf._atomic_write_text': ('hf.html#_atomic_write_text', 'dsv3_min/hf.py'),
                              'dsv3_min.hf._cast_keep_router_fp32': ('hf.html#_cast_keep_router_fp32', 'dsv3_min/hf.py'),
+                             'dsv3_min.hf._our_name': ('hf.html#_our_name', 'dsv3_min/hf.py'),
                              'dsv3_min.hf._read_safetensors': ('hf.html#_read_safetensors', 'dsv3_min/hf.py'),
                              'dsv3_min.hf._tensors_of': ('hf.html#_tensors_of', 'dsv3_min/hf.py'),
                              'dsv3_min.hf.check_state_dict': ('hf.html#check_state_dict', 'dsv3_min/hf.py'),

@@ -60,7 +60,7 @@ COMMON = {"vocab_size": VOCAB, "seed": 0, "batch_size": 16, "seq_len": 1024, "ma
           "ckpt_every": 0, "keep_last": 1}
 MAIN = {**COMMON, "compile": True, "warmup": 200, "eval_every": 250, "eval_batches": 16}
 ABL = {**COMMON, "compile": False, "warmup": 50, "eval_every": 50, "eval_batches": 8}
-MAIN_BUDGET, ABL_BUDGET = 180.0, 35.0  # seconds of training; the main run's includes ~50 s of compile
+MAIN_BUDGET, ABL_BUDGET = 500.0, 95.0  # seconds of training; the main run's includes ~50 s of compile
 DENSE = {"attention": "gqa", "num_key_value_heads": 4, "first_k_dense_replace": 8, "intermediate_size": 2688}
 ABLATIONS = {
     "base": {},
@@ -93,35 +93,68 @@ def gcide_docs(dict_text: str, doc_chars: int = 65536) -> list[tuple[str, str]]:
     return docs
 
 
-def prepare(deb: str, max_chunks: int, rebuild: bool = False) -> None:
-    "Extract GCIDE, build the mix, train the tokenizer, pack the splits into `.device_carry/a2/`."
-    from dsv3_min.data import load_corpus, pack
-    from dsv3_min.tokenizer import train_tokenizer
-    tmp = Path("/tmp/a2_gcide")
-    if not (tmp / "docs").exists() or rebuild:
+DOCS = Path("/tmp/a2_docs")   # the extracted Debian documents, one folder per part (never committed)
+PARTS = ("shakespeare", "python-stdlib", f"{DOCS}/gcide", f"{DOCS}/python-docs", f"{DOCS}/kernel-docs")
+
+
+def extract_debs(debs: list[str], rebuild: bool = False) -> None:
+    "The Debian packages' text as documents under `DOCS/<part>/`: GCIDE entries, Python's and Linux's reST docs."
+    if DOCS.exists() and not rebuild:
+        return
+    shutil.rmtree(DOCS, ignore_errors=True)
+    for deb in debs:
+        tmp = DOCS / ".deb"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        subprocess.run(["dpkg", "-x", deb, str(tmp / "deb")], check=True)
-        raw = gzip.open(tmp / "deb/usr/share/dictd/gcide.dict.dz", "rt", encoding="utf-8", errors="replace").read()
-        (tmp / "docs").mkdir(parents=True)
-        for name, text in gcide_docs(raw):
-            (tmp / "docs" / name).write_text(text)
+        subprocess.run(["dpkg", "-x", deb, str(tmp)], check=True)
+        name = Path(deb).name
+        if name.startswith("dict-gcide"):
+            raw = gzip.open(tmp / "usr/share/dictd/gcide.dict.dz", "rt", encoding="utf-8", errors="replace").read()
+            (DOCS / "gcide").mkdir(parents=True)
+            for doc, text in gcide_docs(raw):
+                (DOCS / "gcide" / doc).write_text(text)
+        elif name.startswith(("python3", "linux-doc")):  # Sphinx keeps each page's reST source under _sources/
+            part = "python-docs" if name.startswith("python3") else "kernel-docs"
+            src = next((tmp / "usr/share/doc").glob("*/html/_sources"))
+            for f in sorted(src.rglob("*.rst.txt")):
+                rel = f.relative_to(src)
+                if rel.parts[0] == "translations":  # the kernel's docs in other languages: English only
+                    continue
+                out = DOCS / part / rel.with_suffix("")  # x.rst.txt -> x.rst
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, out)
+        else:
+            raise ValueError(f"{deb}: expected dict-gcide, python3.*-doc or linux-doc-* (apt-get download ...)")
+        shutil.rmtree(tmp)
+    missing = [p for p in PARTS[2:] if not Path(p).is_dir()]
+    if missing:
+        raise ValueError(f"no documents for {missing}: pass all three .deb files to --deb")
+
+
+def prepare(debs: list[str], max_chunks: int, rebuild: bool = False) -> None:
+    "Extract the Debian texts, build the mix, train the tokenizer, pack the splits gzipped into `.device_carry/a2/`."
+    from dsv3_min.data import load_corpus, pack
+    from dsv3_min.tokenizer import train_tokenizer
+    extract_debs(debs, rebuild)
     t0 = time.time()
-    corpus = load_corpus(f"shakespeare+python-stdlib+{tmp / 'docs'}")
+    corpus = load_corpus("+".join(PARTS))
     print("corpus", corpus.summary(), f"{time.time() - t0:.1f}s", flush=True)
     tok = train_tokenizer(corpus, VOCAB, max_chunks=max_chunks)
     print(f"tokenizer {tok.vocab_size} ids in {time.time() - t0:.1f}s", flush=True)
     shutil.rmtree(CARRY, ignore_errors=True)
     CARRY.mkdir(parents=True)
-    packed = pack(corpus, tok, cache_dir=tmp / "cache")
-    for split in ("train", "val"):
-        shutil.copy(packed.path / f"{split}.bin", CARRY / f"{split}.bin")
+    packed = pack(corpus, tok, cache_dir=Path("/tmp/a2_cache"))
+    for split in ("train", "val"):  # gzip: the device call carries at most 64 MiB; tokens shrink to ~57%
+        with open(packed.path / f"{split}.bin", "rb") as src, gzip.open(CARRY / f"{split}.bin.gz", "wb", 1) as dst:
+            shutil.copyfileobj(src, dst)
     parts = {}
-    for part in ("shakespeare", "python-stdlib", "gcide"):
-        docs = [t for n, t in corpus.val_docs if n.startswith(part) or (part == "gcide" and "gcide-" in n)]
-        parts[part] = dict(val_docs=len(docs), val_bytes=sum(len(t.encode()) for t in docs))
-    meta = {**packed.meta, "corpus": "shakespeare+python-stdlib+gcide", "summary": corpus.summary(), "val_parts": parts,
-            "tokenizer_trained_on_chunks": max_chunks}
+    for part in PARTS:
+        for split, docs in (("train", corpus.train_docs), ("val", corpus.val_docs)):
+            texts = [t for n, t in docs if n.startswith(part + ":")]
+            parts.setdefault(Path(part).name, {}).update({f"{split}_docs": len(texts),
+                                                          f"{split}_bytes": sum(len(t.encode()) for t in texts)})
+    meta = {**packed.meta, "corpus": "+".join(Path(p).name for p in PARTS), "summary": corpus.summary(),
+            "parts": parts, "tokenizer_trained_on_chunks": max_chunks}
     (CARRY / "meta.json").write_text(json.dumps(meta, indent=1))
     (ROOT / "results" / "gpu_train").mkdir(parents=True, exist_ok=True)   # counts only, no text: committed
     (ROOT / "results" / "gpu_train" / "data.json").write_text(json.dumps(meta, indent=1))
@@ -130,13 +163,19 @@ def prepare(deb: str, max_chunks: int, rebuild: bool = False) -> None:
 
 
 # ---------------------------------------------------------------- run (GPU)
-def load_data(carry: Path = CARRY):
-    "The packed tokens carried from `prepare`, as (`dsv3_min.train.TrainData`, the packing's meta)."
+def load_data(carry: Path = CARRY, unzip_dir: Path = Path("/tmp/a2_tokens")):
+    "Packed tokens from `prepare` (`<split>.bin`, or `.bin.gz` unzipped into `unzip_dir`): (TrainData, meta)."
     from dsv3_min.tokenizer import Tokenizer
     from dsv3_min.train import TrainData
     meta = json.loads((carry / "meta.json").read_text())
-    arr = {s: np.memmap(carry / f"{s}.bin", dtype=meta["dtype"], mode="r", shape=(meta[s]["tokens"],))
-           for s in ("train", "val")}
+    arr = {}
+    for s in ("train", "val"):
+        raw = carry / f"{s}.bin" if (carry / f"{s}.bin").exists() else unzip_dir / f"{s}.bin"
+        if not raw.exists() or raw.stat().st_size != meta[s]["tokens"] * np.dtype(meta["dtype"]).itemsize:
+            raw.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(carry / f"{s}.bin.gz", "rb") as src, open(raw, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        arr[s] = np.memmap(raw, dtype=meta["dtype"], mode="r", shape=(meta[s]["tokens"],))
     return TrainData(Tokenizer.load(carry / "tokenizer"), arr["train"], arr["val"],
                      meta["val"]["tokens"] / meta["val"]["bytes"]), meta
 
@@ -200,9 +239,12 @@ def _on_signal(signum, frame) -> None:
     _STOP.append(signal.Signals(signum).name)
 
 
+STEPS = ("smoke", "main", "ablations", "bench")
+
+
 def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budget: float = ABL_BUDGET,
-        cpu_smoke: bool = False, bench: bool = True) -> None:
-    "Smoke test, main run, ablations, throughput bench; stops starting work that would not end by `deadline_s`."
+        cpu_smoke: bool = False, steps: tuple[str, ...] = STEPS) -> None:
+    "`steps` of: smoke test, main run, ablations, throughput bench; starts no work that could not end by `deadline_s`."
     import torch
     for sig in (signal.SIGTERM, signal.SIGINT):  # `train` handles them during a run; between runs they land here
         signal.signal(sig, _on_signal)
@@ -220,8 +262,9 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
                data=dict(corpus=meta["corpus"], train_tokens=meta["train"]["tokens"], val_tokens=meta["val"]["tokens"],
                          val_bytes_per_token=meta["val"]["bytes"] / meta["val"]["tokens"], vocab=VOCAB))
     print(json.dumps(env), flush=True)
-    summary = dict(env=env, main_budget_s=main_budget, runs={})
+    summary = dict(env=env, steps=list(steps), runs={})
     save = lambda: (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    bench = "bench" in steps
 
     def stopped(s: dict) -> bool:
         "True (and noted in the summary) when a signal asked the script to stop."
@@ -234,19 +277,22 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
         return bool(_STOP)
 
     shape = {} if cpu_smoke else {"batch_size": 8, "seq_len": 256, "final_eval_batches": 4}
-    smoke = train_one("smoke", {**abl_cfg, "max_steps": 20, "eval_every": 10, "eval_batches": 2, "time_budget": 0.0,
-                                **shape}, out, data, preset="cpu-tiny")
-    summary["smoke"] = smoke
-    save()
-    if "error" in smoke:
-        print("smoke test failed: stopping", flush=True)
-        return
+    if "smoke" in steps:
+        smoke = train_one("smoke", {**abl_cfg, "max_steps": 20, "eval_every": 10, "eval_batches": 2,
+                                    "time_budget": 0.0, **shape}, out, data, preset="cpu-tiny")
+        summary["smoke"] = smoke
+        save()
+        if "error" in smoke:
+            print("smoke test failed: stopping", flush=True)
+            return
 
-    summary["runs"]["main"] = train_one("main", {**main_cfg, "time_budget": main_budget}, out, data, preset)
-    save()
-    if stopped(summary["runs"]["main"]):
-        return
-    if "error" not in summary["runs"]["main"]:
+    if "main" in steps:
+        summary["main_budget_s"] = main_budget
+        summary["runs"]["main"] = train_one("main", {**main_cfg, "time_budget": main_budget}, out, data, preset)
+        save()
+        if stopped(summary["runs"]["main"]):
+            return
+    if "main" in steps and "error" not in summary["runs"]["main"]:
         try:
             summary["samples"] = samples(out / "main", device, 16 if cpu_smoke else 160)
         except Exception as e:
@@ -261,7 +307,9 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
     reserve = 100 if bench and not cpu_smoke else 5   # the throughput bench needs ~90 s at the end
     budget = min(abl_budget, (left() - reserve) / len(ABLATIONS) - overhead)
     summary["ablation_budget_s"] = budget
-    if budget >= min(15, abl_budget):
+    if "ablations" not in steps:
+        pass
+    elif budget >= min(15, abl_budget):
         for name, ov in ABLATIONS.items():
             if stopped({}):
                 return
@@ -303,15 +351,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
-    p.add_argument("--deb", required=True, help="dict-gcide .deb (apt-get download dict-gcide)")
-    p.add_argument("--rebuild", action="store_true", help="extract GCIDE again even if /tmp/a2_gcide/docs exists")
+    p.add_argument("--deb", required=True, nargs=3, help="the three .deb files of "
+                   "`apt-get download dict-gcide python3.11-doc linux-doc-6.1`")
+    p.add_argument("--rebuild", action="store_true", help=f"extract the .deb files again even if {DOCS} exists")
     p.add_argument("--max-chunks", type=int, default=3000, help="4096-char chunks the tokenizer is trained on")
     r = sub.add_parser("run")
     r.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "gpu_train"))
     r.add_argument("--deadline", type=float, default=530.0, help="seconds after start by which work must be done")
     r.add_argument("--main-budget", type=float, default=MAIN_BUDGET)
     r.add_argument("--abl-budget", type=float, default=ABL_BUDGET)
-    r.add_argument("--no-bench", action="store_true", help="skip the throughput benchmark (a shorter GPU call)")
+    r.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     r.add_argument("--cpu-smoke", action="store_true", help="tiny CPU dress rehearsal of `run` (no GPU)")
     q = sub.add_parser("report")
     q.add_argument("--tar", required=True)
@@ -320,7 +369,10 @@ def main() -> None:
     if a.cmd == "prepare":
         prepare(a.deb, a.max_chunks, a.rebuild)
     elif a.cmd == "run":
-        run(Path(a.out), a.deadline, a.main_budget, a.abl_budget, a.cpu_smoke, not a.no_bench)
+        steps = tuple(x for x in a.steps.split(",") if x)
+        if set(steps) - set(STEPS):
+            ap.error(f"--steps: unknown {sorted(set(steps) - set(STEPS))}; choose from {','.join(STEPS)}")
+        run(Path(a.out), a.deadline, a.main_budget, a.abl_budget, a.cpu_smoke, steps)
     else:
         report(a.tar, Path(a.dest))
 

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_runs import DENSE  # ablation (a)'s dense model: GQA + SwiGLU, gpu-small's active parameters (bench/)
 
-from dsv3_min.config import get_preset
+from dsv3_min.config import count_params, get_preset
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.train import flops_per_token
 
@@ -75,14 +76,16 @@ def time_steps(step, batches, warmup: int, steps: int) -> dict:
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "last_loss": float(loss)}
 
 
-def ours_step_fn(model, compiled: bool):
+def ours_step_fn(model, compiled: bool, mode: str | None = None):
     "One AdamW training step of dsv3_min: loss (main + balance), backward, step, router bias update."
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     loss_fn = (lambda x, y: model.loss(x, y).loss)
     if compiled:
-        loss_fn = torch.compile(loss_fn)
+        loss_fn = torch.compile(loss_fn, mode=mode)
 
     def step(x, y):
+        if mode == "reduce-overhead":  # CUDA graphs: a new step may overwrite the last one's graph outputs
+            torch.compiler.cudagraph_mark_step_begin()
         loss = loss_fn(x, y)
         loss.backward()
         opt.step()
@@ -106,20 +109,26 @@ def hf_step_fn(model):
     return step
 
 
-def profile_top(step, batches, n: int = 3, top: int = 20) -> list[dict]:
-    "The `top` CUDA kernels by total device time over `n` steps (torch.profiler)."
+def profile_steps(step, batches, n: int = 3, top: int = 25) -> dict:
+    """Where the device time of `n` steps goes (torch.profiler): the `top` kernels, and the sum over all kernels
+    per step against the step's wall time (the rest is the GPU waiting on the host)."""
     from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for i in range(n):
             step(*batches[i % len(batches)])
         torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / n
     rows = []
     for ev in prof.key_averages():
-        dev = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        dev = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
         if dev > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
             rows.append({"name": ev.key[:120], "device_ms_per_step": dev / 1e3 / n, "calls_per_step": ev.count / n})
     rows.sort(key=lambda r: -r["device_ms_per_step"])
-    return rows[:top]
+    busy = sum(r["device_ms_per_step"] for r in rows)
+    return {"kernel_ms_per_step": busy, "kernels_per_step": sum(r["calls_per_step"] for r in rows),
+            "wall_ms_per_step_profiled": wall * 1e3, "top": rows[:top]}
 
 
 def main() -> None:
@@ -132,6 +141,8 @@ def main() -> None:
     ap.add_argument("--backend", default="sdpa", help="our attn_backend")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-cudagraphs", action="store_true", help="skip the compiled + CUDA graphs variant")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense (GQA + SwiGLU) comparison model")
     a = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     import transformers
@@ -177,24 +188,52 @@ def main() -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     record(f"dsv3_min eager ({a.backend})", time_steps(ours_step_fn(model, False), batches, a.warmup, a.steps))
     best = f"dsv3_min eager ({a.backend})"
-    if not a.no_compile:
+    steps = {best: ours_step_fn(model, False)}
+    modes = [] if a.no_compile else [None] + ([] if a.no_cudagraphs else ["reduce-overhead"])
+    for mode in modes:
+        name = f"dsv3_min compiled ({a.backend})" + (" + CUDA graphs" if mode else "")
         model.load_state_dict(state)
+        torch._dynamo.reset()
         t0 = time.time()
-        step = ours_step_fn(model, True)
-        r = time_steps(step, batches, a.warmup, a.steps)
+        try:
+            steps[name] = ours_step_fn(model, True, mode)
+            r = time_steps(steps[name], batches, a.warmup, a.steps)
+        except Exception as e:  # a variant that does not work is reported, not fatal
+            res["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+            print(f"{name}: {res['variants'][name]['error']}", flush=True)
+            continue
         r["compile_and_warmup_s"] = time.time() - t0
-        record(f"dsv3_min compiled ({a.backend})", r)
+        record(name, r)
         if r["tokens_per_s"] > res["variants"][best]["tokens_per_s"]:
-            best = f"dsv3_min compiled ({a.backend})"
-    else:
-        step = ours_step_fn(model, False)
+            best = name
     res["best_variant"] = best
     res["dsv3_min_tokens_per_s"] = res["variants"][best]["tokens_per_s"]
     res["mfu"] = res["variants"][best]["mfu_measured_peak"]
     if not a.no_hf:
         res["hf_tokens_per_s"] = res["variants"]["transformers (sdpa)"]["tokens_per_s"]
         res["speedup_vs_hf"] = res["dsv3_min_tokens_per_s"] / res["hf_tokens_per_s"]
-    res["profile_top_kernels_best"] = profile_top(step, batches)
+    prof = profile_steps(steps[best], batches)
+    res["profile_best"] = {k: v for k, v in prof.items() if k != "top"}
+    res["profile_top_kernels_best"] = prof["top"]
+    del model, steps
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not a.no_dense and not a.no_compile:  # ablation (a)'s dense model, compiled the same way: its tok/s and MFU
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        dcfg = cfg.replace(**DENSE)
+        dense = DeepSeekV3(dcfg).cuda().to(torch.bfloat16).train()
+        dfl = flops_per_token(dcfg, a.seq)
+        t0 = time.time()
+        r = time_steps(ours_step_fn(dense, True), batches, a.warmup, a.steps)
+        r["compile_and_warmup_s"] = time.time() - t0
+        r["tokens_per_s"] = tokens / r["step_s_median"]
+        r["flops_per_token"] = dfl
+        r["mfu_measured_peak"] = dfl * r["tokens_per_s"] / (peak * 1e12)
+        r["active_params"], r["moe_active_params"] = count_params(dcfg).active, count_params(cfg).active
+        res["dense_compiled"] = {"config": DENSE, **r}
+        print(f"dense (GQA + SwiGLU) compiled {r['step_s_median'] * 1e3:8.1f} ms/step {r['tokens_per_s']:>10,.0f} tok/s "
+              f"MFU {r['mfu_measured_peak']:.1%}", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_throughput.json").write_text(json.dumps(res, indent=2))
@@ -202,7 +241,9 @@ def main() -> None:
     if "speedup_vs_hf" in res:
         print(f"best {best}: {res['dsv3_min_tokens_per_s']:,.0f} tok/s = {res['speedup_vs_hf']:.2f}x transformers, "
               f"MFU {res['mfu']:.1%}")
-    for row in res["profile_top_kernels_best"][:10]:
+    print(f"profile of the best: {prof['kernel_ms_per_step']:.1f} ms of kernels in {prof['wall_ms_per_step_profiled']:.1f} "
+          f"ms per step ({prof['kernels_per_step']:.0f} kernels)")
+    for row in res["profile_top_kernels_best"][:12]:
         print(f"  {row['device_ms_per_step']:7.2f} ms  {row['calls_per_step']:6.0f}x  {row['name'][:90]}")
 
 

@@ -1,4 +1,5 @@
 """Tests for bench/gpu_runs.py, the GPU training run's helpers (the GPU part itself runs only on a GPU)."""
+import gzip
 import importlib.util
 import io
 import json
@@ -94,10 +95,18 @@ def test_load_data_reads_packed_tokens(tmp_path):
         a.tofile(tmp_path / f"{s}.bin")
     meta = {"dtype": "uint16", "train": {"tokens": 100, "bytes": 350}, "val": {"tokens": 40, "bytes": 160}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    data, m = gpu_runs.load_data(tmp_path)
+    data, m = gpu_runs.load_data(tmp_path, tmp_path / "unused")
     assert m == meta and data.val_tokens_per_byte == pytest.approx(0.25)
     assert np.array_equal(data.train, ids["train"]) and np.array_equal(data.val, ids["val"])
     assert data.tokenizer.vocab_size == tok.vocab_size
+    assert not (tmp_path / "unused").exists()
+    for s in ids:  # the carried form: gzipped splits, unzipped once into unzip_dir
+        with open(tmp_path / f"{s}.bin", "rb") as src, gzip.open(tmp_path / f"{s}.bin.gz", "wb") as dst:
+            dst.write(src.read())
+        (tmp_path / f"{s}.bin").unlink()
+    data, _ = gpu_runs.load_data(tmp_path, tmp_path / "raw")
+    assert np.array_equal(data.train, ids["train"]) and np.array_equal(data.val, ids["val"])
+    assert (tmp_path / "raw" / "train.bin").stat().st_size == 200
 
 
 def test_report_keeps_metrics_and_drops_weights(tmp_path):

@@ -334,3 +334,24 @@ def test_matmul_dtype_follows_the_tensor_on_cpu():
 
     assert moe_mod._matmul_dtype(torch.zeros(2, 2)) == torch.float32
     assert moe_mod._matmul_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) == torch.bfloat16
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_src=st.integers(1, 12), fanout=st.integers(1, 4), d=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_gather_rows_equals_indexing_forward_and_backward(n_src, fanout, d, seed):
+    """`gather_rows` (whose backward is a gather by the inverse permutation, no scatter) gives exactly the forward
+    and the gradient of plain indexing `src[index // fanout]`, for any permutation and fan-out."""
+    from dsv3_min.moe import gather_rows
+
+    g = torch.Generator().manual_seed(seed)
+    n = n_src * fanout
+    index = torch.randperm(n, generator=g)
+    inverse = torch.empty_like(index).scatter_(0, index, torch.arange(n))
+    src = torch.randn(n_src, d, generator=g, dtype=torch.float64)
+    up = torch.randn(n, d, generator=g, dtype=torch.float64)
+    a, b = src.clone().requires_grad_(), src.clone().requires_grad_()
+    out_a, out_b = gather_rows(a, index, inverse, fanout), b[index // fanout]
+    (out_a * up).sum().backward()
+    (out_b * up).sum().backward()
+    assert torch.equal(out_a, out_b)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)

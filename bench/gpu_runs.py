@@ -336,14 +336,45 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
 
 
 # ---------------------------------------------------------------- report (CPU)
-def report(tar: str, dest: Path) -> None:
-    "Unpack the GPU results (metrics, configs, summary, samples; no weights) into `dest`."
+def metrics_summary(run_dir: Path) -> dict:
+    "A run's summary rebuilt from its `metrics.jsonl` and `train_config.json` (for a run cut off before `train_one`"
+    " wrote it)."
+    m = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    tc = json.loads((run_dir / "train_config.json").read_text())["train"]
+    ev = [x for x in m if "val_loss" in x]
+    last = ev[-1] if ev and ev[-1].get("val_full_split") else {}
+    return dict(name=run_dir.name, rebuilt_from_metrics=True, steps=m[-1]["step"], train_s=round(m[-1]["elapsed_s"], 1),
+                tokens=m[-1]["step"] * tc["batch_size"] * tc["seq_len"] * tc["grad_accum"],
+                final_val_loss=last.get("val_loss"), final_val_bpb=last.get("val_bits_per_byte"),
+                best_val_bpb=min((x["val_bits_per_byte"] for x in ev if not x.get("val_full_split")), default=None),
+                tok_s_median=float(np.median([x["tokens_per_s"] for x in m[len(m) // 5:]])),
+                mfu_median=float(np.median([x.get("mfu", 0) for x in m[len(m) // 5:]])),
+                last_max_vio=next((x["max_vio"] for x in reversed(ev) if "max_vio" in x), None))
+
+
+def report(tars: list[str], dest: Path) -> None:
+    "Unpack GPU results (metrics, configs, logs; no weights) into `dest`, merging the calls' summaries into one."
     dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(tar) as t:
-        for m in t.getmembers():
-            if m.isfile() and not m.name.endswith(".safetensors") and "/ckpt-" not in m.name:
+    merged: dict = {"runs": {}}
+    for tar in tars:
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                if not m.isfile() or m.name.endswith(".safetensors") or "/ckpt-" in m.name:
+                    continue
                 m.name = m.name.split("gpu_train/", 1)[-1]
+                if m.name == "summary.json":
+                    part = json.load(t.extractfile(m))
+                    merged["runs"].update(part.pop("runs", {}))
+                    merged.setdefault("steps", []).extend(part.pop("steps", []))
+                    merged.update(part)
+                    continue
+                if m.name == "log.txt":
+                    m.name = f"log-{Path(tar).name.split('.')[0]}.txt" if len(tars) > 1 else "log.txt"
                 t.extract(m, dest, filter="data")
+    for run_dir in sorted(p.parent for p in dest.glob("*/metrics.jsonl")):
+        if run_dir.name not in merged["runs"] and run_dir.name != "smoke" and (run_dir / "train_config.json").exists():
+            merged["runs"][run_dir.name] = metrics_summary(run_dir)
+    (dest / "summary.json").write_text(json.dumps(merged, indent=1))
     print(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
 
 
@@ -363,7 +394,7 @@ def main() -> None:
     r.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     r.add_argument("--cpu-smoke", action="store_true", help="tiny CPU dress rehearsal of `run` (no GPU)")
     q = sub.add_parser("report")
-    q.add_argument("--tar", required=True)
+    q.add_argument("--tar", required=True, nargs="+", help="the tarballs of one or more `run` calls")
     q.add_argument("--dest", default=str(ROOT / "results" / "gpu_train"))
     a = ap.parse_args()
     if a.cmd == "prepare":

@@ -306,3 +306,23 @@ def test_val_batches_walk_the_stream_in_order():
     ys = torch.cat([y for _, y in batches]).flatten()
     assert torch.equal(xs, torch.arange(990)) and torch.equal(ys, torch.arange(1, 991))
     assert len(list(iter_val_batches(tokens, 4, 10, max_batches=2))) == 2
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(11, 3000), batch_size=st.integers(1, 8), seq_len=st.integers(1, 40), max_batches=st.integers(1, 6))
+def test_val_subset_is_spread_over_the_whole_split(n, batch_size, seq_len, max_batches):
+    """A periodic evaluation of `max_batches` batches scores distinct whole windows spread from the first to the last
+    window of the split (not just its head), and equals the full walk when that is no longer."""
+    tokens = np.arange(n, dtype=np.int64)
+    n_windows = (n - 1) // seq_len
+    if n_windows == 0:
+        return
+    batches = list(iter_val_batches(tokens, batch_size, seq_len, max_batches))
+    starts = torch.cat([x[:, 0] for x, _ in batches]).tolist()
+    assert all(s % seq_len == 0 for s in starts) and starts == sorted(set(starts))  # distinct aligned windows
+    assert len(batches) == min(max_batches, -(-n_windows // batch_size))
+    if max_batches * batch_size < n_windows:
+        assert len(starts) == max_batches * batch_size
+        assert starts[0] == 0 and (len(starts) == 1 or starts[-1] == (n_windows - 1) * seq_len)
+    else:
+        assert starts == [w * seq_len for w in range(n_windows)]

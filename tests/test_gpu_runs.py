@@ -120,6 +120,41 @@ def test_report_keeps_metrics_and_drops_weights(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(body)
             t.addfile(info, io.BytesIO(body))
-    gpu_runs.report(str(tar), tmp_path / "out")
+    gpu_runs.report([str(tar)], tmp_path / "out")
     got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     assert got == ["log.txt", "main/metrics.jsonl", "summary.json"]
+
+
+def _tar(path, files: dict) -> str:
+    with tarfile.open(path, "w:gz") as t:
+        for name, body in files.items():
+            body = body if isinstance(body, bytes) else json.dumps(body).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            t.addfile(info, io.BytesIO(body))
+    return str(path)
+
+
+def test_report_merges_calls_and_rebuilds_a_cut_off_run(tmp_path):
+    """Two calls' tarballs merge into one summary (runs from both, each log kept apart), and a run whose process was
+    cut off before writing its summary gets one rebuilt from its metrics (final full-split value, best periodic)."""
+    tc = {"train": {"batch_size": 2, "seq_len": 8, "grad_accum": 1}}
+    lines = [{"step": 1, "tokens_per_s": 10.0, "elapsed_s": 1.0, "val_loss": 3.0, "val_bits_per_byte": 2.0},
+             {"step": 2, "tokens_per_s": 20.0, "elapsed_s": 2.0, "val_loss": 2.9, "val_bits_per_byte": 1.5,
+              "max_vio": [0.5]},
+             {"step": 3, "tokens_per_s": 30.0, "elapsed_s": 3.0, "val_loss": 3.1, "val_bits_per_byte": 1.8,
+              "val_full_split": True, "max_vio": [0.25]}]
+    a = _tar(tmp_path / "main.tar.gz", {"gpu_train/summary.json": {"env": {"gpu": "x"}, "steps": ["main"],
+                                                                    "runs": {"main": {"name": "main"}}},
+                                        "log.txt": b"main log"})
+    b = _tar(tmp_path / "abl.tar.gz", {"gpu_train/summary.json": {"steps": ["ablations"], "runs": {}},
+                                       "gpu_train/abl_x/metrics.jsonl": "".join(json.dumps(x) + "\n" for x in lines).encode(),
+                                       "gpu_train/abl_x/train_config.json": tc, "log.txt": b"abl log"})
+    gpu_runs.report([a, b], tmp_path / "out")
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["env"] == {"gpu": "x"} and s["steps"] == ["main", "ablations"] and set(s["runs"]) == {"main", "abl_x"}
+    x = s["runs"]["abl_x"]
+    assert x["rebuilt_from_metrics"] and x["steps"] == 3 and x["tokens"] == 48
+    assert x["final_val_bpb"] == 1.8 and x["best_val_bpb"] == 1.5 and x["last_max_vio"] == [0.25]
+    assert (tmp_path / "out" / "log-main.txt").read_text() == "main log"
+    assert (tmp_path / "out" / "log-abl.txt").read_text() == "abl log"

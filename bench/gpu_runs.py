@@ -1,20 +1,23 @@
 """The GPU training run and its ablations (issue 8), in three steps: `prepare` (CPU), `run` (GPU), `report` (CPU).
 
-    python bench/gpu_runs.py prepare --deb /tmp/dict-gcide_*.deb   # here: corpus mix -> tokenizer -> packed tokens
-    python bench/gpu_runs.py run --out $OUT/gpu_train               # on the GPU: smoke, main run, ablations, bench
-    python bench/gpu_runs.py report --tar gpu_train.tar.gz          # here: unpack into results/gpu_train/, plot
+    apt-get download dict-gcide python3.11-doc linux-doc-6.1          # the Debian texts (not committed)
+    python bench/gpu_runs.py prepare --deb dict-gcide_*.deb python3.11-doc_*.deb linux-doc-6.1_*.deb
+    python bench/gpu_runs.py run --out $OUT/gpu_train --steps main    # on the GPU (one call per --steps group)
+    python bench/gpu_runs.py report --tar main.tar.gz ablations.tar.gz # here: unpack into results/gpu_train/
 
-Data. The corpus is the mix `shakespeare+python-stdlib+<gcide>` (notebook 01's `load_corpus("a+b+c")`): the plays,
-the Python standard library, and the Collaborative International Dictionary of English (GCIDE, Webster 1913 +
-WordNet; Debian's `dict-gcide`, GPL-2+, so neither its text nor its tokens are committed). `prepare` trains a
-16,384-id tokenizer on it and packs both splits (notebook 01's `pack`) into `.device_carry/a2/` (git-ignored), which
+Data. The corpus is the mix `shakespeare+python-stdlib+gcide+python-docs+kernel-docs` (notebook 01's
+`load_corpus("a+b+...")`): the plays, the Python standard library, the Collaborative International Dictionary of
+English (GCIDE, Webster 1913 + WordNet; Debian's `dict-gcide`, GPL-2+), and the reStructuredText sources of Python's
+(`python3.11-doc`, PSF) and the Linux kernel's (`linux-doc-6.1`, GPL-2, English only) documentation. The Debian parts
+are never committed, as text or as tokens. `prepare` extracts them into `DOCS`, trains a 16,384-id tokenizer on the
+mix and packs both splits (notebook 01's `pack`), gzipped, into `.device_carry/a2/` (git-ignored, ~29 MB), which
 travels to the GPU machine. There the runs read those packed tokens: the GPU machine has a different Python (so a
 different stdlib) and sentencepiece, and re-tokenizing there would spend GPU time on CPU work. So `run` calls the
 same `dsv3_min.train.train` that `python -m dsv3_min train` calls, with the same presets and `--set` overrides
 (`_configs` below mirrors the CLI's), and hands it the packed data.
 
 Runs (all on one H200, bf16 autocast, batch 16 x 1024 tokens, the gpu-small model with a 16,384-id vocabulary):
-  main        gpu-small, torch.compile, `MAIN_BUDGET` s (compilation, ~50 s on an H200, counted in); the cosine decay
+  main        gpu-small, torch.compile, `MAIN_BUDGET` s (compilation, ~60 s on an H200, counted in); the cosine decay
               is laid out over the time budget. Then samples from its final weights.
   ablations   eager (no compile: compile time would eat a short budget unequally), `ABL_BUDGET` s each, same seed so
               the same batches in the same order:
@@ -23,16 +26,17 @@ Runs (all on one H200, bf16 autocast, batch 16 x 1024 tokens, the gpu-small mode
                 aux       plain auxiliary loss: bias_update_speed=0, aux_loss_alpha=0.01
                 nobal     no balancing at all: bias_update_speed=0, aux_loss_alpha=0
                 nomtp     num_nextn_predict_layers=0
+  bench       bench/train_throughput.py (against transformers), if ~95 s remain
 
 `run` never starts work that could not end by `--deadline` (seconds after its start): the ablations share what is
-left after the main run, and the throughput bench runs last, only if ~95 s remain. SIGTERM (e.g. from `timeout`)
-ends the current run after its step (its last periodic evaluation stands) and starts nothing new. As one device
-call (570 s):
+left after the main run. SIGTERM (e.g. from `timeout`) ends the current run after its step (its last periodic
+evaluation stands) and starts nothing new; `report` rebuilds the summary of a run cut off before writing its own.
+One device call per group of steps (each command may run 10 minutes), e.g. the main run:
 
     export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD; mkdir -p $OUT/g
-    timeout -k 10 545 python3 bench/gpu_runs.py run --out $OUT/g/gpu_train --deadline 525 2>&1 | tee $OUT/g/log.txt
-    tar czf $OUT/gpu_train.tar.gz -C $OUT/g --exclude='ckpt-*' --exclude='.tmp-*' gpu_train log.txt
-    rm -rf $OUT/g/gpu_train                                   # carry: .device_carry/a2 (31 MB of packed tokens)
+    timeout -k 5 565 python3 bench/gpu_runs.py run --out $OUT/g/gpu_train --deadline 555 --steps main \
+        --main-budget 480 2>&1 | tee $OUT/g/log.txt
+    tar czf $OUT/main.tar.gz -C $OUT/g --exclude='ckpt-*' --exclude='.tmp-*' gpu_train log.txt   # carry .device_carry/a2
 """
 from __future__ import annotations
 

@@ -339,6 +339,107 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
     save()
 
 
+# ---------------------------------------------------------------- plots (CPU; `report` and notebook 11)
+def _evals(rows: list[dict], periodic_only: bool = False) -> list[dict]:
+    "The metrics lines that carry a validation result (without the final full-split one if `periodic_only`)."
+    return [r for r in rows if "val_loss" in r and not (periodic_only and r.get("val_full_split"))]
+
+
+def plot_main(rows: list[dict], train_tokens: int, tokens_per_step: int):
+    "The main run: train/val loss against epochs, a zoom on the periodic validation, and the learning rate."
+    import matplotlib.pyplot as plt
+    periodic, final = _evals(rows, True), _evals(rows)[-1]
+    epochs = lambda step: step * tokens_per_step / train_tokens
+    best = min(periodic, key=lambda r: r["val_loss"])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    axes[0].plot([epochs(r["step"]) for r in rows], [r["main"] for r in rows], lw=0.4, alpha=0.6,
+                 label="train (main head)")
+    axes[0].plot([epochs(r["step"]) for r in periodic], [r["val_loss"] for r in periodic], "o-", ms=3,
+                 label="periodic val")
+    if final.get("val_full_split"):
+        axes[0].plot([epochs(final["step"])], [final["val_loss"]], "r*", ms=12, label="final val (whole split)")
+    axes[0].axvline(epochs(best["step"]), color="k", ls=":", lw=1)
+    axes[0].set(xlabel="epochs over the train split", ylabel="nats / token", title="loss", ylim=(1.0, 5.0))
+    axes[0].legend(fontsize=8)
+    late = [r for r in periodic if epochs(r["step"]) > 2] or periodic
+    axes[1].plot([epochs(r["step"]) for r in late], [r["val_loss"] for r in late], "o-", ms=3)
+    axes[1].axvline(epochs(best["step"]), color="k", ls=":", lw=1, label=f"minimum, step {best['step']}")
+    axes[1].set(xlabel="epochs", ylabel="nats / token", title="periodic val, from epoch 2 (zoom)")
+    axes[1].legend(fontsize=8)
+    axes[2].plot([r["elapsed_s"] for r in rows], [r["lr"] for r in rows])
+    axes[2].set(xlabel="training seconds (compilation included)", title="learning rate")
+    fig.tight_layout()
+    return fig
+
+
+def plot_ablations(runs: dict[str, list[dict]]):
+    "Ablations: periodic val loss at equal wall-clock and at equal steps, and MaxVio; one colour per run."
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+    for i, (name, rows) in enumerate(runs.items()):
+        ev = _evals(rows, True)
+        if not ev:
+            continue
+        style = dict(marker="o", ms=2, color=f"C{i}", label=name)
+        axes[0].plot([r["elapsed_s"] for r in ev], [r["val_loss"] for r in ev], **style)
+        axes[1].plot([r["step"] for r in ev], [r["val_loss"] for r in ev], **style)
+        mv = [(r["step"], np.mean(r["max_vio"])) for r in ev if r.get("max_vio")]
+        if mv:
+            axes[2].plot(*zip(*mv), **style)
+    axes[0].set(xlabel="training seconds", ylabel="periodic val loss (nats)", title="equal wall-clock", ylim=(3.4, 5))
+    axes[1].set(xlabel="step (= tokens seen)", title="equal tokens", ylim=(3.4, 5))
+    axes[2].set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", title="load imbalance")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loads(runs: dict[str, list[dict]]):
+    "Each run's expert loads at its last evaluation, per MoE layer, as a share of the mean load (1 = even)."
+    import matplotlib.pyplot as plt
+    loads = {}
+    for name, rows in runs.items():
+        ev = [r for r in _evals(rows) if r.get("expert_load")]
+        if ev:
+            loads[name] = np.array(ev[-1]["expert_load"], dtype=float)
+    fig, axes = plt.subplots(1, len(loads), figsize=(4.2 * len(loads), 3.2), squeeze=False)
+    for i, (ax, (name, load)) in enumerate(zip(axes[0], loads.items())):
+        share = load / load.sum(1, keepdims=True) * load.shape[1]
+        im = ax.imshow(share, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
+        ax.set_yticks(range(load.shape[0]))
+        ax.set(title=name, xlabel="expert", ylabel="MoE layer (0 = first)" if i == 0 else None)
+    fig.colorbar(im, ax=axes[0].tolist(), label="load / mean load")
+    return fig
+
+
+def save_plots(dest: Path, summary: dict) -> list[Path]:
+    "Write main.png, ablations.png and expert_loads.png under `dest` from its metrics (those that have data)."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = {p.parent.name: [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+            for p in sorted(dest.glob("*/metrics.jsonl"))}
+    abl = {k[4:]: v for k, v in rows.items() if k.startswith("abl_")}
+    figs = {}
+    if "main" in rows and _evals(rows["main"], True) and "main" in summary.get("runs", {}):
+        s = summary["runs"]["main"]
+        figs["main.png"] = plot_main(rows["main"], summary["env"]["data"]["train_tokens"],
+                                     s["tokens"] // rows["main"][-1]["step"])
+    if abl:
+        figs["ablations.png"] = plot_ablations(abl)
+    balanced = {k: v for k, v in rows.items() if k in ("abl_base", "abl_aux", "abl_nobal", "main")}
+    if any(r.get("expert_load") for v in balanced.values() for r in v):
+        figs["expert_loads.png"] = plot_loads(balanced)
+    out = []
+    for name, fig in figs.items():
+        fig.savefig(dest / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        out.append(dest / name)
+    return out
+
+
 # ---------------------------------------------------------------- report (CPU)
 def metrics_summary(run_dir: Path) -> dict:
     "A run's summary rebuilt from its `metrics.jsonl` and `train_config.json` (for a run cut off before `train_one`"
@@ -379,6 +480,8 @@ def report(tars: list[str], dest: Path) -> None:
         if run_dir.name not in merged["runs"] and run_dir.name != "smoke" and (run_dir / "train_config.json").exists():
             merged["runs"][run_dir.name] = metrics_summary(run_dir)
     (dest / "summary.json").write_text(json.dumps(merged, indent=1))
+    if "env" in merged:
+        save_plots(dest, merged)
     print(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
 
 

@@ -31,12 +31,12 @@ Runs (all on one H200, bf16 autocast, batch 16 x 1024 tokens, the gpu-small mode
 `run` never starts work that could not end by `--deadline` (seconds after its start): the ablations share what is
 left after the main run. SIGTERM (e.g. from `timeout`) ends the current run after its step (its last periodic
 evaluation stands) and starts nothing new; `report` rebuilds the summary of a run cut off before writing its own.
-One device call per group of steps (each command may run 10 minutes), e.g. the main run:
+One device call per group of steps (each command may run 10 minutes; carry .device_carry/a2), e.g. the main run:
 
     export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD; mkdir -p $OUT/g
     timeout -k 5 565 python3 bench/gpu_runs.py run --out $OUT/g/gpu_train --deadline 555 --steps main \
         --main-budget 480 2>&1 | tee $OUT/g/log.txt
-    tar czf $OUT/main.tar.gz -C $OUT/g --exclude='ckpt-*' --exclude='.tmp-*' gpu_train log.txt   # carry .device_carry/a2
+    tar czf $OUT/main.tar.gz -C $OUT/g --exclude='ckpt-*' --exclude='.tmp-*' gpu_train log.txt
 """
 from __future__ import annotations
 
@@ -247,8 +247,9 @@ STEPS = ("smoke", "main", "ablations", "bench")
 
 
 def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budget: float = ABL_BUDGET,
-        cpu_smoke: bool = False, steps: tuple[str, ...] = STEPS) -> None:
-    "`steps` of: smoke test, main run, ablations, throughput bench; starts no work that could not end by `deadline_s`."
+        cpu_smoke: bool = False, steps: tuple[str, ...] = STEPS, ablations: tuple[str, ...] = tuple(ABLATIONS)) -> None:
+    """`steps` of: smoke test, main run, `ablations` (names in `ABLATIONS`), throughput bench; starts no work that
+    could not end by `deadline_s`. One process per GPU: `CUDA_VISIBLE_DEVICES=1 ... --ablations base,dense`."""
     import torch
     for sig in (signal.SIGTERM, signal.SIGINT):  # `train` handles them during a run; between runs they land here
         signal.signal(sig, _on_signal)
@@ -305,16 +306,16 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
         shutil.rmtree(out / "main" / sorted(p.name for p in (out / "main").glob("ckpt-*"))[-1], ignore_errors=True)
         save()
 
-    overhead = 12.0     # per ablation, outside its budget: model build, full-split eval, checkpoint write and delete
+    overhead = 18.0     # per ablation, outside its budget (9-24 s on the H200): build, full-split eval, checkpoint
     if stopped({}):
         return
     reserve = 100 if bench and not cpu_smoke else 5   # the throughput bench needs ~90 s at the end
-    budget = min(abl_budget, (left() - reserve) / len(ABLATIONS) - overhead)
+    budget = min(abl_budget, (left() - reserve) / max(1, len(ablations)) - overhead)
     summary["ablation_budget_s"] = budget
     if "ablations" not in steps:
         pass
     elif budget >= min(15, abl_budget):
-        for name, ov in ABLATIONS.items():
+        for name, ov in ((n, ABLATIONS[n]) for n in ablations):
             if stopped({}):
                 return
             ov = {**ov, "first_k_dense_replace": n_layers} if "first_k_dense_replace" in ov else ov
@@ -499,6 +500,7 @@ def main() -> None:
     r.add_argument("--main-budget", type=float, default=MAIN_BUDGET)
     r.add_argument("--abl-budget", type=float, default=ABL_BUDGET)
     r.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    r.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated subset of the ablations")
     r.add_argument("--cpu-smoke", action="store_true", help="tiny CPU dress rehearsal of `run` (no GPU)")
     q = sub.add_parser("report")
     q.add_argument("--tar", required=True, nargs="+", help="the tarballs of one or more `run` calls")
@@ -510,7 +512,10 @@ def main() -> None:
         steps = tuple(x for x in a.steps.split(",") if x)
         if set(steps) - set(STEPS):
             ap.error(f"--steps: unknown {sorted(set(steps) - set(STEPS))}; choose from {','.join(STEPS)}")
-        run(Path(a.out), a.deadline, a.main_budget, a.abl_budget, a.cpu_smoke, steps)
+        abl = tuple(x for x in a.ablations.split(",") if x)
+        if set(abl) - set(ABLATIONS):
+            ap.error(f"--ablations: unknown {sorted(set(abl) - set(ABLATIONS))}; choose from {','.join(ABLATIONS)}")
+        run(Path(a.out), a.deadline, a.main_budget, a.abl_budget, a.cpu_smoke, steps, abl)
     else:
         report(a.tar, Path(a.dest))
 

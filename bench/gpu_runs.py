@@ -197,7 +197,7 @@ def train_one(name: str, overrides: dict, out: Path, data, preset: str = PRESET)
     import torch
 
     from dsv3_min.config import count_params
-    from dsv3_min.train import read_metrics, train
+    from dsv3_min.train import train
     t0 = time.time()
     try:
         cfg, tc = _configs(preset, overrides)
@@ -208,17 +208,12 @@ def train_one(name: str, overrides: dict, out: Path, data, preset: str = PRESET)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         r = train(cfg, tc, out / name, data=data, progress=False)
-        m = read_metrics(out / name)
-        ev = [x for x in m if "val_loss" in x]
-        s = dict(name=name, overrides=overrides, stopped=r.stopped, steps=r.step, train_s=round(r.seconds, 1),
-                 wall_s=round(time.time() - t0, 1), tokens=r.step * tc.batch_size * tc.seq_len * tc.grad_accum,
-                 final_val_loss=r.val_loss, final_val_bpb=r.val_bpb,
-                 best_val_bpb=min((x["val_bits_per_byte"] for x in ev), default=None),
-                 tok_s_median=float(np.median([x["tokens_per_s"] for x in m[len(m) // 5:]] or [np.nan])),
-                 mfu_median=float(np.median([x.get("mfu", 0) for x in m[len(m) // 5:]] or [np.nan])),
-                 peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-                 params=dict(total=pc.total, active=pc.active, mtp=pc.mtp),
-                 last_max_vio=next((x["max_vio"] for x in reversed(ev) if "max_vio" in x), None))
+        s = {**metrics_summary(out / name), "overrides": overrides, "stopped": r.stopped,
+             "train_s": round(r.seconds, 1), "wall_s": round(time.time() - t0, 1), "final_val_loss": r.val_loss,
+             "final_val_bpb": r.val_bpb,
+             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+             "params": dict(total=pc.total, active=pc.active, mtp=pc.mtp)}
+        s.pop("rebuilt_from_metrics")
     except Exception as e:  # keep going: the other runs still count
         traceback.print_exc()
         s = dict(name=name, overrides=overrides, error=f"{type(e).__name__}: {e}", wall_s=round(time.time() - t0, 1))
@@ -306,26 +301,26 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
         shutil.rmtree(out / "main" / sorted(p.name for p in (out / "main").glob("ckpt-*"))[-1], ignore_errors=True)
         save()
 
-    overhead = 18.0     # per ablation, outside its budget (9-24 s on the H200): build, full-split eval, checkpoint
     if stopped({}):
         return
-    reserve = 100 if bench and not cpu_smoke else 5   # the throughput bench needs ~90 s at the end
-    budget = min(abl_budget, (left() - reserve) / max(1, len(ablations)) - overhead)
-    summary["ablation_budget_s"] = budget
-    if "ablations" not in steps:
-        pass
-    elif budget >= min(15, abl_budget):
-        for name, ov in ((n, ABLATIONS[n]) for n in ablations):
+    if "ablations" in steps:
+        overhead = 18.0     # per ablation, outside its budget (9-24 s on the H200): build, full-split eval, checkpoint
+        reserve = 100 if bench and not cpu_smoke else 5   # the throughput bench needs ~90 s at the end
+        budget = min(abl_budget, (left() - reserve) / max(1, len(ablations)) - overhead)
+        summary["ablation_budget_s"] = budget
+        if budget < min(15, abl_budget):
+            print(f"no time left for ablations ({left():.0f}s left)", flush=True)
+            ablations = ()
+        for name in ablations:
             if stopped({}):
                 return
+            ov = ABLATIONS[name]
             ov = {**ov, "first_k_dense_replace": n_layers} if "first_k_dense_replace" in ov else ov
             summary["runs"][f"abl_{name}"] = train_one(f"abl_{name}", {**abl_cfg, **ov, "time_budget": budget}, out,
                                                        data, preset)
             save()
             if stopped(summary["runs"][f"abl_{name}"]):
                 return
-    else:
-        print(f"no time left for ablations ({left():.0f}s left)", flush=True)
 
     if bench and left() > 95 and not cpu_smoke and not _STOP:
         cmd = [sys.executable, str(ROOT / "bench/train_throughput.py"), "--out", str(out / "tp"),
@@ -341,7 +336,13 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
 
 
 # ---------------------------------------------------------------- plots (CPU; `report` and notebook 11)
-def _evals(rows: list[dict], periodic_only: bool = False) -> list[dict]:
+def read_runs(root: Path, names: list[str] | None = None) -> dict[str, list[dict]]:
+    "`{run name: metrics.jsonl lines}` of the run folders under `root` (or of `names` only)."
+    paths = [root / n / "metrics.jsonl" for n in names] if names is not None else sorted(root.glob("*/metrics.jsonl"))
+    return {p.parent.name: [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] for p in paths}
+
+
+def evals(rows: list[dict], periodic_only: bool = False) -> list[dict]:
     "The metrics lines that carry a validation result (without the final full-split one if `periodic_only`)."
     return [r for r in rows if "val_loss" in r and not (periodic_only and r.get("val_full_split"))]
 
@@ -349,7 +350,7 @@ def _evals(rows: list[dict], periodic_only: bool = False) -> list[dict]:
 def plot_main(rows: list[dict], train_tokens: int, tokens_per_step: int):
     "The main run: train/val loss against epochs, a zoom on the periodic validation, and the learning rate."
     import matplotlib.pyplot as plt
-    periodic, final = _evals(rows, True), _evals(rows)[-1]
+    periodic, final = evals(rows, True), evals(rows)[-1]
     epochs = lambda step: step * tokens_per_step / train_tokens
     best = min(periodic, key=lambda r: r["val_loss"])
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
@@ -378,7 +379,7 @@ def plot_ablations(runs: dict[str, list[dict]]):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
     for i, (name, rows) in enumerate(runs.items()):
-        ev = _evals(rows, True)
+        ev = evals(rows, True)
         if not ev:
             continue
         style = dict(marker="o", ms=2, color=f"C{i}", label=name)
@@ -402,7 +403,7 @@ def plot_loads(runs: dict[str, list[dict]]):
     import matplotlib.pyplot as plt
     loads = {}
     for name, rows in runs.items():
-        ev = [r for r in _evals(rows) if r.get("expert_load")]
+        ev = [r for r in evals(rows) if r.get("expert_load")]
         if ev:
             loads[name] = np.array(ev[-1]["expert_load"], dtype=float)
     fig, axes = plt.subplots(1, len(loads), figsize=(4.2 * len(loads), 3.2), squeeze=False)
@@ -420,11 +421,10 @@ def save_plots(dest: Path, summary: dict) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = {p.parent.name: [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
-            for p in sorted(dest.glob("*/metrics.jsonl"))}
+    rows = read_runs(dest)
     abl = {k[4:]: v for k, v in rows.items() if k.startswith("abl_")}
     figs = {}
-    if "main" in rows and _evals(rows["main"], True) and "main" in summary.get("runs", {}):
+    if "main" in rows and evals(rows["main"], True) and "main" in summary.get("runs", {}):
         s = summary["runs"]["main"]
         figs["main.png"] = plot_main(rows["main"], summary["env"]["data"]["train_tokens"],
                                      s["tokens"] // rows["main"][-1]["step"])
@@ -443,18 +443,19 @@ def save_plots(dest: Path, summary: dict) -> list[Path]:
 
 # ---------------------------------------------------------------- report (CPU)
 def metrics_summary(run_dir: Path) -> dict:
-    "A run's summary rebuilt from its `metrics.jsonl` and `train_config.json` (for a run cut off before `train_one`"
-    " wrote it)."
-    m = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    """A run's summary from its `metrics.jsonl` and `train_config.json`: what `train_one` records, and what `report`
+    rebuilds for a run cut off before `train_one` wrote it (`best_val_bpb` is the best periodic evaluation)."""
+    m = read_runs(run_dir.parent, [run_dir.name])[run_dir.name]
     tc = json.loads((run_dir / "train_config.json").read_text())["train"]
-    ev = [x for x in m if "val_loss" in x]
-    last = ev[-1] if ev and ev[-1].get("val_full_split") else {}
+    ev, late = evals(m), m[len(m) // 5:]
+    last = ev[-1] if ev and ev[-1]["step"] == m[-1]["step"] else {}  # a run's end always evaluates
+    periodic = ev[:-1] if last else ev
     return dict(name=run_dir.name, rebuilt_from_metrics=True, steps=m[-1]["step"], train_s=round(m[-1]["elapsed_s"], 1),
                 tokens=m[-1]["step"] * tc["batch_size"] * tc["seq_len"] * tc["grad_accum"],
                 final_val_loss=last.get("val_loss"), final_val_bpb=last.get("val_bits_per_byte"),
-                best_val_bpb=min((x["val_bits_per_byte"] for x in ev if not x.get("val_full_split")), default=None),
-                tok_s_median=float(np.median([x["tokens_per_s"] for x in m[len(m) // 5:]])),
-                mfu_median=float(np.median([x.get("mfu", 0) for x in m[len(m) // 5:]])),
+                best_val_bpb=min((x["val_bits_per_byte"] for x in periodic), default=None),
+                tok_s_median=float(np.median([x["tokens_per_s"] for x in late])),
+                mfu_median=float(np.median([x.get("mfu", 0) for x in late])),
                 last_max_vio=next((x["max_vio"] for x in reversed(ev) if "max_vio" in x), None))
 
 

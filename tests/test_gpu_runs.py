@@ -1,8 +1,9 @@
 """Tests for bench/gpu_runs.py, the GPU training run's helpers (the GPU part itself runs only on a GPU)."""
-import gzip
+import dataclasses
 import importlib.util
 import io
 import json
+import lzma
 import tarfile
 from pathlib import Path
 
@@ -56,13 +57,58 @@ def test_gcide_docs_drops_preamble_and_source_tags_and_keeps_whole_entries():
     assert "\n\n".join(t.rstrip("\n") for _, t in small) + "\n" == text
 
 
+def _touch(root: Path, files: dict[str, int]) -> Path:
+    "Files of the given sizes under `root` (an unpacked .deb's tree)."
+    for rel, size in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x" * size)
+    return root
+
+
+def test_python_sources_skip_generated_tables_and_benchmarks(tmp_path):
+    """A Python package's documents are its `.py` modules below dist-packages, named by their import path; files over
+    `MAX_PY_BYTES`, sympy's generated RUBI rules, benchmarks and non-Python files are left out."""
+    big = gpu_runs.MAX_PY_BYTES + 1
+    root = _touch(tmp_path, {"usr/lib/python3/dist-packages/sympy/core/basic.py": 10,
+                             "usr/lib/python3/dist-packages/sympy/core/tests/test_basic.py": 10,
+                             "usr/lib/python3/dist-packages/sympy/integrals/rubi/rules/sine.py": 10,
+                             "usr/lib/python3/dist-packages/sympy/polys/benchmarks/bench_solvers.py": 10,
+                             "usr/lib/python3/dist-packages/sympy/physics/huge_table.py": big,
+                             "usr/lib/python3/dist-packages/sympy/core/data.json": 10,
+                             "usr/share/doc/python3-sympy/copyright": 10})
+    got = [name for name, _ in gpu_runs._python_sources(root)]
+    assert got == ["sympy/core/basic.py", "sympy/core/tests/test_basic.py"]
+
+
+def test_globbed_and_sphinx_rules_name_documents_below_their_folder(tmp_path):
+    """`_globbed` names each match by its path below the pattern's fixed prefix; `_sphinx_sources` takes the reST
+    sources of a Sphinx build, drops `.txt` and skips translations."""
+    root = _touch(tmp_path, {"usr/share/perl/5.36.0/pod/perlre.pod": 5, "usr/share/perl/5.36.0/pod/x.html": 5,
+                             "usr/share/doc/linux-doc/html/_sources/admin/index.rst.txt": 5,
+                             "usr/share/doc/linux-doc/html/_sources/translations/it/index.rst.txt": 5})
+    assert [n for n, _ in gpu_runs._globbed("usr/share/perl/*/pod/*.pod")(root)] == ["5.36.0/pod/perlre.pod"]
+    assert [n for n, _ in gpu_runs._sphinx_sources(root)] == ["admin/index.rst"]
+
+
+def test_every_listed_package_has_a_rule_and_unknown_ones_are_refused(tmp_path, monkeypatch):
+    """Each package of `DEBS` maps to a part of the mix (GCIDE has its own reader), and a .deb of any other package
+    raises `ValueError` naming it before anything is unpacked."""
+    parts = {Path(p).name for p in gpu_runs.PARTS}
+    for deb in gpu_runs.DEBS:
+        rule = next((r for prefix, r in gpu_runs.DEB_RULES.items() if deb.startswith(prefix)), None)
+        assert deb == "dict-gcide" or (rule is not None and rule[0] in parts), deb
+    monkeypatch.setattr(gpu_runs, "DOCS", tmp_path / "docs")
+    with pytest.raises(ValueError, match="python-django-doc_3.2_all.deb"):
+        gpu_runs.extract_debs([str(tmp_path / "python-django-doc_3.2_all.deb")])
+
+
 def test_configs_match_the_cli():
     """`_configs` builds exactly the ModelConfig and TrainConfig that `python -m dsv3_min train --set ...` builds."""
     ov = {**gpu_runs.ABL, **gpu_runs.ABLATIONS["aux"], "time_budget": 35.0}
     cfg, tc = gpu_runs._configs("gpu-small", ov)
     cli_cfg, cli_tc = cli_configs("gpu-small", [f"{k}={json.dumps(v)}" for k, v in ov.items()])
     assert cfg == cli_cfg and tc == cli_tc
-    assert (cfg.bias_update_speed, cfg.aux_loss_alpha, tc.time_budget, tc.compile) == (0.0, 0.01, 35.0, False)
+    assert (cfg.bias_update_speed, cfg.aux_loss_alpha, tc.time_budget, tc.compile) == (0.0, 0.01, 35.0, True)
 
 
 def test_dense_ablation_matches_active_parameters():
@@ -81,8 +127,8 @@ def test_ablations_differ_from_base_in_one_knob_each():
     for name, ov in gpu_runs.ABLATIONS.items():
         cfg, tc = gpu_runs._configs("gpu-small", {**gpu_runs.ABL, **ov})
         changed = {k for k in base.to_dict() if getattr(cfg, k) != getattr(base, k)}
-        assert changed == {k for k in ov if getattr(base, k) != ov[k]}, name
-        assert tc == base_tc, name
+        assert changed == {k for k in ov if hasattr(base, k) and getattr(base, k) != ov[k]}, name
+        assert tc == (dataclasses.replace(base_tc, seed=1) if name == "seed1" else base_tc), name
 
 
 def test_load_data_reads_packed_tokens(tmp_path):
@@ -100,8 +146,8 @@ def test_load_data_reads_packed_tokens(tmp_path):
     assert np.array_equal(data.train, ids["train"]) and np.array_equal(data.val, ids["val"])
     assert data.tokenizer.vocab_size == tok.vocab_size
     assert not (tmp_path / "unused").exists()
-    for s in ids:  # the carried form: gzipped splits, unzipped once into unzip_dir
-        with open(tmp_path / f"{s}.bin", "rb") as src, gzip.open(tmp_path / f"{s}.bin.gz", "wb") as dst:
+    for s in ids:  # the carried form: xz-compressed splits, unpacked once into unzip_dir
+        with open(tmp_path / f"{s}.bin", "rb") as src, lzma.open(tmp_path / f"{s}.bin.xz", "wb") as dst:
             dst.write(src.read())
         (tmp_path / f"{s}.bin").unlink()
     data, _ = gpu_runs.load_data(tmp_path, tmp_path / "raw")

@@ -231,8 +231,10 @@ def load_data(carry: Path = CARRY, unzip_dir: Path = Path("/tmp/a2_tokens")):
         raw = carry / f"{s}.bin" if (carry / f"{s}.bin").exists() else unzip_dir / f"{s}.bin"
         if not raw.exists() or raw.stat().st_size != meta[s]["tokens"] * np.dtype(meta["dtype"]).itemsize:
             raw.parent.mkdir(parents=True, exist_ok=True)
-            with lzma.open(carry / f"{s}.bin.xz", "rb") as src, open(raw, "wb") as dst:
+            tmp = raw.with_name(f"{raw.name}.{os.getpid()}.tmp")  # atomic: one process per GPU may unpack at once
+            with lzma.open(carry / f"{s}.bin.xz", "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
+            os.replace(tmp, raw)
         arr[s] = np.memmap(raw, dtype=meta["dtype"], mode="r", shape=(meta[s]["tokens"],))
     return TrainData(Tokenizer.load(carry / "tokenizer"), arr["train"], arr["val"],
                      meta["val"]["tokens"] / meta["val"]["bytes"]), meta

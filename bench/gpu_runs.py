@@ -405,12 +405,12 @@ def evals(rows: list[dict], periodic_only: bool = False) -> list[dict]:
     return [r for r in rows if "val_loss" in r and not (periodic_only and r.get("val_full_split"))]
 
 
-def plot_main(rows: list[dict], train_tokens: int, tokens_per_step: int):
-    "The main run: train/val loss against epochs, a zoom on the periodic validation, and the learning rate."
+def plot_main(rows: list[dict], train_tokens: int, tokens_per_step: int, others: dict[str, list[dict]] | None = None):
+    """The main run: train/val loss against epochs, its periodic validation over the second half of the run, and the
+    learning rate; `others` (name -> metrics) adds the periodic validation of other runs of the same model."""
     import matplotlib.pyplot as plt
     periodic, final = evals(rows, True), evals(rows)[-1]
     epochs = lambda step: step * tokens_per_step / train_tokens
-    best = min(periodic, key=lambda r: r["val_loss"])
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     axes[0].plot([epochs(r["step"]) for r in rows], [r["main"] for r in rows], lw=0.4, alpha=0.6,
                  label="train (main head)")
@@ -418,13 +418,15 @@ def plot_main(rows: list[dict], train_tokens: int, tokens_per_step: int):
                  label="periodic val")
     if final.get("val_full_split"):
         axes[0].plot([epochs(final["step"])], [final["val_loss"]], "r*", ms=12, label="final val (whole split)")
-    axes[0].axvline(epochs(best["step"]), color="k", ls=":", lw=1)
     axes[0].set(xlabel="epochs over the train split", ylabel="nats / token", title="loss", ylim=(1.0, 5.0))
     axes[0].legend(fontsize=8)
-    late = [r for r in periodic if epochs(r["step"]) > 2] or periodic
-    axes[1].plot([epochs(r["step"]) for r in late], [r["val_loss"] for r in late], "o-", ms=3)
-    axes[1].axvline(epochs(best["step"]), color="k", ls=":", lw=1, label=f"minimum, step {best['step']}")
-    axes[1].set(xlabel="epochs", ylabel="nats / token", title="periodic val, from epoch 2 (zoom)")
+    half = [r for r in periodic if r["step"] >= periodic[-1]["step"] / 2]
+    axes[1].plot([epochs(r["step"]) for r in half], [r["val_loss"] for r in half], "o-", ms=3, label="this run")
+    for i, (name, other) in enumerate((others or {}).items()):
+        ev = [r for r in evals(other, True) if r["step"] >= half[0]["step"]]
+        axes[1].plot([epochs(r["step"]) for r in ev], [r["val_loss"] for r in ev], "o-", ms=2, color=f"C{i + 2}",
+                     alpha=0.7, label=name)
+    axes[1].set(xlabel="epochs", ylabel="nats / token", title="periodic val, second half (zoom)")
     axes[1].legend(fontsize=8)
     axes[2].plot([r["elapsed_s"] for r in rows], [r["lr"] for r in rows])
     axes[2].set(xlabel="training seconds (compilation included)", title="learning rate")
@@ -446,8 +448,11 @@ def plot_ablations(runs: dict[str, list[dict]]):
         mv = [(r["step"], np.mean(r["max_vio"])) for r in ev if r.get("max_vio")]
         if mv:
             axes[2].plot(*zip(*mv), **style)
-    axes[0].set(xlabel="training seconds", ylabel="periodic val loss (nats)", title="equal wall-clock", ylim=(3.4, 5))
-    axes[1].set(xlabel="step (= tokens seen)", title="equal tokens", ylim=(3.4, 5))
+    lows = [min(r["val_loss"] for r in evals(rows, True)) for rows in runs.values() if evals(rows, True)]
+    ylim = (min(lows) - 0.05, min(lows) + 1.2) if lows else None   # the second half of the curves, where they part
+    axes[0].set(xlabel="training seconds (compilation included)", ylabel="periodic val loss (nats)",
+                title="equal wall-clock", ylim=ylim)
+    axes[1].set(xlabel="step (= tokens seen)", title="equal tokens (but each run's own LR schedule)", ylim=ylim)
     axes[2].set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", title="load imbalance")
     for ax in axes:
         if ax.lines:
@@ -457,7 +462,8 @@ def plot_ablations(runs: dict[str, list[dict]]):
 
 
 def plot_loads(runs: dict[str, list[dict]]):
-    "Each run's expert loads at its last evaluation, per MoE layer, as a share of the mean load (1 = even)."
+    """Each run's expert loads at its last evaluation, per MoE layer, as a share of the mean load (1 = even); a run
+    with MTP has its MTP block's MoE layer as the last row."""
     import matplotlib.pyplot as plt
     loads = {}
     for name, rows in runs.items():
@@ -469,7 +475,7 @@ def plot_loads(runs: dict[str, list[dict]]):
         share = load / load.sum(1, keepdims=True) * load.shape[1]
         im = ax.imshow(share, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
         ax.set_yticks(range(load.shape[0]))
-        ax.set(title=name, xlabel="expert", ylabel="MoE layer (0 = first)" if i == 0 else None)
+        ax.set(title=name, xlabel="expert", ylabel="MoE layer (0 = first; MTP's last)" if i == 0 else None)
     fig.colorbar(im, ax=axes[0].tolist(), label="load / mean load")
     return fig
 
@@ -484,8 +490,9 @@ def save_plots(dest: Path, summary: dict) -> list[Path]:
     figs = {}
     if "main" in rows and evals(rows["main"], True) and "main" in summary.get("runs", {}):
         s = summary["runs"]["main"]
+        others = {f"{k} ({summary['runs'][k]['train_s']:.0f} s)": rows[k] for k in ("main_rerun",) if k in rows}
         figs["main.png"] = plot_main(rows["main"], summary["env"]["data"]["train_tokens"],
-                                     s["tokens"] // rows["main"][-1]["step"])
+                                     s["tokens"] // rows["main"][-1]["step"], others)
     if abl:
         figs["ablations.png"] = plot_ablations(abl)
     balanced = {k: v for k, v in rows.items() if k in ("abl_base", "abl_aux", "abl_nobal", "main")}
@@ -518,18 +525,31 @@ def metrics_summary(run_dir: Path) -> dict:
 
 
 def report(tars: list[str], dest: Path) -> None:
-    "Unpack GPU results (metrics, configs, logs; no weights) into `dest`, merging the calls' summaries into one."
+    """Unpack GPU results (metrics, configs, logs; no weights) into `dest`, merging the calls' summaries into one.
+    `x.tar.gz=NAME` renames that call's main run to NAME (a second main run: its folder, summary and budget)."""
     dest.mkdir(parents=True, exist_ok=True)
     merged: dict = {"runs": {}}
-    for tar in tars:
+    for spec in tars:
+        tar, _, rename = spec.partition("=")
         with tarfile.open(tar) as t:
             for m in t.getmembers():
                 if not m.isfile() or m.name.endswith(".safetensors") or "/ckpt-" in m.name:
                     continue
                 m.name = m.name.split("gpu_train/", 1)[-1]
+                if rename and m.name.startswith("main/"):
+                    m.name = f"{rename}/{m.name[5:]}"
                 if m.name == "summary.json":
                     part = json.load(t.extractfile(m))
+                    if rename:
+                        part["runs"] = {rename if k == "main" else k: {**v, "name": rename} if k == "main" else v
+                                        for k, v in part.get("runs", {}).items()}
+                        part[f"{rename}_budget_s"] = part.pop("main_budget_s", None)
+                        part["steps"] = [rename if x == "main" else x for x in part.get("steps", [])]
+                        if "samples" in part:
+                            part["samples_from"] = rename
                     merged["runs"].update(part.pop("runs", {}))
+                    if "interrupted" in part:   # which call a signal stopped (after or during which run: its log)
+                        merged.setdefault("interrupted", {})[Path(tar).name] = part.pop("interrupted")
                     merged.setdefault("steps", []).extend(part.pop("steps", []))
                     merged.update(part)
                     continue
@@ -561,7 +581,8 @@ def main() -> None:
     r.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated subset of the ablations")
     r.add_argument("--cpu-smoke", action="store_true", help="tiny CPU dress rehearsal of `run` (no GPU)")
     q = sub.add_parser("report")
-    q.add_argument("--tar", required=True, nargs="+", help="the tarballs of one or more `run` calls")
+    q.add_argument("--tar", required=True, nargs="+", help="the tarballs of one or more `run` calls; "
+                   "`x.tar.gz=NAME` renames that call's main run to NAME")
     q.add_argument("--dest", default=str(ROOT / "results" / "gpu_train"))
     a = ap.parse_args()
     if a.cmd == "prepare":

@@ -204,3 +204,23 @@ def test_report_merges_calls_and_rebuilds_a_cut_off_run(tmp_path):
     assert x["final_val_bpb"] == 1.8 and x["best_val_bpb"] == 1.5 and x["last_max_vio"] == [0.25]
     assert (tmp_path / "out" / "log-main.txt").read_text() == "main log"
     assert (tmp_path / "out" / "log-abl.txt").read_text() == "abl log"
+
+
+def test_report_renames_a_second_main_run(tmp_path):
+    """`x.tar.gz=NAME` files that call's main run under NAME (folder, summary entry, budget, samples' origin), so a
+    second main run merges beside the first instead of overwriting it; a call stopped by a signal is named."""
+    first = _tar(tmp_path / "main.tar.gz", {"gpu_train/summary.json": {"env": {}, "steps": ["main"],
+                                                                        "main_budget_s": 520, "runs": {"main": {"name": "main"}}},
+                                            "gpu_train/main/metrics.jsonl": b'{"step": 9}\n'})
+    rerun = _tar(tmp_path / "rerun.tar.gz", {"gpu_train/summary.json": {"steps": ["main"], "main_budget_s": 425,
+                                                                         "runs": {"main": {"name": "main"}},
+                                                                         "samples": [{"prompt": "a", "text": "b"}],
+                                                                         "interrupted": "SIGTERM"},
+                                             "gpu_train/main/metrics.jsonl": b'{"step": 7}\n'})
+    gpu_runs.report([first, f"{rerun}=main_rerun"], tmp_path / "out")
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["runs"] == {"main": {"name": "main"}, "main_rerun": {"name": "main_rerun"}}
+    assert (s["main_budget_s"], s["main_rerun_budget_s"], s["samples_from"]) == (520, 425, "main_rerun")
+    assert s["steps"] == ["main", "main_rerun"] and s["interrupted"] == {"rerun.tar.gz": "SIGTERM"}
+    assert (tmp_path / "out" / "main" / "metrics.jsonl").read_text() == '{"step": 9}\n'
+    assert (tmp_path / "out" / "main_rerun" / "metrics.jsonl").read_text() == '{"step": 7}\n'

@@ -19,7 +19,7 @@ Data. The corpus is the mix `shakespeare+python-stdlib+gcide+python-docs+kernel-
 Every part is split 90/10 by document on its own. The Debian parts are never committed, as text or as tokens.
 `prepare` extracts them into `DOCS` (`DEB_RULES` says which files of which package), trains a 16,384-id tokenizer
 on the mix and packs both splits (notebook 01's `pack`), xz-compressed, into `.device_carry/a2/` (git-ignored,
-~45 MB), which travels to the GPU machine. There the runs read those packed tokens: the GPU machine has a different
+~35 MB), which travels to the GPU machine. There the runs read those packed tokens: the GPU machine has a different
 Python (so a different stdlib) and sentencepiece, and re-tokenizing there would spend GPU time on CPU work. So `run`
 calls the same `dsv3_min.train.train` that `python -m dsv3_min train` calls, with the same presets and `--set`
 overrides (`_configs` below mirrors the CLI's), and hands it the packed data.

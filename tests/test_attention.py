@@ -61,7 +61,7 @@ def test_causal_mask_bottom_right():
 @pytest.mark.parametrize("sq,sk", [(7, 7), (3, 7), (1, 7)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_backends_agree_with_eager(backend, hq, hkv, sq, sk, causal):
-    """sdpa and flash (notebook 08's kernel if present, else its SDPA fallback) equal eager in fp32 (atol 1e-5),
+    """sdpa and flash (notebook 10's kernel if present, else its SDPA fallback) equal eager in fp32 (atol 1e-5),
     for MHA/GQA/MQA, prefill and decode shapes, causal and not, with dv != dqk."""
     q, k, v = torch.randn(2, hq, sq, 16), torch.randn(2, hkv, sk, 16), torch.randn(2, hkv, sk, 8)
     with warnings.catch_warnings():
@@ -78,7 +78,7 @@ def test_eager_bf16_softmax_in_fp32():
     torch.testing.assert_close(out.float(), attend(q, k, v), atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("dsv3_min.flash") is not None, reason="notebook 08's kernel exists")
+@pytest.mark.skipif(importlib.util.find_spec("dsv3_min.flash") is not None, reason="notebook 10's kernel exists")
 def test_flash_fallback_warns_once():
     """Without dsv3_min.flash, backend='flash' warns (once) and returns the SDPA result."""
     import dsv3_min.attention as A

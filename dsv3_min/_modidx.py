@@ -60,6 +60,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'dsv3_min.data.Packed': ('data.html#packed', 'dsv3_min/data.py'),
                                'dsv3_min.data.Packed.bits_per_byte': ('data.html#packed.bits_per_byte', 'dsv3_min/data.py'),
                                'dsv3_min.data.Packed.bytes_per_token': ('data.html#packed.bytes_per_token', 'dsv3_min/data.py'),
+                               'dsv3_min.data._cached_meta': ('data.html#_cached_meta', 'dsv3_min/data.py'),
                                'dsv3_min.data._mix_parts': ('data.html#_mix_parts', 'dsv3_min/data.py'),
                                'dsv3_min.data._name_hash': ('data.html#_name_hash', 'dsv3_min/data.py'),
                                'dsv3_min.data._open_tokens': ('data.html#_open_tokens', 'dsv3_min/data.py'),

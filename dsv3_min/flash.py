@@ -5,7 +5,7 @@ __all__ = ['INTERPRET', 'LOG2E', 'IMPLS', 'triton_available', 'tiled_attention_f
            'TiledAttention', 'Tiles', 'FlashConfig', 'default_config', 'split_head_dim', 'triton_flash_forward',
            'triton_flash_backward', 'TritonFlashAttention', 'flash_attention']
 
-# %% ../notebooks/10_flash.ipynb #9462eb85
+# %% ../notebooks/10_flash.ipynb #a361392d
 import os
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ except ImportError:  # no triton: the kernels below are still defined as plain f
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as triton reads it when it decorates kernels
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the kernels work in base 2, the GPU's native exponential
 
-# %% ../notebooks/10_flash.ipynb #dadb4e43
+# %% ../notebooks/10_flash.ipynb #f412e95d
 def triton_available() -> bool:
     """True when the Triton kernel can run here: triton installed and a CUDA GPU, or `TRITON_INTERPRET=1`."""
     return HAS_TRITON and (torch.cuda.is_available() or INTERPRET)
@@ -44,7 +44,7 @@ def triton_available() -> bool:
 
 
 
-# %% ../notebooks/10_flash.ipynb #2886af87
+# %% ../notebooks/10_flash.ipynb #4df0eb6c
 def _key_range(i0: int, i1: int, sk: int, off: int, causal: bool) -> int:
     """End (exclusive) of the keys that query rows `i0..i1-1` can see: all of them, or up to `i1 - 1 + off`."""
     return min(sk, i1 + off) if causal else sk
@@ -83,7 +83,7 @@ def tiled_attention_forward(q, k, v, causal: bool = True, softmax_scale: float |
         lse[..., i0:i1] = m + torch.log(l)
     return (rearrange(o, "b h g s e -> b (h g) s e").to(q.dtype), rearrange(lse, "b h g s -> b (h g) s"))
 
-# %% ../notebooks/10_flash.ipynb #5312f53c
+# %% ../notebooks/10_flash.ipynb #06c9a7c7
 def tiled_attention_backward(do, q, k, v, o, lse, causal: bool = True, softmax_scale: float | None = None,
                              block_m: int = 128, block_n: int = 128):
     """FlashAttention-2 backward in PyTorch: recompute each probability tile from the saved log-sum-exp.
@@ -133,7 +133,7 @@ class TiledAttention(torch.autograd.Function):
         dq, dk, dv = tiled_attention_backward(do, *ctx.saved_tensors, ctx.causal, ctx.softmax_scale, *ctx.blocks)
         return dq, dk, dv, None, None, None, None
 
-# %% ../notebooks/10_flash.ipynb #44d2e4dd
+# %% ../notebooks/10_flash.ipynb #d82902da
 @triton.jit
 def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols, CHECK_R: tl.constexpr, CHECK_C: tl.constexpr):
     """Load the (rows, cols) tile at `base`; positions past `n_rows` / `n_cols` read as 0 when checked."""
@@ -175,7 +175,7 @@ def _scores(q1, q2, k_ptr, cols, s_k, s_d, SK, DIM_QK, D1: tl.constexpr, D2: tl.
         s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
     return s, k1, k2
 
-# %% ../notebooks/10_flash.ipynb #92afeebd
+# %% ../notebooks/10_flash.ipynb #dc396294
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q1, q2, k_ptr, v_ptr, s_kn, s_kd, s_vn, s_vd, rows, lo, hi, off, SK, DIM_QK, DIM_V, scale_log2,
                D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr,
@@ -249,7 +249,7 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, scale_log2, SQ, SK,
     else:
         tl.store(lse_ptr, m_i + tl.math.log2(l_i))
 
-# %% ../notebooks/10_flash.ipynb #6ae5d8c4
+# %% ../notebooks/10_flash.ipynb #079f1f40
 @triton.jit
 def _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_ptr, v_ptr, s_kn, s_kd, s_vn, s_vd, rows, lo, hi, off, SK, DIM_QK, DIM_V,
               scale_log2, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr,
@@ -334,7 +334,7 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, scale_log2, softmax_sca
                     DIM_QK,
                     RAGGED_M, PAD2)
 
-# %% ../notebooks/10_flash.ipynb #844c19b7
+# %% ../notebooks/10_flash.ipynb #5ad9033c
 @triton.jit
 def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qm, s_qd, s_om, s_od, cols, lo, hi, off,
                 SQ, DIM_QK, DIM_V, scale_log2, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
@@ -428,7 +428,7 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, scale_log2, softmax_
                     RAGGED_N, PAD2)
     _store_tile(dv_ptr, dv.to(DV.dtype.element_ty), cols, dvr, s_dvn, s_dvd, SK, DIM_V, RAGGED_N, PADV)
 
-# %% ../notebooks/10_flash.ipynb #7686a2af
+# %% ../notebooks/10_flash.ipynb #92e59ba7
 @dataclass(frozen=True)
 class Tiles:
     """Launch shape of one kernel: rows of queries and keys per tile, warps per program, pipeline depth."""
@@ -535,7 +535,7 @@ class TritonFlashAttention(torch.autograd.Function):
         dq, dk, dv, _ = triton_flash_backward(do, *ctx.saved_tensors, ctx.causal, ctx.softmax_scale, ctx.cfg)
         return dq, dk, dv, None, None, None
 
-# %% ../notebooks/10_flash.ipynb #ab115ec5
+# %% ../notebooks/10_flash.ipynb #a5f0ae30
 IMPLS = ("auto", "triton", "torch")
 
 

@@ -45,21 +45,16 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None = None, top
     return sample_from(filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1), generator)
 
 # %% ../notebooks/18_inference.ipynb #3344404a
-def _make_cache(attn, batch: int, max_len: int, mla_impl: str | None, dtype, device):
-    "A per-layer cache for `attn` (MLA: a `LatentCache` for 'absorb', a per-head `KVCache` for 'naive')."
-    if mla_impl is None or not hasattr(attn, "kv_lora_rank"):
-        return attn.new_cache(batch, max_len, dtype, device)
+def _static_cache(attn, batch: int, max_len: int, mla_impl: str | None, dtype, device, pos: Tensor, start: Tensor):
+    "A static per-layer cache sharing `pos`/`start`; MLA: a `LatentCache` for 'absorb', a per-head `KVCache` for 'naive'."
     cfg = attn.cfg
-    try:  # new_cache follows the config's mla_impl: ask it for the chosen one
-        attn.cfg = cfg.replace(mla_impl=mla_impl)
-        return attn.new_cache(batch, max_len, dtype, device)
+    try:  # new_cache follows the config's mla_impl: lend it a config with the chosen one
+        if mla_impl is not None and cfg.attention == "mla":
+            attn.cfg = cfg.replace(mla_impl=mla_impl)
+        cache = attn.new_cache(batch, max_len, dtype, device, static=True)
     finally:
         attn.cfg = cfg
-
-
-def _make_static(cache, pos: Tensor, start: Tensor):
-    "Switch a per-layer cache to static mode: write at device index `pos`, valid keys `start_b <= j <= pos + i`."
-    cache.set_static(pos, start)
+    cache.pos, cache.start = pos, start  # one write index and one left-padding offset for every layer
     return cache
 
 
@@ -109,8 +104,7 @@ class Decoder:
         self.model, self.batch, self.max_len, self.device = model, batch, max_len, p.device
         self.pos = torch.zeros((), dtype=torch.long, device=p.device)  # next write slot, shared by every cache
         self.start = torch.zeros(batch, dtype=torch.long, device=p.device)  # first real slot of each sequence
-        make = lambda attn: _make_static(_make_cache(attn, batch, max_len, mla_impl, p.dtype, p.device),
-                                         self.pos, self.start)
+        make = lambda attn: _static_cache(attn, batch, max_len, mla_impl, p.dtype, p.device, self.pos, self.start)
         self.caches = [make(layer.self_attn) for layer in model.layers]
         self.mtp_cache = make(model.mtp[0].self_attn) if mtp else None
         self.use_graph = p.is_cuda if cuda_graph is None else cuda_graph and p.is_cuda
@@ -122,14 +116,12 @@ class Decoder:
         slots = self.pos + torch.arange(s, device=self.device)
         return self.model.rotary((slots - self.start[:, None]).clamp(min=0))
 
-    def hidden(self, ids: Tensor, pad: Tensor | None = None) -> Tensor:
+    def hidden(self, ids: Tensor) -> Tensor:
         "Main-model hidden states `(b, s, d)` of `ids` written at slots `pos..pos+s-1` (pos is not advanced)."
         cos, sin = self.rotary(ids.shape[1])
         h = self.model.embed_tokens(ids)
         for layer, cache in zip(self.model.layers, self.caches):
             h = layer(h, cos, sin, cache)
-            if pad is not None:  # padding rows see no key: zero them so that no NaN reaches the caches
-                h = h.masked_fill(pad[..., None], 0.0)
         return h
 
     def logits(self, h: Tensor, norm=None) -> Tensor:
@@ -147,8 +139,7 @@ class Decoder:
         "Reset, run the left-padded prompts `ids (b, S)` (first real token of row b at `start[b]`); hidden `(b, S, d)`."
         self.pos.zero_()
         self.start.copy_(start)
-        pad = torch.arange(ids.shape[1], device=self.device) < self.start[:, None]
-        return self.hidden(ids, pad if bool(pad.any()) else None)
+        return self.hidden(ids)  # padding slots stay invisible to real tokens (cache.mask: start_b <= j)
 
     def _decode(self) -> Tensor:
         "One step: the token in `self.tok` at slot `pos` -> last logits `(b, vocab)`; advances `pos`."

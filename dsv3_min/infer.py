@@ -58,6 +58,23 @@ def _static_cache(attn, batch: int, max_len: int, mla_impl: str | None, dtype, d
     return cache
 
 
+def _compiled(fn, on: bool):
+    "`torch.compile(fn)` (fuses the step's small kernels) when `on`, falling back to `fn` if compiling fails."
+    if not on:
+        return fn
+    compiled, state = torch.compile(fn), {"ok": True}
+
+    def call():
+        if state["ok"]:
+            try:
+                return compiled()
+            except Exception as e:  # an op dynamo or inductor cannot handle: stay eager
+                state["ok"] = False
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}); eager", stacklevel=2)
+        return fn()
+    return call
+
+
 class _Graphed:
     "Call `fn()` through a CUDA graph: warm up, capture on first call, replay afterwards (eager if capture fails)."
 
@@ -99,7 +116,7 @@ class Decoder:
     "Static per-layer caches for `batch` left-padded sequences of up to `max_len` tokens, and a decode step."
 
     def __init__(self, model: DeepSeekV3, batch: int, max_len: int, mla_impl: str | None = None,
-                 mtp: bool = False, cuda_graph: bool | None = None):
+                 mtp: bool = False, cuda_graph: bool | None = None, compile: bool = False):
         p = model.embed_tokens.weight
         self.model, self.batch, self.max_len, self.device = model, batch, max_len, p.device
         self.pos = torch.zeros((), dtype=torch.long, device=p.device)  # next write slot, shared by every cache
@@ -109,7 +126,8 @@ class Decoder:
         self.mtp_cache = make(model.mtp[0].self_attn) if mtp else None
         self.use_graph = p.is_cuda if cuda_graph is None else cuda_graph and p.is_cuda
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=p.device)  # the decode step's input
-        self._step = _Graphed(self._decode, [self.pos]) if self.use_graph else self._decode
+        step = _compiled(self._decode, compile)
+        self._step = _Graphed(step, [self.pos]) if self.use_graph else step
 
     def rotary(self, s: int) -> tuple[Tensor, Tensor]:
         "cos/sin `(b, s, rope/2)` at each sequence's own positions `pos + i - start_b` (left padding removed)."
@@ -157,10 +175,10 @@ class MTPDecoder(Decoder):
     "A `Decoder` that also drafts with MTP depth 1 and verifies [last, draft] in one forward (self-speculation)."
 
     def __init__(self, model: DeepSeekV3, batch: int, max_len: int, mla_impl: str | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, compile: bool = False):
         if not len(model.mtp):
             raise ValueError("draft='mtp' needs a model with MTP modules (num_nextn_predict_layers >= 1)")
-        super().__init__(model, batch, max_len, mla_impl, mtp=True, cuda_graph=cuda_graph)
+        super().__init__(model, batch, max_len, mla_impl, mtp=True, cuda_graph=cuda_graph, compile=compile)
         dev, V = self.device, model.config.vocab_size
         self.last = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # newest token, not yet in the caches
         self.draft = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # MTP's guess for the token after it
@@ -171,7 +189,8 @@ class MTPDecoder(Decoder):
         self.ok_log = torch.zeros(max_len, batch, dtype=torch.bool, device=dev)  # per iteration: row accepted?
         self.sampling = (0.0, None, None, None)  # temperature, top_k, top_p, generator
         state = [self.pos, self.count, self.iters, self.last, self.draft]
-        self._iter = _Graphed(self._verify, state) if self.use_graph else self._verify
+        step = _compiled(self._verify, compile)
+        self._iter = _Graphed(step, state) if self.use_graph else step
 
     def _choose(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
         "Token `(b,)` from logits `(b, vocab)` under the current sampling settings, and its distribution (or None)."
@@ -252,15 +271,15 @@ def left_padding_starts(attention_mask: Tensor | None, ids: Tensor) -> Tensor:
     return start
 
 
-def _engine(model: DeepSeekV3, kind: type, batch: int, max_len: int, mla_impl, cuda_graph) -> Decoder:
+def _engine(model: DeepSeekV3, kind: type, batch: int, max_len: int, mla_impl, cuda_graph, compile) -> Decoder:
     "A cached decoder (its CUDA graph stays captured) for these shapes; a handful per model are kept."
     p = model.embed_tokens.weight
-    key = (kind, batch, max_len, mla_impl, cuda_graph, p.dtype, p.device, p.data_ptr())
+    key = (kind, batch, max_len, mla_impl, cuda_graph, compile, p.dtype, p.device, p.data_ptr())
     engines = model.__dict__.setdefault("_decoders", {})
     if key not in engines:
         if len(engines) >= 4:
             engines.pop(next(iter(engines)))
-        engines[key] = kind(model, batch, max_len, mla_impl=mla_impl, cuda_graph=cuda_graph)
+        engines[key] = kind(model, batch, max_len, mla_impl=mla_impl, cuda_graph=cuda_graph, compile=compile)
     return engines[key]
 
 
@@ -327,8 +346,8 @@ def _decode_mtp(eng: MTPDecoder, ids, start, max_new_tokens, temperature, top_k,
 def generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | None = None, attention_mask: Tensor | None = None, draft: str | None = None,
-             mla_impl: str | None = None, cuda_graph: bool | None = None, check_every: int = 8,
-             stats: dict | None = None) -> Tensor:
+             mla_impl: str | None = None, cuda_graph: bool | None = None, compile: bool = False,
+             check_every: int = 8, stats: dict | None = None) -> Tensor:
     "Prompt (B, S) or (S,) followed by up to `max_new_tokens` tokens, through static caches (and a CUDA graph)."
     squeeze = input_ids.ndim == 1
     ids = input_ids[None] if squeeze else input_ids
@@ -357,7 +376,7 @@ def generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperat
     max_len = -(-(ids.shape[1] + max_new_tokens + 8) // 64) * 64  # slack for graph warm-up; rounded for reuse
     kind, run = (MTPDecoder, _decode_mtp) if draft == "mtp" else (Decoder, _decode_plain)
     try:
-        eng = _engine(model, kind, ids.shape[0], max_len, mla_impl, cuda_graph)
+        eng = _engine(model, kind, ids.shape[0], max_len, mla_impl, cuda_graph, compile)
         out = run(eng, ids, start, max_new_tokens, temperature, top_k, top_p, gen, eos_token_id, check_every, stats)
     finally:
         model.train(was_training)

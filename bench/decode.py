@@ -39,9 +39,12 @@ from pathlib import Path
 import torch
 
 from dsv3_min.config import count_params, get_preset
+from dsv3_min.data import load_corpus, pack
 from dsv3_min.hf import save_pretrained
 from dsv3_min.infer import generate
 from dsv3_min.model import DeepSeekV3
+from dsv3_min.tokenizer import train_tokenizer
+from dsv3_min.train import TrainData, load_trained, train, train_config_for
 
 DATASHEET_BW = 4.8e12  # H200 HBM3e, bytes/s
 
@@ -176,20 +179,30 @@ def token_kind(text: str) -> str:
                                                             else "mixed")
 
 
+def mtp_data(corpus: str, vocab: int, max_chunks: int, cache: str | None) -> TrainData:
+    "Corpus, a tokenizer trained on `max_chunks` evenly spaced 4 KB chunks of its train split (quick), packed splits."
+    c = load_corpus(corpus)
+    tok = train_tokenizer(c, vocab, max_chunks=max_chunks)
+    packed = pack(c, tok, cache_dir=cache)
+    return TrainData(tok, packed.train, packed.val, 1 / packed.bytes_per_token("val"))
+
+
 def bench_mtp(args, device, out: dict, left) -> None:
     "Train gpu-small with MTP for `--train-seconds`, then self-speculative vs plain greedy decoding on held-out text."
-    from dsv3_min.train import load_trained, prepare_data, train, train_config_for
     t0 = time.time()
-    data = prepare_data(args.corpus, args.train_vocab, cache_dir=args.cache)
+    data = mtp_data(args.corpus, args.train_vocab, args.tokenizer_chunks, args.cache)
+    data_s = time.time() - t0
+    print(f"data ready in {data_s:.0f}s: {len(data.train):,} train tokens", flush=True)
     cfg = get_preset(args.preset, vocab_size=args.train_vocab)
     budget = min(args.train_seconds, max(30.0, left() - args.mtp_eval_s - (time.time() - t0)))
     tc = train_config_for(args.preset, corpus=args.corpus, time_budget=budget, compile=device.type == "cuda",
-                          eval_every=10**6, ckpt_every=0)
+                          eval_every=10**6, ckpt_every=0, eval_batches=8, final_eval_batches=8)
     run_dir = Path(tempfile.mkdtemp(prefix="mtp_run_"))
     r = train(cfg, tc, run_dir, data=data, progress=False)
     model, tok = load_trained(run_dir, device)
     model = model.to(args.dtype).eval()
-    out["mtp_train"] = dict(corpus=args.corpus, vocab=args.train_vocab, budget_s=budget, steps=r.step,
+    out["mtp_train"] = dict(corpus=args.corpus, vocab=args.train_vocab, tokenizer_chunks=args.tokenizer_chunks,
+                            data_s=data_s, budget_s=budget, steps=r.step,
                             train_s=r.seconds, val_loss=r.val_loss, val_bpb=r.val_bpb, wall_s=time.time() - t0)
     print(out["mtp_train"], flush=True)
     val = torch.as_tensor(data.val[: len(data.val)].astype("int64"))
@@ -299,7 +312,9 @@ def main() -> None:
     ap.add_argument("--train-seconds", type=float, default=150.0, help="MTP model training budget (GPU)")
     ap.add_argument("--corpus", default="python-stdlib", help="corpus for the MTP model")
     ap.add_argument("--train-vocab", type=int, default=8192)
-    ap.add_argument("--cache", default=None, help="tokenizer/packed-data cache directory")
+    ap.add_argument("--tokenizer-chunks", type=int, default=3000, help="4 KB chunks the MTP tokenizer learns from")
+    ap.add_argument("--cache", default=None, help="packed-data cache directory")
+    ap.add_argument("--merge", type=Path, help="an earlier decode.json whose sections this run skips (two calls)")
     ap.add_argument("--mtp-prompts", type=int, default=8)
     ap.add_argument("--mtp-eval-s", type=float, default=60.0, help="time kept for the MTP evaluation")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: ours,hf_eager,hf_static,mtp,compile")
@@ -324,6 +339,8 @@ def main() -> None:
     if not cpu:
         out["bandwidth"] = dict(datasheet=DATASHEET_BW, measured_copy=copy_bandwidth())
     path = args.out / "decode.json"
+    if args.merge:  # keep the earlier call's sections (e.g. call 1: --skip mtp; call 2: --skip ours,hf_eager,...)
+        out.update({k: v for k, v in json.loads(args.merge.read_text()).items() if isinstance(v, dict)})
     if "ours" not in skip:
         variants = [dict(mla_impl="absorb", batches=batches), dict(mla_impl="naive", batches=batches)]
         if not cpu and "compile" not in skip:

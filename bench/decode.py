@@ -260,7 +260,8 @@ def plot(out: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2 if "mtp" in out else 1, figsize=(12 if "mtp" in out else 6, 4), squeeze=False)
+    has_mtp = "by_position" in out.get("mtp", {})
+    fig, axes = plt.subplots(1, 2 if has_mtp else 1, figsize=(12 if has_mtp else 6, 4), squeeze=False)
     ax = axes[0, 0]
     for name, per_batch in out.items():
         if name.startswith(("ours_", "hf_")) and isinstance(per_batch, dict):
@@ -269,7 +270,7 @@ def plot(out: dict, path: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", label=name)
     ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s", title=f"{out['preset']}, {out['dtype']}")
     ax.legend(fontsize=7)
-    if "mtp" in out:
+    if has_mtp:
         bp = out["mtp"]["by_position"]
         axes[0, 1].bar(list(bp), [v["acceptance"] for v in bp.values()])
         axes[0, 1].set(ylim=(0, 1), xlabel="generated position", ylabel="MTP draft acceptance",
@@ -362,7 +363,9 @@ def main() -> None:
             write_json(out, path)
         del hf
     free()
-    if not cpu and "mtp" not in skip:
+    if not cpu and "mtp" not in skip and left() < 90 + args.mtp_eval_s:
+        out["mtp"] = dict(skipped=f"time: {left():.0f}s left")
+    elif not cpu and "mtp" not in skip:
         del model
         free()
         try:

@@ -217,28 +217,30 @@ def test_static_cache_writes_at_pos_and_masks():
     assert repr(c).startswith("KVCache(static, pos=0, k=(2, 6, 1, 2)")
 
 
-def _no_host_sync(monkeypatch):
-    """Make every tensor-to-Python conversion (item, int, bool, index, tolist) raise: a host sync on a GPU."""
+def assert_static_step_has_no_host_sync(layer, rope, hidden, monkeypatch):
+    """One static-cache decoding step (batch 2, slot 3 of 8: cache update, mask, attention, caller's pos += 1) with
+    every tensor-to-Python conversion (item, int, bool, index, float, tolist) patched to raise: on a GPU each would be
+    a host sync, which a CUDA graph cannot hold."""
     def boom(*a, **k):
         raise AssertionError("host sync: a Python value was read from a tensor")
-    for name in ("item", "__int__", "__bool__", "__index__", "tolist", "__float__"):
-        monkeypatch.setattr(torch.Tensor, name, boom)
+
+    cache = layer.new_cache(2, 8, static=True)
+    cache.pos += 3
+    x, (cos, sin) = torch.randn(2, 1, hidden), rope(torch.arange(3, 4))
+    with torch.no_grad():
+        for name in ("item", "__int__", "__bool__", "__index__", "__float__", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, boom)
+        out = layer(x, cos, sin, cache)
+        cache.pos += 1
+        monkeypatch.undo()
+    assert out.shape == (2, 1, hidden) and int(cache.pos) == 4 and torch.isfinite(out).all()
 
 
 def test_static_step_has_no_host_sync(monkeypatch):
-    """A static-cache decoding step of GQA (update, mask, attention) never reads a Python value from a tensor: every
-    such conversion is patched to raise (on a GPU each would be a host sync, and a CUDA graph could not hold it)."""
+    """A static-cache decoding step of GQA never reads a Python value from a tensor (see the helper)."""
     cfg = tiny_config(attention="gqa", num_key_value_heads=2)
-    attn, rope = GroupedQueryAttention(cfg).eval(), RotaryEmbedding.from_config(cfg)
-    cache = attn.new_cache(2, 8, static=True)
-    x, (cos, sin) = torch.randn(2, 1, cfg.hidden_size), rope(torch.arange(3, 4))
-    cache.pos += 3
-    with torch.no_grad():
-        _no_host_sync(monkeypatch)
-        out = attn(x, cos, sin, cache)
-        cache.pos += 1
-        monkeypatch.undo()
-    assert out.shape == (2, 1, cfg.hidden_size) and int(cache.pos) == 4
+    layer = GroupedQueryAttention(cfg).eval()
+    assert_static_step_has_no_host_sync(layer, RotaryEmbedding.from_config(cfg), cfg.hidden_size, monkeypatch)
 
 
 def decode(layer, rope, x, cache, steps, advance=False):

@@ -10,7 +10,7 @@ from dsv3_min.config import get_preset
 from dsv3_min.mla import LatentCache, MultiHeadLatentAttention
 from dsv3_min.rope import RotaryEmbedding
 from tests.conftest import tiny_config
-from tests.test_attention import _no_host_sync, assert_static_equals_dynamic
+from tests.test_attention import assert_static_equals_dynamic, assert_static_step_has_no_host_sync
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -106,18 +106,11 @@ def test_static_cache_equals_dynamic(impl, variant):
 
 @pytest.mark.parametrize("impl", ["naive", "absorb"])
 def test_static_step_has_no_host_sync(impl, monkeypatch):
-    """A static-cache decoding step of MLA (naive and absorbed) never reads a Python value from a tensor (every such
-    conversion is patched to raise): on a GPU it has no host sync and can be captured in a CUDA graph."""
+    """A static-cache decoding step of MLA (naive and absorbed) never reads a Python value from a tensor: on a GPU
+    it has no host sync and can be captured in a CUDA graph (see the helper in test_attention)."""
     cfg = tiny_config(mla_impl=impl)
-    mla, rope = _randomize(MultiHeadLatentAttention(cfg), scale=0.1), RotaryEmbedding.from_config(cfg)
-    cache = mla.new_cache(2, 8, static=True)
-    x, (cos, sin) = torch.randn(2, 1, cfg.hidden_size), rope(torch.arange(3, 4))
-    cache.pos += 3
-    with torch.no_grad():
-        _no_host_sync(monkeypatch)
-        out = mla(x, cos, sin, cache)
-        monkeypatch.undo()
-    assert out.shape == (2, 1, cfg.hidden_size)
+    mla = _randomize(MultiHeadLatentAttention(cfg), scale=0.1)
+    assert_static_step_has_no_host_sync(mla, RotaryEmbedding.from_config(cfg), cfg.hidden_size, monkeypatch)
 
 
 def test_latent_cache_static_update():

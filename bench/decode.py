@@ -6,6 +6,7 @@
 What runs (greedy, prompt 128 random tokens, 256 new tokens, batch 1, 8, 32, 128; random weights, seed 0):
   ours        dsv3_min.infer.generate: static caches, the decode step in a CUDA graph, MLA 'naive' and 'absorb',
               with and without torch.compile of the step (b1 and b32 only, if time allows)
+  dsv3_plain  the 'before': dsv3_min.model.generate (notebook 11: dynamic cache, eager), b1 and b32
   hf_eager    transformers DeepseekV3ForCausalLM.generate, sdpa, dynamic cache
   hf_static   the same with cache_implementation="static" (transformers compiles the forward itself); an error is
               recorded, not raised. The weights travel ours -> dsv3_min.hf.save_pretrained -> from_pretrained.
@@ -43,6 +44,7 @@ from dsv3_min.data import load_corpus, pack
 from dsv3_min.hf import save_pretrained
 from dsv3_min.infer import generate
 from dsv3_min.model import DeepSeekV3
+from dsv3_min.model import generate as plain_generate
 from dsv3_min.tokenizer import train_tokenizer
 from dsv3_min.train import TrainData, load_trained, train, train_config_for
 
@@ -130,6 +132,17 @@ def bench_ours(model, prompts: dict, new: int, reps: int, variants: list[dict], 
             out.setdefault(name, {})[str(b)] = r
             print(name, b, r, flush=True)
         free(model)
+
+
+def bench_plain(model, prompts: dict, new: int, batches: list[int], out: dict, left) -> None:
+    "The 'before': notebook 11's `dsv3_min.model.generate` (dynamic cache, eager, one host sync per token)."
+    for b in batches:
+        if left() < 30:
+            out.setdefault("dsv3_plain", {})[str(b)] = dict(skipped="time")
+            continue
+        r = measure(lambda n, b=b: plain_generate(model, prompts[b], n, temperature=0), b, new, reps=1)
+        out.setdefault("dsv3_plain", {})[str(b)] = r
+        print("dsv3_plain", b, r, flush=True)
 
 
 def load_hf(path: Path, dtype, device):
@@ -264,7 +277,7 @@ def plot(out: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if has_mtp else 1, figsize=(12 if has_mtp else 6, 4), squeeze=False)
     ax = axes[0, 0]
     for name, per_batch in out.items():
-        if name.startswith(("ours_", "hf_")) and isinstance(per_batch, dict):
+        if name.startswith(("ours_", "hf_", "dsv3_plain")) and isinstance(per_batch, dict):
             pts = sorted((int(b), r["tok_s"]) for b, r in per_batch.items() if "tok_s" in r)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
@@ -318,7 +331,7 @@ def main() -> None:
     ap.add_argument("--merge", type=Path, help="an earlier decode.json whose sections this run skips (two calls)")
     ap.add_argument("--mtp-prompts", type=int, default=8)
     ap.add_argument("--mtp-eval-s", type=float, default=60.0, help="time kept for the MTP evaluation")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: ours,hf_eager,hf_static,mtp,compile")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: ours,plain,hf_eager,hf_static,mtp,compile")
     args = ap.parse_args()
     t0 = time.time()
     left = lambda: args.deadline - (time.time() - t0)
@@ -348,6 +361,9 @@ def main() -> None:
             variants.append(dict(mla_impl="absorb", compile=True, batches=[b for b in (1, 32) if b in batches],
                                  need_s=60))
         bench_ours(model, prompts, args.new, 3, variants, out, left)
+        write_json(out, path)
+    if "plain" not in skip:
+        bench_plain(model, prompts, args.new, [b for b in (1, 32) if b in batches] or batches[:1], out, left)
         write_json(out, path)
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(model, d)

@@ -157,6 +157,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'dsv3_min.infer._Graphed.__call__': ('inference.html#_graphed.__call__', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._Graphed.__init__': ('inference.html#_graphed.__init__', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._Graphed._capture': ('inference.html#_graphed._capture', 'dsv3_min/infer.py'),
+                                'dsv3_min.infer._check_args': ('inference.html#_check_args', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._choose': ('inference.html#_choose', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._compiled': ('inference.html#_compiled', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._decode_mtp': ('inference.html#_decode_mtp', 'dsv3_min/infer.py'),

@@ -67,6 +67,7 @@ def worker(args) -> None:
     """One rank of a variant (under torchrun): train, time, profile, write the variant JSON on rank 0."""
     import torch
     import torch.distributed as dist
+
     from dsv3_min import parallel as par
     from dsv3_min.config import count_params, get_preset
     from dsv3_min.model import DeepSeekV3
@@ -101,7 +102,7 @@ def worker(args) -> None:
     if args.compile:
         for block in [*model.layers, *model.mtp]:
             block.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, fused=cuda)
+    opt = torch.optim.AdamW(par.split_param_groups(model.parameters()), lr=args.lr, weight_decay=0.1, fused=cuda)
     data = bigram_batches(cfg.vocab_size, args.batch, args.seq)
     losses, times = [], []
     if cuda:

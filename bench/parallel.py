@@ -138,7 +138,7 @@ def _speed_worker(rank, world, port, steps, batch, seq, out):
         cfg = bench_config()
         torch.manual_seed(0)
         model = par.parallelize(DeepSeekV3(cfg), par.make_mesh(cfg.n_routed_experts, world))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        opt = torch.optim.AdamW(par.split_param_groups(model.parameters()), lr=1e-3, foreach=True)
         g = torch.Generator().manual_seed(0)
         times = []
         for _ in range(steps):

@@ -1,9 +1,7 @@
 """Expert parallelism + FSDP2 (CPU, gloo, 2 and 4 spawned processes) against the single-process run; the DualPipe
 schedule simulator against the DeepSeek-V3 report's closed forms."""
-import json
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,9 +32,14 @@ def _grads(model):
     return {n: (par._full(p.grad, n, info) if info else p.grad).detach().clone() for n, p in model.named_parameters()}
 
 
+def _adamw(model):
+    """AdamW with foreach steps: FSDP2's DTensors and the EP slices must sit in separate groups for it."""
+    return torch.optim.AdamW(par.split_param_groups(model.parameters()), lr=LR, weight_decay=0.1, foreach=True)
+
+
 def _train(model, cfg, data, start=0, stop=STEPS, opt=None, record=None):
     """Train steps start..stop-1 on the global batches `data`; record losses, grads, router biases per step."""
-    opt = opt or torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    opt = opt or _adamw(model)
     for step in range(start, stop):
         batch = par.shard_batch(data[step], model)
         parts = model.loss(batch[:, :-1], batch[:, 1:])
@@ -76,11 +79,11 @@ def _worker(rank, world, port, eps, out, ckpt):
                 _train(model, cfg, _batches(cfg), start=half, opt=opt, record=record)
                 dist.barrier()
                 full, full_opt = DeepSeekV3(cfg), None
-                full_opt = torch.optim.AdamW(full.parameters(), lr=LR, weight_decay=0.1)
+                full_opt = _adamw(full)
                 _load(full, full_opt, ckpt)
                 state = par.optimizer_state_by_name(full, full_opt)
                 model = par.parallelize(full, mesh)
-                opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+                opt = _adamw(model)
                 par.load_optimizer_state(model, opt, state)
                 resumed = {}
                 _train(model, cfg, _batches(cfg), start=half, opt=opt, record=resumed)
@@ -161,7 +164,7 @@ def test_ep2_dp1_matches_single_process_and_reshards(tmp_path, reference):
     _assert_match(got, reference, "ep=2 dp=1")
     cfg = _cfg()
     model = DeepSeekV3(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    opt = _adamw(model)
     _load(model, opt, ckpt)
     resumed = {}
     _train(model, cfg, _batches(cfg), start=STEPS // 2, opt=opt, record=resumed)
@@ -226,15 +229,15 @@ def test_schedules_respect_dependencies():
         t = par.simulate(make(P, M), 1.0, 2.0, 0.5, 2.5, comm=comm)
         ends = {}
         for r, tasks in enumerate(t.tasks):
-            for (s0, e0, _), (s1, _, _) in zip(tasks, tasks[1:]):
+            for (_, e0, _), (s1, _, _) in zip(tasks, tasks[1:]):
                 assert s1 >= e0 - 1e-12
-            for s, e, op in tasks:
+            for _, e, op in tasks:
                 if op.kind in ("F", "FB"):
                     ends[("F", op.dir, op.mb, r)] = e
                 if op.kind in ("B", "I", "FB"):
                     ends[("I", *((op.dir_b, op.mb_b) if op.kind == "FB" else (op.dir, op.mb)), r)] = e
         assert len(ends) == 2 * P * M  # one forward and one input gradient per (micro-batch, stage)
         for r, tasks in enumerate(t.tasks):
-            for s, e, op in tasks:
+            for s, _, op in tasks:
                 for k in par._inputs(op, r, P):
                     assert s >= ends[k[:4]] + comm * k[4] - 1e-12, (make.__name__, r, op)

@@ -105,8 +105,10 @@ def _save(model, opt, path):
 
 
 def _load(model, opt, path):
+    """Weights and AdamW state (by parameter name) from `_save`'s file into a single-process model and optimizer."""
     t = load_file(path)
-    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")}, strict=False)
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")},
+                          strict=not model.config.tie_word_embeddings)  # a tied head is saved once
     for n, p in model.named_parameters():
         keys = [k for k in t if k.startswith(f"opt.{n}.") and "." not in k[len(f"opt.{n}."):]]
         if keys:

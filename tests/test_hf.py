@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from conftest import tiny_config
+from dsv3_min.files import FileFormatError
 from dsv3_min.hf import CheckpointError, from_pretrained, load_weights, save_pretrained
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.train import TrainConfig, make_optimizer, save_checkpoint
@@ -210,6 +211,18 @@ def test_from_pretrained_reads_our_training_checkpoints(tied, tmp_path):
             assert got.config == cfg and len(got.mtp) == 1
             _assert_same_tensors(got.state_dict(), want.state_dict())
     assert not [w for w in caught if "MTP" in str(w.message)]
+
+
+def test_bad_state_json_gives_one_line_error(tmp_path):
+    """Our checkpoint with an unparsable state.json, or one without model_config, is refused in one line naming it."""
+    _, ckpt = _trained_checkpoint(tmp_path, 1, tiny_config(), seed=0)
+    (ckpt / "state.json").write_text('{"step": 1, "model_config": {"vocab')
+    with pytest.raises(FileFormatError, match=re.escape(str(ckpt / "state.json"))) as e:
+        from_pretrained(ckpt)
+    assert "\n" not in str(e.value)
+    (ckpt / "state.json").write_text('{"step": 1}')
+    with pytest.raises(CheckpointError, match="state.json has no model_config"):
+        from_pretrained(ckpt)
 
 
 def test_wrong_shape_in_our_checkpoint_lists_every_key(tmp_path):

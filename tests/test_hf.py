@@ -166,6 +166,19 @@ def test_truncated_file_gives_clear_error(kind, tmp_path):
     assert "\n" not in msg and "truncated" in msg.replace(str(f), "")  # the size check says what is wrong
 
 
+def test_bad_index_gives_one_line_error(tmp_path):
+    """A sharded checkpoint whose index is not JSON, or has no weight_map, is refused in one line naming the index."""
+    save_pretrained(DeepSeekV3(tiny_config()), tmp_path, max_shard_bytes=20_000)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a"')
+    with pytest.raises(FileFormatError, match=re.escape(str(index))):
+        from_pretrained(tmp_path)
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match="no weight_map") as e:
+        from_pretrained(tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_sharded_then_unsharded_save_leaves_no_stale_files(tmp_path):
     """Saving unsharded over a sharded checkpoint replaces the whole set: no stale index or shard remains, the new
     weights load (not the old ones), and a non-checkpoint file in the directory is kept."""

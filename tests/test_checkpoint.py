@@ -1,7 +1,6 @@
 """Tests of dsv3_min.checkpoint: exact optimizer/RNG round trips, the checkpoint files and manifest, pruning, the
 config-mismatch error, and the fall back to the newest intact checkpoint when a newer one is damaged."""
 import json
-import os
 import random
 
 import numpy as np

@@ -73,6 +73,7 @@ import numpy as np
 import torch
 
 from dsv3_min.__main__ import _configs
+from dsv3_min.checkpoint import load_trained
 from dsv3_min.config import count_params
 from dsv3_min.data import load_corpus, pack
 from dsv3_min.files import atomic_write
@@ -88,7 +89,7 @@ from dsv3_min.report import (
     unpack_results,
 )
 from dsv3_min.tokenizer import Tokenizer, train_tokenizer
-from dsv3_min.train import TrainData, load_trained, sample_text, train
+from dsv3_min.train import TrainData, sample_text, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CARRY = ROOT / ".device_carry" / "a2"

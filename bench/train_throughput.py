@@ -5,7 +5,7 @@ the same batch (16 x 1024 tokens), the same loss (next-token cross-entropy; ours
 router bias update, which are part of V3's algorithm) and the same optimizer (torch AdamW, fused, betas 0.9/0.95).
 MTP is off in both (transformers has no MTP module): `num_nextn_predict_layers=0`.
 
-FLOPs per token, forward + backward (the MFU numerator, `dsv3_min.train.flops_per_token`, here with MTP off):
+FLOPs per token, forward + backward (the MFU numerator, `dsv3_min.optim.flops_per_token`, here with MTP off):
     F = 6 * N_matmul + 3 * L * H * S * (d_qk + d_v)
   N_matmul = active parameters that enter a matmul for one token: attention projections, dense FFN, router,
              the shared expert, num_experts_per_tok routed experts, and the LM head (the embedding lookup is not a
@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from dsv3_min.config import count_params, get_preset
 from dsv3_min.files import atomic_write
 from dsv3_min.model import DeepSeekV3
+from dsv3_min.optim import flops_per_token
 from dsv3_min.report import preset_diff
-from dsv3_min.train import flops_per_token
 
 DATASHEET_TFLOPS = 989.0
 

@@ -1,17 +1,19 @@
 """Hugging Face interop: checkpoints load and save both ways with the same fp32 logits as transformers."""
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from conftest import tiny_config
-from dsv3_min.hf import CheckpointError, from_pretrained, save_pretrained
+from dsv3_min.hf import CheckpointError, from_pretrained, load_weights, save_pretrained
 from dsv3_min.model import DeepSeekV3
+from dsv3_min.train import TrainConfig, make_optimizer, save_checkpoint
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -61,14 +63,14 @@ def test_theirs_to_ours_same_logits(name, tmp_path):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_ours_to_theirs_same_logits(name, tmp_path):
-    """DeepSeekV3.save_pretrained writes a directory transformers loads, with the same fp32 logits."""
+    """save_pretrained writes a directory transformers loads, with the same fp32 logits."""
     cfg = tiny_config(**CONFIGS[name])
     torch.manual_seed(1)
     ours = DeepSeekV3(cfg).eval()
     with torch.no_grad():
         for m in ours.moe_layers():
             m.gate.e_score_correction_bias.normal_(0, 0.1)
-    ours.save_pretrained(tmp_path)
+    save_pretrained(ours, tmp_path)
     theirs = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
     x = torch.randint(0, cfg.vocab_size, (2, 20))
     with torch.no_grad():
@@ -84,8 +86,24 @@ def test_round_trip_keeps_mtp_and_config(tmp_path):
     assert keys["num_nextn_predict_layers"] == 1
     b = from_pretrained(tmp_path)
     assert b.config == cfg
-    for (ka, ta), (kb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert ka == kb and torch.equal(ta, tb), ka
+    _assert_same_tensors(a.state_dict(), b.state_dict())
+
+
+def _assert_same_tensors(a: dict, b: dict) -> None:
+    """The two state dicts have the same keys, in the same order, and equal tensors."""
+    assert list(a) == list(b), f"keys differ: only in a {sorted(set(a) - set(b))}, only in b {sorted(set(b) - set(a))}"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_state_dict_comparison_catches_a_missing_key():
+    """_assert_same_tensors fails when one side lacks a key (a zip over both would silently stop early)."""
+    sd = DeepSeekV3(tiny_config()).state_dict()
+    fewer = dict(list(sd.items())[:-1])
+    with pytest.raises(AssertionError, match="keys differ"):
+        _assert_same_tensors(sd, fewer)
+    with pytest.raises(AssertionError, match="keys differ"):
+        _assert_same_tensors(fewer, sd)
 
 
 def test_merged_expert_keys_and_shards_load(tmp_path):
@@ -114,7 +132,6 @@ def test_bad_checkpoint_lists_every_problem(tmp_path):
     """Missing, unexpected and mis-shaped keys are reported together in one CheckpointError (nothing is loaded)."""
     cfg = tiny_config()
     save_pretrained(DeepSeekV3(cfg), tmp_path)
-    from safetensors.torch import load_file
     sd = load_file(str(tmp_path / "model.safetensors"))
     sd.pop("model.norm.weight")
     sd.pop("model.layers.1.mlp.experts.3.up_proj.weight")
@@ -131,12 +148,109 @@ def test_bad_checkpoint_lists_every_problem(tmp_path):
     assert "nothing was loaded" in msg
 
 
-def test_truncated_file_gives_clear_error(tmp_path):
-    """A truncated safetensors file is refused with an error naming the file."""
-    save_pretrained(DeepSeekV3(tiny_config()), tmp_path)
-    f = tmp_path / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="model.safetensors"):
+@pytest.mark.parametrize("kind", ["hf", "hf-sharded", "ours"])
+def test_truncated_file_gives_clear_error(kind, tmp_path):
+    """A truncated safetensors file (one file, one shard of many, or our checkpoint's weights) is refused with a
+    one-line CheckpointError naming the file."""
+    model = DeepSeekV3(tiny_config())
+    if kind == "ours":
+        f = save_checkpoint(tmp_path, 1, model, None, model.config) / "model.safetensors"
+    else:
+        save_pretrained(model, tmp_path, **({"max_shard_bytes": 20_000} if kind == "hf-sharded" else {}))
+        f = sorted(tmp_path.glob("model*.safetensors"))[-1]
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=re.escape(str(f))) as e:
+        from_pretrained(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and "truncated" in msg.replace(str(f), "")  # the size check says what is wrong
+
+
+def test_sharded_then_unsharded_save_leaves_no_stale_files(tmp_path):
+    """Saving unsharded over a sharded checkpoint replaces the whole set: no stale index or shard remains, the new
+    weights load (not the old ones), and a non-checkpoint file in the directory is kept."""
+    old, new = DeepSeekV3(tiny_config()), DeepSeekV3(tiny_config())
+    save_pretrained(old, tmp_path, max_shard_bytes=20_000)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    save_pretrained(new, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    _assert_same_tensors(from_pretrained(tmp_path).state_dict(), new.state_dict())
+    save_pretrained(old, tmp_path, max_shard_bytes=20_000)  # and back: no stale model.safetensors either
+    assert not (tmp_path / "model.safetensors").exists()
+    _assert_same_tensors(from_pretrained(tmp_path).state_dict(), old.state_dict())
+    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]  # no temp left
+
+
+def _trained_checkpoint(run, step, cfg, seed):
+    """A model of `cfg` after one AdamW step, saved as our training checkpoint `run/ckpt-<step>` (with optimizer)."""
+    torch.manual_seed(seed)
+    model = DeepSeekV3(cfg)
+    tc = TrainConfig(max_steps=10, batch_size=2, seq_len=8)
+    opt = make_optimizer(model, tc, torch.device("cpu"))
+    x = torch.randint(0, cfg.vocab_size, (2, 9))
+    model.loss(x[:, :-1], x[:, 1:]).loss.backward()
+    opt.step()
+    return model, save_checkpoint(run, step, model, opt, cfg, tc)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_from_pretrained_reads_our_training_checkpoints(tied, tmp_path):
+    """from_pretrained loads one of our ckpt-* directories (MTP included, no 'no MTP weights' warning) from its
+    state.json config and model.safetensors only (a corrupt optimizer.safetensors is never read), and a run directory
+    loads its newest checkpoint."""
+    cfg = tiny_config(tie_word_embeddings=tied)
+    older, _ = _trained_checkpoint(tmp_path, 100, cfg, seed=0)
+    newer, ckpt = _trained_checkpoint(tmp_path, 200, cfg, seed=1)
+    assert (ckpt / "optimizer.safetensors").exists()
+    (ckpt / "optimizer.safetensors").write_bytes(b"garbage")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for path, want in ((ckpt, newer), (tmp_path / "ckpt-0000100", older), (tmp_path, newer)):
+            got = from_pretrained(path)
+            assert got.config == cfg and len(got.mtp) == 1
+            _assert_same_tensors(got.state_dict(), want.state_dict())
+    assert not [w for w in caught if "MTP" in str(w.message)]
+
+
+def test_wrong_shape_in_our_checkpoint_lists_every_key(tmp_path):
+    """A mis-shaped and a missing tensor in our own checkpoint give the same CheckpointError as a Hugging Face
+    directory (every bad key, our names), and load_weights leaves the model untouched when it refuses."""
+    cfg = tiny_config()
+    model, ckpt = _trained_checkpoint(tmp_path, 1, cfg, seed=0)
+    sd = load_file(str(ckpt / "model.safetensors"))
+    sd["layers.0.self_attn.o_proj.weight"] = torch.zeros(3, 3)
+    sd.pop("norm.weight")
+    save_file(sd, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained(ckpt)
+    msg = str(e.value)
+    assert msg.splitlines()[0] == ("checkpoint does not match the model (1 missing, 0 unexpected, 1 mis-shaped); "
+                                   "nothing was loaded")
+    assert "missing: norm.weight" in msg and "mis-shaped: layers.0.self_attn.o_proj.weight: checkpoint (3, 3)" in msg
+    target = DeepSeekV3(cfg)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match="1 missing, 0 unexpected, 1 mis-shaped"):
+        load_weights(target, sd)
+    _assert_same_tensors(target.state_dict(), before)
+    load_weights(target, model.state_dict())  # a full state dict (tied or not) loads
+    _assert_same_tensors(target.state_dict(), model.state_dict())
+
+
+def test_mtp_copies_of_shared_tensors_are_shape_checked(tmp_path):
+    """DeepSeek's per-MTP-layer copies of embed_tokens and shared_head.head load (and are ignored) when their shape is
+    (vocab, hidden); a wrong shape is listed as mis-shaped like any other tensor."""
+    cfg = tiny_config()
+    model = DeepSeekV3(cfg)
+    save_pretrained(model, tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    L = cfg.num_hidden_layers
+    sd[f"model.layers.{L}.embed_tokens.weight"] = model.embed_tokens.weight.detach().clone()
+    sd[f"model.layers.{L}.shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    _assert_same_tensors(from_pretrained(tmp_path).state_dict(), model.state_dict())
+    sd[f"model.layers.{L}.shared_head.head.weight"] = torch.zeros(cfg.vocab_size, 3)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"mis-shaped: mtp\.0\.shared_head\.head\.weight: checkpoint \(97, 3\)"):
         from_pretrained(tmp_path)
 
 
@@ -146,7 +260,6 @@ def test_missing_config_and_fp8_are_refused(tmp_path):
         from_pretrained(tmp_path)
     cfg = tiny_config()
     save_pretrained(DeepSeekV3(cfg), tmp_path)
-    from safetensors.torch import load_file
     sd = load_file(str(tmp_path / "model.safetensors"))
     sd["model.layers.0.self_attn.o_proj.weight_scale_inv"] = torch.ones(1)
     save_file(sd, str(tmp_path / "model.safetensors"))

@@ -7,6 +7,9 @@ import torch
 from conftest import tiny_config
 from dsv3_min.config import count_params
 from dsv3_min.model import DeepSeekV3, DeepSeekV3ForSequenceClassification, generate
+from dsv3_min.moe import max_vio
+from dsv3_min.norm import rms_norm
+from dsv3_min.rope import RotaryEmbedding
 
 
 def test_logits_shape_and_param_count(tiny):
@@ -137,13 +140,60 @@ def test_classification_head_pools_last_real_token(tiny):
 
 
 def test_router_bias_update_and_stats(tiny):
-    """After a training forward, update_router_biases moves biases and moe_stats reports loads and MaxVio."""
+    """After a training forward, update_router_biases moves biases, and moe_stats then reports, per MoE layer, the
+    load that update used (what the training loop logs: `expert_load`) and its MaxVio."""
     m = DeepSeekV3(tiny_config(bias_update_speed=0.01)).train()
+    assert m.moe_stats() == {"max_vio": [0.0] * 3, "expert_load": [[0] * 8] * 3}  # nothing routed yet
     x = torch.randint(0, tiny.vocab_size, (4, 16))
     m.loss(x[:, :-1], x[:, 1:]).loss.backward()
-    stats = m.moe_stats()
-    assert len(stats) == len(m.moe_layers()) == 3  # 2 MoE main layers + the MoE MTP block
-    assert all(s["max_vio"] >= 0 and sum(s["load"]) > 0 for s in stats)
+    loads = [mm.load.clone() for mm in m.moe_layers()]  # what the loop copied before the update resets them
     before = [mm.gate.e_score_correction_bias.clone() for mm in m.moe_layers()]
     m.update_router_biases()
     assert any(not torch.equal(b, mm.gate.e_score_correction_bias) for b, mm in zip(before, m.moe_layers()))
+    stats = m.moe_stats()
+    assert len(stats["expert_load"]) == len(m.moe_layers()) == 3  # 2 MoE main layers + the MoE MTP block
+    assert stats["expert_load"] == [ld.tolist() for ld in loads]
+    k = tiny.num_experts_per_tok  # every routed token counted k times; the MTP block sees one position fewer
+    assert [sum(ld) for ld in stats["expert_load"]] == [4 * 15 * k, 4 * 15 * k, 4 * 14 * k]
+    assert stats["max_vio"] == [max_vio(ld) for ld in loads] and any(v > 0 for v in stats["max_vio"])
+    assert DeepSeekV3(tiny_config(first_k_dense_replace=3, num_nextn_predict_layers=0)).moe_stats() == {}
+
+
+@pytest.mark.parametrize("scheme", ["prenorm", "deepnorm"])
+def test_block_is_two_residual_norms(scheme):
+    """A block is ResidualNorm(attention) then ResidualNorm(FFN): prenorm x + f(norm(x)), deepnorm norm(a*x + f(x)),
+    with a = (2N)^(1/4); its norm weights keep transformers' names."""
+    cfg = tiny_config(norm_scheme=scheme, num_hidden_layers=8, first_k_dense_replace=8)
+    blk = DeepSeekV3(cfg).layers[0]
+    with torch.no_grad():
+        for p in (blk.input_layernorm.weight, blk.post_attention_layernorm.weight):
+            p.normal_()
+    x = torch.randn(2, 5, cfg.hidden_size)
+    cos, sin = RotaryEmbedding.from_config(cfg)(torch.arange(5))
+    n1 = lambda t: rms_norm(t, blk.input_layernorm.weight, cfg.rms_norm_eps)
+    n2 = lambda t: rms_norm(t, blk.post_attention_layernorm.weight, cfg.rms_norm_eps)
+    attn = lambda t: blk.self_attn(t, cos, sin)
+    if scheme == "prenorm":
+        h = x + attn(n1(x))
+        want = h + blk.mlp(n2(h))
+    else:
+        a = 16 ** 0.25
+        h = n1(a * x + attn(x))
+        want = n2(a * h + blk.mlp(h))
+    torch.testing.assert_close(blk(x, cos, sin), want, atol=0, rtol=0)
+    assert {k for k in blk.state_dict() if "layernorm" in k and not k.startswith("self_attn.")} == {
+        "input_layernorm.weight", "post_attention_layernorm.weight"}
+
+
+def test_cache_is_a_plain_list_of_layer_caches(tiny):
+    """new_cache gives one per-layer cache per main layer in a plain list; a prefill then a decode step advance each
+    layer's length, and the cached logits equal the uncached ones."""
+    m = DeepSeekV3(tiny).eval()
+    cache = m.new_cache(2, 10)
+    assert type(cache) is list and len(cache) == tiny.num_hidden_layers
+    x = torch.randint(0, tiny.vocab_size, (2, 7))
+    with torch.no_grad():
+        m(x[:, :6], cache=cache)
+        last = m(x[:, 6:], cache=cache)
+        torch.testing.assert_close(last[:, -1], m(x)[:, -1])
+    assert [c.length for c in cache] == [7] * tiny.num_hidden_layers

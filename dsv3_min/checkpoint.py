@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file, save_model
 
 from .config import ModelConfig
 from .files import FileFormatError, atomic_dir, check_safetensors, read_json, remove_stale_temps, write_json
-from .hf import CheckpointError, check_state_dict, from_pretrained
+from .hf import CheckpointError, from_pretrained, load_weights
 from .model import DeepSeekV3
 from .tokenizer import Tokenizer
 
@@ -220,10 +220,9 @@ def load_model_file(model: torch.nn.Module, path: str | Path) -> None:
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     try:
-        check_state_dict(model, sd)
+        load_weights(model, sd)  # checks every name and shape first: all or nothing
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    model.load_state_dict(sd, strict=False)  # complete and well-shaped (checked); tied weights are stored once
 
 
 def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None = None,
@@ -269,8 +268,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu"):
         raise FileNotFoundError(f"{path}: no such directory (expected a run, a checkpoint or a model directory)")
     ckpt = _checkpoint_to_read(path)
     if ckpt is not None:
-        model = DeepSeekV3(ModelConfig.from_dict(read_state(ckpt)["model_config"]))
-        load_model_file(model, ckpt / "model.safetensors")
+        read_state(ckpt)  # a bad model config names the file
+        model = from_pretrained(ckpt)  # reads state.json's config and model.safetensors (never the optimizer)
         tok = Tokenizer.load(ckpt / "tokenizer")
     elif (path / "config.json").exists():
         model = from_pretrained(path)

@@ -21,116 +21,73 @@ from tqdm import tqdm
 
 from .checkpoint import (CKPT_PREFIX, check_config, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  read_state, save_checkpoint)
-from .config import PRESETS, ModelConfig
+from .config import PRESETS, ModelConfig, check_names, rule, validate_fields
 from .data import get_batch, iter_val_batches, load_corpus, pack
 from .hf import CheckpointError
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
 from .model import DeepSeekV3, generate
-from .moe import max_vio
 from .optim import flops_per_token, lr_at, make_optimizer, peak_flops
 from .tokenizer import get_tokenizer
 
 # %% auto #0
-__all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'TrainConfig', 'check_names', 'train_config_for', 'parse_value', 'split_overrides',
+__all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for', 'parse_value', 'split_overrides',
            'evaluate', 'TrainData', 'prepare_data', 'NonFiniteLoss', 'SaveFailed', 'resolve_device', 'autocast_for',
            'read_metrics', 'TrainResult', 'train_loop', 'train', 'write_summary', 'sample_text']
 
 # %% ../notebooks/15_train.ipynb #0adf23d5
-_POS_INT, _NONNEG_INT = ("int", 1, None), ("int", 0, None)
-_TRAIN_RULES: dict[str, tuple] = {  # field -> (kind, min, max); "choice" -> (kind, allowed); "str"/"bool" -> (kind,)
-    **dict.fromkeys(("max_steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "keep_last"),
-                    _POS_INT),
-    **dict.fromkeys(("warmup", "ckpt_every", "threads", "stop_at", "final_eval_batches", "seed"), _NONNEG_INT),
-    "lr": ("float", 0.0, None, "positive"),
-    **dict.fromkeys(("min_lr_ratio", "decay_frac", "beta1", "beta2"), ("float", 0.0, 1.0)),
-    **dict.fromkeys(("weight_decay", "grad_clip", "time_budget", "peak_tflops"), ("float", 0.0, None)),
-    "corpus": ("str",), "compile": ("bool",), "device": ("device",), "dtype": ("choice", ("auto", "bf16", "fp32")),
-}
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def _field_error(value, rule: tuple) -> str | None:
-    "Why `value` breaks `rule` (None if it does not)."
-    kind = rule[0]
-    if kind == "bool":
-        return None if isinstance(value, bool) else "must be true or false"
-    if kind == "int":
-        if not isinstance(value, int) or isinstance(value, bool):
-            return "must be an integer"
-        return f"must be an integer >= {rule[1]}" if value < rule[1] else None
-    if kind == "float":
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            return "must be a finite number"
-        if len(rule) > 3 and value <= rule[1]:
-            return "must be positive"
-        if value < rule[1] or (rule[2] is not None and value > rule[2]):
-            return f"must be in [{rule[1]}, {rule[2]}]" if rule[2] is not None else "must be non-negative"
-        return None
-    if kind == "str":
-        return None if isinstance(value, str) and value else "must be a non-empty string"
-    if kind == "choice":
-        return None if value in rule[1] else f"must be one of {rule[1]}"
-    ok = isinstance(value, str) and _DEVICE_RE.match(value)
-    return None if ok else "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+def device_problem(name: str) -> str | None:
+    "Why `name` is not a device name we accept (None if it is)."
+    return None if _DEVICE_RE.fullmatch(name) else "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
-# %% ../notebooks/15_train.ipynb #7e023d82
+
+def _non_empty(text: str) -> str | None:
+    return None if text else "must be a non-empty string"
+
+
 @dataclass
 class TrainConfig:
     "Every knob of the training loop (the model's own knobs live in `ModelConfig`)."
-    corpus: str = "shakespeare"      # a corpus name or a path (notebook 02)
-    max_steps: int = 1000            # optimizer steps; the schedule is laid out over them
-    batch_size: int = 16             # sequences per micro-batch
-    seq_len: int = 256               # tokens per sequence
-    grad_accum: int = 1              # micro-batches per optimizer step
-    lr: float = 3e-3                 # peak learning rate
-    min_lr_ratio: float = 0.1        # the cosine ends at lr * min_lr_ratio
-    warmup: int = 100                # linear warm-up steps
-    decay_frac: float = 0.8          # the cosine decay covers the last decay_frac of the steps; constant before it
-    weight_decay: float = 0.1        # on matrices only (see `optim.param_groups`)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
-    eval_every: int = 100            # steps between evaluations (and always at the last step)
-    eval_batches: int = 8            # val batches per periodic evaluation (spread over the split)
-    final_eval_batches: int = 0      # val batches of the final evaluation (0 = the whole val split)
-    ckpt_every: int = 0              # steps between checkpoints; 0 = only at the end
-    keep_last: int = 2               # checkpoints kept on disk
-    seed: int = 0                    # model init and batch order
-    device: str = "auto"             # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
-    dtype: str = "auto"              # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    compile: bool = False            # torch.compile the loss function (GPU)
-    time_budget: float = 0.0         # seconds of training after which the run stops early (0 = none)
-    stop_at: int = 0                 # checkpoint and stop after this step, schedule unchanged (0 = never); resume later
-    threads: int = 0                 # torch CPU threads (0 = leave torch's default)
-    peak_tflops: float = 0.0         # accelerator peak for MFU (0 = look it up from the device name)
+    corpus: str = rule("shakespeare", check=_non_empty)  # a corpus name or a path (notebook 02)
+    max_steps: int = rule(1000, gt=0)        # optimizer steps; the schedule is laid out over them
+    batch_size: int = rule(16, gt=0)         # sequences per micro-batch
+    seq_len: int = rule(256, gt=0)           # tokens per sequence
+    grad_accum: int = rule(1, gt=0)          # micro-batches per optimizer step
+    lr: float = rule(3e-3, gt=0)             # peak learning rate
+    min_lr_ratio: float = rule(0.1, ge=0, le=1)  # the cosine ends at lr * min_lr_ratio
+    warmup: int = rule(100, ge=0)            # linear warm-up steps
+    decay_frac: float = rule(0.8, ge=0, le=1)    # the cosine covers the last decay_frac of the steps; constant before
+    weight_decay: float = rule(0.1, ge=0)    # on matrices only (see `optim.param_groups`)
+    beta1: float = rule(0.9, ge=0, le=1)
+    beta2: float = rule(0.95, ge=0, le=1)
+    grad_clip: float = rule(1.0, ge=0)       # max global gradient norm; 0 disables clipping
+    eval_every: int = rule(100, gt=0)        # steps between evaluations (and always at the last step)
+    eval_batches: int = rule(8, gt=0)        # val batches per periodic evaluation (spread over the split)
+    final_eval_batches: int = rule(0, ge=0)  # val batches of the final evaluation (0 = the whole val split)
+    ckpt_every: int = rule(0, ge=0)          # steps between checkpoints; 0 = only at the end
+    keep_last: int = rule(2, gt=0)           # checkpoints kept on disk
+    seed: int = rule(0, ge=0)                # model init and batch order
+    device: str = rule("auto", check=device_problem)  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps"
+    dtype: str = rule("auto", choices=("auto", "bf16", "fp32"))  # "auto": bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False                    # torch.compile the loss function (GPU)
+    time_budget: float = rule(0.0, ge=0)     # seconds of training after which the run stops early (0 = none)
+    stop_at: int = rule(0, ge=0)             # checkpoint and stop after this step, schedule unchanged (0 = never)
+    threads: int = rule(0, ge=0)             # torch CPU threads (0 = leave torch's default)
+    peak_tflops: float = rule(0.0, ge=0)     # accelerator peak for MFU (0 = look it up from the device name)
 
     def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        "Raise `ValueError` naming the first field whose type or value is impossible (ints become floats where due)."
-        for f in fields(self):
-            v, rule = getattr(self, f.name), _TRAIN_RULES[f.name]
-            why = _field_error(v, rule)
-            if why:
-                raise ValueError(f"TrainConfig.{f.name}={v!r}: {why}")
-            if rule[0] == "float":
-                setattr(self, f.name, float(v))
+        validate_fields(self)
+        for f in fields(self):  # an int given for a float field (JSON `1`, `--set lr=1`) becomes a float
+            if isinstance(getattr(self, f.name), int) and f.type in (float, "float"):
+                setattr(self, f.name, float(getattr(self, f.name)))
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         "Build from `asdict` output (a config file); unknown keys raise `ValueError` naming the closest field."
         check_names("TrainConfig", d, [f.name for f in fields(cls)])
         return cls(**d)
-
-
-def check_names(owner: str, given, valid: list[str]) -> None:
-    "Raise `ValueError` for the first name of `given` not in `valid`, with the closest valid name."
-    for name in given:
-        if name not in valid:
-            close = get_close_matches(name, valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {sorted(valid)}"
-            raise ValueError(f"unknown {owner} field {name!r}{hint}")
 
 
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -244,6 +201,8 @@ class SaveFailed(RuntimeError):
 
 def resolve_device(name: str) -> torch.device:
     "'auto' -> cuda if available else cpu; a device that is not present is a `ValueError`."
+    if device_problem(name):
+        raise ValueError(f"device {name!r}: {device_problem(name)}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
@@ -331,8 +290,7 @@ def _step(loop: _Loop) -> tuple[dict, float]:
         g["lr"] = lr
     loop.opt.step()
     loop.opt.zero_grad(set_to_none=True)
-    loop.loads = [m.load.clone() for m in model.moe_layers()]  # on the device: no host sync before the reset
-    model.update_router_biases()
+    model.update_router_biases()  # also keeps this step's expert loads for `model.moe_stats()`
     if loop.device.type == "cuda":
         torch.cuda.synchronize(loop.device)
     dt = time.perf_counter() - t0
@@ -352,9 +310,7 @@ def _eval_into(loop: _Loop, rec: dict, final: bool) -> None:
     rec.update(val_loss=vl, val_bits_per_byte=vl / math.log(2) * loop.data.val_tokens_per_byte)
     if final and not tc.final_eval_batches:
         rec["val_full_split"] = True
-    if loop.loads:
-        rec["max_vio"] = [max_vio(ld) for ld in loop.loads]
-        rec["expert_load"] = [ld.tolist() for ld in loop.loads]
+    rec.update(loop.model.moe_stats())  # max_vio and expert_load of each MoE layer in this step
 
 # %% ../notebooks/15_train.ipynb #a9bb41dd
 @dataclass
@@ -371,7 +327,6 @@ class _Loop:
     step: int = 0
     elapsed: float = 0.0
     last_ckpt: Path | None = None
-    loads: list = None
     tokens_per_step: int = 0
     flops_per_token: float = 0.0
     peak: float | None = None

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from dsv3_min.checkpoint import load_trained
 from dsv3_min.config import count_params, get_preset
 from dsv3_min.data import load_corpus, pack
 from dsv3_min.hf import save_pretrained
@@ -46,7 +47,7 @@ from dsv3_min.infer import generate
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.model import generate as plain_generate
 from dsv3_min.tokenizer import train_tokenizer
-from dsv3_min.train import TrainData, load_trained, train, train_config_for
+from dsv3_min.train import TrainData, train, train_config_for
 
 DATASHEET_BW = 4.8e12  # H200 HBM3e, bytes/s
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from dsv3_min.config import count_params, get_preset
 from dsv3_min.files import atomic_write
+from dsv3_min.hf import from_pretrained, save_pretrained
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.optim import flops_per_token
 from dsv3_min.report import preset_diff
@@ -177,8 +178,8 @@ def main() -> None:
 
     model = DeepSeekV3(cfg).cuda()
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, dtype=torch.bfloat16)
-        model = DeepSeekV3.from_pretrained(tmp, dtype=torch.bfloat16, device="cuda", attn_backend=a.backend)
+        save_pretrained(model, tmp, dtype=torch.bfloat16)
+        model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda", attn_backend=a.backend)
         if not a.no_hf:
             from transformers import DeepseekV3ForCausalLM
             hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()

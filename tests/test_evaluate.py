@@ -187,10 +187,21 @@ def test_wheel_split_sizes():
     assert (load_items("arc_easy", 1)[1], load_items("arc_challenge", 1)[1]) == (570, 299)
 
 
-def test_encode_pair_moves_trailing_space():
-    """A context's trailing spaces move to the continuation before the split (HFLM._encode_pair)."""
-    enc = lambda s: [ord(c) for c in s]
-    assert encode_pair(enc, "Answer: ", "A") == (enc("Answer:"), enc(" A"))
+def test_encode_pair_is_hflms():
+    """`encode_pair` splits exactly as lm-eval's own `HFLM._encode_pair` (run on a stand-in `self` holding only the
+    encoder), on strings where encoding the parts separately would differ: trailing spaces, cuts inside a word."""
+    import types
+
+    from lm_eval.models.huggingface import HFLM
+    tok = _bytelevel_tokenizer()
+    enc = lambda s: tok.tok.encode(s, add_special_tokens=True).ids
+    peer = types.SimpleNamespace(backend="causal", tok_encode=enc)
+    cases = [("Answer: ", "A"), ("Answer:  ", " B"), ("The surgeon was Sar", "ah always"), ("x = 12", "345"),
+             ("He is", " ripping level tiles off."), ("Q: why?\n", "A: because")]
+    for ctx, cont in cases:
+        assert encode_pair(enc, ctx, cont) == HFLM._encode_pair(peer, ctx, cont), (ctx, cont)
+    split = [(enc(c), enc(x)[1:]) for c, x in cases]   # the naive split differs on some of them
+    assert split != [encode_pair(enc, c, x) for c, x in cases]
     with pytest.raises(ValueError, match="empty context"):
         encode_pair(enc, "", "x")
 

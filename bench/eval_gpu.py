@@ -53,13 +53,13 @@ def prepare(dest: Path = CARRY) -> None:
     print(f"{n:,} rows of {len(TASKS)} tasks -> {dest} ({size / 2**20:.1f} MiB)")
 
 
-def evaluate_all(model, tok, tasks: str, batch_size: int, amp: bool) -> dict:
+def evaluate_all(model, tok, tasks: str, batch_size: int, amp: bool, limit: int | None = None) -> dict:
     "Each task (mmlu as one call) evaluated and timed on its own; one merged results dict."
     from dsv3_min.evaluate import GROUPS, evaluate
     merged: dict = {}
     for name in tasks.split(","):
         t0 = time.perf_counter()
-        r = evaluate(model, tok, name, batch_size=batch_size, progress=True, amp=amp)
+        r = evaluate(model, tok, name, limit=limit, batch_size=batch_size, progress=True, amp=amp)
         seconds = time.perf_counter() - t0
         for k, v in r.items():
             if k == "dsv3_min":
@@ -86,9 +86,9 @@ def write(out_file: Path, r: dict, extra: dict) -> None:
 
 def run(out: Path, budget: float, tasks: str, batch_size: int) -> None:
     "Train gpu-small for `budget` seconds on the gpu_runs data, then evaluate it on `tasks`."
+    import gpu_runs
     import torch
 
-    import gpu_runs
     from dsv3_min.evaluate import format_table, load_for_eval
     if CARRY.exists():
         os.environ["DSV3_EVAL_DATA"] = str(CARRY)
@@ -121,6 +121,7 @@ def main() -> None:
     e.add_argument("--tasks", default=ALL_TASKS)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--limit", type=int, help="first N items per task (a rehearsal)")
     a = p.parse_args()
     if a.cmd == "prepare":
         prepare()
@@ -129,9 +130,10 @@ def main() -> None:
     else:
         from dsv3_min.evaluate import format_table, load_for_eval
         model, tok = load_for_eval(a.ckpt, a.device)
-        r = evaluate_all(model, tok, a.tasks, a.batch_size, amp=a.device.startswith("cuda"))
+        r = evaluate_all(model, tok, a.tasks, a.batch_size, amp=a.device.startswith("cuda"), limit=a.limit)
         print(format_table(r))
-        write(a.out, r, {"config": {"model": str(a.ckpt), "batch_size": a.batch_size, "device": a.device}})
+        write(a.out, r, {"config": {"model": str(a.ckpt), "batch_size": a.batch_size, "device": a.device,
+                                    "limit": a.limit}})
 
 
 if __name__ == "__main__":

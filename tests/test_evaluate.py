@@ -12,6 +12,7 @@ from dsv3_min.evaluate import (
     TASKS,
     add_eval_arguments,
     encode_pair,
+    encode_pairs,
     evaluate,
     expand_tasks,
     load_for_eval,
@@ -200,6 +201,7 @@ def test_encode_pair_is_hflms():
              ("He is", " ripping level tiles off."), ("Q: why?\n", "A: because")]
     for ctx, cont in cases:
         assert encode_pair(enc, ctx, cont) == HFLM._encode_pair(peer, ctx, cont), (ctx, cont)
+    assert encode_pairs(tok, cases) == [HFLM._encode_pair(peer, c, x) for c, x in cases]
     split = [(enc(c), enc(x)[1:]) for c, x in cases]   # the naive split differs on some of them
     assert split != [encode_pair(enc, c, x) for c, x in cases]
     with pytest.raises(ValueError, match="empty context"):

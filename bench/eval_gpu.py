@@ -22,6 +22,7 @@ import argparse
 import json
 import lzma
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 CARRY = ROOT / ".device_carry" / "eval"
+TRAIN_DIR = Path("/tmp/eval_gpu_train")   # outside $OUT: checkpoints must not travel back
 ALL_TASKS = ("hellaswag,arc_easy,arc_challenge,piqa,winogrande,openbookqa,boolq,sciq,social_iqa,commonsense_qa,copa,"
              "rte,sst2,mrpc,cb,mmlu")
 
@@ -95,9 +97,14 @@ def run(out: Path, budget: float, tasks: str, batch_size: int) -> None:
     out = out / "eval_gpu"
     out.mkdir(parents=True, exist_ok=True)
     data, meta = gpu_runs.load_data()
-    summary = gpu_runs.train_one("main", {**gpu_runs.MAIN, "time_budget": budget}, out, data)
+    summary = gpu_runs.train_one("main", {**gpu_runs.MAIN, "time_budget": budget}, TRAIN_DIR, data)
+    if "error" in summary:
+        raise SystemExit(f"training failed, nothing to evaluate: {summary['error']}")
+    for f in (TRAIN_DIR / "main").iterdir():      # the logs come back in $OUT, the weights stay on the machine
+        if f.is_file():
+            shutil.copy(f, out / f"train_{f.name}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_for_eval(out / "main", device)
+    model, tok = load_for_eval(TRAIN_DIR / "main", device)
     r = evaluate_all(model, tok, tasks, batch_size, amp=device == "cuda")
     print(format_table(r))
     write(out / "eval_gpu.json", r, {"config": {"model": "dsv3_min gpu-small", "budget_s": budget,

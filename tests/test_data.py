@@ -252,6 +252,26 @@ def test_pack_cache_miss_then_hit(tmp_path):
     assert leftovers == []
 
 
+@pytest.mark.parametrize("damage", ["truncate train.bin", "bad json", "delete val.bin"])
+def test_pack_rebuilds_a_broken_cache(tmp_path, damage):
+    """A cache whose files do not match its sidecar (a truncated .bin, an unparsable meta.json, a missing file) is
+    not trusted: pack warns naming the folder and rebuilds it, giving the same tokens as the first pack."""
+    corpus = _small_corpus()
+    first = pack(corpus, ByteTokenizer(), cache_dir=tmp_path)
+    expected = np.asarray(first.train).copy()
+    if damage == "truncate train.bin":
+        (first.path / "train.bin").write_bytes((first.path / "train.bin").read_bytes()[:-2])
+    elif damage == "bad json":
+        (first.path / "meta.json").write_text('{"format": 1,')
+    else:
+        (first.path / "val.bin").unlink()
+    with pytest.warns(UserWarning, match=f"{first.path.name}: broken packed cache"):
+        again = pack(corpus, ByteTokenizer(), cache_dir=tmp_path)
+    assert not again.from_cache and again.path == first.path
+    np.testing.assert_array_equal(np.asarray(again.train), expected)
+    assert pack(corpus, ByteTokenizer(), cache_dir=tmp_path).from_cache
+
+
 def test_pack_dtype_follows_vocab_size(tmp_path):
     """Vocabularies up to 65,536 ids pack as uint16, larger ones as uint32."""
     corpus = _small_corpus()
@@ -309,14 +329,16 @@ def test_val_batches_walk_the_stream_in_order():
 
 
 @settings(max_examples=50, deadline=None)
-@given(n=st.integers(11, 3000), batch_size=st.integers(1, 8), seq_len=st.integers(1, 40), max_batches=st.integers(1, 6))
-def test_val_subset_is_spread_over_the_whole_split(n, batch_size, seq_len, max_batches):
+@given(extra=st.integers(0, 3000), batch_size=st.integers(1, 8), seq_len=st.integers(1, 40),
+       max_batches=st.integers(1, 6))
+def test_val_subset_is_spread_over_the_whole_split(extra, batch_size, seq_len, max_batches):
     """A periodic evaluation of `max_batches` batches scores distinct whole windows spread from the first to the last
-    window of the split (not just its head), and equals the full walk when that is no longer."""
+    window of the split (not just its head), and equals the full walk when that is no longer. Every drawn split has
+    at least one window (n >= seq_len + 1), so no example passes without checking anything."""
+    n = seq_len + 1 + extra
     tokens = np.arange(n, dtype=np.int64)
     n_windows = (n - 1) // seq_len
-    if n_windows == 0:
-        return
+    assert n_windows >= 1
     batches = list(iter_val_batches(tokens, batch_size, seq_len, max_batches))
     starts = torch.cat([x[:, 0] for x, _ in batches]).tolist()
     assert all(s % seq_len == 0 for s in starts) and starts == sorted(set(starts))  # distinct aligned windows
@@ -326,3 +348,10 @@ def test_val_subset_is_spread_over_the_whole_split(n, batch_size, seq_len, max_b
         assert starts[0] == 0 and (len(starts) == 1 or starts[-1] == (n_windows - 1) * seq_len)
     else:
         assert starts == [w * seq_len for w in range(n_windows)]
+
+
+@pytest.mark.parametrize("n,seq_len", [(0, 4), (1, 4), (4, 4), (10, 16)])
+def test_val_batches_without_a_window_raise(n, seq_len):
+    """A split shorter than one window (n < seq_len + 1) is an error naming both lengths, not an empty evaluation."""
+    with pytest.raises(ValueError, match=f"{seq_len + 1} tokens, got {n}"):
+        list(iter_val_batches(np.arange(n, dtype=np.int64), 2, seq_len))

@@ -82,8 +82,8 @@ def _checkpoint(path, tok):
     with torch.no_grad():   # a non-trivial router bias, so that routing differs from plain top-k
         for m in model.moe_layers():
             m.gate.e_score_correction_bias.normal_(0, 0.1)
+    tok.save(path)   # first: a tokenizer's save refuses a folder that holds other files
     save_pretrained(model, path)
-    tok.save(path)
     return path
 
 

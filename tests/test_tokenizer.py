@@ -200,6 +200,27 @@ def test_save_load_roundtrip(tok, tmp_path):
         Tokenizer.load(tmp_path)
 
 
+def test_save_is_atomic_and_replaces_whole_folder(tok, small_corpus, tmp_path, monkeypatch):
+    """Saving over a tokenizer folder replaces it whole (no stale file of the old one); a save that crashes midway
+    (the HF export raising) leaves the previous tokenizer intact and no temporary; a folder holding other files is
+    refused with a one-line error instead of being replaced."""
+    path = tok.save(tmp_path / "tok")
+    (path / "tokenizer.json").unlink()                    # the old folder differs from what a save writes
+    other = train_tokenizer(small_corpus, vocab_size=400)
+    monkeypatch.setattr(SentencePieceTokenizer, "to_hf", lambda self: (_ for _ in ()).throw(OSError(28, "disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        other.save(path)
+    monkeypatch.undo()
+    assert Tokenizer.load(path).fingerprint == tok.fingerprint and sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+    other.save(path)
+    assert Tokenizer.load(path).fingerprint == other.fingerprint and (path / "tokenizer.json").exists()
+    (tmp_path / "run" / "model.safetensors").parent.mkdir()
+    (tmp_path / "run" / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ValueError, match=r"run holds files that are not a tokenizer's \(model.safetensors\)"):
+        tok.save(tmp_path / "run")
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == b"weights"
+
+
 def test_training_is_deterministic_and_checks_vocab(small_corpus, tok):
     """Training twice on the same text gives the identical model; a vocabulary too small for the fixed
     262 special/byte tokens is a ValueError."""
@@ -219,6 +240,17 @@ def test_get_tokenizer_trains_once_then_loads(small_corpus, tmp_path, monkeypatc
     monkeypatch.setattr(tokmod, "train_tokenizer", no_training)
     second = get_tokenizer(small_corpus, vocab_size=400, cache_dir=tmp_path)
     assert second.fingerprint == first.fingerprint and second.vocab_size == 400
+
+
+def test_get_tokenizer_retrains_a_broken_cache(small_corpus, tmp_path):
+    """A cached tokenizer.model that no longer parses is retrained (same model: training is deterministic) with a
+    one-line warning naming the cache folder, instead of a SentencePiece traceback."""
+    first = get_tokenizer(small_corpus, vocab_size=400, cache_dir=tmp_path)
+    (folder,) = (tmp_path / "tokenizers").iterdir()
+    (folder / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.warns(UserWarning, match=f"{folder.name}: broken cached tokenizer") as w:
+        again = get_tokenizer(small_corpus, vocab_size=400, cache_dir=tmp_path)
+    assert again.fingerprint == first.fingerprint and "\n" not in str(w[0].message)
 
 
 def test_tokenizer_stats(tok, small_corpus):

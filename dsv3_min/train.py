@@ -472,8 +472,8 @@ def _last_val(metrics: Path) -> tuple[float | None, float | None]:
 def write_summary(r: TrainResult, tc: TrainConfig, device: torch.device) -> dict:
     "Write `run_dir/summary.json`: steps, tokens, seconds, tokens/s, final val bits/byte and the machine."
     tokens = r.step * tc.batch_size * tc.seq_len * tc.grad_accum
-    s = dict(stopped=r.stopped, steps=r.step, tokens=tokens, seconds=round(r.seconds, 3),
-             tokens_per_s=round(tokens / r.seconds, 1) if r.seconds else None, val_loss=r.val_loss,
+    s = dict(stopped=r.stopped, steps=r.step, tokens=tokens, seconds=r.seconds,
+             tokens_per_s=tokens / r.seconds if r.seconds else None, val_loss=r.val_loss,
              val_bits_per_byte=r.val_bpb, checkpoint=r.checkpoint.name if r.checkpoint else None,
              machine=dict(cpu_cores=os.cpu_count(), torch_threads=tc.threads or torch.get_num_threads(),
                           torch=torch.__version__, device=str(device),

@@ -3,13 +3,24 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_config
 from safetensors.torch import load_file
 
+from conftest import tiny_config
 from dsv3_min.hf import save_pretrained
-from dsv3_min.lora import (ADAPTER_WEIGHTS, DEFAULT_TARGETS, LoRALinear, apply_lora, load_adapter, lora_layers,
-                           merge_and_unload, merge_lora, parse_targets, save_adapter, trainable_parameters,
-                           unmerge_lora)
+from dsv3_min.lora import (
+    ADAPTER_WEIGHTS,
+    DEFAULT_TARGETS,
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_layers,
+    merge_and_unload,
+    merge_lora,
+    parse_targets,
+    save_adapter,
+    trainable_parameters,
+    unmerge_lora,
+)
 from dsv3_min.model import DeepSeekV3
 
 

@@ -1,5 +1,7 @@
-"""ModelConfig: validation, presets, Hugging Face round trip, and parameter counts."""
+"""ModelConfig: typed validation, presets, Hugging Face round trip (unknown keys refused), and parameter counts."""
+import dataclasses
 import json
+import math
 
 import pytest
 from hypothesis import given, settings
@@ -7,7 +9,7 @@ from hypothesis import strategies as st
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from conftest import tiny_config
-from dsv3_min.config import PRESETS, ModelConfig, count_params, get_preset
+from dsv3_min.config import PRESETS, ModelConfig, check_names, count_params, get_preset, rule, validate_fields
 
 
 @pytest.mark.parametrize("kw,field", [
@@ -31,14 +33,160 @@ def test_bad_values_raise_naming_the_field(kw, field):
         ModelConfig(**kw)
 
 
+@pytest.mark.parametrize("kw,message", [
+    (dict(rms_norm_eps="1e-6"), "ModelConfig.rms_norm_eps='1e-6': must be a float > 0"),
+    (dict(rms_norm_eps="abc"), "ModelConfig.rms_norm_eps='abc': must be a float > 0"),
+    (dict(rms_norm_eps=math.nan), "ModelConfig.rms_norm_eps=nan: must be a float > 0"),
+    (dict(rope_theta=math.inf), "ModelConfig.rope_theta=inf: must be a float > 0"),
+    (dict(routed_scaling_factor=True), "ModelConfig.routed_scaling_factor=True: must be a float > 0"),
+    (dict(mtp_loss_weight=-0.5), "ModelConfig.mtp_loss_weight=-0.5: must be a float >= 0"),
+    (dict(gated_attention="abc"), "ModelConfig.gated_attention='abc': must be true or false"),
+    (dict(tie_word_embeddings="maybe"), "ModelConfig.tie_word_embeddings='maybe': must be true or false"),
+    (dict(norm_topk_prob=1), "ModelConfig.norm_topk_prob=1: must be true or false"),
+    (dict(attention_bias="false"), "ModelConfig.attention_bias='false': must be true or false"),
+    (dict(num_hidden_layers=True), "ModelConfig.num_hidden_layers=True: must be a positive integer"),
+    (dict(num_hidden_layers=4.0), "ModelConfig.num_hidden_layers=4.0: must be a positive integer"),
+    (dict(num_hidden_layers="4"), "ModelConfig.num_hidden_layers='4': must be a positive integer"),
+    (dict(n_shared_experts=-1), "ModelConfig.n_shared_experts=-1: must be a non-negative integer"),
+    (dict(eos_token_id="abc"), "ModelConfig.eos_token_id='abc': must be a non-negative integer or None"),
+    (dict(attention="gqa", num_key_value_heads="abc"), "ModelConfig.num_key_value_heads='abc': must be a positive integer or None"),
+    (dict(q_lora_rank=-3), "ModelConfig.q_lora_rank=-3: must be a non-negative integer or None"),
+    (dict(hidden_act="gelu"), "ModelConfig.hidden_act='gelu': must be one of ('silu',)"),
+    (dict(attn_backend=None), "ModelConfig.attn_backend=None: must be one of ('eager', 'sdpa', 'flash', 'flash_attn')"),
+    (dict(rope_scaling="abc"), "ModelConfig.rope_scaling='abc': must be a dict or None"),
+    (dict(rope_scaling={"type": "yarn", "factr": 40}), "unknown key 'factr' (did you mean 'factor'?)"),
+    (dict(rope_scaling={"type": "yarn", "factor": "40", "original_max_position_embeddings": 4096}),
+     "factor must be a finite number, got '40'"),
+    (dict(rope_scaling={"type": 2}), "type must be a string"),
+])
+def test_wrongly_typed_values_give_one_line_errors(kw, message):
+    """Each field is checked by its declared type before use: floats refuse strings, bools and nan/inf; bools accept
+    only True/False (never a truthy string); ints refuse bools, floats and strings; rope_scaling is None or a dict of
+    known numeric keys. The error is one line naming class, field and value."""
+    with pytest.raises(ValueError) as e:
+        ModelConfig(**kw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    field = next(iter(kw)) if len(kw) == 1 else "num_key_value_heads"
+    assert str(e.value).startswith(f"ModelConfig.{field}=")
+
+
+def test_valid_numbers_are_accepted():
+    """An int where a float is declared is fine, and so is None for optional ints: the checks are not too strict."""
+    c = ModelConfig(rms_norm_eps=1, rope_theta=10000, pad_token_id=None, q_lora_rank=None,
+                    rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 4096})
+    assert c.rms_norm_eps == 1 and c.rope_scaling["factor"] == 4.0
+
+
+def test_validate_fields_on_any_dataclass():
+    """validate_fields works for any dataclass declared with `rule` (the training config shares it): ranges, choices,
+    regex patterns, optional types and custom checks, each with a one-line error naming class and field."""
+    @dataclasses.dataclass
+    class Knobs:
+        lr: float = rule(1e-3, gt=0)
+        frac: float = rule(0.5, ge=0, le=1)
+        device: str = rule("auto", pattern=r"auto|cpu|cuda(:\d+)?")
+        steps: int | None = None
+        flag: bool = False
+        name: str = rule("a", check=lambda v: None if v.isalpha() else "must be letters only")
+
+    validate_fields(Knobs(lr=2, device="cuda:1", steps=3))
+    for kw, msg in [(dict(frac=1.5), "Knobs.frac=1.5: must be a float in [0, 1]"),
+                    (dict(device="banana"), "Knobs.device='banana': must be a string matching 'auto|cpu|cuda(:\\d+)?'"),
+                    (dict(steps=2.5), "Knobs.steps=2.5: must be an integer or None"),
+                    (dict(flag="yes"), "Knobs.flag='yes': must be true or false"),
+                    (dict(name="a1"), "Knobs.name='a1': must be letters only"),
+                    (dict(lr="abc"), "Knobs.lr='abc': must be a float > 0")]:
+        with pytest.raises(ValueError) as e:
+            validate_fields(Knobs(**kw))
+        assert str(e.value) == msg
+
+
 def test_replace_and_from_dict_reject_unknown_fields():
-    """Unknown field names are refused with the list of valid ones (CLI --set relies on this)."""
-    with pytest.raises(ValueError, match="unknown ModelConfig field.*valid"):
+    """Unknown field names are refused in one line naming the closest valid name (CLI --set and state.json rely on this)."""
+    with pytest.raises(ValueError, match=r"unknown ModelConfig field 'hiden_size' \(did you mean 'hidden_size'\?\); valid"):
         PRESETS["cpu-tiny"].replace(hiden_size=3)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="unknown ModelConfig field 'nope'; valid: vocab_size"):
         ModelConfig.from_dict({"nope": 1})
+    with pytest.raises(ValueError, match="unknown ModelConfig fields 'num_hiden_layers' .*'rms_eps' \\(did you mean 'rms_norm_eps'"):
+        ModelConfig.from_dict({"num_hiden_layers": 4, "rms_eps": 1e-6})
+    with pytest.raises(ValueError, match="must be a float > 0"):
+        ModelConfig.from_dict({**tiny_config().to_dict(), "rms_norm_eps": "1e-6"})
     with pytest.raises(ValueError, match="available"):
         get_preset("gpu-huge")
+    check_names("X", {"a": 1}, ["a", "b"])   # known names pass
+
+
+def _deepseek_config_json() -> dict:
+    """DeepSeek-V3's own config.json (its spelling and extra keys: auto_map, quantization_config, ep_size, ...)."""
+    return {"architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+            "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                         "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                         "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+            "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
+            "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
+            "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
+            "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+            "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+            "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
+            "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+            "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                    "weight_block_size": [128, 128]},
+            "rms_norm_eps": 1e-06, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                                    "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                                                    "type": "yarn"},
+            "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
+            "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
+            "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280}
+
+
+def test_real_config_json_spellings_load():
+    """DeepSeek's own config.json and transformers' DeepseekV3Config(...).to_dict() / to_json_string() (with all their
+    bookkeeping keys) load: the known-ignored keys are allowed, nothing else is."""
+    assert ModelConfig.from_hf(_deepseek_config_json()) == PRESETS["deepseek-v3"]
+    cfg = tiny_config(attention="gqa", num_key_value_heads=2)
+    hf = DeepseekV3Config(**cfg.to_hf())
+    assert ModelConfig.from_hf(hf.to_dict()) == cfg
+    assert ModelConfig.from_hf(json.loads(hf.to_json_string())) == cfg
+    assert ModelConfig.from_hf(hf) == cfg
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_hiden_layers": 4}, "unknown config.json field 'num_hiden_layers' (did you mean 'num_hidden_layers'?)"),
+    ({"rms_norm_eps": "1e-6"}, "ModelConfig.rms_norm_eps='1e-6': must be a float > 0"),
+    ({"scoring_func": "softmax"}, "config.json scoring_func='softmax' is not supported"),
+    ({"rope_interleave": False}, "config.json rope_interleave=False is not supported"),
+    ({"dsv3_min": {"atention": "gqa"}}, "unknown config.json 'dsv3_min' field 'atention' (did you mean 'attention'?)"),
+    ({"rope_theta": "abc"}, "ModelConfig.rope_theta='abc': must be a float > 0"),
+])
+def test_bad_config_json_gives_one_line_error(change, message):
+    """A typo, a wrongly typed value or an unsupported V3 variant in config.json stops the load in one line."""
+    with pytest.raises(ValueError) as e:
+        ModelConfig.from_hf({**_deepseek_config_json(), **change})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_to_json_returns_only_a_string():
+    """to_json returns the JSON text (it writes nothing: files.write_json does that) and from_dict reads it back."""
+    import inspect
+    cfg = tiny_config()
+    assert list(inspect.signature(ModelConfig.to_json).parameters) == ["self"]
+    assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_test_tiny_and_dense_presets():
+    """`test-tiny` is the tests' tiny config (counts as in transformers, checked below); `gpu-small-dense` is GQA +
+    SwiGLU in every layer whose per-token parameters match gpu-small's active ones within 0.5%."""
+    tiny, small, dense = PRESETS["test-tiny"], PRESETS["gpu-small"], PRESETS["gpu-small-dense"]
+    assert tiny == tiny_config() and tiny.vocab_size == 97 and tiny.attn_backend == "eager"
+    assert count_params(tiny) == count_params(tiny_config())
+    assert dense.attention == "gqa" and dense.num_key_value_heads == 4 and not any(
+        dense.is_moe_layer(i) for i in range(dense.num_hidden_layers))
+    pd, ps = count_params(dense), count_params(small)
+    assert pd.total == pd.active and abs(pd.active - ps.active) / ps.active < 0.005
+    m = DeepseekV3ForCausalLM(DeepseekV3Config(**tiny.to_hf()))
+    n = sum(p.numel() for p in m.parameters()) + sum(
+        b.numel() for k, b in m.named_buffers() if k.endswith("e_score_correction_bias"))
+    assert count_params(tiny).total == n
 
 
 def test_q_lora_rank_zero_means_none():
@@ -81,7 +229,7 @@ def test_671b_parameter_counts():
 
 
 def test_gpu_small_is_the_baseline_shape():
-    """gpu-small is the 284M-parameter shape of shared/reference/baselines.md."""
+    """gpu-small is the 284M-parameter shape of the transformers baseline in docs/reference.md."""
     c = PRESETS["gpu-small"]
     assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.n_routed_experts, c.q_lora_rank) == (32000, 1024, 8, 16, 384)
     assert round(count_params(c).total / 1e6) == 284

@@ -309,14 +309,16 @@ def test_val_batches_walk_the_stream_in_order():
 
 
 @settings(max_examples=50, deadline=None)
-@given(n=st.integers(11, 3000), batch_size=st.integers(1, 8), seq_len=st.integers(1, 40), max_batches=st.integers(1, 6))
-def test_val_subset_is_spread_over_the_whole_split(n, batch_size, seq_len, max_batches):
+@given(extra=st.integers(0, 3000), batch_size=st.integers(1, 8), seq_len=st.integers(1, 40),
+       max_batches=st.integers(1, 6))
+def test_val_subset_is_spread_over_the_whole_split(extra, batch_size, seq_len, max_batches):
     """A periodic evaluation of `max_batches` batches scores distinct whole windows spread from the first to the last
-    window of the split (not just its head), and equals the full walk when that is no longer."""
+    window of the split (not just its head), and equals the full walk when that is no longer. Every drawn split has
+    at least one window (n >= seq_len + 1), so no example passes without checking anything."""
+    n = seq_len + 1 + extra
     tokens = np.arange(n, dtype=np.int64)
     n_windows = (n - 1) // seq_len
-    if n_windows == 0:
-        return
+    assert n_windows >= 1
     batches = list(iter_val_batches(tokens, batch_size, seq_len, max_batches))
     starts = torch.cat([x[:, 0] for x, _ in batches]).tolist()
     assert all(s % seq_len == 0 for s in starts) and starts == sorted(set(starts))  # distinct aligned windows
@@ -326,3 +328,10 @@ def test_val_subset_is_spread_over_the_whole_split(n, batch_size, seq_len, max_b
         assert starts[0] == 0 and (len(starts) == 1 or starts[-1] == (n_windows - 1) * seq_len)
     else:
         assert starts == [w * seq_len for w in range(n_windows)]
+
+
+@pytest.mark.parametrize("n,seq_len", [(0, 4), (1, 4), (4, 4), (10, 16)])
+def test_val_batches_without_a_window_raise(n, seq_len):
+    """A split shorter than one window (n < seq_len + 1) is an error naming both lengths, not an empty evaluation."""
+    with pytest.raises(ValueError, match=f"{seq_len + 1} tokens, got {n}"):
+        list(iter_val_batches(np.arange(n, dtype=np.int64), 2, seq_len))

@@ -1,6 +1,6 @@
 """Fine-tuning experiment on one GPU (issue 19): full vs LoRA r 8/16/64 vs QLoRA r16 under equal wall-clock.
 
-One call does everything, in about 8 minutes on one H200:
+One call does everything, in about 7 minutes on one H200 (estimate; not yet run on a GPU):
 1. pre-trains the `gpu-small` preset (vocabulary 8192) on Shakespeare for `--pretrain-seconds` (the base);
 2. adapts that base to `python-stdlib` with each method for `--method-seconds` of training each;
 3. writes `OUT/finetune.json`: per method the trainable parameters, weight bytes, peak GPU memory, tokens/s,
@@ -35,8 +35,8 @@ METHODS = [("full", None), ("lora", 8), ("lora", 16), ("lora", 64), ("qlora", 16
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output directory (finetune.json, finetune.png, the runs)")
-    ap.add_argument("--pretrain-seconds", type=float, default=150.0)
-    ap.add_argument("--method-seconds", type=float, default=45.0)
+    ap.add_argument("--pretrain-seconds", type=float, default=120.0)
+    ap.add_argument("--method-seconds", type=float, default=40.0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--device", default="cuda")

@@ -15,6 +15,7 @@ from dsv3_min.finetune import (
     build_docstring_qa,
     configs_from_args,
     finetune,
+    run_finetune,
     sft_tokens,
 )
 from dsv3_min.lora import load_adapter
@@ -119,3 +120,19 @@ def test_docstring_qa_is_held_out_by_module_and_masks_the_answer(base_and_domain
     answer = val[0][1][-1]["content"]
     first = tok.encode(answer)
     assert [int(i) for i in ids[mask][: len(first)]] == first  # the first masked-in tokens are the answer
+
+
+def test_run_finetune_command(base_and_domain, tmp_path, capsys):
+    """run_finetune (the CLI subcommand's body) fine-tunes from parsed args, prints one summary line, writes
+    finetune.json and a peft adapter; a second run into the same --out without --resume is refused."""
+    base, dom, base_corpus = base_and_domain
+    argv = ["--ckpt", str(base), "--corpus", str(dom), "--out", str(tmp_path / "cli"), "--method", "qlora",
+            "--no-progress", "--set", "lora_r=2", f"base_corpus={base_corpus}", "max_steps=2", "batch_size=2",
+            "seq_len=16", "eval_every=2", "eval_batches=1", "final_eval_batches=1", "threads=1", "device=cpu"]
+    args = add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv)
+    assert run_finetune(args) == 0
+    assert "qlora:" in capsys.readouterr().out.splitlines()[-1]
+    assert (tmp_path / "cli" / "finetune.json").exists()
+    assert (tmp_path / "cli" / "adapter" / "adapter_config.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_finetune(args)

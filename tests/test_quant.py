@@ -115,3 +115,25 @@ def test_bad_input_raises():
         nf4_quantize(torch.randn(8), block_size=7)
     with pytest.raises(ValueError, match="2-D"):
         NF4Linear(nf4_quantize(torch.randn(4, 4, 4)))
+
+
+def test_nf4_linear_keeps_no_dequantized_weight_for_backward():
+    """NF4Linear's input gradient equals F.linear's on the dequantized weight, and autograd saves no (out, in) tensor
+    between forward and backward (the weight is dequantized again in the backward)."""
+    torch.manual_seed(5)
+    layer = NF4Linear.from_linear(torch.nn.Linear(96, 40))
+    x = torch.randn(3, 96, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert (40, 96) not in saved
+    g = torch.randn_like(y)
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, layer.weight, layer.bias).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=0)

@@ -32,7 +32,9 @@ def _adapted(targets=None, seed=0):
     apply_lora(model, r=4, alpha=8, targets=targets)
     with torch.no_grad():
         for m in lora_layers(model).values():
-            m.lora_B.weight.normal_(std=0.05)
+            for suffix, t in m.adapter_tensors().items():
+                if "lora_B" in suffix:
+                    t.normal_(std=0.05)
     return model, base_sd, torch.randint(0, model.config.vocab_size, (2, 12))
 
 
@@ -80,10 +82,10 @@ def test_starts_equal_to_the_base():
 
 def test_base_stays_bit_identical_after_training():
     """AdamW with weight decay for a few steps moves only the adapters: every base tensor is bit-identical after."""
-    model, base_sd, ids = _adapted(targets="all")
+    model, base_sd, ids = _adapted(targets="all,experts")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    lora_before = {n: m.lora_A.weight.clone() for n, m in lora_layers(model).items()}
+    lora_before = {n: {k: t.clone() for k, t in m.adapter_tensors().items()} for n, m in lora_layers(model).items()}
     for _ in range(3):
         loss = model.loss(ids[:, :-1], ids[:, 1:]).loss
         opt.zero_grad()
@@ -92,14 +94,15 @@ def test_base_stays_bit_identical_after_training():
     sd = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
     assert sd.keys() == base_sd.keys()
     assert all(torch.equal(sd[k], base_sd[k]) for k in base_sd)
-    assert all(not torch.equal(m.lora_A.weight, lora_before[n]) for n, m in lora_layers(model).items())
+    assert all(not torch.equal(t, lora_before[n][k]) for n, m in lora_layers(model).items()
+               for k, t in m.adapter_tensors().items())
     trainable, total = trainable_parameters(model)
-    assert trainable == sum(m.lora_A.weight.numel() + m.lora_B.weight.numel() for m in lora_layers(model).values())
+    assert trainable == sum(t.numel() for m in lora_layers(model).values() for t in m.adapter_tensors().values())
 
 
 def test_merge_unmerge_exact_to_fp32_rounding(tmp_path):
     """merge() gives the adapted logits, unmerge() the base weights back, both to fp32 rounding; merged saves plain."""
-    model, base_sd, ids = _adapted(targets="all")
+    model, base_sd, ids = _adapted(targets="all,experts")
     with torch.no_grad():
         ref = model(ids)
         merge_lora(model)
@@ -118,7 +121,7 @@ def test_merge_unmerge_exact_to_fp32_rounding(tmp_path):
 
 def test_load_adapter_round_trip_and_mismatch(tmp_path):
     """load_adapter on a fresh base reproduces the logits bit for bit; an adapter for another shape raises."""
-    model, base_sd, ids = _adapted(targets="all")
+    model, base_sd, ids = _adapted(targets="all,experts")
     save_adapter(model, tmp_path / "a")
     fresh = DeepSeekV3(model.config).eval()
     fresh.load_state_dict(base_sd)
@@ -143,3 +146,27 @@ def test_bad_arguments_raise():
     m.merge()
     with pytest.raises(RuntimeError, match="already merged"):
         m.merge()
+
+
+def test_expert_adapters_equal_the_per_expert_formula():
+    """LoRAExperts: the grouped path with adapters equals the loop reference on W_e + (α/r)·B_e·A_e for each expert,
+    and the expert adapters receive gradients (the base stacks do not)."""
+    from dsv3_min.lora import LoRAExperts
+    model, _, ids = _adapted(targets="experts")
+    exp = next(m for m in lora_layers(model).values() if isinstance(m, LoRAExperts))
+    assert set(lora_layers(model)) == {"layers.1.mlp.experts", "layers.2.mlp.experts"}
+    x = torch.randn(10, model.config.hidden_size)
+    idx = torch.randint(0, exp.n_experts, (10, 2))
+    w = torch.rand(10, 2)
+    want = torch.zeros(10, model.config.hidden_size)
+    for t in range(10):
+        for j in range(2):
+            e = int(idx[t, j])
+            gu = exp.base_layer.gate_up_proj[e] + 2.0 * exp.gate_up_proj_lora_B[e] @ exp.gate_up_proj_lora_A[e]
+            dn = exp.base_layer.down_proj[e] + 2.0 * exp.down_proj_lora_B[e] @ exp.down_proj_lora_A[e]
+            g, u = (gu @ x[t]).chunk(2)
+            want[t] += w[t, j] * (dn @ (torch.nn.functional.silu(g) * u))
+    got = exp(x, w, idx)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.square().sum().backward()
+    assert exp.gate_up_proj_lora_A.grad is not None and exp.base_layer.gate_up_proj.grad is None

@@ -243,6 +243,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'dsv3_min.lora.LoRALinear.reset_lora': ('lora.html#loralinear.reset_lora', 'dsv3_min/lora.py'),
                                'dsv3_min.lora.LoRALinear.unmerge': ('lora.html#loralinear.unmerge', 'dsv3_min/lora.py'),
                                'dsv3_min.lora.LoRALinear.weight': ('lora.html#loralinear.weight', 'dsv3_min/lora.py'),
+                               'dsv3_min.lora._our_metadata': ('lora.html#_our_metadata', 'dsv3_min/lora.py'),
                                'dsv3_min.lora._peft_key': ('lora.html#_peft_key', 'dsv3_min/lora.py'),
                                'dsv3_min.lora._targeted': ('lora.html#_targeted', 'dsv3_min/lora.py'),
                                'dsv3_min.lora.adapter_config': ('lora.html#adapter_config', 'dsv3_min/lora.py'),

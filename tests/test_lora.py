@@ -170,3 +170,33 @@ def test_expert_adapters_equal_the_per_expert_formula():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     got.square().sum().backward()
     assert exp.gate_up_proj_lora_A.grad is not None and exp.base_layer.gate_up_proj.grad is None
+
+
+def test_adapter_written_by_peft_loads_into_ours(tmp_path):
+    """An adapter made and saved by peft (get_peft_model + save_pretrained on transformers' model) loads with
+    load_adapter onto our model and gives peft's logits (1e-5 of the largest logit)."""
+    peft = pytest.importorskip("peft")
+    from transformers import DeepseekV3ForCausalLM
+
+    from dsv3_min.hf import from_pretrained
+    torch.manual_seed(3)
+    base = DeepSeekV3(tiny_config()).eval()
+    save_pretrained(base, tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "base")
+        pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_b_proj", "kv_b_proj",
+                                                                                          "o_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    pm.save_pretrained(tmp_path / "peft_adapter")
+    ids = torch.randint(0, base.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        theirs = pm.eval()(ids).logits
+        ours = load_adapter(from_pretrained(tmp_path / "base").eval(), tmp_path / "peft_adapter")
+        assert sorted({n.rsplit(".", 1)[-1] for n in lora_layers(ours)}) == ["kv_b_proj", "o_proj", "q_b_proj"]
+        got = ours(ids)
+    assert (got - base(ids)).abs().max() > 1e-2 * got.abs().max()
+    assert (got - theirs).abs().max() <= 1e-5 * got.abs().max()

@@ -1,0 +1,138 @@
+"""The fine-tuning driver (dsv3_min.finetune) on a tiny base run (NOT a real model size): methods, evals, resume."""
+import argparse
+import random
+
+import pytest
+import torch
+from _tiny_run import tiny_corpus_fixture, train_argv  # noqa: F401 (fixture)
+from safetensors.torch import load_file
+
+from dsv3_min.__main__ import main
+from dsv3_min.checkpoint import latest_checkpoint, load_trained
+from dsv3_min.finetune import (
+    FinetuneConfig,
+    add_finetune_arguments,
+    build_docstring_qa,
+    configs_from_args,
+    finetune,
+    run_finetune,
+    sft_tokens,
+)
+from dsv3_min.lora import load_adapter
+from dsv3_min.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def base_and_domain(tiny_corpus, tmp_path_factory):
+    """A tiny base run trained 8 steps on the word-salad corpus, and a second corpus of code-like lines."""
+    base = tmp_path_factory.mktemp("base") / "run"
+    assert main(train_argv(tiny_corpus, "--out", str(base), "--set", "max_steps=8")) == 0
+    dom = tmp_path_factory.mktemp("domain")
+    words = "def return self import class for in if else None True x y len range print".split()
+    r = random.Random(1)
+    for i in range(10):
+        lines = [" ".join(r.choice(words) for _ in range(r.randint(3, 8))) + ":" for _ in range(60)]
+        (dom / f"mod{i:02d}.py").write_text("\n".join(lines) + "\n")
+    return base, dom, tiny_corpus
+
+
+def _tc(**kw):
+    return TrainConfig(**{**dict(max_steps=8, batch_size=2, seq_len=16, warmup=2, eval_every=4, eval_batches=2,
+                                 final_eval_batches=2, ckpt_every=4, threads=1, device="cpu", lr=1e-2), **kw})
+
+
+def _run(base_and_domain, out, method="lora", **kw):
+    base, dom, base_corpus = base_and_domain
+    fc = FinetuneConfig(method=method, lora_r=4, lora_alpha=8, lora_targets="all")
+    return finetune(base, str(dom), out, fc, _tc(**kw), base_corpus=str(base_corpus), progress=False, log=lambda *_: None)
+
+
+def test_lora_keeps_the_base_and_logs_gain_and_forgetting(base_and_domain, tmp_path):
+    """LoRA: the checkpointed base weights and router biases are bit-identical to the base run's, eval.jsonl has domain
+    and base bits/byte at step 0, 4 and 8, and the saved adapter on a fresh base reproduces the fine-tuned logits."""
+    r = _run(base_and_domain, tmp_path / "ft")
+    assert [e["step"] for e in r["evals"]] == [0, 4, 8]
+    assert all({"domain_val_bpb", "base_val_bpb"} <= e.keys() for e in r["evals"])
+    assert r["after"]["domain_val_bpb"] < r["before"]["domain_val_bpb"]
+    base_sd = load_file(str(latest_checkpoint(base_and_domain[0]) / "model.safetensors"))
+    ft_sd = load_file(str(latest_checkpoint(tmp_path / "ft") / "model.safetensors"))
+    plain = {k.replace(".base_layer", ""): v for k, v in ft_sd.items() if "lora_" not in k}
+    assert plain.keys() == base_sd.keys() and all(torch.equal(plain[k], base_sd[k]) for k in base_sd)
+    model, _ = load_trained(base_and_domain[0])
+    load_adapter(model, tmp_path / "ft" / "adapter")
+    tuned, _ = load_trained(base_and_domain[0])
+    from dsv3_min.finetune import prepare_model
+    prepare_model(tuned, FinetuneConfig(method="lora", lora_r=4, lora_alpha=8, lora_targets="all"))
+    tuned.load_state_dict({k: v for k, v in ft_sd.items()}, strict=False)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), tuned.eval()(ids))
+
+
+def test_resume_after_stop_equals_the_unbroken_run(base_and_domain, tmp_path):
+    """A LoRA fine-tune stopped after step 4 and resumed ends with exactly the adapter and evals of an unbroken run."""
+    _run(base_and_domain, tmp_path / "a")
+    _run(base_and_domain, tmp_path / "b", stop_at=4)
+    base, dom, base_corpus = base_and_domain
+    fc = FinetuneConfig(method="lora", lora_r=4, lora_alpha=8, lora_targets="all")
+    r = finetune(base, str(dom), tmp_path / "b", fc, _tc(), resume=True, base_corpus=str(base_corpus),
+                 progress=False, log=lambda *_: None)
+    a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["step"] for e in r["evals"]] == [0, 4, 8]
+    with pytest.raises(ValueError, match="different settings"):
+        finetune(base, str(dom), tmp_path / "b", FinetuneConfig(method="lora", lora_r=8), _tc(), resume=True,
+                 base_corpus=str(base_corpus), progress=False, log=lambda *_: None)
+
+
+def test_qlora_and_full(base_and_domain, tmp_path):
+    """QLoRA trains only adapters on a base with far fewer weight bytes than LoRA's; full trains every parameter."""
+    q = _run(base_and_domain, tmp_path / "q", "qlora")
+    lo = _run(base_and_domain, tmp_path / "l", "lora", max_steps=2, eval_every=2)
+    f = _run(base_and_domain, tmp_path / "f", "full", max_steps=2, eval_every=2)
+    assert q["trainable_params"] == lo["trainable_params"] and q["weight_bytes"] < 0.6 * lo["weight_bytes"]
+    assert q["after"]["domain_val_bpb"] < q["before"]["domain_val_bpb"]
+    assert f["trainable_params"] == f["total_params"] and f["adapter_layers"] == 0
+
+
+def test_cli_arguments():
+    """--set splits into FinetuneConfig and TrainConfig fields; model fields, bad values and unknown names raise."""
+    p = add_finetune_arguments(argparse.ArgumentParser())
+    args = p.parse_args(["--ckpt", "b", "--corpus", "c", "--out", "o", "--method", "qlora", "--time-budget", "30",
+                         "--set", "lora_r=8", "lora_alpha=16", "lr=1e-3", "lora_targets=attention,mlp"])
+    fc, tc = configs_from_args(args)
+    assert (fc.method, fc.lora_r, fc.lora_alpha, fc.lora_targets) == ("qlora", 8, 16.0, "attention,mlp")
+    assert (tc.lr, tc.time_budget) == (1e-3, 30.0)
+    for bad, msg in [("hidden_size=8", "shape comes from --ckpt"), ("lora_r=0", "lora_r"),
+                     ("lora_targets=router", "unknown module name"), ("lr=fast", "lr")]:
+        with pytest.raises(ValueError, match=msg):
+            configs_from_args(p.parse_args(["--ckpt", "b", "--corpus", "c", "--out", "o", "--set", bad]))
+
+
+def test_docstring_qa_is_held_out_by_module_and_masks_the_answer(base_and_domain):
+    """The SFT builder's train and val conversations come from disjoint modules; only assistant tokens are targets."""
+    train, val = build_docstring_qa(["json", "textwrap", "shlex", "fnmatch", "glob", "base64"], val_modules=["shlex"])
+    assert train and val and {m for m, _ in train}.isdisjoint({m for m, _ in val})
+    _, tok = load_trained(base_and_domain[0])
+    ids, mask = sft_tokens(tok, [c for _, c in val[:3]])
+    assert ids.shape == mask.shape and 0 < mask.sum() < mask.size
+    answer = val[0][1][-1]["content"]
+    first = tok.encode(answer)
+    assert [int(i) for i in ids[mask][: len(first)]] == first  # the first masked-in tokens are the answer
+
+
+def test_run_finetune_command(base_and_domain, tmp_path, capsys):
+    """run_finetune (the CLI subcommand's body) fine-tunes from parsed args, prints one summary line, writes
+    finetune.json and a peft adapter; a second run into the same --out without --resume is refused."""
+    base, dom, base_corpus = base_and_domain
+    argv = ["--ckpt", str(base), "--corpus", str(dom), "--out", str(tmp_path / "cli"), "--method", "qlora",
+            "--no-progress", "--set", "lora_r=2", f"base_corpus={base_corpus}", "max_steps=2", "batch_size=2",
+            "seq_len=16", "eval_every=2", "eval_batches=1", "final_eval_batches=1", "threads=1", "device=cpu"]
+    args = add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv)
+    assert run_finetune(args) == 0
+    assert "qlora:" in capsys.readouterr().out.splitlines()[-1]
+    assert (tmp_path / "cli" / "finetune.json").exists()
+    assert (tmp_path / "cli" / "adapter" / "adapter_config.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_finetune(args)

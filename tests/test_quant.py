@@ -1,0 +1,139 @@
+"""NF4 quantization (dsv3_min.quant): the levels, bit-equality with bitsandbytes, bits per parameter, QLoRA layer."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from dsv3_min.lora import LoRALinear
+from dsv3_min.quant import (
+    NF4_LEVELS,
+    NF4Linear,
+    NF4Tensor,
+    dynamic_levels_8bit,
+    nf4_dequantize,
+    nf4_quantize,
+    pack_nibbles,
+    unpack_nibbles,
+)
+
+warnings.filterwarnings("ignore", message=".*kernels.*")
+
+
+def test_levels_are_normal_quantiles():
+    """The 16 published NF4 levels equal the normal-quantile construction of QLoRA (δ = 0.9677083) to 1e-6."""
+    pos = torch.special.ndtri(torch.linspace(0.9677083, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(0.9677083, 0.5, 8, dtype=torch.float64)[:-1])
+    v = torch.cat([pos, neg, torch.zeros(1, dtype=torch.float64)]).sort().values
+    torch.testing.assert_close(NF4_LEVELS.double(), v / v.abs().max(), atol=1e-6, rtol=0)
+    assert NF4_LEVELS[7] == 0 and NF4_LEVELS[0] == -1 and NF4_LEVELS[-1] == 1
+
+
+@pytest.mark.parametrize("shape,dtype", [((64, 256), torch.float32), ((33, 70), torch.bfloat16),
+                                         ((5, 13), torch.float16), ((3, 7), torch.float32)])
+def test_nf4_bit_identical_to_bitsandbytes(shape, dtype):
+    """Without double quant: packed bytes, absmax and dequantized tensor equal bnb's quantize_4bit/dequantize_4bit."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(1)
+    w = (torch.randn(shape) * 0.05).to(dtype)
+    q = nf4_quantize(w, 64, double_quant=False)
+    packed, st = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    assert torch.equal(q.packed, packed.reshape(-1))
+    assert torch.equal(q.absmax, st.absmax)
+    out = nf4_dequantize(q)
+    assert out.dtype == dtype and out.shape == w.shape
+    assert torch.equal(out, bnbf.dequantize_4bit(packed, st, quant_type="nf4"))
+
+
+def test_double_quant_against_bitsandbytes():
+    """Double quant: offset and second-level scales equal bnb's; 8-bit codes equal except rare ±1 near-ties where ours
+    is the nearer level; with bnb's codes our dequantization equals bnb's bit for bit."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(2)
+    w = torch.randn(512, 1024) * 0.02
+    q = nf4_quantize(w, 64, double_quant=True)
+    packed, st = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(q.packed, packed.reshape(-1))
+    assert torch.equal(q.offset, st.offset) and torch.equal(q.absmax2, st.state2.absmax)
+    assert torch.equal(dynamic_levels_8bit(), st.state2.code)
+    ours, theirs = q.absmax.long(), st.absmax.long()
+    assert (ours != theirs).float().mean() < 0.01 and (ours - theirs).abs().max() <= 1
+    x = (nf4_quantize(w, 64, double_quant=False).absmax - q.offset) / q.absmax2.repeat_interleave(256)
+    lv = dynamic_levels_8bit()
+    assert ((x - lv[ours]).abs() <= (x - lv[theirs]).abs()).all()
+    mixed = NF4Tensor(q.packed, st.absmax, q.shape, q.dtype, 64, q.absmax2, q.offset)
+    assert torch.equal(nf4_dequantize(mixed), bnbf.dequantize_4bit(packed, st, quant_type="nf4"))
+
+
+def test_bits_per_parameter():
+    """Storage is 4 + 8/64 + 32/(64·256) bits per weight with double quant (≈4.127), 4 + 32/64 without."""
+    w = torch.randn(1024, 4096)
+    n = w.numel()
+    assert nf4_quantize(w).bits_per_parameter == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / n, abs=1e-12)
+    assert nf4_quantize(w, double_quant=False).bits_per_parameter == pytest.approx(4.5, abs=1e-12)
+    assert abs(nf4_quantize(w).bits_per_parameter - 4.127) < 1e-3
+
+
+def test_error_bound_and_nibbles():
+    """Each dequantized value is within half the widest NF4 gap times its block absmax; nibble packing round-trips."""
+    torch.manual_seed(3)
+    w = torch.randn(128, 64)
+    q = nf4_quantize(w, double_quant=False)
+    half_gap = (NF4_LEVELS[1:] - NF4_LEVELS[:-1]).max() / 2
+    bound = q.absmax.repeat_interleave(64).reshape(w.shape) * half_gap
+    assert ((nf4_dequantize(q) - w).abs() <= bound + 1e-7).all()
+    codes = torch.randint(0, 16, (11,))
+    assert torch.equal(unpack_nibbles(pack_nibbles(codes), 11), codes.to(torch.uint8))
+    assert pack_nibbles(torch.tensor([1, 2]))[0] == 0x12  # first element in the high nibble
+
+
+def test_qlora_layer_trains_only_the_adapter():
+    """LoRA on an NF4Linear: forward = dequantized W x + (α/r)BAx; only lora_A/B get gradients; codes never change."""
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(128, 32)
+    layer = LoRALinear(NF4Linear.from_linear(lin), r=4, alpha=8)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 128)
+    w = nf4_dequantize(nf4_quantize(lin.weight))
+    ref = x @ w.T + lin.bias + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=0)
+    assert sorted(n for n, p in layer.named_parameters() if p.requires_grad) == ["lora_A.weight", "lora_B.weight"]
+    before = layer.base_layer.packed.clone()
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.1)
+    layer(x).square().sum().backward()
+    opt.step()
+    assert torch.equal(layer.base_layer.packed, before)
+    assert layer.base_layer.n_quantized == 128 * 32 and math.isclose(layer.base_layer.quantized().bits_per_parameter,
+                                                                     layer.base_layer.quantized().nbytes * 8 / 4096)
+
+
+def test_bad_input_raises():
+    """Integer tensors, odd block sizes and non-2-D weights for NF4Linear raise clear one-line errors."""
+    with pytest.raises(ValueError, match="floating-point"):
+        nf4_quantize(torch.arange(8))
+    with pytest.raises(ValueError, match="block_size=7"):
+        nf4_quantize(torch.randn(8), block_size=7)
+    with pytest.raises(ValueError, match="2-D"):
+        NF4Linear(nf4_quantize(torch.randn(4, 4, 4)))
+
+
+def test_nf4_linear_keeps_no_dequantized_weight_for_backward():
+    """NF4Linear's input gradient equals F.linear's on the dequantized weight, and autograd saves no (out, in) tensor
+    between forward and backward (the weight is dequantized again in the backward)."""
+    torch.manual_seed(5)
+    layer = NF4Linear.from_linear(torch.nn.Linear(96, 40))
+    x = torch.randn(3, 96, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert (40, 96) not in saved and (96, 40) not in saved  # the weight, or its transpose
+    g = torch.randn_like(y)
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, layer.weight, layer.bias).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=0)

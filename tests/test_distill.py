@@ -5,12 +5,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
+from conftest import tiny_config
 from dsv3_min.config import count_params, get_preset
 from dsv3_min.data import get_batch
-from dsv3_min.distill import (DistillConfig, DistillLoss, OnlineTeacher, TeacherCache, distill, init_from_teacher,
-                              kd_full, kd_loss, kd_topk, student_config, teacher_topk, write_teacher_cache)
+from dsv3_min.distill import (
+    DistillConfig,
+    DistillLoss,
+    OnlineTeacher,
+    TeacherCache,
+    distill,
+    init_from_teacher,
+    kd_full,
+    kd_loss,
+    kd_topk,
+    student_config,
+    teacher_topk,
+    write_teacher_cache,
+)
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.train import TrainConfig, TrainData, read_metrics
 

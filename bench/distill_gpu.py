@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 import traceback
 from dataclasses import asdict
@@ -85,10 +86,14 @@ def decode_speed(model, prompt: torch.Tensor, new: int) -> dict:
     except ImportError:
         gen, engine = (lambda m, x, n: plain_generate(m, x, n, temperature=0.0)), "dsv3_min.model.generate"
     cuda = prompt.device.type == "cuda"
-    gen(model, prompt, 8)
+    if cuda:  # memory of this model's decoding: what the calls allocate beyond what is already resident
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    gen(model, prompt, 8)  # warm-up (builds the engine's caches, captures graphs)
     if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     out = gen(model, prompt, new)
     if cuda:
@@ -96,9 +101,10 @@ def decode_speed(model, prompt: torch.Tensor, new: int) -> dict:
     dt = time.perf_counter() - t
     n = out.shape[-1] - prompt.shape[-1]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None
     return dict(engine=engine, new_tokens=n, seconds=round(dt, 4), tok_s=round(n / dt, 1),
-                weights_gib=round(weights / 2**30, 4),
-                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 4) if cuda else None)
+                weights_gib=round(weights / 2**30, 4), decode_extra_gib=round(extra, 4) if cuda else None,
+                mem_gib=round(weights / 2**30 + extra, 4) if cuda else None)
 
 
 def plot(res: dict, path: Path) -> None:
@@ -126,8 +132,10 @@ def plot(res: dict, path: Path) -> None:
 
 
 def main(a) -> None:
-    out = Path(a.out)
+    out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
+    for sub in ("teacher", "scratch", "online", "cache", "offline", "scratch_s1", "equal_time"):
+        shutil.rmtree(work / sub, ignore_errors=True)  # a fresh run each call (the data cache is kept)
     dev = "cuda" if torch.cuda.is_available() and not a.quick else "cpu"
     res: dict = dict(command=vars(a), device=torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                      torch=torch.__version__, students={})
@@ -143,12 +151,12 @@ def main(a) -> None:
         t_tc = TrainConfig(max_steps=100_000, batch_size=B, seq_len=S, lr=1.5e-3, warmup=100, eval_every=100_000,
                            final_eval_batches=a.eval_batches, time_budget=a.teacher_seconds, compile=True,
                            device=dev, keep_last=1)
-    data = prepare(corpus, vocab, chunks, out / "data_cache")
+    data = prepare(corpus, vocab, chunks, work / "data_cache")
     res["data"] = dict(corpus=corpus, vocab=vocab, train_tokens=len(data.train), val_tokens=len(data.val))
 
     # the teacher, trained here and read back from its checkpoint
-    r = train(tcfg, t_tc, out / "teacher", data=data, progress=False, log=log)
-    teacher = from_pretrained(out / "teacher", device=dev)
+    r = train(tcfg, t_tc, work / "teacher", data=data, progress=False, log=log)
+    teacher = from_pretrained(work / "teacher", device=dev)
     res.update(teacher_bpb=r.val_bpb, teacher=dict(summary(r), config=tcfg.to_dict()))
     scfg = student_config(tcfg)
     res.update(teacher_params=count_params(tcfg).total, teacher_active_params=count_params(tcfg).active,
@@ -183,18 +191,22 @@ def main(a) -> None:
             save()
             return None
 
-    stage("scratch", lambda: train(scfg, s_tc, out / "scratch", data=data, progress=False, log=quiet))
-    online = stage("online", lambda: distill(teacher, scfg, s_tc, dc, out / "online", data=data, progress=False,
+    stage("scratch", lambda: train(scfg, s_tc, work / "scratch", data=data, progress=False, log=quiet))
+    online = stage("online", lambda: distill(teacher, scfg, s_tc, dc, work / "online", data=data, progress=False,
                                              log=quiet))
-    stage("scratch_s1", lambda: train(scfg, TrainConfig(**{**asdict(s_tc), "seed": 1}), out / "scratch_s1",
+    stage("scratch_s1", lambda: train(scfg, TrainConfig(**{**asdict(s_tc), "seed": 1}), work / "scratch_s1",
                                       data=data, progress=False, log=quiet))
     t = time.perf_counter()
-    write_teacher_cache(teacher, data.train, out / "cache", steps, B, S, s_tc.seed, a.topk, a.kd_temperature,
-                        name="teacher", progress=False)
-    res["cache"] = dict(seconds=round(time.perf_counter() - t, 2),
-                        bytes=sum(f.stat().st_size for f in (out / "cache").iterdir()), k=a.topk)
-    log(f"cache: {res['cache']['bytes'] / 1e9:.2f} GB in {res['cache']['seconds']:.1f}s")
-    stage("offline_topk", lambda: distill(teacher, scfg, s_tc, dk, out / "offline", data=data, cache=out / "cache",
+    try:
+        write_teacher_cache(teacher, data.train, work / "cache", steps, B, S, s_tc.seed, a.topk, a.kd_temperature,
+                            name="teacher", progress=False)
+        res["cache"] = dict(seconds=round(time.perf_counter() - t, 2),
+                            bytes=sum(f.stat().st_size for f in (work / "cache").iterdir()), k=a.topk)
+        log(f"cache: {res['cache']['bytes'] / 1e9:.2f} GB in {res['cache']['seconds']:.1f}s")
+    except Exception as e:
+        res["cache"] = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        log(f"cache FAILED: {e}")
+    stage("offline_topk", lambda: distill(teacher, scfg, s_tc, dk, work / "offline", data=data, cache=work / "cache",
                                           progress=False, log=quiet))
 
     st = res["students"]
@@ -212,7 +224,7 @@ def main(a) -> None:
     # decode speed at batch 1, bf16 weights
     if left() > 15:
         from dsv3_min.checkpoint import latest_checkpoint
-        ck = latest_checkpoint(out / "online") or latest_checkpoint(out / "scratch")
+        ck = latest_checkpoint(work / "online") or latest_checkpoint(work / "scratch")
         student = from_pretrained(ck, device=dev)
         dtype = torch.bfloat16 if dev == "cuda" else torch.float32
         prompt = torch.as_tensor(data.val[:32].astype("int64"), device=dev)[None]
@@ -231,7 +243,7 @@ def main(a) -> None:
             res["equal_time_budget_s"] = round(online.seconds, 1)
             stage("equal_time", lambda: train(scfg, TrainConfig(**{**asdict(s_tc), "max_steps": 100 * steps,
                                                                   "time_budget": online.seconds}),
-                                              out / "equal_time", data=data, progress=False, log=quiet))
+                                              work / "equal_time", data=data, progress=False, log=quiet))
         else:
             log(f"skip equal_time: {left():.0f}s left, it needs {online.seconds + 40:.0f}s")
     eq = res["students"].get("equal_time", {}).get("val_bpb")
@@ -254,6 +266,7 @@ def main(a) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="folder for distill.json, distill.png, the runs and the cache")
+    p.add_argument("--work", default="/tmp/distill_work", help="runs, checkpoints, data and the teacher cache (GBs)")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: TINY teacher and students on Shakespeare")
     p.add_argument("--deadline", type=float, default=570, help="seconds after start by which everything ends")
     p.add_argument("--teacher-seconds", type=float, default=150, help="teacher training budget (compile included)")

@@ -183,3 +183,22 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="vocab_size"):
         distill(teacher, student_config(teacher.config, vocab_size=50), tc, DistillConfig(), "/nonexistent/x",
                 data=_data(tokens), progress=False)
+
+
+def test_command_line_configs():
+    """`distill` arguments: --set splits into ModelConfig/TrainConfig/DistillConfig fields, 'auto' derives the student,
+    --cache without kd_topk and unknown fields are one-line ValueErrors."""
+    import argparse
+
+    from dsv3_min.distill import _distill_configs, add_distill_arguments
+    p = add_distill_arguments(argparse.ArgumentParser())
+    t = tiny_config()
+    a = p.parse_args(["--teacher", "t", "--out", "o", "--max-steps", "7", "--set", "kd_topk=4", "kd_alpha=1",
+                      "num_hidden_layers=1", "lr=0.01"])
+    cfg, tc, dc = _distill_configs(a, t)
+    assert (dc.kd_topk, dc.kd_alpha, cfg.num_hidden_layers, cfg.hidden_size, tc.lr, tc.max_steps) == (
+        4, 1.0, 1, student_config(t).hidden_size, 0.01, 7)
+    with pytest.raises(ValueError, match="kd_topk"):
+        _distill_configs(p.parse_args(["--teacher", "t", "--out", "o", "--cache", "c"]), t)
+    with pytest.raises(ValueError, match="did you mean .kd_alpha."):
+        _distill_configs(p.parse_args(["--teacher", "t", "--out", "o", "--set", "kd_alhpa=1"]), t)

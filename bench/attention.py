@@ -6,7 +6,7 @@ TFLOP/s against PyTorch's SDPA backends, flex_attention and the naive path, at t
 Writes DIR/attention_bench.json and DIR/attention_bench.png (DIR defaults to $OUT, else results/) and prints a
 short table last. Needs a CUDA GPU and triton.
 
-FLOP count (the convention of shared/reference/baselines.md): a causal forward does two matmuls over half of the
+FLOP count (the convention recorded in docs/reference.md): a causal forward does two matmuls over half of the
 S x S square, Q Kᵀ (2·dqk FLOP per pair) and P V (2·dv per pair), so
     forward  = 2 · B·H·(S²/2) · (dqk + dv) = B·H·S²·(dqk + dv)
     fwd+bwd  = 3.5 × forward   (the backward counted as 2.5 forwards: dV, dP, dQ, dK plus the Q Kᵀ recompute;
@@ -26,15 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dsv3_min.flash import (  # noqa: E402
+from dsv3_min.attention import attend, flash_attn_package
+from dsv3_min.flash import (
     FlashConfig,
     Tiles,
     TritonFlashAttention,
     default_config,
     flash_attention,
-    flash_attn_package,
-    naive_attention,
     triton_flash_backward,
     triton_flash_forward,
 )
@@ -72,13 +70,13 @@ def poison():
 
 
 def check_case(b, hq, hkv, sq, sk, dqk, dv, causal, dt, seed, cfg=None):
-    """One case: our kernel (default tiles, or `cfg`) vs fp32 naive attention on fresh random inputs."""
+    """One case: our kernel (default tiles, or `cfg`) vs fp32 eager attention on fresh random inputs."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(b, hq, sq, dqk, device="cuda", generator=g).to(dt).requires_grad_()
     k = torch.randn(b, hkv, sk, dqk, device="cuda", generator=g).to(dt).requires_grad_()
     v = torch.randn(b, hkv, sk, dv, device="cuda", generator=g).to(dt).requires_grad_()
     do = torch.randn(b, hq, sq, dv, device="cuda", generator=g).to(dt)
-    ref = naive_attention(q.float(), k.float(), v.float(), causal)
+    ref = attend(q.float(), k.float(), v.float(), causal)  # the reference: eager, fp32
     ref_g = torch.autograd.grad(ref, (q, k, v), do.float())
     poison()
     o = flash_attention(q, k, v, causal) if cfg is None else TritonFlashAttention.apply(q, k, v, causal, dqk**-0.5, cfg)
@@ -86,7 +84,7 @@ def check_case(b, hq, hkv, sq, sk, dqk, dv, causal, dt, seed, cfg=None):
     # a gradient that is exactly zero (one key: softmax is constant) is compared by its largest absolute value
     errs = [rel_err(o, ref)] + [rel_err(x, r) if r.abs().max() > 0 else x.abs().max().item()
                                 for x, r in zip(grads, ref_g)]
-    tol = 1e-3 if dt == torch.float32 else 1e-2
+    tol = 1e-5 if dt == torch.float32 else 1e-2  # fp32 ("ieee" dots) measured 4.1e-7 on the H200
     row = dict(b=b, hq=hq, hkv=hkv, sq=sq, sk=sk, dqk=dqk, dv=dv, causal=causal, dtype=str(dt).split(".")[-1],
                tiles="default" if cfg is None else "swept", err_o=errs[0], err_dq=errs[1], err_dk=errs[2],
                err_dv=errs[3], tol=tol, ok=max(errs) <= tol)
@@ -95,7 +93,7 @@ def check_case(b, hq, hkv, sq, sk, dqk, dv, causal, dt, seed, cfg=None):
 
 
 def check_correctness(out, quick, path=None):
-    """Our kernel vs fp32 naive attention: ragged lengths, GQA ratios, dqk != dv, causal or not, three dtypes."""
+    """Our kernel vs fp32 eager attention: ragged lengths, GQA ratios, dqk != dv, causal or not, three dtypes."""
     cases = [(2, 4, 2, s, s, 192, 128, causal, torch.bfloat16) for s in (1, 17, 130, 1000) for causal in (True, False)]
     cases += [(1, 8, 1, 257, 257, 128, 128, True, torch.bfloat16), (1, 8, 8, 300, 300, 64, 64, True, torch.bfloat16),
               (1, 4, 4, 2048, 2048, 192, 128, True, torch.bfloat16), (1, 4, 2, 333, 333, 192, 128, True, torch.float16),
@@ -111,8 +109,9 @@ def check_correctness(out, quick, path=None):
 
 
 def bench_ms(fn, grads=()):
-    """Median milliseconds of fn() (CUDA events, L2 flushed between runs)."""
-    import triton
+    """Median milliseconds of fn(): `triton.testing.do_bench` (CUDA events, L2 flushed between runs; no timing loop of
+    our own)."""
+    import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads), return_mode="median")
 
@@ -314,9 +313,9 @@ def table(out):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer sizes and configs")
-    ap.add_argument("--out", default=os.environ.get("OUT", "results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", "results"), help="directory for the JSON and PNG (default: $OUT, else results/)")
     ap.add_argument("--budget", type=float, default=420, help="seconds after which remaining timings are skipped")
     ap.add_argument("--no-sweep", action="store_true", help="use default_config instead of sweeping tiles")
     ap.add_argument("--check-only", action="store_true", help="only the correctness checks (run as a subprocess)")

@@ -22,7 +22,8 @@ on the mix and packs both splits (notebook 02's `pack`), xz-compressed, into `.d
 ~35 MB), which travels to the GPU machine. There the runs read those packed tokens: the GPU machine has a different
 Python (so a different stdlib) and sentencepiece, and re-tokenizing there would spend GPU time on CPU work. So `run`
 calls the same `dsv3_min.train.train` that `python -m dsv3_min train` calls, with the same presets and `--set`
-overrides (`_configs` below mirrors the CLI's), and hands it the packed data.
+overrides (built by the CLI's own `_configs`), and hands it the packed data. The plan of the runs (`MAIN`, `ABL`,
+`ABLATIONS`, the budgets), the readers of their metrics and the plots live in `dsv3_min.report` (notebook 16).
 
 Runs (all on an H200, bf16 autocast, torch.compile, batch 16 x 1024 tokens, the gpu-small model with a 16,384-id
 vocabulary, seed 0 (seed1 aside) so every run sees the same batches in the same order; the cosine decay is laid out
@@ -30,7 +31,8 @@ over each run's time budget, which counts its cold compilation, ~60 s):
   main        gpu-small, `MAIN_BUDGET` s; then samples from its final weights
   ablations   `ABL_BUDGET` s each:
                 base      the V3 recipe: MoE + MLA, aux-loss-free balancing (gamma 1e-3) + tiny seq. aux loss, MTP
-                dense     GQA + SwiGLU in every layer, intermediate_size 2688: active parameters within 0.4% of base
+                dense     the preset gpu-small-dense: GQA + SwiGLU in every layer, intermediate_size 2688; active
+                          parameters within 0.4% of base
                 aux       plain auxiliary loss: bias_update_speed=0, aux_loss_alpha=0.01
                 nobal     no balancing at all: bias_update_speed=0, aux_loss_alpha=0
                 nomtp     num_nextn_predict_layers=0
@@ -63,33 +65,36 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 import traceback
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from dsv3_min.__main__ import _configs
+from dsv3_min.checkpoint import load_trained
+from dsv3_min.config import count_params
+from dsv3_min.data import load_corpus, pack
+from dsv3_min.files import atomic_write
+from dsv3_min.report import (
+    ABL,
+    ABL_BUDGET,
+    ABLATIONS,
+    MAIN,
+    MAIN_BUDGET,
+    PRESET,
+    VOCAB,
+    metrics_summary,
+    unpack_results,
+)
+from dsv3_min.tokenizer import Tokenizer, train_tokenizer
+from dsv3_min.train import TrainData, sample_text, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CARRY = ROOT / ".device_carry" / "a2"
-VOCAB = 16384
-PRESET = "gpu-small"
-COMMON = {"vocab_size": VOCAB, "seed": 0, "batch_size": 16, "seq_len": 1024, "max_steps": 100_000,
-          "ckpt_every": 0, "keep_last": 1}
-MAIN = {**COMMON, "compile": True, "warmup": 200, "eval_every": 250, "eval_batches": 16}
-ABL = {**MAIN}  # the ablations train like the main run, for a shorter budget
-MAIN_BUDGET, ABL_BUDGET = 520.0, 250.0  # seconds of training, each including its cold compile (~60 s on an H200)
 MAIN_OVERHEAD = 75.0  # the main run's wall-clock beyond its budget, as measured on the H200: loading the data, the
 #                       whole-split evaluation and the checkpoint (~46 s), then the samples (~19 s)
-DENSE = {"attention": "gqa", "num_key_value_heads": 4, "first_k_dense_replace": 8, "intermediate_size": 2688}
-ABLATIONS = {
-    "base": {},
-    "dense": DENSE,
-    "aux": {"bias_update_speed": 0.0, "aux_loss_alpha": 0.01},
-    "nobal": {"bias_update_speed": 0.0, "aux_loss_alpha": 0.0},
-    "nomtp": {"num_nextn_predict_layers": 0},
-    "seed1": {"seed": 1},  # base with other initial weights and batch order: the run-to-run noise of the others
-}
 PROMPTS = ["ROMEO.\n", "def fibonacci(n):\n", "Love \\Love\\, n.", "The king"]
 
 
@@ -194,8 +199,6 @@ def extract_debs(debs: list[str], rebuild: bool = False) -> None:
 
 def prepare(debs: list[str], max_chunks: int, rebuild: bool = False) -> None:
     "Extract the Debian texts, build the mix, train the tokenizer, pack the splits xz-compressed into `CARRY`."
-    from dsv3_min.data import load_corpus, pack
-    from dsv3_min.tokenizer import train_tokenizer
     extract_debs(debs, rebuild)
     t0 = time.time()
     corpus = load_corpus("+".join(PARTS))
@@ -216,9 +219,8 @@ def prepare(debs: list[str], max_chunks: int, rebuild: bool = False) -> None:
                                                           f"{split}_bytes": sum(len(t.encode()) for t in texts)})
     meta = {**packed.meta, "corpus": "+".join(Path(p).name for p in PARTS), "summary": corpus.summary(),
             "parts": parts, "debs": sorted(Path(d).name for d in debs), "tokenizer_trained_on_chunks": max_chunks}
-    (CARRY / "meta.json").write_text(json.dumps(meta, indent=1))
-    (ROOT / "results" / "gpu_train").mkdir(parents=True, exist_ok=True)   # counts only, no text: committed
-    (ROOT / "results" / "gpu_train" / "data.json").write_text(json.dumps(meta, indent=1))
+    atomic_write(CARRY / "meta.json", json.dumps(meta, indent=1))
+    atomic_write(ROOT / "results" / "gpu_train" / "data.json", json.dumps(meta, indent=1))  # counts, no text: committed
     tok.save(CARRY / "tokenizer")
     print(json.dumps(meta, indent=1), f"{time.time() - t0:.1f}s", flush=True)
 
@@ -226,8 +228,6 @@ def prepare(debs: list[str], max_chunks: int, rebuild: bool = False) -> None:
 # ---------------------------------------------------------------- run (GPU)
 def load_data(carry: Path = CARRY, unzip_dir: Path = Path("/tmp/a2_tokens")):
     "Packed tokens from `prepare` (`<split>.bin`, or `.bin.xz` unpacked into `unzip_dir`): (TrainData, meta)."
-    from dsv3_min.tokenizer import Tokenizer
-    from dsv3_min.train import TrainData
     meta = json.loads((carry / "meta.json").read_text())
     arr = {}
     for s in ("train", "val"):
@@ -243,20 +243,8 @@ def load_data(carry: Path = CARRY, unzip_dir: Path = Path("/tmp/a2_tokens")):
                      meta["val"]["tokens"] / meta["val"]["bytes"]), meta
 
 
-def _configs(preset: str, overrides: dict):
-    "ModelConfig and TrainConfig of `preset` with `overrides`, as `python -m dsv3_min train --set` builds them."
-    from dsv3_min.config import get_preset
-    from dsv3_min.train import split_overrides, train_config_for
-    m, t = split_overrides(overrides)
-    return get_preset(preset, **m), train_config_for(preset, **t)
-
-
 def train_one(name: str, overrides: dict, out: Path, data, preset: str = PRESET) -> dict:
     "One run of `dsv3_min.train.train`; returns its summary (or the error), never raises."
-    import torch
-
-    from dsv3_min.config import count_params
-    from dsv3_min.train import train
     t0 = time.time()
     try:
         cfg, tc = _configs(preset, overrides)
@@ -284,7 +272,6 @@ def train_one(name: str, overrides: dict, out: Path, data, preset: str = PRESET)
 
 def samples(run_dir: Path, device: str, n_tokens: int = 160) -> list[dict]:
     "Continuations of `PROMPTS` from the run's final checkpoint (temperature 0.8, top-k 50, seed 0)."
-    from dsv3_min.train import load_trained, sample_text
     model, tok = load_trained(run_dir, device)
     return [dict(prompt=p, temperature=0.8, top_k=50, seed=0,
                  text=sample_text(model, tok, p, n_tokens, 0.8, 50, None, 0)) for p in PROMPTS]
@@ -305,8 +292,8 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
     """`steps` of: smoke test, main run, `ablations` (names in `ABLATIONS`), throughput bench; starts no work that
     could not end by `deadline_s`. One process per GPU: `CUDA_VISIBLE_DEVICES=1 ... --ablations base,dense`."""
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"     # every run compiles cold: equal budgets hold equal compile
-    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"     # work, whatever ran before it on the machine
-    import torch
+    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"     # work, whatever ran before it on the machine (read when
+    #                                                     inductor's config is first imported: at the first compile)
     for sig in (signal.SIGTERM, signal.SIGINT):  # `train` handles them during a run; between runs they land here
         signal.signal(sig, _on_signal)
     preset, device = ("cpu-tiny", "cpu") if cpu_smoke else (PRESET, "cuda")
@@ -324,7 +311,7 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
                          val_bytes_per_token=meta["val"]["bytes"] / meta["val"]["tokens"], vocab=VOCAB))
     print(json.dumps(env), flush=True)
     summary = dict(env=env, steps=list(steps), runs={})
-    save = lambda: (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    save = lambda: atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     bench = "bench" in steps
 
     def stopped(s: dict) -> bool:
@@ -388,7 +375,7 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
 
     if bench and left() > 95 and not cpu_smoke and not _STOP:
         cmd = [sys.executable, str(ROOT / "bench/train_throughput.py"), "--out", str(out / "tp"),
-               "--warmup", "4", "--steps", "12"]
+               "--warmup", "4", "--rep-ms", "500"]
         try:
             subprocess.run(cmd, check=True, timeout=left() - 5)
         except Exception as e:
@@ -399,181 +386,10 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
     save()
 
 
-# ---------------------------------------------------------------- plots (CPU; `report` and notebook 16)
-def read_runs(root: Path, names: list[str] | None = None) -> dict[str, list[dict]]:
-    "`{run name: metrics.jsonl lines}` of the run folders under `root` (or of `names` only)."
-    paths = [root / n / "metrics.jsonl" for n in names] if names is not None else sorted(root.glob("*/metrics.jsonl"))
-    return {p.parent.name: [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] for p in paths}
-
-
-def evals(rows: list[dict], periodic_only: bool = False) -> list[dict]:
-    "The metrics lines that carry a validation result (without the final full-split one if `periodic_only`)."
-    return [r for r in rows if "val_loss" in r and not (periodic_only and r.get("val_full_split"))]
-
-
-def plot_main(rows: list[dict], train_tokens: int, tokens_per_step: int, others: dict[str, list[dict]] | None = None):
-    """The main run: train/val loss against epochs, its periodic validation over the second half of the run, and the
-    learning rate; `others` (name -> metrics) adds the periodic validation of other runs of the same model."""
-    import matplotlib.pyplot as plt
-    periodic, final = evals(rows, True), evals(rows)[-1]
-    epochs = lambda step: step * tokens_per_step / train_tokens
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    axes[0].plot([epochs(r["step"]) for r in rows], [r["main"] for r in rows], lw=0.4, alpha=0.6,
-                 label="train (main head)")
-    axes[0].plot([epochs(r["step"]) for r in periodic], [r["val_loss"] for r in periodic], "o-", ms=3,
-                 label="periodic val")
-    if final.get("val_full_split"):
-        axes[0].plot([epochs(final["step"])], [final["val_loss"]], "r*", ms=12, label="final val (whole split)")
-    axes[0].set(xlabel="epochs over the train split", ylabel="nats / token", title="loss", ylim=(1.0, 5.0))
-    axes[0].legend(fontsize=8)
-    half = [r for r in periodic if r["step"] >= periodic[-1]["step"] / 2]
-    axes[1].plot([epochs(r["step"]) for r in half], [r["val_loss"] for r in half], "o-", ms=3, label="this run")
-    for i, (name, other) in enumerate((others or {}).items()):
-        ev = [r for r in evals(other, True) if r["step"] >= half[0]["step"]]
-        axes[1].plot([epochs(r["step"]) for r in ev], [r["val_loss"] for r in ev], "o-", ms=2, color=f"C{i + 2}",
-                     alpha=0.7, label=name)
-    axes[1].set(xlabel="epochs", ylabel="nats / token", title="periodic val, second half (zoom)")
-    axes[1].legend(fontsize=8)
-    axes[2].plot([r["elapsed_s"] for r in rows], [r["lr"] for r in rows])
-    axes[2].set(xlabel="training seconds (compilation included)", title="learning rate")
-    fig.tight_layout()
-    return fig
-
-
-def plot_ablations(runs: dict[str, list[dict]]):
-    "Ablations: periodic val loss at equal wall-clock and at equal steps, and MaxVio; one colour per run."
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
-    periodic = {name: evals(rows, True) for name, rows in runs.items()}
-    for i, (name, ev) in enumerate(periodic.items()):
-        if not ev:
-            continue
-        style = dict(marker="o", ms=2, color=f"C{i}", label=name)
-        axes[0].plot([r["elapsed_s"] for r in ev], [r["val_loss"] for r in ev], **style)
-        axes[1].plot([r["step"] for r in ev], [r["val_loss"] for r in ev], **style)
-        mv = [(r["step"], np.mean(r["max_vio"])) for r in ev if r.get("max_vio")]
-        if mv:
-            axes[2].plot(*zip(*mv), **style)
-    lows = [min(r["val_loss"] for r in ev) for ev in periodic.values() if ev]
-    ylim = (min(lows) - 0.05, min(lows) + 1.2) if lows else None   # the second half of the curves, where they part
-    axes[0].set(xlabel="training seconds (compilation included)", ylabel="periodic val loss (nats)",
-                title="equal wall-clock", ylim=ylim)
-    axes[1].set(xlabel="step (= tokens seen)", title="equal tokens (but each run's own LR schedule)", ylim=ylim)
-    axes[2].set(xlabel="step", ylabel="MaxVio (mean over MoE layers)", title="load imbalance")
-    for ax in axes:
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_loads(runs: dict[str, list[dict]]):
-    """Each run's expert loads at its last evaluation, per MoE layer, as a share of the mean load (1 = even); a run
-    with MTP has its MTP block's MoE layer as the last row."""
-    import matplotlib.pyplot as plt
-    loads = {}
-    for name, rows in runs.items():
-        ev = [r for r in evals(rows) if r.get("expert_load")]
-        if ev:
-            loads[name] = np.array(ev[-1]["expert_load"], dtype=float)
-    fig, axes = plt.subplots(1, len(loads), figsize=(4.2 * len(loads), 3.2), squeeze=False)
-    for i, (ax, (name, load)) in enumerate(zip(axes[0], loads.items())):
-        share = load / load.sum(1, keepdims=True) * load.shape[1]
-        im = ax.imshow(share, cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
-        ax.set_yticks(range(load.shape[0]))
-        ax.set(title=name, xlabel="expert", ylabel="MoE layer (0 = first; MTP's last)" if i == 0 else None)
-    fig.colorbar(im, ax=axes[0].tolist(), label="load / mean load")
-    return fig
-
-
-def other_mains(summary: dict, rows: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    "The metrics of the other main runs (`report`'s `x.tar.gz=main_<name>`), labelled with their training seconds."
-    return {f"{k} ({summary['runs'][k]['train_s']:.0f} s)": v for k, v in rows.items()
-            if k.startswith("main_") and k in summary.get("runs", {})}
-
-
-def save_plots(dest: Path, summary: dict) -> list[Path]:
-    "Write main.png, ablations.png and expert_loads.png under `dest` from its metrics (those that have data)."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = read_runs(dest)
-    abl = {k[4:]: v for k, v in rows.items() if k.startswith("abl_")}
-    figs = {}
-    if "main" in rows and evals(rows["main"], True) and "main" in summary.get("runs", {}):
-        s = summary["runs"]["main"]
-        figs["main.png"] = plot_main(rows["main"], summary["env"]["data"]["train_tokens"],
-                                     s["tokens"] // rows["main"][-1]["step"], other_mains(summary, rows))
-    if abl:
-        figs["ablations.png"] = plot_ablations(abl)
-    balanced = {k: v for k, v in rows.items() if k in ("abl_base", "abl_aux", "abl_nobal", "main")}
-    if any(r.get("expert_load") for v in balanced.values() for r in v):
-        figs["expert_loads.png"] = plot_loads(balanced)
-    out = []
-    for name, fig in figs.items():
-        fig.savefig(dest / name, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        out.append(dest / name)
-    return out
-
-
 # ---------------------------------------------------------------- report (CPU)
-def metrics_summary(run_dir: Path) -> dict:
-    """A run's summary from its `metrics.jsonl` and `train_config.json`: what `train_one` records, and what `report`
-    rebuilds for a run cut off before `train_one` wrote it (`best_val_bpb` is the best periodic evaluation)."""
-    m = read_runs(run_dir.parent, [run_dir.name])[run_dir.name]
-    tc = json.loads((run_dir / "train_config.json").read_text())["train"]
-    ev, late = evals(m), m[len(m) // 5:]
-    last = ev[-1] if ev and ev[-1]["step"] == m[-1]["step"] else {}  # a run's end always evaluates
-    periodic = ev[:-1] if last else ev
-    return dict(name=run_dir.name, rebuilt_from_metrics=True, steps=m[-1]["step"], train_s=round(m[-1]["elapsed_s"], 1),
-                tokens=m[-1]["step"] * tc["batch_size"] * tc["seq_len"] * tc["grad_accum"],
-                final_val_loss=last.get("val_loss"), final_val_bpb=last.get("val_bits_per_byte"),
-                best_val_bpb=min((x["val_bits_per_byte"] for x in periodic), default=None),
-                tok_s_median=float(np.median([x["tokens_per_s"] for x in late])),
-                mfu_median=float(np.median([x.get("mfu", 0) for x in late])),
-                last_max_vio=next((x["max_vio"] for x in reversed(ev) if "max_vio" in x), None))
-
-
 def report(tars: list[str], dest: Path) -> None:
-    """Unpack GPU results (metrics, configs, logs; no weights) into `dest`, merging the calls' summaries into one.
-    `x.tar.gz=NAME` renames that call's main run to NAME (a second main run: its folder, summary and budget)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    merged: dict = {"runs": {}}
-    for spec in tars:
-        tar, _, rename = spec.partition("=")
-        with tarfile.open(tar) as t:
-            for m in t.getmembers():
-                if not m.isfile() or m.name.endswith(".safetensors") or "/ckpt-" in m.name:
-                    continue
-                m.name = m.name.split("gpu_train/", 1)[-1]
-                if rename and m.name.startswith("main/"):
-                    m.name = f"{rename}/{m.name[5:]}"
-                if m.name == "summary.json":
-                    part = json.load(t.extractfile(m))
-                    if rename:
-                        runs = part.setdefault("runs", {})
-                        if "main" in runs:
-                            runs[rename] = {**runs.pop("main"), "name": rename}
-                        part[f"{rename}_budget_s"] = part.pop("main_budget_s", None)
-                        part["steps"] = [rename if x == "main" else x for x in part.get("steps", [])]
-                        if "samples" in part:
-                            part["samples_from"] = rename
-                    merged["runs"].update(part.pop("runs", {}))
-                    if "interrupted" in part:   # which call a signal stopped (after or during which run: its log)
-                        merged.setdefault("interrupted", {})[Path(tar).name] = part.pop("interrupted")
-                    merged.setdefault("steps", []).extend(part.pop("steps", []))
-                    merged.update(part)
-                    continue
-                if m.name == "log.txt":
-                    m.name = f"log-{Path(tar).name.split('.')[0]}.txt" if len(tars) > 1 else "log.txt"
-                t.extract(m, dest, filter="data")
-    for run_dir in sorted(p.parent for p in dest.glob("*/metrics.jsonl")):
-        if run_dir.name not in merged["runs"] and run_dir.name != "smoke" and (run_dir / "train_config.json").exists():
-            merged["runs"][run_dir.name] = metrics_summary(run_dir)
-    (dest / "summary.json").write_text(json.dumps(merged, indent=1))
-    if "env" in merged:
-        save_plots(dest, merged)
+    "`dsv3_min.report.unpack_results` of the tarballs into `dest` (summary merged, plots drawn); lists the files."
+    unpack_results(tars, dest)
     print(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
 
 

@@ -5,7 +5,7 @@ the same batch (16 x 1024 tokens), the same loss (next-token cross-entropy; ours
 router bias update, which are part of V3's algorithm) and the same optimizer (torch AdamW, fused, betas 0.9/0.95).
 MTP is off in both (transformers has no MTP module): `num_nextn_predict_layers=0`.
 
-FLOPs per token, forward + backward (the MFU numerator, `dsv3_min.train.flops_per_token`, here with MTP off):
+FLOPs per token, forward + backward (the MFU numerator, `dsv3_min.optim.flops_per_token`, here with MTP off):
     F = 6 * N_matmul + 3 * L * H * S * (d_qk + d_v)
   N_matmul = active parameters that enter a matmul for one token: attention projections, dense FFN, router,
              the shared expert, num_experts_per_tok routed experts, and the LM head (the embedding lookup is not a
@@ -15,12 +15,18 @@ FLOPs per token, forward + backward (the MFU numerator, `dsv3_min.train.flops_pe
 MFU = F * tokens/s / peak, with peak = the bf16 matmul rate measured in this run (8192^3 torch.matmul), and also
 against the 989 TFLOP/s datasheet figure.
 
+Timing: `triton.testing.do_bench` (CUDA events around each call, the L2 cache flushed between calls, its median).
+A variant first runs `--warmup` untimed steps (compilation, CUDA-graph capture), then do_bench times its steps for
+`--rep-ms` milliseconds; the peak memory is that of one steady-state step (the last warm-up step), so do_bench's own
+256 MB L2-flush buffer does not count.
+
     python bench/train_throughput.py --out results/            # on a GPU; writes train_throughput.json
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -30,50 +36,45 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gpu_runs import DENSE  # ablation (a)'s dense model: GQA + SwiGLU, gpu-small's active parameters (bench/)
 
 from dsv3_min.config import count_params, get_preset
+from dsv3_min.files import atomic_write
+from dsv3_min.hf import from_pretrained, save_pretrained
 from dsv3_min.model import DeepSeekV3
-from dsv3_min.train import flops_per_token
+from dsv3_min.optim import flops_per_token
+from dsv3_min.report import preset_diff
 
 DATASHEET_TFLOPS = 989.0
 
 
-def matmul_peak(n: int = 8192, reps: int = 20) -> float:
-    "Measured bf16 matmul TFLOP/s on random data (median of `reps` timed products after warm-up)."
+def do_bench(fn, **kw):
+    "`triton.testing.do_bench(fn, **kw)`: milliseconds per call of `fn` (CUDA events, L2 flushed between calls)."
+    from triton.testing import do_bench as bench  # optional dependency (CUDA builds of torch ship it): GPU runs only
+    return bench(fn, **kw)
+
+
+def matmul_peak(n: int = 8192) -> float:
+    "Measured bf16 matmul TFLOP/s on random data (do_bench's median time of one product)."
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    times.sort()
-    return 2 * n**3 / times[len(times) // 2] / 1e12
+    return 2 * n**3 / (do_bench(lambda: a @ b, return_mode="median") / 1e3) / 1e12
 
 
-def time_steps(step, batches, warmup: int, steps: int) -> dict:
-    "Median and mean step time of `step(x, y)` over `steps` timed steps after `warmup` (CUDA events)."
-    for i in range(warmup):
-        step(*batches[i % len(batches)])
+def time_steps(step, batches, warmup: int, rep_ms: float) -> dict:
+    "Median and mean time of `step(x, y)` over `rep_ms` of timed steps (do_bench) after `warmup` untimed steps."
+    nxt = itertools.cycle(batches)
+    for _ in range(warmup - 1):
+        step(*next(nxt))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        loss = step(*batches[i % len(batches)])
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
+    step(*next(nxt))                  # the last warm-up step: the peak memory of one steady-state step
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    losses = []
+    times = do_bench(lambda: losses.append(step(*next(nxt))), warmup=0, rep=rep_ms, return_mode="all")
     st = sorted(times)
-    return {"step_s_median": st[len(st) // 2], "step_s_mean": sum(times) / len(times),
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "last_loss": float(loss)}
+    return {"step_s_median": st[len(st) // 2] / 1e3, "step_s_mean": sum(times) / len(times) / 1e3,
+            "timed_steps": len(times), "peak_mem_gib": peak / 2**30, "last_loss": float(losses[-1])}
 
 
 def ours_step_fn(model, compiled: bool, mode: str | None = None):
@@ -137,16 +138,19 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "results"))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps per variant before timing (>= 1)")
+    ap.add_argument("--rep-ms", type=float, default=600.0, help="milliseconds of timed steps per variant (do_bench)")
     ap.add_argument("--backend", default="sdpa", help="our attn_backend")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-cudagraphs", action="store_true", help="skip the compiled + CUDA graphs variant")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense (GQA + SwiGLU) comparison model")
     a = ap.parse_args()
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    import transformers
+    if a.warmup < 1:
+        ap.error(f"--warmup must be at least 1, got {a.warmup}")
+    if not torch.cuda.is_available():
+        ap.error("this benchmark needs a CUDA GPU")
+    import transformers  # optional dependency: the comparison model
     torch.manual_seed(0)
     cfg = get_preset("gpu-small", num_nextn_predict_layers=0, attn_backend=a.backend)
     tokens = a.batch * a.seq
@@ -174,14 +178,14 @@ def main() -> None:
 
     model = DeepSeekV3(cfg).cuda()
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, dtype=torch.bfloat16)
-        model = DeepSeekV3.from_pretrained(tmp, dtype=torch.bfloat16, device="cuda", attn_backend=a.backend)
+        save_pretrained(model, tmp, dtype=torch.bfloat16)
+        model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda", attn_backend=a.backend)
         if not a.no_hf:
             from transformers import DeepseekV3ForCausalLM
             hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
             hf.train()
             res["hf_experts_implementation"] = str(getattr(hf.config, "_experts_implementation", None))
-            record("transformers (sdpa)", time_steps(hf_step_fn(hf), batches, a.warmup, a.steps))
+            record("transformers (sdpa)", time_steps(hf_step_fn(hf), batches, a.warmup, a.rep_ms))
             del hf
             gc.collect()
             torch.cuda.empty_cache()
@@ -189,7 +193,7 @@ def main() -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     best = f"dsv3_min eager ({a.backend})"
     steps = {best: ours_step_fn(model, False)}
-    record(best, time_steps(steps[best], batches, a.warmup, a.steps))
+    record(best, time_steps(steps[best], batches, a.warmup, a.rep_ms))
     modes = [] if a.no_compile else [None] + ([] if a.no_cudagraphs else ["reduce-overhead"])
     for mode in modes:
         name = f"dsv3_min compiled ({a.backend})" + (" + CUDA graphs" if mode else "")
@@ -198,7 +202,7 @@ def main() -> None:
         t0 = time.time()
         try:
             steps[name] = ours_step_fn(model, True, mode)
-            r = time_steps(steps[name], batches, a.warmup, a.steps)
+            r = time_steps(steps[name], batches, a.warmup, a.rep_ms)
         except Exception as e:  # a variant that does not work is reported, not fatal
             res["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
             print(f"{name}: {res['variants'][name]['error']}", flush=True)
@@ -222,22 +226,20 @@ def main() -> None:
     if not a.no_dense and not a.no_compile:  # ablation (a)'s dense model, compiled the same way: its tok/s and MFU
         torch._dynamo.reset()
         torch.manual_seed(0)
-        dcfg = cfg.replace(**DENSE)
+        dcfg = get_preset("gpu-small-dense", num_nextn_predict_layers=0, attn_backend=a.backend)
         dense = DeepSeekV3(dcfg).cuda().to(torch.bfloat16).train()
         dfl = flops_per_token(dcfg, a.seq)
         t0 = time.time()
-        r = time_steps(ours_step_fn(dense, True), batches, a.warmup, a.steps)
+        r = time_steps(ours_step_fn(dense, True), batches, a.warmup, a.rep_ms)
         r["compile_and_warmup_s"] = time.time() - t0
         r["tokens_per_s"] = tokens / r["step_s_median"]
         r["flops_per_token"] = dfl
         r["mfu_measured_peak"] = dfl * r["tokens_per_s"] / (peak * 1e12)
         r["active_params"], r["moe_active_params"] = count_params(dcfg).active, count_params(cfg).active
-        res["dense_compiled"] = {"config": DENSE, **r}
+        res["dense_compiled"] = {"preset": "gpu-small-dense", "config": preset_diff("gpu-small-dense", "gpu-small"), **r}
         print(f"dense (GQA + SwiGLU) compiled {r['step_s_median'] * 1e3:8.1f} ms/step {r['tokens_per_s']:>10,.0f} tok/s "
               f"MFU {r['mfu_measured_peak']:.1%}", flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_throughput.json").write_text(json.dumps(res, indent=2))
+    atomic_write(Path(a.out) / "train_throughput.json", json.dumps(res, indent=2))
     print(f"peak bf16 matmul {peak:.0f} TFLOP/s; F/token {fl['total'] / 1e9:.3f} GFLOP")
     if "speedup_vs_hf" in res:
         print(f"best {best}: {res['dsv3_min_tokens_per_s']:,.0f} tok/s = {res['speedup_vs_hf']:.2f}x transformers, "

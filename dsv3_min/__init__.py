@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../notebooks/index.ipynb #71857c29
+# %% ../notebooks/index.ipynb #c3c8743e
 __version__ = "0.1.0"
 from .config import PRESETS, ModelConfig, ParamCount, count_params, get_preset
 from .model import DeepSeekV3, DeepSeekV3ForSequenceClassification, LossParts, generate

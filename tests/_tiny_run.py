@@ -19,8 +19,8 @@ TINY_SET = ["vocab_size=320", "hidden_size=32", "intermediate_size=48", "moe_int
             "batch_size=2", "seq_len=16", "warmup=2", "eval_every=4", "eval_batches=2", "time_budget=0", "threads=1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_corpus(tmp_path_factory):
+@pytest.fixture(scope="module", name="tiny_corpus")
+def tiny_corpus_fixture(tmp_path_factory):
     """A folder of 12 small synthetic text files (a deterministic word salad); tokenizer and packed tokens are
     cached in a private directory ($DSV3_CACHE) for the module."""
     root = tmp_path_factory.mktemp("corpus")

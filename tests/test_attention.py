@@ -1,5 +1,6 @@
-"""Tests for dsv3_min.attention: attend (backends, masks), KVCache, GroupedQueryAttention."""
+"""Tests for dsv3_min.attention: attend (backends, masks), the caches (dynamic and static), GroupedQueryAttention."""
 import importlib.util
+import sys
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ from einops import rearrange
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv3_min.attention import GroupedQueryAttention, KVCache, attend, causal_mask
+from dsv3_min.attention import GroupedQueryAttention, KVCache, LayerCache, attend, attention_probs, causal_mask
 from dsv3_min.rope import RotaryEmbedding
 from tests.conftest import tiny_config
 
@@ -20,16 +21,19 @@ with warnings.catch_warnings():
 transformers.logging.set_verbosity_error()
 
 
-def _by_the_formula(q, k, v, causal, scale):
-    """softmax(q k^T scale) v with explicit loops; query i is token i + sk - sq; head j uses K/V head j // (hq/hkv)."""
+def _by_the_formula(q, k, v, causal, softmax_scale, mask=None):
+    """softmax(q k^T softmax_scale) v with explicit loops; query i is token i + sk - sq; head j uses K/V head
+    j // (hq/hkv); an explicit mask (b, 1 or hq, sq, sk), True = visible, replaces the causal rule."""
     b, hq, sq, _ = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     out = torch.zeros(b, hq, sq, v.shape[-1], dtype=q.dtype)
     for h in range(hq):
         kh, vh = k[:, h // (hq // hkv)], v[:, h // (hq // hkv)]
         for i in range(sq):
-            s = (kh @ q[:, h, i, :, None])[..., 0] * scale
-            if causal:
+            s = (kh @ q[:, h, i, :, None])[..., 0] * softmax_scale
+            if mask is not None:
+                s = s.masked_fill(~mask[:, min(h, mask.shape[1] - 1), i], float("-inf"))
+            elif causal:
                 s[:, i + sk - sq + 1:] = float("-inf")
             out[:, h, i] = (s.softmax(-1)[..., None] * vh).sum(1)
     return out
@@ -51,9 +55,51 @@ def test_eager_equals_formula(hkv, group, sk, data, causal, dqk, dv):
 
 
 def test_causal_mask_bottom_right():
-    """With 2 queries over 4 keys, query 0 (token 2) sees keys 0..2 and query 1 (token 3) sees all."""
+    """With 2 queries over 4 keys, query 0 (token 2) sees keys 0..2 and query 1 (token 3) sees all (True = visible);
+    a (rows, cols) tile is the same slice of the full mask."""
     assert causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
     assert causal_mask(3, 3).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert torch.equal(causal_mask(7, 11, rows=range(2, 5), cols=range(6, 10)), causal_mask(7, 11)[2:5, 6:10])
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_explicit_mask_eager_and_sdpa(heads):
+    """An explicit bool mask (True = visible, per batch row or per head) gives the formula's result in eager (fp64,
+    1e-12) and SDPA agrees in fp32 (1e-5); `causal_mask` passed explicitly equals causal=True bit for bit."""
+    g = torch.Generator().manual_seed(heads)
+    q, k, v = (torch.randn(2, h, s, 8, generator=g, dtype=torch.float64) for h, s in ((4, 5), (2, 9), (2, 9)))
+    mask = torch.rand(2, heads, 5, 9, generator=g) < 0.5
+    mask[..., 0] = True
+    eager = attend(q, k, v, mask=mask, softmax_scale=0.3)
+    torch.testing.assert_close(eager, _by_the_formula(q, k, v, False, 0.3, mask), rtol=1e-12, atol=1e-12)
+    sdpa = attend(q.float(), k.float(), v.float(), mask=mask, softmax_scale=0.3, backend="sdpa")
+    torch.testing.assert_close(sdpa, eager.float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(attend(q, k, v, mask=causal_mask(5, 9)[None, None]), attend(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("backend", ["flash", "flash_attn"])
+def test_mask_on_maskless_backend_falls_back_to_sdpa(backend, monkeypatch):
+    """'flash' and 'flash_attn' cannot take an explicit mask: a masked call warns once and returns SDPA's result."""
+    import dsv3_min.attention as A
+
+    monkeypatch.setattr(A, "_warned", set())
+    q, mask = torch.randn(1, 2, 4, 8), torch.rand(1, 1, 4, 4) < 0.5
+    mask[..., 0] = True
+    with pytest.warns(UserWarning, match="takes no explicit mask"):
+        out = attend(q, q, q, backend=backend, mask=mask)
+    assert torch.equal(out, attend(q, q, q, backend="sdpa", mask=mask))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attend(q, q, q, backend=backend, mask=mask)
+
+
+def test_bad_mask_raises():
+    """A mask that is not bool, or whose shape does not broadcast to (b, hq, sq, sk), raises ValueError naming it."""
+    q = torch.zeros(2, 4, 3, 8)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor .*got torch.float32 \(2, 1, 3, 3\)"):
+        attend(q, q, q, mask=torch.ones(2, 1, 3, 3))
+    with pytest.raises(ValueError, match=r"got torch.bool \(2, 2, 3, 3\)"):
+        attend(q, q, q, mask=torch.ones(2, 2, 3, 3, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flash"])
@@ -71,24 +117,36 @@ def test_backends_agree_with_eager(backend, hq, hkv, sq, sk, causal):
 
 
 def test_eager_bf16_softmax_in_fp32():
-    """bf16 inputs give bf16 outputs close to the fp32 computation (the softmax itself runs in fp32)."""
-    q, k, v = torch.randn(1, 4, 16, 32), torch.randn(1, 2, 16, 32), torch.randn(1, 2, 16, 32)
-    out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    """With bf16 inputs the softmax runs in fp32: the probabilities come back fp32 and equal an fp32 softmax of the
+    same bf16 scores to 1e-6. A bf16 softmax rounds them to 8 significant bits and fails this test (measured max error
+    1.9e-3 here, against exactly 0 for the fp32 softmax); the bf16 output stays within 3e-2 of fp32."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 16, 32, generator=g) for h in (4, 2, 2))
+    qb, kb = q.bfloat16(), k.bfloat16()
+    probs = attention_probs(qb, kb)
+    assert probs.dtype == torch.float32
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", rearrange(qb, "b (h g) q d -> b h g q d", h=2), kb) * 32**-0.5
+    scores = scores.float().masked_fill(~causal_mask(16, 16), float("-inf"))
+    torch.testing.assert_close(probs, scores.softmax(-1), atol=1e-6, rtol=0)
+    out = attend(qb, kb, v.bfloat16())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), attend(q, k, v), atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("dsv3_min.flash") is not None, reason="notebook 10's kernel exists")
-def test_flash_fallback_warns_once():
-    """Without dsv3_min.flash, backend='flash' warns (once) and returns the SDPA result."""
+def test_flash_fallback_warns_once(monkeypatch):
+    """When dsv3_min.flash cannot be imported, backend='flash' warns once (not again on the second call) and returns
+    exactly the SDPA result."""
     import dsv3_min.attention as A
-    A._warned.discard("flash")
-    q = torch.randn(1, 2, 4, 8)
-    with pytest.warns(UserWarning, match="falling back"):
-        attend(q, q, q, backend="flash")
+
+    monkeypatch.setitem(sys.modules, "dsv3_min.flash", None)  # `import dsv3_min.flash` now raises ImportError
+    monkeypatch.setattr(A, "_warned", set())
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    with pytest.warns(UserWarning, match="dsv3_min.flash is not available; falling back to 'sdpa'"):
+        out = attend(q, k, v, backend="flash")
+    assert torch.equal(out, attend(q, k, v, backend="sdpa"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        attend(q, q, q, backend="flash")  # second call: no warning
+        attend(q, k, v, backend="flash")  # second call: no warning
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash_attn is installed")
@@ -101,7 +159,7 @@ def test_flash_attn_missing_is_a_clear_error():
 
 def test_attend_bad_shapes():
     """Non-dividing head counts, mismatched dims, sq > sk with causal, or an unknown backend raise ValueError."""
-    with pytest.raises(ValueError, match=r"got q \(1, 4, 3, 8\), k \(1, 3, 3, 8\)"):
+    with pytest.raises(ValueError, match=r"multiple of key/value heads \(3\), got q \(1, 4, 3, 8\), k \(1, 3, 3, 8\)"):
         attend(torch.zeros(1, 4, 3, 8), torch.zeros(1, 3, 3, 8), torch.zeros(1, 3, 3, 8))
     with pytest.raises(ValueError, match="k \\(b=1, hkv, sk, 8\\)"):
         attend(torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 3, 6), torch.zeros(1, 2, 3, 8))
@@ -112,22 +170,118 @@ def test_attend_bad_shapes():
 
 
 def test_kvcache_appends_and_errors():
-    """KVCache returns everything cached so far; wrong shapes and overflow raise ValueError with the shapes."""
+    """A dynamic KVCache returns everything cached so far, (b, t, h, d); wrong shapes and overflow raise ValueError
+    with the shapes."""
     c = KVCache(batch=2, max_len=5, n_heads=3, k_dim=4, v_dim=6)
-    k1, v1 = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 6)
+    assert isinstance(c, LayerCache) and not c.static
+    k1, v1 = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 6)
     k2, v2 = torch.randn(2, 3, 3, 4), torch.randn(2, 3, 3, 6)
     c.update(k1, v1)
     ka, va = c.update(k2, v2)
-    assert c.length == 5
-    torch.testing.assert_close(ka, torch.cat([k1, k2], 2))
-    torch.testing.assert_close(va, torch.cat([v1, v2], 2))
+    assert c.length == 5 and c.k.shape == (2, 5, 3, 4)
+    torch.testing.assert_close(ka, torch.cat([k1, k2], 1))
+    torch.testing.assert_close(va, torch.cat([v1, v2], 1))
     with pytest.raises(ValueError, match="overflow, 5 cached \\+ 1 new tokens > max_len 5"):
-        c.update(k1[:, :, :1], v1[:, :, :1])
+        c.update(k1[:, :1], v1[:, :1])
     c.reset()
-    with pytest.raises(ValueError, match=r"expected k \(b=2, h=3, s_new, 4\).*got k \(2, 2, 1, 4\)"):
-        c.update(torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 6))
-    with pytest.raises(ValueError, match="got k \\(2, 3, 1, 4\\) and v \\(2, 3, 2, 6\\)"):
-        c.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 2, 6))
+    assert c.length == 0
+    with pytest.raises(ValueError, match=r"expected k \(b=2, s_new, 3, 4\) and v \(b=2, s_new, 3, 6\).*got k \(2, 1, 2, 4\)"):
+        c.update(torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 6))
+    with pytest.raises(ValueError, match="got k \\(2, 1, 3, 4\\) and v \\(2, 2, 3, 6\\)"):
+        c.update(torch.randn(2, 1, 3, 4), torch.randn(2, 2, 3, 6))
+    with pytest.raises(ValueError, match="expected k .* and v"):
+        c.update(torch.randn(2, 1, 3, 4))
+    assert repr(c) == "KVCache(length=0, k=(2, 5, 3, 4), v=(2, 5, 3, 6), dtype=torch.float32)"
+
+
+def test_static_cache_writes_at_pos_and_masks():
+    """Static mode: update writes the new tokens at slots [pos, pos + s) and returns the full max_len buffers, pos is
+    left to the caller, and mask(q_len) is True exactly where start_b <= j <= pos + i (plus the query's own slot)."""
+    c = KVCache(batch=2, max_len=6, n_heads=1, k_dim=2, v_dim=2, static=True)
+    c.start.copy_(torch.tensor([0, 2]))
+    k = torch.arange(1.0, 9.0).reshape(2, 2, 1, 2)
+    c.pos.fill_(3)
+    k_all, v_all = c.update(k, -k)
+    assert k_all.shape == v_all.shape == (2, 6, 1, 2) and int(c.pos) == 3  # full buffers; pos not advanced
+    assert torch.equal(k_all[:, 3:5], k) and torch.equal(v_all[:, 3:5], -k)
+    assert not k_all[:, :3].any() and not k_all[:, 5:].any()
+    m = c.mask(2)
+    assert m.shape == (2, 1, 2, 6) and m.dtype == torch.bool
+    assert m[0, 0].int().tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]
+    assert m[1, 0].int().tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]]
+    c.pos.fill_(0)  # a padding query (slot 0 < start 2) sees only itself: no all-masked row
+    assert c.mask(1)[1, 0].int().tolist() == [[1, 0, 0, 0, 0, 0]]
+    assert c.length == 0 and KVCache(1, 2, 1, 2, 2).mask(1) is None  # dynamic caches give no mask
+    c.reset()
+    assert int(c.pos) == 0 and not c.start.any()
+    assert repr(c).startswith("KVCache(static, pos=0, k=(2, 6, 1, 2)")
+
+
+def assert_static_step_has_no_host_sync(layer, rope, hidden, monkeypatch):
+    """One static-cache decoding step (batch 2, slot 3 of 8: cache update, mask, attention, caller's pos += 1) with
+    every tensor-to-Python conversion (item, int, bool, index, float, tolist) patched to raise: on a GPU each would be
+    a host sync, which a CUDA graph cannot hold."""
+    def boom(*a, **k):
+        raise AssertionError("host sync: a Python value was read from a tensor")
+
+    cache = layer.new_cache(2, 8, static=True)
+    cache.pos += 3
+    x, (cos, sin) = torch.randn(2, 1, hidden), rope(torch.arange(3, 4))
+    with torch.no_grad():
+        for name in ("item", "__int__", "__bool__", "__index__", "__float__", "tolist"):
+            monkeypatch.setattr(torch.Tensor, name, boom)
+        out = layer(x, cos, sin, cache)
+        cache.pos += 1
+        monkeypatch.undo()
+    assert out.shape == (2, 1, hidden) and int(cache.pos) == 4 and torch.isfinite(out).all()
+
+
+def test_static_step_has_no_host_sync(monkeypatch):
+    """A static-cache decoding step of GQA never reads a Python value from a tensor (see the helper)."""
+    cfg = tiny_config(attention="gqa", num_key_value_heads=2)
+    layer = GroupedQueryAttention(cfg).eval()
+    assert_static_step_has_no_host_sync(layer, RotaryEmbedding.from_config(cfg), cfg.hidden_size, monkeypatch)
+
+
+def decode(layer, rope, x, cache, steps, advance=False):
+    """Prefill x[:, :steps[0]], then the next tokens in steps; the outputs (b, s, d), positions counted from 0.
+    With `advance`, the caller's job in static mode: move cache.pos on after each forward."""
+    out, t = [], 0
+    with torch.no_grad():
+        for s in steps:
+            out.append(layer(x[:, t:t + s], *rope(torch.arange(t, t + s)), cache))
+            if advance:
+                cache.pos += s
+            t += s
+    return torch.cat(out, 1)
+
+
+def assert_static_equals_dynamic(layer, rope, hidden, pad=3, n=12, n_prefill=5):
+    """Static == dynamic cache over a prefill and token-by-token decoding (batch 2), and a left-padded row (start 3)
+    equals its single-sequence dynamic run (positions shifted by 3: equal up to rounding, RoPE is relative). fp32,
+    atol = rtol = 1e-5 (measured: below 1e-6)."""
+    x = torch.randn(2, n, hidden, generator=torch.Generator().manual_seed(1))
+    steps = [n_prefill] + [1] * (n - n_prefill)
+    dynamic = decode(layer, rope, x, layer.new_cache(2, n), steps)
+    static = decode(layer, rope, x, layer.new_cache(2, n, static=True), steps, advance=True)
+    torch.testing.assert_close(static, dynamic, atol=1e-5, rtol=1e-5)
+    cache = layer.new_cache(2, n, static=True)
+    cache.start.copy_(torch.tensor([0, pad]))
+    padded = decode(layer, rope, x, cache, steps, advance=True)
+    alone = decode(layer, rope, x[1:, pad:], layer.new_cache(1, n - pad), [n_prefill - pad] + steps[1:])
+    torch.testing.assert_close(padded[1:, pad:], alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded[:1], dynamic[:1], atol=1e-5, rtol=1e-5)  # the unpadded row is untouched
+    assert dynamic.abs().max() > 1e-2  # not a comparison of zeros
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_gqa_static_cache_equals_dynamic(kv, backend):
+    """GQA with a static cache (fixed shapes, mask from the cache) equals the dynamic cache, and a left-padded
+    sequence equals its own unpadded run (fp32, 1e-5)."""
+    cfg = tiny_config(attention="gqa", num_key_value_heads=kv, attn_backend=backend)
+    torch.manual_seed(0)
+    assert_static_equals_dynamic(GroupedQueryAttention(cfg).eval(), RotaryEmbedding.from_config(cfg), cfg.hidden_size)
 
 
 @pytest.mark.parametrize("kv", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
@@ -144,7 +298,7 @@ def test_gqa_cached_decoding_equals_full_forward(kv, gated, backend):
         cache = attn.new_cache(2, 10)
         out = [attn(x[:, :4], *rope(torch.arange(4)), cache)]
         out += [attn(x[:, t:t + 1], *rope(torch.arange(t, t + 1)), cache) for t in range(4, 10)]
-    assert cache.length == 10 and cache.k.shape == (2, kv, 10, cfg.head_dim)
+    assert cache.length == 10 and cache.k.shape == (2, 10, kv, cfg.head_dim)
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
 
 

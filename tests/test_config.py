@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import typing
 
 import pytest
 from hypothesis import given, settings
@@ -88,6 +89,7 @@ def test_validate_fields_on_any_dataclass():
         steps: int | None = None
         flag: bool = False
         name: str = rule("a", check=lambda v: None if v.isalpha() else "must be letters only")
+        mode: typing.Literal["fast", "slow"] | None = "fast"
 
     validate_fields(Knobs(lr=2, device="cuda:1", steps=3))
     for kw, msg in [(dict(frac=1.5), "Knobs.frac=1.5: must be a float in [0, 1]"),
@@ -95,7 +97,8 @@ def test_validate_fields_on_any_dataclass():
                     (dict(steps=2.5), "Knobs.steps=2.5: must be an integer or None"),
                     (dict(flag="yes"), "Knobs.flag='yes': must be true or false"),
                     (dict(name="a1"), "Knobs.name='a1': must be letters only"),
-                    (dict(lr="abc"), "Knobs.lr='abc': must be a float > 0")]:
+                    (dict(lr="abc"), "Knobs.lr='abc': must be a float > 0"),
+                    (dict(mode="medium"), "Knobs.mode='medium': must be one of ('fast', 'slow') or None")]:
         with pytest.raises(ValueError) as e:
             validate_fields(Knobs(**kw))
         assert str(e.value) == msg

@@ -252,6 +252,26 @@ def test_pack_cache_miss_then_hit(tmp_path):
     assert leftovers == []
 
 
+@pytest.mark.parametrize("damage", ["truncate train.bin", "bad json", "delete val.bin"])
+def test_pack_rebuilds_a_broken_cache(tmp_path, damage):
+    """A cache whose files do not match its sidecar (a truncated .bin, an unparsable meta.json, a missing file) is
+    not trusted: pack warns naming the folder and rebuilds it, giving the same tokens as the first pack."""
+    corpus = _small_corpus()
+    first = pack(corpus, ByteTokenizer(), cache_dir=tmp_path)
+    expected = np.asarray(first.train).copy()
+    if damage == "truncate train.bin":
+        (first.path / "train.bin").write_bytes((first.path / "train.bin").read_bytes()[:-2])
+    elif damage == "bad json":
+        (first.path / "meta.json").write_text('{"format": 1,')
+    else:
+        (first.path / "val.bin").unlink()
+    with pytest.warns(UserWarning, match=f"{first.path.name}: broken packed cache"):
+        again = pack(corpus, ByteTokenizer(), cache_dir=tmp_path)
+    assert not again.from_cache and again.path == first.path
+    np.testing.assert_array_equal(np.asarray(again.train), expected)
+    assert pack(corpus, ByteTokenizer(), cache_dir=tmp_path).from_cache
+
+
 def test_pack_dtype_follows_vocab_size(tmp_path):
     """Vocabularies up to 65,536 ids pack as uint16, larger ones as uint32."""
     corpus = _small_corpus()

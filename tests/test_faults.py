@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_run import Child, logged_steps, losses, tiny_corpus_fixture, train_argv  # noqa: F401
 
-from _tiny_run import Child, losses, logged_steps, tiny_corpus, train_argv  # noqa: F401
 from dsv3_min.__main__ import main
 from dsv3_min.checkpoint import checkpoint_problem, latest_checkpoint, list_checkpoints, load_trained
 

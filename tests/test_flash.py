@@ -11,14 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsv3_min.flash import (
-    TiledAttention,
-    check_attention_inputs,
-    flash_attention,
-    naive_attention,
-    split_head_dim,
-    tiled_attention_forward,
-)
+from dsv3_min.attention import attend, check_attention_inputs
+from dsv3_min.flash import TiledAttention, flash_attention, split_head_dim, tiled_attention_forward
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -49,15 +43,15 @@ def _rel(x, ref):
 @given(b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), sq=st.integers(1, 40),
        extra=st.integers(0, 20), dqk=st.sampled_from([8, 24, 32]), dv=st.sampled_from([8, 12, 32]),
        causal=st.booleans(), block=st.sampled_from([4, 16, 128]))
-def test_tiled_matches_naive_property(b, hkv, group, sq, extra, dqk, dv, causal, block):
-    """The tiled PyTorch FlashAttention (forward and backward) equals naive fp32 attention to 1e-5 on any shape:
+def test_tiled_matches_eager_property(b, hkv, group, sq, extra, dqk, dv, causal, block):
+    """The tiled PyTorch FlashAttention (forward and backward) equals eager fp32 attention to 1e-5 on any shape:
     ragged tiles, GQA, dqk != dv, causal with sq <= sk (bottom-right aligned), any tile size."""
     q, k, v, do = _inputs(b, hkv * group, hkv, sq, sq + extra, dqk, dv)
 
     def tiled(q, k, v, causal):
         return TiledAttention.apply(q, k, v, causal, dqk**-0.5, block, block)
 
-    got, ref = _fwd_bwd(tiled, q, k, v, do, causal), _fwd_bwd(naive_attention, q, k, v, do, causal)
+    got, ref = _fwd_bwd(tiled, q, k, v, do, causal), _fwd_bwd(attend, q, k, v, do, causal)
     for x, r in zip(got, ref):
         torch.testing.assert_close(x, r, atol=1e-5, rtol=1e-4)
 
@@ -65,11 +59,11 @@ def test_tiled_matches_naive_property(b, hkv, group, sq, extra, dqk, dv, causal,
 @pytest.mark.parametrize("s", [1, 17, 130, 1000])
 @pytest.mark.parametrize("causal", [True, False])
 def test_tiled_ragged_lengths(s, causal):
-    """Tiled forward+backward on the CPU path of `flash_attention` equals naive attention at lengths that are not
+    """Tiled forward+backward on the CPU path of `flash_attention` equals eager attention at lengths that are not
     tile multiples (1, 17, 130, 1000 with 128-row tiles), MLA head dims 24/16 and GQA 2 (relative error <= 1e-5)."""
     q, k, v, do = _inputs(1, 4, 2, s, s, 24, 16, seed=s)
-    got = _fwd_bwd(lambda *a: flash_attention(*a, backend="torch"), q, k, v, do, causal)
-    ref = _fwd_bwd(naive_attention, q, k, v, do, causal)
+    got = _fwd_bwd(lambda *a: flash_attention(*a, impl="torch"), q, k, v, do, causal)
+    ref = _fwd_bwd(attend, q, k, v, do, causal)
     for x, r in zip(got, ref):
         assert _rel(x, r) <= 1e-5
 
@@ -97,7 +91,7 @@ def test_split_head_dim():
 @pytest.mark.parametrize("shapes, causal, match", [
     (((1, 4, 8, 16), (1, 3, 8, 16), (1, 3, 8, 16)), True, "multiple"),
     (((1, 4, 9, 16), (1, 2, 8, 16), (1, 2, 8, 16)), True, "sq <= sk"),
-    (((1, 4, 8, 16), (1, 2, 8, 8), (1, 2, 8, 16)), False, "k must be"),
+    (((1, 4, 8, 16), (1, 2, 8, 8), (1, 2, 8, 16)), False, "expected k"),
     (((4, 8, 16),) * 3, False, "batch, heads, seq"),
 ])
 def test_bad_inputs_raise(shapes, causal, match):
@@ -110,31 +104,33 @@ def test_bad_inputs_raise(shapes, causal, match):
         flash_attention(q, k, v, causal)
 
 
-def test_unknown_backend_raises():
-    """An unknown backend name raises ValueError listing the valid ones."""
+def test_unknown_impl_raises():
+    """An unknown implementation name raises ValueError listing the valid ones; q, k, v of different dtypes too."""
     q = torch.zeros(1, 1, 4, 16)
-    with pytest.raises(ValueError, match="backend"):
-        flash_attention(q, q, q, backend="cuda-magic")
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'triton', 'torch'\), got 'cuda-magic'"):
+        flash_attention(q, q, q, impl="cuda-magic")
+    with pytest.raises(ValueError, match="share a dtype"):
+        flash_attention(q, q.double(), q)
 
 
 def test_flash_attn_wrapper_layout(monkeypatch):
     """`flash_attn_package` converts (b, h, s, d) to flash_attn's (b, s, h, d) and back, passes causal and the scale,
     and pads a narrower V to the q/k width then slices the output (MLA 24/16 here). The `flash_attn` package is not
-    installed anywhere we run, so a stand-in module computes `flash_attn_func` with naive attention in its layout:
+    installed anywhere we run, so a stand-in module computes `flash_attn_func` with eager attention in its layout:
     this checks our wrapper, not Tri Dao's kernels."""
     import types
 
-    from dsv3_min.flash import flash_attn_package
+    from dsv3_min.attention import flash_attn_package
 
     def flash_attn_func(q, k, v, causal=False, softmax_scale=None):
         assert q.shape[-1] == k.shape[-1] == v.shape[-1], "flash_attn wants one head width"
         bhsd = [t.transpose(1, 2) for t in (q, k, v)]
-        return naive_attention(*bhsd, causal, softmax_scale).transpose(1, 2)
+        return attend(*bhsd, causal, softmax_scale).transpose(1, 2)
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
     q, k, v, _ = _inputs(2, 4, 2, 9, 13, 24, 16)
     got = flash_attn_package(q, k, v, True, 0.3)
-    torch.testing.assert_close(got, naive_attention(q, k, v, True, 0.3))
+    torch.testing.assert_close(got, attend(q, k, v, True, 0.3))
     assert got.shape == (2, 4, 9, 16)
 
 
@@ -147,7 +143,8 @@ def test_imports_without_triton():
         import dsv3_min.flash as f
         assert not f.HAS_TRITON and not f.triton_available()
         q = torch.randn(1, 2, 5, 16)
-        torch.testing.assert_close(f.flash_attention(q, q, q), f.naive_attention(q, q, q))
+        from dsv3_min.attention import attend
+        torch.testing.assert_close(f.flash_attention(q, q, q), attend(q, q, q))
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -171,21 +168,22 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 sys.path.insert(0, {tests!r})
 from test_flash import INTERPRETER_CASES, _fwd_bwd, _inputs, _rel
-from dsv3_min.flash import TritonFlashAttention, flash_attention, naive_attention, INTERPRET
+from dsv3_min.attention import attend
+from dsv3_min.flash import TritonFlashAttention, flash_attention, INTERPRET
 assert INTERPRET
 out = {{}}
 for name, (b, hq, hkv, sq, sk, dqk, dv, causal) in INTERPRETER_CASES.items():
     q, k, v, do = _inputs(b, hq, hkv, sq, sk, dqk, dv, seed=sq)
     got = _fwd_bwd(lambda q, k, v, c: TritonFlashAttention.apply(q, k, v, c, dqk ** -0.5), q, k, v, do, causal)
-    ref = _fwd_bwd(naive_attention, q, k, v, do, causal)
+    ref = _fwd_bwd(attend, q, k, v, do, causal)
     out[name] = [_rel(x, r) for x, r in zip(got, ref)]
 q, k, v, do = (t.transpose(1, 2).contiguous().transpose(1, 2).detach().requires_grad_(t.requires_grad)
                for t in _inputs(1, 4, 2, 37, 37, 24, 16))  # strided views, as rearranged from (b, s, h, d)
 got = _fwd_bwd(lambda q, k, v, c: TritonFlashAttention.apply(q, k, v, c, 24 ** -0.5), q, k, v, do, True)
-out["strided_bshd_views"] = [_rel(x, r) for x, r in zip(got, _fwd_bwd(naive_attention, q, k, v, do, True))]
+out["strided_bshd_views"] = [_rel(x, r) for x, r in zip(got, _fwd_bwd(attend, q, k, v, do, True))]
 q, k, v, do = _inputs(1, 2, 1, 20, 20, 16, 16, dtype=torch.bfloat16)
 o = flash_attention(q, k, v)  # bf16 through the interpreter: computed in fp32, returned in bf16
-out["bf16_dtype"] = [str(o.dtype), _rel(o, naive_attention(q, k, v))]
+out["bf16_dtype"] = [str(o.dtype), _rel(o, attend(q.float(), k.float(), v.float()))]  # against fp32
 print("RESULT" + json.dumps(out))
 """
 
@@ -204,23 +202,25 @@ def interpreter_results():
 
 @pytest.mark.parametrize("name", list(INTERPRETER_CASES))
 def test_triton_kernel_in_interpreter(interpreter_results, name):
-    """Our Triton kernel (forward, dq, dk, dv), run in Triton's CPU interpreter in fp32, equals naive fp32 attention
-    to a relative error <= 1e-3: one token, ragged tiles, GQA 1/2/4, dqk != dv (24/12, 192/128), causal with
-    sq < sk, non-causal."""
+    """Our Triton kernel (forward, dq, dk, dv), run in Triton's CPU interpreter in fp32, equals eager fp32 attention
+    to a relative error <= 1e-5 (measured: below 5e-7, fp32 rounding): one token, ragged tiles, GQA 1/2/4, dqk != dv
+    (24/12, 192/128), causal with sq < sk, non-causal."""
     errs = interpreter_results[name]
-    assert max(errs) <= 1e-3, dict(zip(("o", "dq", "dk", "dv"), errs))
+    assert max(errs) <= 1e-5, dict(zip(("o", "dq", "dk", "dv"), errs))
 
 
 def test_triton_kernel_strided_inputs(interpreter_results):
     """The kernel reads its inputs through their strides: (b, h, s, d) views of (b, s, h, d) memory (what a
-    `rearrange` of projected heads gives) produce the same output and gradients (relative error <= 1e-3)."""
-    assert max(interpreter_results["strided_bshd_views"]) <= 1e-3
+    `rearrange` of projected heads gives) produce the same output and gradients (relative error <= 1e-5)."""
+    assert max(interpreter_results["strided_bshd_views"]) <= 1e-5
 
 
 def test_triton_interpreter_bf16_roundtrip(interpreter_results):
-    """bf16 inputs through the interpreter path come back in bf16, within bf16 rounding (<= 1e-2) of fp32."""
+    """bf16 inputs through the interpreter path come back in bf16, within bf16 rounding of the fp32 reference
+    (computed on the same bf16 inputs upcast): bf16 keeps 8 significant bits, so rounding the output costs at most
+    2^-9 relative; we allow 2^-8 = 3.9e-3."""
     dtype, err = interpreter_results["bf16_dtype"]
-    assert dtype == "torch.bfloat16" and err <= 1e-2
+    assert dtype == "torch.bfloat16" and err <= 2**-8, err
 
 
 CUDA_CASES = [(2, 4, 2, s, s, 192, 128, c) for s in (1, 17, 130, 1000) for c in (True, False)] + [
@@ -230,11 +230,11 @@ CUDA_CASES = [(2, 4, 2, s, s, 192, 128, c) for s in (1, 17, 130, 1000) for c in 
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs a CUDA GPU and triton")
 @pytest.mark.parametrize("case", CUDA_CASES)
 def test_triton_kernel_cuda_bf16(case):
-    """On the GPU, the Triton kernel in bf16 (fp32 accumulation) matches fp32 naive attention: relative error <= 1e-2
+    """On the GPU, the Triton kernel in bf16 (fp32 accumulation) matches fp32 eager attention: relative error <= 1e-2
     for the output and all three gradients."""
     b, hq, hkv, sq, sk, dqk, dv, causal = case
     q, k, v, do = _inputs(b, hq, hkv, sq, sk, dqk, dv, dtype=torch.bfloat16, device="cuda")
     got = _fwd_bwd(flash_attention, q, k, v, do, causal)
-    ref = _fwd_bwd(naive_attention, *(t.float().detach().requires_grad_() for t in (q, k, v)), do.float(), causal)
+    ref = _fwd_bwd(attend, *(t.float().detach().requires_grad_() for t in (q, k, v)), do.float(), causal)
     for x, r in zip(got, ref):
         assert _rel(x, r) <= 1e-2

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from conftest import tiny_config
+from dsv3_min.files import FileFormatError
 from dsv3_min.hf import CheckpointError, from_pretrained, load_weights, save_pretrained
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.train import TrainConfig, make_optimizer, save_checkpoint
@@ -165,6 +166,19 @@ def test_truncated_file_gives_clear_error(kind, tmp_path):
     assert "\n" not in msg and "truncated" in msg.replace(str(f), "")  # the size check says what is wrong
 
 
+def test_bad_index_gives_one_line_error(tmp_path):
+    """A sharded checkpoint whose index is not JSON, or has no weight_map, is refused in one line naming the index."""
+    save_pretrained(DeepSeekV3(tiny_config()), tmp_path, max_shard_bytes=20_000)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a"')
+    with pytest.raises(FileFormatError, match=re.escape(str(index))):
+        from_pretrained(tmp_path)
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match="no weight_map") as e:
+        from_pretrained(tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_sharded_then_unsharded_save_leaves_no_stale_files(tmp_path):
     """Saving unsharded over a sharded checkpoint replaces the whole set: no stale index or shard remains, the new
     weights load (not the old ones), and a non-checkpoint file in the directory is kept."""
@@ -210,6 +224,18 @@ def test_from_pretrained_reads_our_training_checkpoints(tied, tmp_path):
             assert got.config == cfg and len(got.mtp) == 1
             _assert_same_tensors(got.state_dict(), want.state_dict())
     assert not [w for w in caught if "MTP" in str(w.message)]
+
+
+def test_bad_state_json_gives_one_line_error(tmp_path):
+    """Our checkpoint with an unparsable state.json, or one without model_config, is refused in one line naming it."""
+    _, ckpt = _trained_checkpoint(tmp_path, 1, tiny_config(), seed=0)
+    (ckpt / "state.json").write_text('{"step": 1, "model_config": {"vocab')
+    with pytest.raises(FileFormatError, match=re.escape(str(ckpt / "state.json"))) as e:
+        from_pretrained(ckpt)
+    assert "\n" not in str(e.value)
+    (ckpt / "state.json").write_text('{"step": 1}')
+    with pytest.raises(CheckpointError, match="state.json has no model_config"):
+        from_pretrained(ckpt)
 
 
 def test_wrong_shape_in_our_checkpoint_lists_every_key(tmp_path):

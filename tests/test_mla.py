@@ -1,15 +1,16 @@
-"""Tests for dsv3_min.mla: naive == absorbed, cache size, cached decoding, parity with transformers."""
+"""Tests for dsv3_min.mla: naive == absorbed, cache size, cached decoding (dynamic and static), parity with
+transformers."""
 import warnings
 
 import pytest
 import torch
-from torch import Tensor
 
-from dsv3_min.attention import KVCache
+from dsv3_min.attention import KVCache, LayerCache
 from dsv3_min.config import get_preset
 from dsv3_min.mla import LatentCache, MultiHeadLatentAttention
 from dsv3_min.rope import RotaryEmbedding
 from tests.conftest import tiny_config
+from tests.test_attention import assert_static_equals_dynamic, assert_static_step_has_no_host_sync
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -55,18 +56,19 @@ def test_absorbed_equals_naive_fp64(variant):
 
 
 def _numbers_per_token(cache, batch, max_len):
-    return sum(t.numel() for t in vars(cache).values() if isinstance(t, Tensor)) // (batch * max_len)
+    """All elements of all the cache's buffers, per token slot."""
+    return sum(t.numel() for t in cache.buffers.values()) // (batch * max_len)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "deepseek-v3"])
 def test_cache_sizes(preset):
     """The absorbed LatentCache holds exactly kv_lora_rank + qk_rope_head_dim numbers per token per layer (counted
-    over all tensors it holds); the naive KVCache holds heads * (qk_head_dim + v_head_dim). V3: 576 vs 40,960."""
+    over all its buffers); the naive KVCache holds heads * (qk_head_dim + v_head_dim). V3: 576 vs 40,960."""
     cfg = tiny_config() if preset == "tiny" else get_preset("deepseek-v3")
     with torch.device("meta"):
         absorb = MultiHeadLatentAttention(cfg.replace(mla_impl="absorb")).new_cache(3, 7, device="meta")
         naive = MultiHeadLatentAttention(cfg.replace(mla_impl="naive")).new_cache(3, 7, device="meta")
-    assert isinstance(absorb, LatentCache) and isinstance(naive, KVCache)
+    assert isinstance(absorb, LatentCache) and isinstance(naive, KVCache) and isinstance(absorb, LayerCache)
     assert _numbers_per_token(absorb, 3, 7) == cfg.kv_lora_rank + cfg.qk_rope_head_dim == absorb.numbers_per_token
     assert _numbers_per_token(naive, 3, 7) == cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     if preset == "deepseek-v3":
@@ -89,6 +91,38 @@ def test_cached_decoding_equals_full_forward(impl, backend):
         out += [mla(x[:, t:t + 1], *rope(torch.arange(t, t + 1)), cache) for t in range(4, 10)]
     assert cache.length == 10
     torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+@pytest.mark.parametrize("variant", ["q_lora", "bias_gate"])
+def test_static_cache_equals_dynamic(impl, variant):
+    """MLA with a static cache (naive KVCache, absorbed LatentCache; fixed shapes, mask from the cache) equals the
+    dynamic cache over a prefill and token-by-token decoding, and a left-padded sequence equals its own unpadded run
+    (fp32, 1e-5; the padded positions are shifted by 3, equal up to rounding because RoPE is relative)."""
+    cfg = tiny_config(mla_impl=impl, **VARIANTS[variant])
+    mla = _randomize(MultiHeadLatentAttention(cfg), scale=0.1)
+    assert_static_equals_dynamic(mla, RotaryEmbedding.from_config(cfg), cfg.hidden_size)
+
+
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_static_step_has_no_host_sync(impl, monkeypatch):
+    """A static-cache decoding step of MLA (naive and absorbed) never reads a Python value from a tensor: on a GPU
+    it has no host sync and can be captured in a CUDA graph (see the helper in test_attention)."""
+    cfg = tiny_config(mla_impl=impl)
+    mla = _randomize(MultiHeadLatentAttention(cfg), scale=0.1)
+    assert_static_step_has_no_host_sync(mla, RotaryEmbedding.from_config(cfg), cfg.hidden_size, monkeypatch)
+
+
+def test_latent_cache_static_update():
+    """A static LatentCache writes latent and k_pe at [pos, pos + s) and returns the full buffers (shared LayerCache
+    logic); a dynamic one appends and returns the prefix."""
+    c = LatentCache(2, 5, kv_lora_rank=3, rope_dim=2, static=True)
+    lat, pe = torch.randn(2, 2, 3), torch.randn(2, 2, 2)
+    c.pos.fill_(1)
+    full_lat, full_pe = c.update(lat, pe)
+    assert full_lat.shape == (2, 5, 3) and torch.equal(full_lat[:, 1:3], lat) and torch.equal(full_pe[:, 1:3], pe)
+    d = LatentCache(2, 5, kv_lora_rank=3, rope_dim=2)
+    assert [t.shape for t in d.update(lat, pe)] == [(2, 2, 3), (2, 2, 2)] and d.length == 2
 
 
 @pytest.mark.parametrize("variant", ["q_lora", "no_q_lora", "yarn", "no_q_lora_yarn_bias"])

@@ -242,6 +242,17 @@ def test_get_tokenizer_trains_once_then_loads(small_corpus, tmp_path, monkeypatc
     assert second.fingerprint == first.fingerprint and second.vocab_size == 400
 
 
+def test_get_tokenizer_retrains_a_broken_cache(small_corpus, tmp_path):
+    """A cached tokenizer.model that no longer parses is retrained (same model: training is deterministic) with a
+    one-line warning naming the cache folder, instead of a SentencePiece traceback."""
+    first = get_tokenizer(small_corpus, vocab_size=400, cache_dir=tmp_path)
+    (folder,) = (tmp_path / "tokenizers").iterdir()
+    (folder / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.warns(UserWarning, match=f"{folder.name}: broken cached tokenizer") as w:
+        again = get_tokenizer(small_corpus, vocab_size=400, cache_dir=tmp_path)
+    assert again.fingerprint == first.fingerprint and "\n" not in str(w[0].message)
+
+
 def test_tokenizer_stats(tok, small_corpus):
     """tokenizer_stats reports the vocab size and, per split, bytes/token and byte-fallback share consistent
     with a direct count."""

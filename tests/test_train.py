@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny_run import TINY_SET, Child, freeze_at, losses, tiny_corpus_fixture, train_argv, wait_for_step  # noqa: F401
 
-from _tiny_run import TINY_SET, Child, freeze_at, losses, tiny_corpus, train_argv, wait_for_step  # noqa: F401
 from conftest import tiny_config
 from dsv3_min.__main__ import main
 from dsv3_min.checkpoint import list_checkpoints, load_checkpoint

@@ -1,0 +1,178 @@
+"""The decode engine (`dsv3_min.infer`): static caches, left padding, EOS, MTP self-speculation (TINY configs)."""
+import pytest
+import torch
+
+from conftest import tiny_config
+from dsv3_min.infer import generate, left_padding_starts, sample_from
+from dsv3_min.model import DeepSeekV3
+from dsv3_min.model import generate as plain_generate
+
+KINDS = [{"mla_impl": "naive"}, {"mla_impl": "absorb"}, {"attention": "gqa", "num_key_value_heads": 2}]
+
+
+def _recompute_greedy(m, prompt, n):
+    "Greedy continuation by re-running the whole sequence at every step (no cache at all)."
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, m(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("kw", KINDS)
+def test_greedy_equals_plain_path_and_recompute(kw):
+    """Greedy tokens from the static-cache engine equal model.generate and recomputation without a cache."""
+    torch.manual_seed(0)
+    m = DeepSeekV3(tiny_config(**kw)).eval()
+    prompt = torch.randint(0, m.config.vocab_size, (2, 5))
+    ref = _recompute_greedy(m, prompt, 12)
+    assert torch.equal(plain_generate(m, prompt, 12, temperature=0), ref)
+    assert torch.equal(generate(m, prompt, 12, temperature=0), ref)
+    if "mla_impl" in kw:  # the cache layout can be chosen at generate time, whatever the config says
+        other = "absorb" if kw["mla_impl"] == "naive" else "naive"
+        assert torch.equal(generate(m, prompt, 12, temperature=0, mla_impl=other), ref)
+
+
+def test_seeded_sampling_reproduces_model_generate():
+    """Seeded samples (temperature, top-k, top-p) are the same tokens as model.generate's with the same seed."""
+    m = DeepSeekV3(tiny_config()).eval()
+    p = torch.randint(0, m.config.vocab_size, (3, 4))
+    for kw in [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.8)]:
+        assert torch.equal(generate(m, p, 10, seed=11, **kw), plain_generate(m, p, 10, seed=11, **kw))
+    assert not torch.equal(generate(m, p, 10, seed=1), generate(m, p, 10, seed=2))
+
+
+def test_sample_from_matches_multinomial():
+    """The sync-free exponential race draws the same token as torch.multinomial from the same generator state."""
+    w = torch.rand(6, 50) ** 4
+    a = sample_from(w, torch.Generator().manual_seed(5))
+    b = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=torch.Generator().manual_seed(5))[:, 0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kw", KINDS)
+@pytest.mark.parametrize("draft", [None, "mtp"])
+def test_ragged_left_padded_batch_equals_single_runs(kw, draft):
+    """Prompts of different lengths, left-padded in one batch, continue exactly as each prompt alone."""
+    torch.manual_seed(1)
+    m = DeepSeekV3(tiny_config(**kw)).eval()
+    prompts = [torch.randint(1, m.config.vocab_size, (n,)) for n in (7, 3, 5)]
+    S = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(S - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = (torch.arange(S) >= torch.tensor([S - len(p) for p in prompts])[:, None]).long()
+    out = generate(m, ids, 9, temperature=0, attention_mask=mask, draft=draft)
+    for row, p in zip(out, prompts):
+        assert torch.equal(row[S:], generate(m, p, 9, temperature=0)[len(p):])
+
+
+@pytest.mark.parametrize("draft", [None, "mtp"])
+def test_eos_is_handled_per_sequence(draft):
+    """A row that emits EOS keeps emitting EOS while the others go on; the output equals model.generate's."""
+    torch.manual_seed(0)
+    m = DeepSeekV3(tiny_config()).eval()
+    p = torch.randint(0, m.config.vocab_size, (2, 4))
+    free = generate(m, p, 12, temperature=0)
+    eos = int(free[0, 4 + 3])  # row 0's 4th new token becomes the EOS id
+    assert eos not in free[1, 4:].tolist(), "pick a seed where row 1 never emits this token"
+    out = generate(m, p, 12, temperature=0, eos_token_id=eos, draft=draft, check_every=3)
+    first = free[0, 4:].tolist().index(eos)
+    assert out[0, 4 + first:].eq(eos).all() and torch.equal(out[1], free[1])
+    assert torch.equal(out, plain_generate(m, p, 12, temperature=0, eos_token_id=eos))
+    one = generate(m, p[:1], 12, temperature=0, eos_token_id=eos, draft=draft)  # all rows done: stop early
+    assert torch.equal(one, plain_generate(m, p[:1], 12, temperature=0, eos_token_id=eos))
+    assert one.shape[1] == 4 + first + 1
+
+
+def _agreeing(cfg, attn_scale=0.0):
+    """A one-layer model whose MTP module is a copy of its block, so the draft for t+2 is the main model's own
+    prediction at t+1 when attention is off (`attn_scale=0`); a small `attn_scale` adds some disagreement."""
+    m = DeepSeekV3(cfg.replace(num_hidden_layers=1, first_k_dense_replace=0, initializer_range=0.3)).eval()
+    with torch.no_grad():
+        w = m.embed_tokens.weight
+        w.copy_(w / w.pow(2).mean(-1, keepdim=True).sqrt())  # unit RMS rows: enorm(emb) == emb
+        for blk in [m.layers[0], *m.mtp]:
+            blk.load_state_dict(m.layers[0].state_dict(), strict=False)
+            blk.self_attn.o_proj.weight.mul_(attn_scale if blk is m.layers[0] else 0.0)
+            if hasattr(blk, "eh_proj"):  # eh_proj([emb; h]) = emb
+                blk.eh_proj.weight.copy_(torch.cat([torch.eye(cfg.hidden_size), torch.zeros(cfg.hidden_size,
+                                                                                             cfg.hidden_size)], 1))
+    return m
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("kw", KINDS)
+def test_mtp_draft_greedy_equals_plain_greedy(depth, kw):
+    """Self-speculative greedy decoding gives token for token the non-speculative greedy output (1 and 2 MTP
+    depths), both with a random MTP (drafts mostly rejected) and a mostly agreeing one (accept-both path taken)."""
+    torch.manual_seed(2)
+    cfg = tiny_config(num_nextn_predict_layers=depth, **kw)
+    for m in [DeepSeekV3(cfg).eval(), _agreeing(cfg, attn_scale=0.01)]:
+        p = torch.randint(0, m.config.vocab_size, (2, 6))
+        stats = {}
+        out = generate(m, p, 30, temperature=0, draft="mtp", stats=stats)
+        assert torch.equal(out, generate(m, p, 30, temperature=0))
+        n_all = stats["accept"].all(dim=1).long()
+        assert 1 + (n_all + 1).sum() >= 30 and 0 <= stats["acceptance"] <= 1
+    assert n_all.float().mean() > 0.3, "the agreeing MTP must take the accept-both path often"
+
+
+def _exact_marginals(m, prompt, n):
+    "Exact distributions of new tokens 1..n after `prompt (S,)` at temperature 1, by enumerating every continuation."
+    V = m.config.vocab_size
+    seqs, weight, out = prompt[None], torch.ones(1, dtype=torch.float64), []
+    with torch.no_grad():
+        for _ in range(n):
+            joint = weight[:, None] * m(seqs)[:, -1].double().softmax(-1)  # (continuations, V)
+            out.append(joint.sum(0))
+            seqs = torch.cat([seqs.repeat_interleave(V, 0), torch.arange(V).repeat(len(seqs))[:, None]], 1)
+            weight = joint.reshape(-1)
+    return out
+
+
+def _chi2_pvalue(tokens, expected_probs):
+    "Chi-square goodness of fit of sampled `tokens` to `expected_probs`; bins expecting < 5 counts are merged."
+    n, V = len(tokens), len(expected_probs)
+    counts = torch.bincount(tokens, minlength=V).double()
+    exp = expected_probs * n
+    small = exp < 5
+    obs = torch.cat([counts[~small], counts[small].sum()[None]]) if small.any() else counts
+    exp = torch.cat([exp[~small], exp[small].sum()[None]]) if small.any() else exp
+    stat = ((obs - exp) ** 2 / exp).sum()
+    return torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2, dtype=torch.float64), stat / 2).item()  # chi2 sf
+
+
+@pytest.mark.parametrize("agree", [False, True])
+def test_speculative_sampling_keeps_the_target_distribution(agree):
+    """Speculative sampling with the MTP draft (accept with prob min(1, p/q), else resample from (p - q)+, plus the
+    bonus token) gives new tokens with exactly the target model's distribution: chi-square test of 2,000 samples of
+    tokens 1-3 against the enumerated distribution, failing below p = 0.001. `agree=False`: a random MTP, most drafts
+    rejected (tests the residual); `agree=True`: an MTP that agrees with the model, so the bonus path is taken."""
+    torch.manual_seed(3)
+    cfg = tiny_config(vocab_size=16, initializer_range=0.3)
+    m = _agreeing(cfg) if agree else DeepSeekV3(cfg).eval()
+    prompt = torch.tensor([3, 1, 4, 1, 5])
+    stats = {}
+    out = generate(m, prompt.expand(2000, -1), 3, temperature=1.0, seed=0, draft="mtp", stats=stats)
+    for i, probs in enumerate(_exact_marginals(m, prompt, 3)):
+        assert _chi2_pvalue(out[:, 5 + i], probs) > 1e-3, f"new token {i + 1} does not follow the target"
+    assert (stats["acceptance"] > 0.95) if agree else (stats["acceptance"] < 0.5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    """A mask that is not left padding, an unknown draft or cache layout, and MTP drafting without MTP are refused."""
+    m = DeepSeekV3(tiny_config()).eval()
+    ids = torch.randint(0, m.config.vocab_size, (2, 4))
+    with pytest.raises(ValueError, match="left padding"):
+        generate(m, ids, 3, attention_mask=torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="left padding"):
+        generate(m, ids, 3, attention_mask=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="shape"):
+        left_padding_starts(torch.ones(2, 3), ids)
+    with pytest.raises(ValueError, match="draft"):
+        generate(m, ids, 3, draft="medusa")
+    with pytest.raises(ValueError, match="mla_impl"):
+        generate(m, ids, 3, mla_impl="flash")
+    with pytest.raises(ValueError, match="MTP"):
+        generate(DeepSeekV3(tiny_config(num_nextn_predict_layers=0)).eval(), ids, 3, draft="mtp")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(m, ids, m.config.max_position_embeddings)

@@ -15,7 +15,7 @@ Order (each stage appends to `--out/distill.json`, so a cut-off call still leave
   students  dense GQA+SwiGLU `student_config(teacher)` (4 layers x 512), eager, bf16 autocast, `--student-steps`
             steps of 16 x 1024 tokens, the same batches (seed 0) and the same initial weights:
               scratch     plain CE
-              online      KD against the teacher run in the same step (full vocabulary, no_grad, bf16)
+              online      KD (T=1, alpha=1) against the teacher run in the same step (full vocabulary, no_grad, bf16)
               offline     KD against top-K=64 log-probs from a cache written before (its writing time is reported)
               scratch_s1  plain CE with seed 1 (other init, other batch order): seed noise = |scratch - scratch_s1|
               equal_time  plain CE for as many seconds as the online student took (teacher forwards included)
@@ -274,7 +274,7 @@ if __name__ == "__main__":
     p.add_argument("--student-steps", type=int, default=0, help="steps of every student (default 600; quick 8)")
     p.add_argument("--eval-batches", type=int, default=64, help="val batches of each final evaluation")
     p.add_argument("--kd-temperature", type=float, default=1.0)
-    p.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the KD term (1 - it weighs the CE)")
+    p.add_argument("--kd-alpha", type=float, default=1.0, help="weight of the KD term (1 - it weighs the CE)")
     p.add_argument("--topk", type=int, default=64, help="K of the offline cache")
     ARGS = p.parse_args()
     main(ARGS)

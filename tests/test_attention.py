@@ -9,9 +9,9 @@ from einops import rearrange
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import prefill_then_decode, tiny_config
 from dsv3_min.attention import GroupedQueryAttention, KVCache, LayerCache, attend, attention_probs, causal_mask
 from dsv3_min.rope import RotaryEmbedding
-from tests.conftest import tiny_config
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -293,13 +293,9 @@ def test_gqa_cached_decoding_equals_full_forward(kv, gated, backend):
     cfg = tiny_config(attention="gqa", num_key_value_heads=kv, gated_attention=gated, attn_backend=backend)
     attn, rope = GroupedQueryAttention(cfg).eval(), RotaryEmbedding.from_config(cfg)
     x = torch.randn(2, 10, cfg.hidden_size)
-    with torch.no_grad():
-        full = attn(x, *rope(torch.arange(10)))
-        cache = attn.new_cache(2, 10)
-        out = [attn(x[:, :4], *rope(torch.arange(4)), cache)]
-        out += [attn(x[:, t:t + 1], *rope(torch.arange(t, t + 1)), cache) for t in range(4, 10)]
+    full, stepwise, cache = prefill_then_decode(attn, rope, x)
     assert cache.length == 10 and cache.k.shape == (2, 10, kv, cfg.head_dim)
-    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-5)
 
 
 def test_gqa_is_causal():

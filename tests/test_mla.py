@@ -4,13 +4,13 @@ import warnings
 
 import pytest
 import torch
+from test_attention import assert_static_equals_dynamic, assert_static_step_has_no_host_sync
 
+from conftest import prefill_then_decode, tiny_config
 from dsv3_min.attention import KVCache, LayerCache
 from dsv3_min.config import get_preset
 from dsv3_min.mla import LatentCache, MultiHeadLatentAttention
 from dsv3_min.rope import RotaryEmbedding
-from tests.conftest import tiny_config
-from tests.test_attention import assert_static_equals_dynamic, assert_static_step_has_no_host_sync
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -84,13 +84,9 @@ def test_cached_decoding_equals_full_forward(impl, backend):
     cfg = tiny_config(mla_impl=impl, attn_backend=backend)
     mla, rope = _randomize(MultiHeadLatentAttention(cfg), scale=0.1), RotaryEmbedding.from_config(cfg)
     x = torch.randn(2, 10, cfg.hidden_size)
-    with torch.no_grad():
-        full = mla(x, *rope(torch.arange(10)))
-        cache = mla.new_cache(2, 10)
-        out = [mla(x[:, :4], *rope(torch.arange(4)), cache)]
-        out += [mla(x[:, t:t + 1], *rope(torch.arange(t, t + 1)), cache) for t in range(4, 10)]
+    full, stepwise, cache = prefill_then_decode(mla, rope, x)
     assert cache.length == 10
-    torch.testing.assert_close(torch.cat(out, 1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepwise, full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["naive", "absorb"])

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_config
 from dsv3_min.config import get_preset
 from dsv3_min.rope import (
     RotaryEmbedding,
@@ -19,7 +20,6 @@ from dsv3_min.rope import (
     yarn_correction_range,
     yarn_get_mscale,
 )
-from tests.conftest import tiny_config
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -3,8 +3,9 @@
 # %% auto #0
 __all__ = []
 
-# %% ../notebooks/index.ipynb #c3c8743e
+# %% ../notebooks/index.ipynb #6f4eb831
 __version__ = "0.1.0"
 from .config import PRESETS, ModelConfig, ParamCount, count_params, get_preset
-from .model import DeepSeekV3, DeepSeekV3ForSequenceClassification, LossParts, generate
+from .model import DeepSeekV3, DeepSeekV3ForSequenceClassification, LossParts
+from .infer import generate  # the fast engine (notebook 17); `dsv3_min.model.generate` is the reference
 from .hf import from_pretrained, save_pretrained

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from conftest import tiny_config
 from dsv3_min.__main__ import build_parser, main
 from dsv3_min.checkpoint import save_checkpoint
-from dsv3_min.config import ModelConfig, count_params, get_preset
+from dsv3_min.config import PRESETS, ModelConfig, count_params, get_preset
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.train import TrainConfig
 
@@ -38,7 +38,8 @@ def _one_line_error(capsys) -> str:
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["train", "--preset", "gpt5"], "unknown preset 'gpt5'; available: ['cpu-tiny', "),
+    (["train", "--preset", "gpt5"], "unknown preset 'gpt5'; available: ['cpu-tiny', 'deepseek-v3', 'gpu-small', "
+                                    "'gpu-small-dense', 'test-tiny']"),
     (["train", "--set", "hiden_size=3"], "unknown field 'hiden_size' in --set; did you mean 'hidden_size'? ModelConfig"),
     (["info", "--set", "num_hidden_layers=0"], "ModelConfig.num_hidden_layers=0: must be a positive integer"),
     (["train", "--set", "batch_size=-1"], "TrainConfig.batch_size=-1: must be a positive integer"),
@@ -144,7 +145,8 @@ def test_python_dash_m_runs():
     """`python -m dsv3_min --help` works from a fresh interpreter and lists the subcommands."""
     r = subprocess.run([sys.executable, "-m", "dsv3_min", "--help"], capture_output=True, text=True, cwd=ROOT,
                        timeout=60)
-    assert r.returncode == 0 and all(c in r.stdout for c in ("train", "sample", "info", "tokenizer"))
+    assert r.returncode == 0 and all(c in r.stdout for c in ("train", "sample", "info", "tokenizer", "eval", "finetune",
+                                                                  "distill"))
 
 
 def test_tokenizer_subcommand_prints_stats(tmp_path, monkeypatch, capsys):
@@ -226,3 +228,58 @@ def test_subprocess_error_is_one_line_with_exit_code_2():
     r = subprocess.run([sys.executable, "-m", "dsv3_min", "info", "--set", "compile=yes"], capture_output=True,
                        text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr == "dsv3: error: TrainConfig.compile='yes': must be true or false\n"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_has_training_defaults(preset):
+    """`train --preset P` builds both configs for every model preset, from P's own entry in TRAIN_PRESETS."""
+    from dsv3_min.__main__ import _configs
+    from dsv3_min.train import TRAIN_PRESETS
+    assert preset in TRAIN_PRESETS
+    a = build_parser().parse_args(["train", "--preset", preset])
+    cfg, tc = _configs(a.preset, a.overrides)
+    assert cfg == get_preset(preset) and all(getattr(tc, k) == v for k, v in TRAIN_PRESETS[preset].items())
+
+
+def test_dense_ablation_trains_like_gpu_small():
+    """gpu-small-dense has gpu-small's training defaults (the ablation changes the model only)."""
+    from dsv3_min.train import TRAIN_PRESETS
+    assert TRAIN_PRESETS["gpu-small-dense"] == TRAIN_PRESETS["gpu-small"]
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune", "distill", "sample"])
+def test_new_subcommands_have_help(command, capsys):
+    """`eval`, `finetune`, `distill` are subcommands with their notebooks' flags; `sample` has `--draft`."""
+    flag = {"eval": "--tasks", "finetune": "--method", "distill": "--student-preset", "sample": "--draft"}[command]
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0 and flag in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["eval", "--ckpt", "{tmp}/nope"], "not a directory"),
+    (["eval", "--ckpt", "{tmp}", "--limit", "0"], "--limit must be >= 1, got 0"),
+    (["finetune", "--ckpt", "{tmp}/nope", "--corpus", "shakespeare", "--out", "{tmp}/out"], "no such directory"),
+    (["finetune", "--ckpt", "{tmp}", "--corpus", "x", "--out", "{tmp}/o", "--method", "bogus"], "invalid choice"),
+    (["distill", "--teacher", "{tmp}/nope", "--out", "{tmp}/out"], "config.json not found"),
+    (["sample", "--ckpt", "{tmp}", "--draft", "eagle"], "argument --draft: invalid choice: 'eagle'"),
+])
+def test_new_subcommands_bad_input_is_one_line(argv, expected, tmp_path, capsys):
+    """A wrong path or value for eval / finetune / distill / sample --draft is one `dsv3: error:` line, exit 2."""
+    assert main([x.format(tmp=tmp_path) for x in argv]) == 2
+    assert expected in _one_line_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_with_mtp_drafts_matches_plain_greedy(tiny_ckpt, capsys, monkeypatch):
+    """`sample --draft mtp` decodes through infer.generate with draft='mtp' and, greedy, gives the plain text."""
+    import dsv3_min.__main__ as cli
+    seen = []
+    real = cli.fast_generate
+    monkeypatch.setattr(cli, "fast_generate", lambda *a, **k: seen.append(k.get("draft")) or real(*a, **k))
+    run, _, _ = tiny_ckpt
+    args = ["sample", "--ckpt", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--draft", "mtp"]) == 0
+    assert seen == ["mtp"] and capsys.readouterr().out == plain and plain.startswith("To be")

@@ -283,3 +283,23 @@ def test_sample_with_mtp_drafts_matches_plain_greedy(tiny_ckpt, capsys, monkeypa
     plain = capsys.readouterr().out
     assert main([*args, "--draft", "mtp"]) == 0
     assert seen == ["mtp"] and capsys.readouterr().out == plain and plain.startswith("To be")
+
+
+def test_train_eval_tasks_hook_logs_benchmark_numbers(tmp_path, monkeypatch, capsys):
+    """`train --set eval_tasks=T` calls quick_eval(model, tokenizer, T, eval_limit) at each evaluation and logs it."""
+    import dsv3_min.__main__ as cli
+    monkeypatch.setenv("DSV3_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus").mkdir()
+    for i in range(6):
+        (tmp_path / "corpus" / f"d{i}.txt").write_text(f"Act {i}. To be, or not to be: that is the question.\n" * 40)
+    calls = []
+    monkeypatch.setattr(cli, "quick_eval", lambda m, tok, tasks, limit: calls.append((tasks, limit, tok.vocab_size))
+                        or {"hellaswag/acc": 0.25})
+    argv = ["train", "--preset", "test-tiny", "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "run"),
+            "--max-steps", "4", "--no-progress", "--set", "vocab_size=300", "eval_every=2", "eval_tasks=hellaswag",
+            "eval_limit=3"]
+    assert main(argv) == 0, capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert calls == [("hellaswag", 3, 300)] * 2
+    assert [r["step"] for r in rows if "hellaswag/acc" in r] == [2, 4]
+    assert main([*argv[:-3], "eval_every=2", "--out", str(tmp_path / "run2")]) == 0 and len(calls) == 2  # no tasks: off

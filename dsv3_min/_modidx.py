@@ -630,8 +630,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'dsv3_min.train': { 'dsv3_min.train.NonFiniteLoss': ('train.html#nonfiniteloss', 'dsv3_min/train.py'),
                                 'dsv3_min.train.SaveFailed': ('train.html#savefailed', 'dsv3_min/train.py'),
                                 'dsv3_min.train.TrainConfig': ('train.html#trainconfig', 'dsv3_min/train.py'),
-                                'dsv3_min.train.TrainConfig.__post_init__': ('train.html#trainconfig.__post_init__', 'dsv3_min/train.py'),
-                                'dsv3_min.train.TrainConfig.from_dict': ('train.html#trainconfig.from_dict', 'dsv3_min/train.py'),
                                 'dsv3_min.train.TrainData': ('train.html#traindata', 'dsv3_min/train.py'),
                                 'dsv3_min.train.TrainResult': ('train.html#trainresult', 'dsv3_min/train.py'),
                                 'dsv3_min.train._Loop': ('train.html#_loop', 'dsv3_min/train.py'),

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .checkpoint import (CKPT_PREFIX, check_config, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  read_state, save_checkpoint)
-from .config import PRESETS, ModelConfig, check_names, rule, validate_fields
+from .config import PRESETS, ModelConfig, Validated, check_names, rule, validate_fields
 from .data import get_batch, iter_val_batches, load_corpus, pack
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
 from .hf import CheckpointError
@@ -49,7 +49,7 @@ def _non_empty(text: str) -> str | None:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Validated):
     "Every knob of the training loop (the model's own knobs live in `ModelConfig`)."
     corpus: str = rule("shakespeare", check=_non_empty)  # a corpus name or a path (notebook 02)
     max_steps: int = rule(1000, gt=0)        # optimizer steps; the schedule is laid out over them
@@ -79,18 +79,6 @@ class TrainConfig:
     stop_at: int = rule(0, ge=0)             # checkpoint and stop after this step, schedule unchanged (0 = never)
     threads: int = rule(0, ge=0)             # torch CPU threads (0 = leave torch's default)
     peak_tflops: float = rule(0.0, ge=0)     # accelerator peak for MFU (0 = look it up from the device name)
-
-    def __post_init__(self):
-        validate_fields(self)
-        for f in fields(self):  # an int given for a float field (JSON `1`, `--set lr=1`) becomes a float
-            if isinstance(getattr(self, f.name), int) and f.type in (float, "float"):
-                setattr(self, f.name, float(getattr(self, f.name)))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        "Build from `asdict` output (a config file); unknown keys raise `ValueError` naming the closest field."
-        check_names("TrainConfig", d, [f.name for f in fields(cls)])
-        return cls(**d)
 
 # %% ../notebooks/15_train.ipynb #44231dfb
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {

@@ -19,6 +19,8 @@ from .finetune import add_finetune_arguments, run_finetune
 from .infer import generate as fast_generate
 from .train import (TRAIN_PRESETS, NonFiniteLoss, SaveFailed, resolve_device, sample_text, split_overrides,
                             train, train_config_for)
+from .data import load_corpus
+from .tokenizer import get_tokenizer, tokenizer_stats
 
 # %% auto #0
 __all__ = ['COMMANDS', 'USER_ERRORS', 'UsageError', 'build_parser', 'cmd_train', 'cmd_sample', 'cmd_info', 'cmd_tokenizer',
@@ -140,8 +142,6 @@ def cmd_info(a) -> int:
 
 def cmd_tokenizer(a) -> int:
     "`tokenizer`: train or load the corpus's tokenizer and print `tokenizer_stats`."
-    from dsv3_min.data import load_corpus
-    from dsv3_min.tokenizer import get_tokenizer, tokenizer_stats
     c = load_corpus(a.corpus)
     tok = get_tokenizer(c, vocab_size=a.vocab_size)
     print(json.dumps(tokenizer_stats(tok, c), indent=1))

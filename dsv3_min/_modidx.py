@@ -656,6 +656,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'dsv3_min.train.prepare_data': ('train.html#prepare_data', 'dsv3_min/train.py'),
                                 'dsv3_min.train.read_metrics': ('train.html#read_metrics', 'dsv3_min/train.py'),
                                 'dsv3_min.train.resolve_device': ('train.html#resolve_device', 'dsv3_min/train.py'),
+                                'dsv3_min.train.resume_into': ('train.html#resume_into', 'dsv3_min/train.py'),
                                 'dsv3_min.train.sample_text': ('train.html#sample_text', 'dsv3_min/train.py'),
                                 'dsv3_min.train.split_overrides': ('train.html#split_overrides', 'dsv3_min/train.py'),
                                 'dsv3_min.train.train': ('train.html#train', 'dsv3_min/train.py'),

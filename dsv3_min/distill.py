@@ -22,6 +22,11 @@ from .config import ModelConfig, Validated, count_params, rule
 from .data import get_batch
 from .files import atomic_dir, read_json, write_json
 from .model import DeepSeekV3, LossParts
+from .optim import make_optimizer
+from .train import (TRAIN_PRESETS, TrainConfig, _resume_point, _split_pair, prepare_data, resolve_device,
+                            resume_into, split_overrides, train_loop)
+from .config import get_preset
+from .hf import from_pretrained
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'kl_terms', 'kd_full', 'teacher_topk', 'student_buckets', 'kd_topk', 'KDParts', 'kd_loss',
@@ -260,9 +265,6 @@ def distill(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, out: s
             cache: str | Path | None = None, init: str = "random", resume: bool = False, progress: bool = True,
             log=print, on_step=None):
     "Train a `DeepSeekV3(cfg)` student on `teacher` (online, or offline from `cache`) with the training loop."
-    from dsv3_min.checkpoint import load_checkpoint
-    from dsv3_min.optim import make_optimizer
-    from dsv3_min.train import RESUME_FIXED, _resume_point, prepare_data, resolve_device, train_loop
     compile = tc.compile  # compiles the student's and the teacher's forwards, not `DistillLoss` (it counts batches)
     if init not in ("random", "truncate"):
         raise ValueError(f"init={init!r}: must be 'random' or 'truncate'")
@@ -283,11 +285,7 @@ def distill(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, out: s
     if init == "truncate":
         log(f"init: {len(init_from_teacher(student, teacher))} tensors copied from the teacher (leading slices)")
     opt = make_optimizer(student, tc, device)
-    start, elapsed = 0, 0.0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, student, opt, cfg, tc=tc, train_keys=RESUME_FIXED)
-        start, elapsed = state["step"], state.get("elapsed_s", 0.0)
-        log(f"resumed from {ckpt} at step {start}")
+    start, elapsed = resume_into(ckpt, student, opt, cfg, tc, log)
     if cache is not None:
         source = TeacherCache(cache)
         source.check(dc, tc.batch_size, tc.seq_len, tc.seed, cfg.vocab_size)
@@ -322,8 +320,6 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 def _distill_configs(a, teacher_cfg: ModelConfig):
     "ModelConfig, TrainConfig, DistillConfig of the command line `a`."
-    from dsv3_min.config import get_preset
-    from dsv3_min.train import TRAIN_PRESETS, TrainConfig, split_overrides, _split_pair
     pairs = [_split_pair(s) for s in a.overrides]
     kd_names = {f.name for f in fields(DistillConfig)}
     known = kd_names | {f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)}
@@ -345,8 +341,6 @@ def _distill_configs(a, teacher_cfg: ModelConfig):
 
 def run_distill(a) -> int:
     "`distill`: load the teacher, build the configs, write the cache if asked, run `distill`; the exit code."
-    from dsv3_min.hf import from_pretrained
-    from dsv3_min.train import prepare_data, resolve_device
     teacher = from_pretrained(a.teacher)
     teacher.source = str(a.teacher)
     cfg, tc, dc = _distill_configs(a, teacher.config)

@@ -18,6 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from safetensors.torch import load_model
+
+from .config import ModelConfig
+from .files import atomic_write
+from .hf import from_pretrained
+from .model import DeepSeekV3
+from .tokenizer import Tokenizer
 
 # %% auto #0
 __all__ = ['MMLU_SUBJECTS', 'TASKS', 'GROUPS', 'NOT_SUPPORTED', 'Doc', 'Task', 'hellaswag_doc', 'arc_doc', 'piqa_doc',
@@ -435,7 +442,6 @@ def group_result(group: str, results: dict, sizes: dict) -> dict | None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     "`obj` as JSON (lm-eval's key order, indent 2) written atomically by `files.atomic_write`."
-    from dsv3_min.files import atomic_write
     return atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 # %% ../notebooks/18_eval.ipynb #b5f868dd
@@ -494,12 +500,7 @@ def quick_eval(model, tok, tasks: str | Sequence[str] = "hellaswag", limit: int 
 # %% ../notebooks/18_eval.ipynb #d4adc464
 def load_for_eval(path: str | os.PathLike, device: str = "cpu"):
     "(model, tokenizer) from a run directory, one of its `ckpt-*` checkpoints, or a Hugging Face model directory."
-    from safetensors.torch import load_model
 
-    from dsv3_min.config import ModelConfig
-    from dsv3_min.hf import from_pretrained
-    from dsv3_min.model import DeepSeekV3
-    from dsv3_min.tokenizer import Tokenizer
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"--ckpt {p}: not a directory")

@@ -33,7 +33,7 @@ from .tokenizer import get_tokenizer
 # %% auto #0
 __all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for', 'parse_value', 'split_overrides',
            'evaluate', 'TrainData', 'prepare_data', 'NonFiniteLoss', 'SaveFailed', 'resolve_device', 'autocast_for',
-           'read_metrics', 'TrainResult', 'train_loop', 'train', 'write_summary', 'sample_text']
+           'read_metrics', 'TrainResult', 'train_loop', 'resume_into', 'train', 'write_summary', 'sample_text']
 
 # %% ../notebooks/15_train.ipynb #db483ab6
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -434,6 +434,15 @@ def _resume_point(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, resume: bool
     return ckpt
 
 
+def resume_into(ckpt, model, opt, cfg, tc, log=print) -> tuple[int, float]:
+    "Load checkpoint `ckpt` (or nothing when None) into `model` and `opt`: the (step, elapsed seconds) to continue from."
+    if ckpt is None:
+        return 0, 0.0
+    state = load_checkpoint(ckpt, model, opt, cfg, tc=tc, train_keys=RESUME_FIXED)
+    log(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"], state.get("elapsed_s", 0.0)
+
+
 def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = False, data: TrainData | None = None,
           progress: bool = True, log=print, on_step=None, during_save=None, on_eval=None) -> TrainResult:
     "Train `DeepSeekV3(cfg)` with `tc`, logging to `out/metrics.jsonl` and checkpointing under `out/`."
@@ -444,11 +453,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = Fal
     torch.manual_seed(tc.seed)
     model = DeepSeekV3(cfg).to(device)
     opt = make_optimizer(model, tc, device)
-    start, elapsed = 0, 0.0
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, opt, cfg, tc=tc, train_keys=RESUME_FIXED)
-        start, elapsed = state["step"], state.get("elapsed_s", 0.0)
-        log(f"resumed from {ckpt} at step {start}")
+    start, elapsed = resume_into(ckpt, model, opt, cfg, tc, log)
     run_dir.mkdir(parents=True, exist_ok=True)
     return train_loop(model, opt, data, tc, run_dir, start, elapsed, progress, on_step, during_save, ckpt, on_eval)
 

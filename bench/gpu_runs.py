@@ -18,7 +18,7 @@ Data. The corpus is the mix `shakespeare+python-stdlib+gcide+python-docs+kernel-
   tool-docs        Perl's POD manual (`perl-doc`), git's AsciiDoc manual pages (`git-doc`), SQLAlchemy's reST docs
 Every part is split 90/10 by document on its own. The Debian parts are never committed, as text or as tokens.
 `prepare` extracts them into `DOCS` (`DEB_RULES` says which files of which package), trains a 16,384-id tokenizer
-on the mix and packs both splits (notebook 02's `pack`), xz-compressed, into `.device_carry/a2/` (git-ignored,
+on the mix and packs both splits (notebook 02's `pack`), xz-compressed, into `.device_carry/gpu_mix/` (git-ignored,
 ~35 MB), which travels to the GPU machine. There the runs read those packed tokens: the GPU machine has a different
 Python (so a different stdlib) and sentencepiece, and re-tokenizing there would spend GPU time on CPU work. So `run`
 calls the same `dsv3_min.train.train` that `python -m dsv3_min train` calls, with the same presets and `--set`
@@ -43,7 +43,7 @@ over each run's time budget, which counts its cold compilation, ~60 s):
 machine's 10-minute limit per command): the main run's budget shrinks to leave `MAIN_OVERHEAD` for its evaluation
 and samples, and the ablations share what is left after it. SIGTERM (e.g. from `timeout`) ends the current run
 after its step (its last periodic evaluation stands) and starts nothing new; `report` rebuilds the summary of a run
-cut off before writing its own. One device call per group of steps (carry .device_carry/a2). On an `nvidia-h200-x2`,
+cut off before writing its own. One device call per group of steps (carry .device_carry/gpu_mix). On an `nvidia-h200-x2`,
 one process per GPU in the same call, e.g. the main run and two ablations:
 
     export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD; mkdir -p $OUT/m $OUT/a
@@ -92,7 +92,7 @@ from dsv3_min.tokenizer import Tokenizer, train_tokenizer
 from dsv3_min.train import TrainData, sample_text, train
 
 ROOT = Path(__file__).resolve().parents[1]
-CARRY = ROOT / ".device_carry" / "a2"
+CARRY = ROOT / ".device_carry" / "gpu_mix"
 MAIN_OVERHEAD = 75.0  # the main run's wall-clock beyond its budget, as measured on the H200: loading the data, the
 #                       whole-split evaluation and the checkpoint (~46 s), then the samples (~19 s)
 PROMPTS = ["ROMEO.\n", "def fibonacci(n):\n", "Love \\Love\\, n.", "The king"]

@@ -91,7 +91,8 @@ def run(out: Path, budget: float, tasks: str, batch_size: int) -> None:
     import gpu_runs
     import torch
 
-    from dsv3_min.evaluate import format_table, load_for_eval
+    from dsv3_min.checkpoint import load_trained
+    from dsv3_min.evaluate import format_table
     if CARRY.exists():
         os.environ["DSV3_EVAL_DATA"] = str(CARRY)
     out = out / "eval_gpu"
@@ -104,7 +105,7 @@ def run(out: Path, budget: float, tasks: str, batch_size: int) -> None:
         if f.is_file():
             shutil.copy(f, out / f"train_{f.name}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_for_eval(TRAIN_DIR / "main", device)
+    model, tok = load_trained(TRAIN_DIR / "main", device)
     r = evaluate_all(model, tok, tasks, batch_size, amp=device == "cuda")
     print(format_table(r))
     write(out / "eval_gpu.json", r, {"config": {"model": "dsv3_min gpu-small", "budget_s": budget,
@@ -135,8 +136,9 @@ def main() -> None:
     elif a.cmd == "run":
         run(a.out, a.budget, a.tasks, a.batch_size)
     else:
-        from dsv3_min.evaluate import format_table, load_for_eval
-        model, tok = load_for_eval(a.ckpt, a.device)
+        from dsv3_min.checkpoint import load_trained
+        from dsv3_min.evaluate import format_table
+        model, tok = load_trained(a.ckpt, a.device)
         r = evaluate_all(model, tok, a.tasks, a.batch_size, amp=a.device.startswith("cuda"), limit=a.limit)
         print(format_table(r))
         write(a.out, r, {"config": {"model": str(a.ckpt), "batch_size": a.batch_size, "device": a.device,

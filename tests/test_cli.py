@@ -257,7 +257,7 @@ def test_new_subcommands_have_help(command, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["eval", "--ckpt", "{tmp}/nope"], "not a directory"),
+    (["eval", "--ckpt", "{tmp}/nope"], "no such directory"),
     (["eval", "--ckpt", "{tmp}", "--limit", "0"], "--limit must be >= 1, got 0"),
     (["finetune", "--ckpt", "{tmp}/nope", "--corpus", "shakespeare", "--out", "{tmp}/out"], "no such directory"),
     (["finetune", "--ckpt", "{tmp}", "--corpus", "x", "--out", "{tmp}/o", "--method", "bogus"], "invalid choice"),

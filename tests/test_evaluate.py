@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from dsv3_min.checkpoint import load_trained
 from dsv3_min.evaluate import (
     GROUPS,
     TASKS,
@@ -15,7 +16,6 @@ from dsv3_min.evaluate import (
     encode_pairs,
     evaluate,
     expand_tasks,
-    load_for_eval,
     load_items,
     load_split,
     loglikelihoods,
@@ -115,7 +115,7 @@ def _parity(tmp_path_factory, tok, label, tasks=tuple(PARITY)):
     ckpt = _checkpoint(root / "ckpt", tok)
     lm = HFLM(pretrained=str(ckpt), backend="causal", device="cpu", batch_size=8, dtype="float32")
     assert lm.max_length == WINDOW
-    model, our_tok = load_for_eval(ckpt)
+    model, our_tok = load_trained(ckpt)
     out = {}
     for name in tasks:
         data = _subset_to_disk(name, root / "data")

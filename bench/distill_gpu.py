@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import asdict
@@ -91,7 +92,7 @@ def decode_speed(model, prompt: torch.Tensor, new: int) -> dict:
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    gen(model, prompt, 8)  # warm-up (builds the engine's caches, captures graphs)
+    gen(model, prompt, new)  # warm-up with the same shapes: builds the engine's caches and captures its graph
     if cuda:
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -147,11 +148,21 @@ def main(a) -> None:
                            eval_every=1000, final_eval_batches=4, device=dev, threads=1)
     else:
         corpus, vocab, chunks, B, S = "python-stdlib", 8192, 3000, 16, 1024
+        if a.mix:  # the GPU notebook's packed mix (gpu_runs.py prepare): its tokenizer fixes the vocabulary
+            vocab = json.loads((Path(a.mix) / "meta.json").read_text())["vocab_size"]
         tcfg = get_preset("gpu-small", vocab_size=vocab)
         t_tc = TrainConfig(max_steps=100_000, batch_size=B, seq_len=S, lr=1.5e-3, warmup=100, eval_every=100_000,
                            final_eval_batches=a.eval_batches, time_budget=a.teacher_seconds, compile=True,
                            device=dev, keep_last=1)
-    data = prepare(corpus, vocab, chunks, work / "data_cache")
+    if a.mix and not a.quick:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gpu_runs import load_data  # bench-only loader of the carried mix
+
+        data, meta = load_data(Path(a.mix))
+        corpus = meta["corpus"]
+        log(f"data {corpus}: {len(data.train):,} train / {len(data.val):,} val tokens, vocab {vocab}")
+    else:
+        data = prepare(corpus, vocab, chunks, work / "data_cache")
     res["data"] = dict(corpus=corpus, vocab=vocab, train_tokens=len(data.train), val_tokens=len(data.val))
 
     # the teacher, trained here and read back from its checkpoint
@@ -267,6 +278,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="folder for distill.json, distill.png, the runs and the cache")
     p.add_argument("--work", default="/tmp/distill_work", help="runs, checkpoints, data and the teacher cache (GBs)")
+    p.add_argument("--mix", default="", help="train on the GPU notebook's packed mix in this folder (gpu_runs.py "
+                   "prepare; carry .device_carry/gpu_mix) instead of python-stdlib")
     p.add_argument("--quick", action="store_true", help="CPU smoke test: TINY teacher and students on Shakespeare")
     p.add_argument("--deadline", type=float, default=570, help="seconds after start by which everything ends")
     p.add_argument("--teacher-seconds", type=float, default=150, help="teacher training budget (compile included)")

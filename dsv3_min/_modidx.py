@@ -34,6 +34,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'dsv3_min.attention.causal_mask': ('attention.html#causal_mask', 'dsv3_min/attention.py'),
                                     'dsv3_min.attention.check_attention_inputs': ( 'attention.html#check_attention_inputs',
                                                                                    'dsv3_min/attention.py'),
+                                    'dsv3_min.attention.flash_attn_func': ('attention.html#flash_attn_func', 'dsv3_min/attention.py'),
                                     'dsv3_min.attention.flash_attn_package': ( 'attention.html#flash_attn_package',
                                                                                'dsv3_min/attention.py')},
             'dsv3_min.checkpoint': { 'dsv3_min.checkpoint.CheckpointWarning': ( 'checkpoint.html#checkpointwarning',

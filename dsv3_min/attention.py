@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,8 @@ from .gating import HeadGate
 from .rope import apply_rope
 
 # %% auto #0
-__all__ = ['causal_mask', 'check_attention_inputs', 'attention_probs', 'flash_attn_package', 'attend', 'LayerCache', 'KVCache',
-           'GroupedQueryAttention']
+__all__ = ['causal_mask', 'check_attention_inputs', 'attention_probs', 'flash_attn_func', 'flash_attn_package', 'attend',
+           'LayerCache', 'KVCache', 'GroupedQueryAttention']
 
 # %% ../notebooks/05_attention.ipynb #4917002f
 def causal_mask(sq: int, sk: int, device=None, rows: range | None = None, cols: range | None = None) -> Tensor:
@@ -110,19 +111,32 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float |
     return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
 
 
+def flash_attn_func() -> tuple[str, Callable]:
+    "The installed FlashAttention package: FlashAttention-4 (`flash_attn.cute`, Hopper and Blackwell) first, else 2."
+    try:  # optional (CUDA only) packages: imported where they are used
+        from flash_attn.cute import flash_attn_func as fa4
+        return "fa4", fa4
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func as fa2
+        return "fa2", fa2
+    except ImportError as e:
+        raise ImportError("attn_backend='flash_attn' needs the flash_attn package: flash-attn-4 (FlashAttention-4) or "
+                          "flash-attn (FlashAttention-2), CUDA only; use 'sdpa' or 'flash' instead") from e
+
+
 def flash_attn_package(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
                        softmax_scale: float | None = None) -> Tensor:
-    "The `flash_attn` package's `flash_attn_func` in our `(b, h, s, d)` layout (V zero-padded to the q/k width)."
-    try:
-        from flash_attn import flash_attn_func  # optional (CUDA only): imported where it is used
-    except ImportError as e:
-        raise ImportError("attn_backend='flash_attn' needs the flash_attn package (pip install flash-attn, CUDA only); "
-                          "use 'sdpa' or 'flash' instead") from e
+    "The `flash_attn` package's `flash_attn_func` in our `(b, h, s, d)` layout (FA2: V zero-padded to the q/k width)."
+    version, fn = flash_attn_func()
     dqk, dv = q.shape[-1], v.shape[-1]
-    if dv < dqk:  # FlashAttention-2 wants one head width for q, k and v (MLA: 192 vs 128)
+    if version == "fa2" and dv < dqk:  # FlashAttention-2 wants one head width for q, k and v (MLA: 192 vs 128)
         v = F.pad(v, (0, dqk - dv))
-    o = flash_attn_func(*(rearrange(t, "b h s d -> b s h d") for t in (q, k, v)), softmax_scale=softmax_scale,
-                        causal=causal)  # its causal mask is bottom-right aligned, as ours
+    o = fn(*(rearrange(t, "b h s d -> b s h d") for t in (q, k, v)), softmax_scale=softmax_scale,
+           causal=causal)  # its causal mask is bottom-right aligned, as ours
+    if version == "fa4":
+        o = o[0]  # FlashAttention-4 returns (out, log-sum-exp)
     return rearrange(o, "b s h d -> b h s d")[..., :dv]
 
 

@@ -118,7 +118,8 @@ def test_torchrun_ep2_matches_single_process_and_writes_once(tiny_corpus, refere
     assert w <= 1e-5, w
     assert main(["sample", "--ckpt", str(run), "--prompt", "The king", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("The king")
-    print(f"torchrun ep=2 vs one process: worst relative loss difference {worst:.2e}, weights {w:.2e}")
+    print(f"torchrun ep=2 vs one process: worst relative loss difference {worst:.2e}, validation "
+          f"{max(_rel(b, a) for a, b in vals):.2e}, weights {w:.2e}")
 
 
 def test_torchrun_sigkill_then_resume_at_ep2_and_ep1(tiny_corpus, reference, ep2, tmp_path):

@@ -58,6 +58,7 @@ def test_split_overrides_types_and_errors():
     ("device", "banana", "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"), ("device", "cuda:x", "must be .auto.*cuda:N"),
     ("device", 0, "must be a string"), ("dtype", "fp16", "must be one of .*auto"),
     ("corpus", "", "must be a non-empty string"), ("seed", True, "must be a non-negative integer"),
+    ("ep", 0, "must be a positive integer"), ("ep", 1.5, "must be a positive integer"),
 ])
 def test_train_config_rejects_wrong_types_and_ranges(field, value, why):
     """Every TrainConfig field is checked by type and range in the constructor, naming the field and the value:

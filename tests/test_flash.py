@@ -134,6 +134,35 @@ def test_flash_attn_wrapper_layout(monkeypatch):
     assert got.shape == (2, 4, 9, 16)
 
 
+def test_flash_attn4_wrapper_takes_mla_widths_and_drops_the_lse(monkeypatch):
+    """With FlashAttention-4 installed (`flash_attn.cute`), `flash_attn_package` prefers it over FlashAttention-2,
+    passes MLA's unequal q/k and V widths unpadded, and returns the output of its `(out, lse)` pair. A stand-in
+    module computes attention eagerly in FA4's layout (FA4 itself runs only on Hopper/Blackwell; measured on the H200
+    in `results/attention_flash_attn.json`)."""
+    import types
+
+    from dsv3_min.attention import flash_attn_func, flash_attn_package
+
+    calls = []
+
+    def fa4(q, k, v, softmax_scale=None, causal=False):
+        calls.append(v.shape[-1])
+        bhsd = [t.transpose(1, 2) for t in (q, k, v)]
+        o = attend(*bhsd, causal, softmax_scale).transpose(1, 2)
+        return o, torch.zeros(o.shape[:-1])
+
+    def fa2(*a, **kw):
+        raise AssertionError("FlashAttention-2 must not be used when FlashAttention-4 is installed")
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fa2, __path__=[]))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", types.SimpleNamespace(flash_attn_func=fa4))
+    assert flash_attn_func()[0] == "fa4"
+    q, k, v, _ = _inputs(2, 4, 2, 9, 13, 24, 16)
+    got = flash_attn_package(q, k, v, True, 0.3)
+    torch.testing.assert_close(got, attend(q, k, v, True, 0.3))
+    assert got.shape == (2, 4, 9, 16) and calls == [16]  # V went in at its own width: no padding
+
+
 def test_imports_without_triton():
     """`import dsv3_min.flash` works when triton cannot be imported, and the CPU path still computes attention."""
     code = textwrap.dedent("""

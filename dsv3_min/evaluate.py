@@ -9,9 +9,10 @@ import json
 import math
 import os
 import re
+import shlex
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from .files import atomic_write
 # %% auto #0
 __all__ = ['MMLU_SUBJECTS', 'TASKS', 'GROUPS', 'NOT_SUPPORTED', 'Doc', 'Task', 'hellaswag_doc', 'arc_doc', 'piqa_doc',
            'openbookqa_doc', 'boolq_doc', 'sciq_doc', 'social_iqa_doc', 'commonsense_qa_doc', 'copa_doc',
-           'winogrande_doc', 'glue_doc', 'mmlu_doc', 'expand_tasks', 'wheel_data_dir', 'load_split', 'Item',
-           'fewshot_prefix', 'build_items', 'load_items', 'hf_encoder', 'encode_pair', 'encode_pairs', 'loglikelihoods',
-           'item_scores', 'mean_stderr', 'pooled_stderr', 'task_result', 'group_result', 'atomic_write_json',
-           'evaluate', 'compact_items', 'quick_eval', 'add_eval_arguments', 'run_eval', 'format_table']
+           'winogrande_doc', 'glue_doc', 'mmlu_doc', 'expand_tasks', 'task_limits', 'wheel_data_dir', 'load_split',
+           'Item', 'fewshot_prefix', 'build_items', 'load_items', 'hf_encoder', 'encode_pair', 'encode_pairs',
+           'loglikelihoods', 'item_scores', 'mean_stderr', 'pooled_stderr', 'task_result', 'group_result',
+           'atomic_write_json', 'evaluate', 'compact_items', 'quick_eval', 'add_eval_arguments', 'eval_command',
+           'run_eval', 'format_table']
 
 # %% ../notebooks/18_eval.ipynb #eda57a1b
 @dataclass
@@ -218,6 +220,14 @@ def expand_tasks(names: str | Sequence[str]) -> list[str]:
         elif n:
             raise ValueError(f"unknown task {n!r}; known: {', '.join(sorted(GROUPS) + sorted(TASKS)[:15])}, ...")
     return list(dict.fromkeys(out))
+
+
+def task_limits(limit: int | Mapping[str, int] | None, names: Sequence[str]) -> dict[str, int | None]:
+    "Items per task: one `limit` for all, or `{task or group: n}` with `'*'` for the rest (None = every item)."
+    if not isinstance(limit, Mapping):
+        return {n: limit for n in names}
+    per = {t: v for k, v in limit.items() if k != "*" for t in expand_tasks(k)}
+    return {n: per.get(n, limit.get("*")) for n in names}
 
 # %% ../notebooks/18_eval.ipynb #41a1e7db
 def wheel_data_dir() -> Path:
@@ -441,17 +451,19 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 # %% ../notebooks/18_eval.ipynb #b5f868dd
-def evaluate(model, tok, tasks: str | Sequence[str], limit: int | None = None, batch_size: int = 32,
-             sources: dict[str, str] | None = None, progress: bool = False, max_length: int | None = None,
-             amp: bool = False) -> dict:
+def evaluate(model, tok, tasks: str | Sequence[str], limit: int | Mapping[str, int] | None = None,
+             batch_size: int = 32, sources: dict[str, str] | None = None, progress: bool = False,
+             max_length: int | None = None, amp: bool = False) -> dict:
     "Score `tasks` (groups expanded) and return lm-eval's results layout plus per-item detail under `dsv3_min`."
     names = expand_tasks(tasks)
-    results, sizes, n_samples, detail = {}, {}, {}, {}
+    limits = task_limits(limit, names)
+    results, sizes, n_samples, detail, seconds = {}, {}, {}, {}, {}
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     for name in tqdm(names, disable=not progress or len(names) < 2, desc="tasks"):
-        items, total = load_items(name, limit, (sources or {}).get(name))
+        t1 = time.perf_counter()
+        items, total = load_items(name, limits[name], (sources or {}).get(name))
         pairs = encode_pairs(tok, [r for it in items for r in it.requests])
         lls = loglikelihoods(model, pairs, batch_size, max_length, progress=progress and len(names) == 1, amp=amp)
         k, per_item = 0, []
@@ -464,11 +476,13 @@ def evaluate(model, tok, tasks: str | Sequence[str], limit: int | None = None, b
         sizes[name] = len(items)
         n_samples[name] = {"original": total, "effective": len(items)}
         detail[name] = per_item
+        seconds[name] = time.perf_counter() - t1
     for g in GROUPS:
         if (gr := group_result(g, results, sizes)) is not None:
             results[g] = gr
+            seconds[g] = sum(seconds[t] for t in GROUPS[g] if t in seconds)
     model.train(was_training)
-    seconds = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t0
     chance = {n: float(np.mean([1 / len(d["lls"]) for d in detail[n]])) for n in detail}
     return {"results": results, "n-samples": n_samples,
             "group_subtasks": {g: [t for t in GROUPS[g] if t in results] for g in GROUPS if g in results},
@@ -493,7 +507,7 @@ def quick_eval(model, tok, tasks: str | Sequence[str] = "hellaswag", limit: int 
     return {f"{t}/{k.split(',')[0]}": v for t, res in r.items() for k, v in res.items()
             if k.endswith(",none") and "_stderr" not in k}
 
-# %% ../notebooks/18_eval.ipynb #7be3f19a
+# %% ../notebooks/18_eval.ipynb #d4adc464
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "The `eval` subcommand's flags."
     p.add_argument("--ckpt", required=True, help="run dir, ckpt-* dir or Hugging Face model dir (with its tokenizer)")
@@ -501,6 +515,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"comma list of tasks or groups: {', '.join(sorted(GROUPS))}, "
                         f"{', '.join(t for t in TASKS if not t.startswith('mmlu_'))}, mmlu_<subject>")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--limit-task", nargs="+", action="extend", default=[], metavar="TASK=N",
+                   help="another limit for TASK (a group, e.g. mmlu=50, limits each of its subjects)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
     p.add_argument("--out", help="write lm-eval's results JSON here (atomically)")
     p.add_argument("--device", default="cpu")
@@ -510,24 +526,49 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def run_eval(a: argparse.Namespace) -> int:
-    "`eval`: load `--ckpt`, score `--tasks`, print a table and write `--out`."
+def _limit_arg(a: argparse.Namespace) -> int | dict[str, int] | None:
+    "`--limit` and `--limit-task TASK=N` as `evaluate`'s limit; bad values and unknown tasks raise one-line errors."
     if a.limit is not None and a.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {a.limit}")
+    per = {}
+    for s in a.limit_task:
+        name, _, n = s.partition("=")
+        if not n.strip().isdigit() or int(n) < 1:
+            raise ValueError(f"--limit-task expects TASK=N with N >= 1, got {s!r}")
+        expand_tasks(name)   # an unknown task raises here, before the checkpoint loads
+        per[name.strip()] = int(n)
+    return {"*": a.limit, **per} if per else a.limit
+
+
+def eval_command(a: argparse.Namespace) -> str:
+    "The `python -m dsv3_min eval ...` line equivalent to `a` (recorded in the results JSON)."
+    argv = ["python", "-m", "dsv3_min", "eval", "--ckpt", str(a.ckpt), "--tasks", a.tasks]
+    argv += ["--limit", str(a.limit)] if a.limit is not None else []
+    argv += ["--limit-task", *a.limit_task] if a.limit_task else []
+    argv += ["--batch-size", str(a.batch_size), "--device", a.device, "--dtype", a.dtype]
+    argv += ["--data", *a.data] if a.data else []
+    return shlex.join(argv + (["--out", str(a.out)] if a.out else []))
+
+
+def run_eval(a: argparse.Namespace) -> int:
+    "`eval`: load `--ckpt`, score `--tasks`, print a table and write `--out`."
+    t0 = time.perf_counter()
+    limit = _limit_arg(a)
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
     sources = dict(s.split("=", 1) for s in a.data)
     model, tok = load_trained(a.ckpt, a.device)
-    out = evaluate(model, tok, a.tasks, a.limit, a.batch_size, sources, progress=True, amp=a.dtype == "bfloat16")
+    out = evaluate(model, tok, a.tasks, limit, a.batch_size, sources, progress=True, amp=a.dtype == "bfloat16")
     print(format_table(out))
     if a.out:
-        out = {**out, "config": {"model": "dsv3_min", "model_args": str(a.ckpt), "limit": a.limit,
-                                 "batch_size": a.batch_size, "device": a.device, "dtype": a.dtype}}
+        out = {**out, "config": {"model": "dsv3_min", "model_args": str(a.ckpt), "limit": limit,
+                                 "batch_size": a.batch_size, "device": a.device, "dtype": a.dtype,
+                                 "command": eval_command(a), "wall_s": time.perf_counter() - t0}}
         out["dsv3_min"] = {**out["dsv3_min"], "items": compact_items(out["dsv3_min"]["items"])}
         atomic_write_json(a.out, out)
     return 0
 
-
+# %% ../notebooks/18_eval.ipynb #7be3f19a
 def format_table(out: dict) -> str:
     "A text table: task, split, n, acc ± stderr, acc_norm ± stderr, chance."
     rows = [f"{'task':<34} {'split':<10} {'n':>6}  {'acc':>15}  {'acc_norm':>15}  chance"]

@@ -163,6 +163,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'dsv3_min.evaluate.atomic_write_json': ('eval.html#atomic_write_json', 'dsv3_min/evaluate.py'),
                                    'dsv3_min.evaluate.boolq_doc': ('eval.html#boolq_doc', 'dsv3_min/evaluate.py'),
                                    'dsv3_min.evaluate.build_items': ('eval.html#build_items', 'dsv3_min/evaluate.py'),
+                                   'dsv3_min.evaluate.check_tasks': ('eval.html#check_tasks', 'dsv3_min/evaluate.py'),
                                    'dsv3_min.evaluate.commonsense_qa_doc': ('eval.html#commonsense_qa_doc', 'dsv3_min/evaluate.py'),
                                    'dsv3_min.evaluate.compact_items': ('eval.html#compact_items', 'dsv3_min/evaluate.py'),
                                    'dsv3_min.evaluate.copa_doc': ('eval.html#copa_doc', 'dsv3_min/evaluate.py'),

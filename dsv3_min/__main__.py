@@ -15,7 +15,7 @@ from dataclasses import asdict
 from .checkpoint import load_trained
 from .config import PRESETS, count_params, get_preset
 from .distill import add_distill_arguments, run_distill
-from .evaluate import add_eval_arguments, quick_eval, run_eval
+from .evaluate import add_eval_arguments, check_tasks, quick_eval, run_eval
 from .finetune import add_finetune_arguments, run_finetune
 from .infer import generate as fast_generate
 from .train import (TRAIN_PRESETS, NonFiniteLoss, SaveFailed, Single, resolve_device, sample_text,
@@ -118,6 +118,8 @@ def cmd_train(a, on_step=None, during_save=None) -> int:
     out = a.out or f"runs/{a.preset}"
     if a.slow_save and during_save is None:
         during_save = lambda folder: time.sleep(a.slow_save)  # noqa: E731
+    if tc.eval_tasks:  # an unknown task or missing task data stops here, not at the first evaluation
+        check_tasks(tc.eval_tasks)
     strategy = _strategy(cfg, tc)  # a bad parallel setup stops here, before anything is written
     say = print if strategy.is_rank0 else (lambda *args, **kw: None)
     pc = count_params(cfg)

@@ -303,3 +303,15 @@ def test_train_eval_tasks_hook_logs_benchmark_numbers(tmp_path, monkeypatch, cap
     assert calls == [("hellaswag", 3, 300)] * 2
     assert [r["step"] for r in rows if "hellaswag/acc" in r] == [2, 4]
     assert main([*argv[:-3], "eval_every=2", "--out", str(tmp_path / "run2")]) == 0 and len(calls) == 2  # no tasks: off
+
+
+def test_train_with_an_unknown_eval_task_fails_before_training(tmp_path, capsys):
+    """`train --set eval_tasks=<typo>` is one line and exit code 2 before any data, model or run folder exists (it
+    used to train until the first evaluation and fail there, leaving a run without a checkpoint)."""
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "test-tiny", "--out", str(out), "--max-steps", "2", "--no-progress",
+            "--set", "eval_tasks=hellaswg"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown task 'hellaswg'" in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -7,6 +7,8 @@ in three variants: eager (every kernel launched from Python), CUDA graph (one re
 the `torch.compile`d step (fewer, fused kernels). For each, `torch.profiler` records `--steps` steps; from its trace
 we count the kernels per step, their summed GPU time ("busy") and the wall time per step, so
     idle fraction = 1 - busy / wall      (the GPU waiting for the host)
+Each profiled step ends with a synchronize, so every kernel falls inside its own step's marker (the committed
+results/decode_profile.json predates this: its graph rows count part of the dropped first step, see notebook 17).
 Writes DIR/decode_profile.json (per variant: wall, busy, kernels per step, the top kernels, and the kernel
 timeline of two steps for the notebook's plot) and DIR/decode_profile.png.
 """
@@ -48,7 +50,7 @@ def profile_steps(dec: Decoder, tok: torch.Tensor, steps: int) -> list[dict]:
         for i in range(steps):
             with record_function(f"decode_step_{i}"):
                 dec.step(tok)
-        torch.cuda.synchronize()
+                torch.cuda.synchronize()  # a replayed graph runs behind the host: keep each step's kernels in its window
     path = Path(tempfile.mkdtemp()) / "trace.json"
     prof.export_chrome_trace(str(path))
     ev = json.loads(path.read_text())["traceEvents"]

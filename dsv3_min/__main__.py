@@ -11,21 +11,24 @@ import sys
 import time
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 
 from .checkpoint import load_trained
 from .config import PRESETS, count_params, get_preset
 from .distill import add_distill_arguments, run_distill
 from .evaluate import add_eval_arguments, check_tasks, quick_eval, run_eval
+from .files import read_json
 from .finetune import add_finetune_arguments, run_finetune
 from .infer import generate as fast_generate
+from .lora import ADAPTER_CONFIG, load_adapter
 from .train import (TRAIN_PRESETS, NonFiniteLoss, SaveFailed, Single, resolve_device, sample_text,
                             split_overrides, train, train_config_for)
 from .data import load_corpus
 from .tokenizer import get_tokenizer, tokenizer_stats
 
 # %% auto #0
-__all__ = ['COMMANDS', 'USER_ERRORS', 'UsageError', 'build_parser', 'cmd_train', 'cmd_sample', 'cmd_info', 'cmd_tokenizer',
-           'one_line', 'main']
+__all__ = ['COMMANDS', 'USER_ERRORS', 'UsageError', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_sample', 'cmd_info',
+           'cmd_tokenizer', 'one_line', 'main']
 
 # %% ../notebooks/24_cli.ipynb #ee7f2e3b
 class UsageError(ValueError):
@@ -81,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=_number(int, 0), default=0)
     s.add_argument("--device", default="cpu")
     s.add_argument("--draft", choices=["mtp"], help="self-speculative decoding with the MTP module (notebook 17)")
+    s.add_argument("--adapter", help="a LoRA adapter folder (peft format) to load on top of --ckpt (a fine-tuning run's "
+                   "own adapter/ is found by itself)")
 
     i = sub.add_parser("info", help="print a preset's config, parameter counts and training defaults")
     i.add_argument("--preset", default="cpu-tiny")
@@ -136,9 +141,21 @@ def cmd_train(a, on_step=None, during_save=None) -> int:
     return {"SIGINT": 130, "SIGTERM": 143}.get(r.stopped, 0)
 
 
+# %% ../notebooks/24_cli.ipynb #9df7964d
+def load_for_sample(ckpt: str, adapter: str | None, device):
+    "Model and tokenizer of `ckpt`, with a LoRA adapter on top: `adapter`, or a LoRA fine-tuning run's `adapter/`."
+    if adapter is None and (Path(ckpt) / "adapter" / ADAPTER_CONFIG).exists():  # `finetune --method lora` wrote it
+        adapter = Path(ckpt) / "adapter"
+        ckpt = read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path") or ckpt
+    model, tok = load_trained(ckpt, device)
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model, tok
+
+
 def cmd_sample(a) -> int:
-    "`sample`: load a checkpoint (ours or Hugging Face) and print a continuation of the prompt."
-    model, tok = load_trained(a.ckpt, resolve_device(a.device))
+    "`sample`: load a checkpoint (ours or Hugging Face; a LoRA adapter on top) and print a continuation of the prompt."
+    model, tok = load_for_sample(a.ckpt, a.adapter, resolve_device(a.device))
     fast = dict(decode=fast_generate, draft=a.draft) if a.draft else {}
     print(sample_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, **fast))
     return 0

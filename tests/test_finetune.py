@@ -136,3 +136,23 @@ def test_run_finetune_command(base_and_domain, tmp_path, capsys):
     assert (tmp_path / "cli" / "adapter" / "adapter_config.json").exists()
     with pytest.raises(FileExistsError, match="--resume"):
         run_finetune(args)
+
+
+def test_sample_reads_a_lora_run_and_an_explicit_adapter(base_and_domain, tmp_path, capsys):
+    """`sample --ckpt <lora run>` finds the run's adapter and its base by itself, `sample --ckpt BASE --adapter DIR`
+    does the same explicitly: both give the adapted model (logits of base + adapter, not of the base alone)."""
+    from dsv3_min.__main__ import load_for_sample
+
+    base = base_and_domain[0]
+    _run(base_and_domain, tmp_path / "ft")
+    x = torch.randint(0, 64, (1, 12))
+    plain, _ = load_trained(base, "cpu")
+    manual = load_adapter(load_trained(base, "cpu")[0], tmp_path / "ft" / "adapter")
+    for ckpt, adapter in ((tmp_path / "ft", None), (base, tmp_path / "ft" / "adapter")):
+        model, _ = load_for_sample(str(ckpt), adapter, "cpu")
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), manual(x), rtol=0, atol=0)
+            assert not torch.allclose(model(x), plain(x))  # the adapter changed the model
+        args = ["sample", "--ckpt", str(ckpt), "--prompt", "the", "--max-new-tokens", "5", "--temperature", "0"]
+        assert main(args + (["--adapter", str(adapter)] if adapter else [])) == 0
+        assert capsys.readouterr().out.startswith("the")

@@ -81,6 +81,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, exper
     if _grouped_mm_ok(x, w, dtype):  # autocast does not cover _grouped_mm: cast as it would for a matmul
         offs = torch.cumsum(counts, 0, dtype=torch.int32)  # end of each expert's block
         return torch._grouped_mm(x.to(dtype), w.to(dtype).transpose(-2, -1), offs=offs)
+    if x.shape[0] <= w.shape[0]:  # few rows (a decode step): gather each row's matrix; no host sync, compiles whole
+        return einsum(x, w[expert], "n k, n m k -> n m")
     # padded fallback: (E, C, K) buffer, one batched matmul, gather back; `expert`/`slot` locate each row
     cap = int(counts.max()) if counts.numel() else 0
     buf = x.new_zeros(w.shape[0], max(cap, 1), x.shape[-1])

@@ -83,6 +83,30 @@ def test_grouped_equals_loop_forward_and_grad(T, E, k, seed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("T", [1, 3, 4, 5])
+def test_few_rows_gather_their_matrices_equal_to_loop_and_compile_without_a_break(T):
+    """With no more (token, expert) rows than experts (T·k ≤ E = 8: a decode step), the grouped path gathers each
+    row's expert matrix: same output and gradients as the per-expert loop, and dynamo traces it with no graph break
+    (the padded path reads its block size with a host sync, which breaks the graph; T=5 gives 10 rows and takes it)."""
+    torch.manual_seed(T)
+    cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1)
+    ex = Experts(cfg)
+    x, idx, w0 = torch.randn(T, cfg.hidden_size), torch.stack([torch.randperm(8)[:2] for _ in range(T)]), torch.rand(T, 2)
+    res = {}
+    for impl in ("loop", "grouped"):
+        xi, wi = x.clone().requires_grad_(), w0.clone().requires_grad_()
+        ex.zero_grad()
+        out = ex(xi, wi, idx, impl=impl)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        res[impl] = (out, xi.grad, wi.grad, ex.gate_up_proj.grad.clone(), ex.down_proj.grad.clone())
+    for a, b in zip(res["grouped"], res["loop"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        breaks = torch._dynamo.explain(ex)(x, w0, idx).graph_break_count
+    torch._dynamo.reset()
+    assert (breaks == 0) == (T * 2 <= 8), breaks
+
+
 def test_grouped_equals_loop_bf16():
     """In bf16 the grouped path (CPU: padded bmm) and the loop agree to bf16 rounding."""
     cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1)

@@ -1,7 +1,7 @@
 """Decode speed of `dsv3_min.infer.generate` against transformers' `generate`, same weights (issue 15).
 
     python bench/decode.py --out results/            # one H200: gpu-small, bf16; writes decode.json + decode.png
-    python bench/decode.py --cpu --out results/      # CPU: cpu-tiny, fp32, ours vs transformers eager
+    python bench/decode.py --cpu --out results/      # CPU: cpu-tiny, fp32, 1 thread recommended (OMP_NUM_THREADS=1)
 
 What runs (greedy, prompt 128 random tokens, 256 new tokens, batch 1, 8, 32, 128; random weights, seed 0):
   ours        dsv3_min.infer.generate: static caches, the decode step in a CUDA graph, MLA 'naive' and 'absorb',
@@ -13,6 +13,9 @@ What runs (greedy, prompt 128 random tokens, 256 new tokens, batch 1, 8, 32, 128
   mtp         gpu-small trained here for --train-seconds on the python-stdlib corpus (MTP on), then greedy decoding of
               held-out validation windows with and without draft="mtp": acceptance, by position and token kind,
               tokens per forward and the speed-up at batch 1.
+On the CPU (cpu-tiny, fp32, prompt 64, 128 new tokens, batch 1 and 8): ours eager and compiled (inductor's C++
+code; no graph), transformers eager and with its static cache compiled (asked for with
+a CompileConfig whose _compile_all_devices is set, since generate compiles on accelerators only by default).
 tok/s = batch * new tokens / wall time of the whole generate call (prefill included); ttft_s = a generate call with
 max_new_tokens=1; peak_mem_gib = torch.cuda.max_memory_allocated (weights included).
 
@@ -96,11 +99,13 @@ def step_bytes(cfg, batch: int, context: float, impl: str, w: int = 2) -> float:
 def measure(run, batch: int, new: int, reps: int) -> dict:
     "tok/s (best of `reps` after one warm-up), ttft and peak memory of `run(max_new_tokens)`."
     run(new)  # warm-up: CUDA graphs captured, kernels compiled
-    ttft = min(timed(lambda: run(1)) for _ in range(2))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     wall = min(timed(lambda: run(new)) for _ in range(reps))
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    # ttft last: a 1-token call builds a second engine (another cache length), and a second compiled engine of the
+    # same step makes dynamo check two guard sets per call, which slowed the timed engine on the CPU by ~1.6x
+    ttft = min(timed(lambda: run(1)) for _ in range(2))
     return dict(tok_s=batch * new / wall, decode_tok_s=batch * (new - 1) / max(wall - ttft, 1e-9), wall_s=wall,
                 ttft_s=ttft, peak_mem_gib=peak)
 
@@ -154,10 +159,16 @@ def load_hf(path: Path, dtype, device):
     return hf
 
 
-def bench_hf(hf, prompts: dict, new: int, batches: list[int], static: bool, out: dict, left, need_s: float) -> None:
+def bench_hf(hf, prompts: dict, new: int, batches: list[int], static: bool, out: dict, left, need_s: float,
+             reps: int = 1) -> None:
     "transformers' generate, greedy, exactly `new` tokens; `static`: its static cache (and its own compile)."
     name = "hf_static" if static else "hf_eager"
     kw = dict(cache_implementation="static") if static else {}
+    if static and hf.device.type == "cpu":  # generate compiles its forward on accelerators only, unless told
+        from transformers import CompileConfig
+        cc = CompileConfig()
+        cc._compile_all_devices = True  # a class-level switch in transformers 5, not an __init__ argument
+        kw["compile_config"] = cc
     for b in batches:
         if left() < need_s:
             out.setdefault(name, {})[str(b)] = dict(skipped="time")
@@ -171,11 +182,11 @@ def bench_hf(hf, prompts: dict, new: int, batches: list[int], static: bool, out:
                     run(new)
                     if torch.cuda.is_available():
                         torch.cuda.reset_peak_memory_stats()
-                    wall = timed(lambda run=run: run(new))
+                    wall = min(timed(lambda run=run: run(new)) for _ in range(reps))
                     r = dict(tok_s=b * new / wall, wall_s=wall, ttft_s=None,
                              peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
                 else:
-                    r = measure(run, b, new, reps=1)
+                    r = measure(run, b, new, reps=reps)
         except Exception as e:
             traceback.print_exc()
             r = dict(error=f"{type(e).__name__}: {str(e)[:500]}")
@@ -312,6 +323,9 @@ def summary(out: dict) -> None:
     out["mtp_speedup_b1"] = out.get("mtp", {}).get("speedup_b1")
     if out["ours_b1_tok_s"] and out["hf_best_b1_tok_s"]:
         out["ours_over_hf_best_b1"] = out["ours_b1_tok_s"] / out["hf_best_b1_tok_s"]
+    eager = out.get("hf_eager", {}).get("1", {}).get("tok_s")
+    if out["ours_b1_tok_s"] and eager:
+        out["ours_over_hf_eager_b1"] = out["ours_b1_tok_s"] / eager
     if out["ours_b32_tok_s"] and out["hf_best_b32_tok_s"]:
         out["ours_over_hf_best_b32"] = out["ours_b32_tok_s"] / out["hf_best_b32_tok_s"]
 
@@ -330,6 +344,8 @@ def main() -> None:
     ap.add_argument("--tokenizer-chunks", type=int, default=3000, help="4 KB chunks the MTP tokenizer learns from")
     ap.add_argument("--cache", default=None, help="packed-data cache directory")
     ap.add_argument("--merge", type=Path, help="an earlier decode.json whose sections this run skips (two calls)")
+    ap.add_argument("--reps", type=int, default=3, help="timed calls per variant, the fastest kept (ours always; "
+                    "transformers too on the CPU, whose timings are noisy)")
     ap.add_argument("--mtp-prompts", type=int, default=8)
     ap.add_argument("--mtp-eval-s", type=float, default=60.0, help="time kept for the MTP evaluation")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: ours,plain,hf_eager,hf_static,mtp,compile")
@@ -361,7 +377,9 @@ def main() -> None:
         if not cpu and "compile" not in skip:
             variants.append(dict(mla_impl="absorb", compile=True, batches=[b for b in (1, 32) if b in batches],
                                  need_s=60))
-        bench_ours(model, prompts, args.new, 3, variants, out, left)
+        if cpu and "compile" not in skip:  # inductor's C++ code; a step with few rows compiles as one graph
+            variants += [dict(mla_impl=m, compile=True, batches=batches, need_s=60) for m in ("naive", "absorb")]
+        bench_ours(model, prompts, args.new, args.reps, variants, out, left)
         write_json(out, path)
     if "plain" not in skip:
         bench_plain(model, prompts, args.new, [b for b in (1, 32) if b in batches] or batches[:1], out, left)
@@ -371,7 +389,10 @@ def main() -> None:
         free(model)
         hf = load_hf(Path(d), args.dtype, device)
         if "hf_eager" not in skip:
-            bench_hf(hf, prompts, args.new, batches, False, out, left, need_s=30)
+            bench_hf(hf, prompts, args.new, batches, False, out, left, need_s=30, reps=args.reps if cpu else 1)
+            write_json(out, path)
+        if cpu and "hf_static" not in skip:  # its static cache, compiled by generate itself (asked for on the CPU)
+            bench_hf(hf, prompts, args.new, batches, True, out, left, need_s=60, reps=args.reps)
             write_json(out, path)
         if not cpu and "hf_static" not in skip:
             first = [b for b in (1, 32) if b in batches]

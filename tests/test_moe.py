@@ -61,6 +61,19 @@ def test_moe_matches_transformers(impl, n_group, topk_group):
     torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
+def _assert_grouped_equals_loop(ex, x, w0, idx):
+    "The grouped and the loop implementation of `ex` agree on the output and the gradients of x, w and both stacks."
+    res = {}
+    for impl in ("loop", "grouped"):
+        xi, wi = x.clone().requires_grad_(), w0.clone().requires_grad_()
+        ex.zero_grad()
+        out = ex(xi, wi, idx, impl=impl)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        res[impl] = (out, xi.grad, wi.grad, ex.gate_up_proj.grad.clone(), ex.down_proj.grad.clone())
+    for a, b in zip(res["grouped"], res["loop"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @settings(max_examples=12, deadline=None)
 @given(T=st.integers(1, 40), E=st.sampled_from([2, 4, 8]), k=st.integers(1, 2), seed=st.integers(0, 10_000))
 def test_grouped_equals_loop_forward_and_grad(T, E, k, seed):
@@ -72,15 +85,7 @@ def test_grouped_equals_loop_forward_and_grad(T, E, k, seed):
     x = torch.randn(T, cfg.hidden_size)
     idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     w0 = torch.rand(T, k)
-    res = {}
-    for impl in ("loop", "grouped"):
-        xi, wi = x.clone().requires_grad_(), w0.clone().requires_grad_()
-        ex.zero_grad()
-        out = ex(xi, wi, idx, impl=impl)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        res[impl] = (out, xi.grad, wi.grad, ex.gate_up_proj.grad.clone(), ex.down_proj.grad.clone())
-    for a, b in zip(res["grouped"], res["loop"]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    _assert_grouped_equals_loop(ex, x, w0, idx)
 
 
 @pytest.mark.parametrize("T", [1, 3, 4, 5])
@@ -92,15 +97,7 @@ def test_few_rows_gather_their_matrices_equal_to_loop_and_compile_without_a_brea
     cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1)
     ex = Experts(cfg)
     x, idx, w0 = torch.randn(T, cfg.hidden_size), torch.stack([torch.randperm(8)[:2] for _ in range(T)]), torch.rand(T, 2)
-    res = {}
-    for impl in ("loop", "grouped"):
-        xi, wi = x.clone().requires_grad_(), w0.clone().requires_grad_()
-        ex.zero_grad()
-        out = ex(xi, wi, idx, impl=impl)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        res[impl] = (out, xi.grad, wi.grad, ex.gate_up_proj.grad.clone(), ex.down_proj.grad.clone())
-    for a, b in zip(res["grouped"], res["loop"]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    _assert_grouped_equals_loop(ex, x, w0, idx)
     with torch.no_grad():
         breaks = torch._dynamo.explain(ex)(x, w0, idx).graph_break_count
     torch._dynamo.reset()

@@ -104,7 +104,7 @@ def measure(run, batch: int, new: int, reps: int) -> dict:
     wall = min(timed(lambda: run(new)) for _ in range(reps))
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     # ttft last: a 1-token call builds a second engine (another cache length), and a second compiled engine of the
-    # same step makes dynamo check two guard sets per call, which slowed the timed engine on the CPU by ~1.6x
+    # same step makes dynamo check two guard sets per call, which slowed the timed engine on the CPU
     ttft = min(timed(lambda: run(1)) for _ in range(2))
     return dict(tok_s=batch * new / wall, decode_tok_s=batch * (new - 1) / max(wall - ttft, 1e-9), wall_s=wall,
                 ttft_s=ttft, peak_mem_gib=peak)

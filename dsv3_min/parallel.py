@@ -21,7 +21,7 @@ from .model import DeepSeekV3
 from .train import Single, TrainConfig, resolve_device
 
 # %% auto #0
-__all__ = ['check_setup', 'launched_by_torchrun', 'init_distributed', 'make_mesh', 'expert_rank', 'check_groups',
+__all__ = ['check_setup', 'world_size', 'launched_by_torchrun', 'init_distributed', 'make_mesh', 'expert_rank', 'check_groups',
            'max_ranks_per_token', 'all_to_all', 'EPExperts', 'ParallelInfo', 'parallel_info', 'parallelize',
            'split_param_groups', 'shard_batch', 'reduce_expert_grads', 'update_router_biases', 'global_mean',
            'clip_grad_norm_', 'gather_checkpoint', 'optimizer_state_by_name', 'load_optimizer_state',
@@ -40,6 +40,11 @@ def check_setup(n_routed_experts: int, ep: int, world_size: int, launched: bool 
         raise ValueError(f"n_routed_experts={n_routed_experts} is not divisible by ep={ep}")
     if world_size % ep:
         raise ValueError(f"world size {world_size} is not divisible by ep={ep}")
+
+
+def world_size() -> int:
+    "Processes in this run: the process group's size, else torchrun's WORLD_SIZE, else 1."
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def launched_by_torchrun() -> bool:
@@ -64,7 +69,7 @@ def init_distributed(backend: str | None = None) -> bool:
 def make_mesh(n_routed_experts: int, ep: int, device_type: str = "cpu") -> DeviceMesh | None:
     "The `(dp, ep)` mesh over all ranks (`dp = world // ep`); None for a single process with ep=1."
     launched = launched_by_torchrun()
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size()
     check_setup(n_routed_experts, ep, world, launched)
     if not init_distributed("nccl" if device_type == "cuda" else "gloo"):
         return None
@@ -457,7 +462,7 @@ def strategy_for(cfg: ModelConfig, tc: TrainConfig) -> Single:
     launched = launched_by_torchrun()
     if tc.ep == 1 and not launched:
         return Single()
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    world = world_size()
     check_setup(cfg.n_routed_experts, tc.ep, world, launched)
     check_groups(cfg.n_group, tc.ep)
     if tc.batch_size % world:

@@ -63,6 +63,12 @@ def _a2a_share(prof, steps: int, step_s: float) -> float:
     return total / steps / step_s
 
 
+def _top_ops(prof, steps: int, n: int = 15) -> dict:
+    """The `n` operations with the most self device time (ms per step): where a variant's step goes."""
+    rows = [(getattr(e, "self_device_time_total", 0.0) / 1e3 / steps, e.key[:90]) for e in prof.key_averages()]
+    return {k: round(ms, 3) for ms, k in sorted(rows, reverse=True)[:n] if ms > 0}
+
+
 def worker(args) -> None:
     """One rank of a variant (under torchrun): train, time, profile, write the variant JSON on rank 0."""
     import torch
@@ -96,12 +102,14 @@ def worker(args) -> None:
                 b.zero_() if not n.endswith("inv_freq") else None
             fresh = RotaryEmbedding(model.rotary.inv_freq.numel() * 2, cfg.rope_theta, cfg.rope_scaling)
             model.rotary.inv_freq.copy_(fresh.inv_freq)
+    elif args.variant.startswith("single"):  # the baseline: the plain single-GPU model, as `train` runs it
+        model = model.to(dev)
     else:
         mesh = par.make_mesh(cfg.n_routed_experts, ep, dev.type)
         model = par.parallelize(model.to(dev), mesh, force_ep=args.variant == "ep")  # ep: all-to-all even at 1 GPU
-    if args.compile:
-        for block in [*model.layers, *model.mtp]:
-            block.compile()
+    loss_fn = model.loss
+    if args.compile:  # as `train --set compile=true` does: the whole loss on one GPU, each block's forward under FSDP2
+        loss_fn = torch.compile(model.loss) if args.variant.startswith("single") else par.compile_blocks(model).loss
     opt = torch.optim.AdamW(par.split_param_groups(model.parameters()), lr=args.lr, weight_decay=0.1, fused=cuda)
     data = bigram_batches(cfg.vocab_size, args.batch, args.seq)
     losses, times = [], []
@@ -111,7 +119,7 @@ def worker(args) -> None:
     def step():
         x = par.shard_batch(next(data), model).to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16):
-            parts = model.loss(x[:, :-1], x[:, 1:])
+            parts = loss_fn(x[:, :-1], x[:, 1:])
         parts.loss.backward()
         par.reduce_expert_grads(model)
         par.clip_grad_norm_(model, 1.0)
@@ -149,6 +157,7 @@ def worker(args) -> None:
                "step_s_median": step_s, "tokens_per_s": args.batch * args.seq / step_s,
                "tokens_per_s_per_gpu": args.batch * args.seq / step_s / world,
                "all_to_all_share": _a2a_share(prof, n_prof, prof_step), "peak_mem_gib_max_rank": float(peak),
+               "top_device_ms_per_step": _top_ops(prof, n_prof),
                "losses": losses}
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +219,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown variant {v!r}: choose from single, single_seed1, ep, fsdp, big")
         n = 1 if v.startswith("single") else args.gpus
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
-               "--worker", "ep" if v.startswith("single") else v, "--seed", "1" if v == "single_seed1" else "0",
+               "--worker", v, "--seed", "1" if v == "single_seed1" else "0",
                "--json", str(out / "multigpu" / f"{v}.json"), "--steps", str(args.steps), "--batch", str(args.batch),
                "--seq", str(args.seq), "--lr", str(args.lr)] + ([] if args.compile else ["--no-compile"]) + (
                    ["--tiny"] if args.tiny else [])

@@ -23,8 +23,8 @@ from .train import Single, TrainConfig, resolve_device
 # %% auto #0
 __all__ = ['check_setup', 'world_size', 'launched_by_torchrun', 'init_distributed', 'make_mesh', 'expert_rank', 'check_groups',
            'max_ranks_per_token', 'all_to_all', 'EPExperts', 'ParallelInfo', 'parallel_info', 'parallelize',
-           'split_param_groups', 'shard_batch', 'reduce_expert_grads', 'update_router_biases', 'global_mean',
-           'clip_grad_norm_', 'gather_checkpoint', 'optimizer_state_by_name', 'load_optimizer_state',
+           'compile_blocks', 'split_param_groups', 'shard_batch', 'reduce_expert_grads', 'update_router_biases',
+           'global_mean', 'clip_grad_norm_', 'gather_checkpoint', 'optimizer_state_by_name', 'load_optimizer_state',
            'optimizer_layout', 'optimizer_from_layout', 'ExpertParallel', 'strategy_for', 'Op', 'schedule_1f1b',
            'schedule_zb1p', 'schedule_dualpipe', 'Timeline', 'simulate', 'table2']
 
@@ -136,6 +136,7 @@ class EPExperts(Experts):
         y = rearrange(self.combine(ys, plan), "(t k) d -> t k d", k=idx.shape[1])
         return reduce(y.float() * weights.float()[..., None], "t k d -> t d", "sum").to(x.dtype)
 
+    @torch.compiler.disable  # host-side split sizes and collectives run eager: a clean break in a compiled block
     def dispatch(self, x: torch.Tensor, idx: torch.Tensor):
         "Send each (token, choice) row to its expert's rank -> received rows, their local expert, and the plan back."
         n, ep = self.n_experts, self.ep
@@ -153,6 +154,7 @@ class EPExperts(Experts):
         local = torch.arange(n, device=x.device).repeat(ep).repeat_interleave(recv)  # local expert of each row
         return xs, local, (order, inv, send_rows, recv_rows)
 
+    @torch.compiler.disable
     def combine(self, ys: torch.Tensor, plan) -> torch.Tensor:
         "Send the expert outputs back to the rows' home ranks -> `(T·k, d)` in (token, choice) order."
         order, inv, send_rows, recv_rows = plan
@@ -222,6 +224,14 @@ def parallelize(model: DeepSeekV3, mesh: DeviceMesh | None, force_ep: bool = Fal
     fully_shard(model, mesh=world_mesh, ignored_params=ignored)
     register_fsdp_forward_method(model, "loss")  # `model.loss` gathers the root's parameters like forward
     model._parallel = info
+    return model
+
+
+def compile_blocks(model: DeepSeekV3) -> DeepSeekV3:
+    "`torch.compile` each block's forward and the loss head, as torchtitan does: FSDP2's hooks stay outside."
+    for block in [*model.layers, *model.mtp]:
+        block.forward = torch.compile(block.forward)
+    model._ce = torch.compile(model._ce)  # final norm, LM head, cross-entropy (no FSDP hook inside)
     return model
 
 
@@ -421,6 +431,9 @@ class ExpertParallel(Single):
         new = optimizer_from_layout(type(opt), self.model, self.layout, split=True)
         load_optimizer_state(self.model, new, state)
         return self.model, new
+
+    def compile(self, model):
+        return compile_blocks(model).loss  # not `torch.compile(model.loss)`: that would trace FSDP's hooks
 
     def shard_batch(self, x: torch.Tensor) -> torch.Tensor:
         return shard_batch(x, self.model)

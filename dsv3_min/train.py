@@ -269,6 +269,9 @@ class Single:
     def wrap(self, model, opt):
         return model, opt  # torchrun: shard the model, rebuild the optimizer over the shards
 
+    def compile(self, model) -> Callable:
+        return torch.compile(model.loss)  # torchrun: each block's forward, outside FSDP's hooks
+
     def shard_batch(self, x: torch.Tensor) -> torch.Tensor:
         return x  # torchrun: this rank's rows of the global batch
 
@@ -428,7 +431,7 @@ def train_loop(model: DeepSeekV3, opt: torch.optim.Optimizer, data: TrainData, t
     "Train `model` from step `start` to `tc.max_steps` (or a stop), logging and checkpointing under `run_dir`."
     device, strategy = next(model.parameters()).device, strategy or Single()
     loop = _Loop(model, opt, data, tc, Path(run_dir), device, autocast_for(tc, device),
-                 torch.compile(model.loss) if tc.compile else model.loss, start, elapsed, last_ckpt,
+                 strategy.compile(model) if tc.compile else model.loss, start, elapsed, last_ckpt,
                  tokens_per_step=tc.batch_size * tc.seq_len * tc.grad_accum, strategy=strategy,
                  flops_per_token=flops_per_token(model.config, tc.seq_len), peak=peak_flops(device, tc.peak_tflops))
     metrics, losses, stopped, rank0 = loop.run_dir / "metrics.jsonl", [], "done", strategy.is_rank0

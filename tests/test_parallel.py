@@ -243,3 +243,15 @@ def test_schedules_respect_dependencies():
             for s, _, op in tasks:
                 for k in par._inputs(op, r, P):
                     assert s >= ends[k[:4]] + comm * k[4] - 1e-12, (make.__name__, r, op)
+
+
+def test_torchrun_compiles_each_block_not_the_fsdp_hooks(monkeypatch):
+    """`train --set compile=true` under torchrun (`ExpertParallel.compile`): `torch.compile` is applied to every block's
+    `forward` (main and MTP) and to the loss head `model._ce`, each once, never to `model.loss` as a whole (whose
+    FSDP2 hooks would break the graph at every block); the strategy trains with `model.loss`."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(fn) or fn)
+    model = DeepSeekV3(tiny_config())
+    want = [b.forward for b in [*model.layers, *model.mtp]] + [model._ce]
+    assert par.ExpertParallel.compile(None, model) == model.loss
+    assert seen == want and len(want) == len(model.layers) + len(model.mtp) + 1

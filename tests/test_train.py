@@ -1,6 +1,7 @@
 """Tests of dsv3_min.train: TrainConfig validation, --set parsing, evaluation, exact resume, stopping, summary.json,
 and the loop reused on a model built elsewhere."""
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -159,3 +160,35 @@ def test_train_loop_continues_a_model_built_elsewhere(tiny_corpus, tmp_path):
     state = load_checkpoint(tmp_path / "a" / "ckpt-0000004", model, opt, cfg)
     r = train_loop(model, opt, data, tc, tmp_path / "b", start=state["step"], progress=False)
     assert r.step == 8 and r.losses == [loss for step, loss in losses(tmp_path / "a") if step > 4]
+
+
+def test_compile_goes_through_the_strategy(tiny_corpus, tmp_path):
+    """With `compile=true` the loop asks its strategy for the compiled loss (`Single`: `torch.compile(model.loss)`;
+    under torchrun `ExpertParallel` compiles each block instead) and trains with what it returns: here a strategy
+    whose `compile` hands back a counting wrapper of `model.loss`, so nothing is compiled; one call, every step runs
+    through the wrapper, and the losses are those of the uncompiled run."""
+    from dsv3_min.__main__ import _configs
+    from dsv3_min.train import Single, prepare_data
+
+    class Counting(Single):
+        asked, calls = 0, 0
+
+        def compile(self, model):
+            self.asked += 1
+
+            def loss(*a):
+                self.calls += 1
+                return model.loss(*a)
+            return loss
+
+    cfg, tc = _configs("cpu-tiny", list(TINY_SET), corpus=str(tiny_corpus), max_steps=3)
+    data = prepare_data(tc.corpus, cfg.vocab_size, log=lambda *a: None)
+    runs = {}
+    for name, t in (("plain", tc), ("compiled", dataclasses.replace(tc, compile=True))):
+        torch.manual_seed(t.seed)
+        model = DeepSeekV3(cfg)
+        s = Counting()
+        runs[name] = (train_loop(model, make_optimizer(model, t, torch.device("cpu")), data, t, tmp_path / name,
+                                 progress=False, strategy=s).losses, s.asked, s.calls)
+    assert runs["plain"][1:] == (0, 0) and runs["compiled"][1:] == (1, 3)
+    assert runs["compiled"][0] == runs["plain"][0]

@@ -20,15 +20,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dsv3_min.files import atomic_write  # noqa: E402
 
 
-def one_run(root: Path, args, run_dir: Path, extra: list[str]) -> dict:
+def one_run(root: Path, args, run_dir: Path) -> dict:
     "Train once with the package under `root`; the median tokens/s of its timed steps."
     cmd = [sys.executable, "-m", "dsv3_min", "train", "--preset", args.preset, "--corpus",
            str(Path(args.corpus).resolve()), "--out", str(run_dir), "--max-steps", str(args.steps), "--no-progress",
-           "--set", f"ckpt_every={args.steps}", f"eval_every={args.steps}", *args.set, *extra]
+           "--set", f"ckpt_every={args.steps}", f"eval_every={args.steps}", *args.set]
     env = {**os.environ, "PYTHONPATH": str(root.resolve())}
     subprocess.run(cmd, check=True, cwd=root, env=env)  # cwd first on sys.path: this root's dsv3_min
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -53,18 +55,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.reps):
             for side in ("a", "b"):
-                r = one_run(Path(getattr(args, side)), args, Path(tmp) / f"{side}{i}", [])
+                r = one_run(Path(getattr(args, side)), args, Path(tmp) / f"{side}{i}")
                 print(f"{side}{i}: {r['median_tokens_per_s']:,.0f} tok/s", flush=True)
                 runs[side].append(r)
     med = {s: statistics.median(r["median_tokens_per_s"] for r in runs[s]) for s in runs}
     out = {"preset": args.preset, "steps": args.steps, "skip": args.skip, "settings": args.set,
            "a": args.a, "b": args.b, "runs": runs, "median_tokens_per_s": med, "ratio_b_over_a": med["b"] / med["a"]}
-    try:
-        import torch
-        out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        out["torch"] = torch.__version__
-    except ImportError:
-        pass
+    out["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    out["torch"] = torch.__version__
     atomic_write(Path(args.out), json.dumps(out, indent=1) + "\n")
     print(f"B/A = {out['ratio_b_over_a']:.3f} ({med['b']:,.0f} / {med['a']:,.0f} tok/s)")
 

@@ -21,8 +21,8 @@ from .files import read_json
 from .finetune import add_finetune_arguments, run_finetune
 from .infer import generate as fast_generate
 from .lora import ADAPTER_CONFIG, load_adapter
-from .train import (TRAIN_PRESETS, NonFiniteLoss, SaveFailed, Single, resolve_device, sample_text,
-                            split_overrides, train, train_config_for)
+from .train import (TRAIN_PRESETS, NonFiniteLoss, SaveFailed, Single, launched_by_torchrun, resolve_device,
+                            sample_text, split_overrides, train, train_config_for)
 from .data import load_corpus
 from .tokenizer import get_tokenizer, tokenizer_stats
 
@@ -110,7 +110,7 @@ def _configs(preset: str, overrides: list[str], **train_flags):
 
 def _strategy(cfg, tc) -> Single:
     "`Single()` for one process with ep=1; under torchrun or with ep > 1, notebook 19's (checked) `ExpertParallel`."
-    if tc.ep == 1 and "WORLD_SIZE" not in os.environ:
+    if tc.ep == 1 and not launched_by_torchrun():
         return Single()
     from dsv3_min.parallel import strategy_for  # FSDP2 and the device mesh are imported only for a parallel run
     return strategy_for(cfg, tc)

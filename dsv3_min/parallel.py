@@ -18,13 +18,13 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from .config import ModelConfig
 from .moe import Experts, expert_counts, gather_rows
 from .model import DeepSeekV3
-from .train import Single, TrainConfig, resolve_device
+from .train import Single, TrainConfig, launched_by_torchrun, resolve_device
 
 # %% auto #0
-__all__ = ['check_setup', 'world_size', 'launched_by_torchrun', 'init_distributed', 'make_mesh', 'expert_rank', 'check_groups',
-           'max_ranks_per_token', 'all_to_all', 'EPExperts', 'ParallelInfo', 'parallel_info', 'parallelize',
-           'compile_blocks', 'split_param_groups', 'shard_batch', 'reduce_expert_grads', 'update_router_biases',
-           'global_mean', 'clip_grad_norm_', 'gather_checkpoint', 'optimizer_state_by_name', 'load_optimizer_state',
+__all__ = ['check_setup', 'world_size', 'init_distributed', 'make_mesh', 'expert_rank', 'check_groups', 'max_ranks_per_token',
+           'all_to_all', 'EPExperts', 'ParallelInfo', 'parallel_info', 'parallelize', 'compile_blocks',
+           'split_param_groups', 'shard_batch', 'reduce_expert_grads', 'update_router_biases', 'global_mean',
+           'clip_grad_norm_', 'gather_checkpoint', 'optimizer_state_by_name', 'load_optimizer_state',
            'optimizer_layout', 'optimizer_from_layout', 'ExpertParallel', 'strategy_for', 'Op', 'schedule_1f1b',
            'schedule_zb1p', 'schedule_dualpipe', 'Timeline', 'simulate', 'table2']
 
@@ -45,11 +45,6 @@ def check_setup(n_routed_experts: int, ep: int, world_size: int, launched: bool 
 def world_size() -> int:
     "Processes in this run: the process group's size, else torchrun's WORLD_SIZE, else 1."
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-
-
-def launched_by_torchrun() -> bool:
-    "Whether this process runs under torchrun (or an initialized process group)."
-    return dist.is_initialized() or "WORLD_SIZE" in os.environ
 
 
 def init_distributed(backend: str | None = None) -> bool:
@@ -295,22 +290,19 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     info = parallel_info(model)
     if info is None:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    sq = {"shard": 0.0, "expert": 0.0}
-    grads = []
-    for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        g = p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad
-        grads.append(g)
-        sq["expert" if name in info.expert_names else "shard"] += g.float().pow(2).sum()
-    shard = torch.as_tensor(sq["shard"], dtype=torch.float32, device=grads[0].device)
-    expert = torch.as_tensor(sq["expert"], dtype=torch.float32, device=grads[0].device)
+    grads = {n: p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad
+             for n, p in model.named_parameters() if p.grad is not None}
+    device = next(iter(grads.values())).device
+
+    def squared_norm(experts: bool) -> torch.Tensor:  # this rank's part of the sum of squares
+        part = [g for n, g in grads.items() if (n in info.expert_names) == experts]
+        return torch.nn.utils.get_total_norm(part).to(device, torch.float32).square()
+
+    shard, expert = squared_norm(False), squared_norm(True)
     dist.all_reduce(shard)
     dist.all_reduce(expert, group=info.ep_group)
     total = (shard + expert).sqrt()
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.to(g.dtype))
+    torch._foreach_mul_(list(grads.values()), (max_norm / (total + 1e-6)).clamp(max=1.0))
     return total
 
 # %% ../notebooks/19_parallel.ipynb #1de80950

@@ -33,8 +33,8 @@ from .tokenizer import get_tokenizer
 # %% auto #0
 __all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for', 'parse_value', 'split_overrides',
            'evaluate', 'TrainData', 'prepare_data', 'NonFiniteLoss', 'SaveFailed', 'resolve_device', 'autocast_for',
-           'read_metrics', 'Single', 'TrainResult', 'train_loop', 'resume_into', 'train', 'write_summary',
-           'sample_text']
+           'read_metrics', 'launched_by_torchrun', 'Single', 'TrainResult', 'train_loop', 'resume_into', 'train',
+           'write_summary', 'sample_text']
 
 # %% ../notebooks/15_train.ipynb #009cc7f2
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -256,6 +256,11 @@ def _reset_metrics(path: Path, last_step: int) -> None:
         write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= last_step] if last_step else [])
 
 # %% ../notebooks/15_train.ipynb #fcffdbc4
+def launched_by_torchrun() -> bool:
+    "Whether this process runs under torchrun (or an initialized process group)."
+    return torch.distributed.is_initialized() or "WORLD_SIZE" in os.environ
+
+
 class Single:
     "The loop's strategy for one process on one device: each hook is the plain single-process operation."
     is_rank0 = True  # the process that logs, prints and writes files

@@ -14,6 +14,7 @@ from dsv3_min import parallel as par
 from dsv3_min.model import DeepSeekV3
 
 STEPS, BATCH, SEQ, LR = 10, 4, 8, 1e-3
+CLIP = 0.05  # below every step's gradient norm here, so clipping scales every step (the reference asserts it)
 
 
 def _cfg(**kw):
@@ -45,9 +46,11 @@ def _train(model, cfg, data, start=0, stop=STEPS, opt=None, record=None):
         parts = model.loss(batch[:, :-1], batch[:, 1:])
         parts.loss.backward()
         par.reduce_expert_grads(model)
+        norm = par.clip_grad_norm_(model, CLIP)  # the global norm: FSDP shards over all ranks, experts over EP
         if record is not None:
             record[f"loss.{step}"] = par.global_mean(parts.loss, model).reshape(1)
-            record.update({f"grad.{step}.{n}": g for n, g in _grads(model).items()})
+            record[f"norm.{step}"] = norm.reshape(1)
+            record.update({f"grad.{step}.{n}": g for n, g in _grads(model).items()})  # clipped
         opt.step()
         opt.zero_grad(set_to_none=True)
         par.update_router_biases(model)
@@ -129,12 +132,13 @@ def _spawn(world, eps, out, ckpt=""):
 
 @pytest.fixture(scope="module")
 def reference():
-    """The single-process run: 10 steps, losses, gradients and biases of each step."""
+    """The single-process run: 10 steps, losses, gradient norms, clipped gradients and biases of each step."""
     cfg = _cfg()
     torch.manual_seed(0)
     model = DeepSeekV3(cfg)
     record = {}
     _train(model, cfg, _batches(cfg), record=record)
+    assert all(float(record[f"norm.{s}"]) > CLIP for s in range(STEPS))  # the clipping is exercised
     return record
 
 
@@ -143,7 +147,7 @@ def _assert_match(got, ref, what):
     (||g - g_ref|| / ||g_ref||: elementwise, a sum that cancels to ~1e-8 differs in its last bits)."""
     got = {k: v for k, v in got.items() if not k.startswith("resumed.")}
     assert set(got) == set(ref), what
-    worst = {"loss": 0.0, "grad": 0.0, "bias": 0.0}
+    worst = {"loss": 0.0, "norm": 0.0, "grad": 0.0, "bias": 0.0}
     for k in ref:
         a, b = got[k].double(), ref[k].double()
         kind = k.split(".")[0]
@@ -158,9 +162,10 @@ def _assert_match(got, ref, what):
 
 
 def test_ep2_dp1_matches_single_process_and_reshards(tmp_path, reference):
-    """(ep, dp) = (2, 1): 10 steps of per-step losses, every parameter's gradient and the router biases after each
-    update equal the single-process run within 1e-5 relative (fp32, same seed and global batches). A checkpoint
-    gathered after step 5 at ep=2 resumes at ep=1 (this process) and at ep=2 with the unbroken run's losses."""
+    """(ep, dp) = (2, 1): 10 steps of per-step losses, global gradient norms, every parameter's clipped gradient and
+    the router biases after each update equal the single-process run within 1e-5 relative (fp32, same seed and
+    global batches). A checkpoint gathered after step 5 at ep=2 resumes at ep=1 (this process) and at ep=2 with the
+    unbroken run's losses."""
     ckpt = str(tmp_path / "ckpt.safetensors")
     got = _spawn(2, [2], tmp_path / "rec", ckpt=ckpt)[2]
     _assert_match(got, reference, "ep=2 dp=1")
@@ -177,8 +182,9 @@ def test_ep2_dp1_matches_single_process_and_reshards(tmp_path, reference):
 
 
 def test_ep2_dp2_and_ep4_dp1_match_single_process(tmp_path, reference):
-    """(ep, dp) = (2, 2) and (4, 1) on 4 ranks: losses, gradients and router biases of 10 steps equal the
-    single-process run within 1e-5 relative; with ep=4 the 2 groups span 2 ranks each (node-limited routing)."""
+    """(ep, dp) = (2, 2) and (4, 1) on 4 ranks: losses, gradient norms, clipped gradients and router biases of 10
+    steps equal the single-process run within 1e-5 relative; with ep=4 the 2 groups span 2 ranks each (node-limited
+    routing)."""
     got = _spawn(4, [2, 4], tmp_path / "rec")
     _assert_match(got[2], reference, "ep=2 dp=2")
     _assert_match(got[4], reference, "ep=4 dp=1")

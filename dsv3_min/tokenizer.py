@@ -97,12 +97,25 @@ class Tokenizer:
     def _encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def _decode_text(self, ids: list[int]) -> str:
+    def _decode_pieces(self, ids: list[int]) -> str:
         raise NotImplementedError
 
     def is_byte(self, i: int) -> bool:
         "Whether id `i` is a byte-fallback token `<0x..>`."
         return False
+
+    def _decode_text(self, ids: list[int]) -> str:
+        "Text of ordinary ids; a run of byte-fallback tokens that is not whole UTF-8 (a character cut) drops its bytes."
+        out, k = [], 0
+        while k < len(ids):
+            j, byte = k, self.is_byte(ids[k])
+            while j < len(ids) and self.is_byte(ids[j]) == byte:
+                j += 1
+            run = ids[k:j]
+            out.append(bytes(int(self.id_to_piece(i)[3:5], 16) for i in run).decode("utf-8", "ignore") if byte
+                       else self._decode_pieces(run))
+            k = j
+        return "".join(out)
 
     def _special(self, text: str) -> int | None:
         return self.special_ids.get(text)
@@ -127,6 +140,10 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         "`encode` for many texts (back ends may parallelize)."
         return [self.encode(t, bos=bos, eos=eos) for t in texts]
+
+    def encode_as_transformers(self, texts: Sequence[str]) -> list[list[int]]:
+        "Ids of each text with the special tokens the tokenizer adds by itself (BOS), as transformers' `encode` gives them."
+        return self.encode_batch(texts, bos=self.bos_id is not None)
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         "Text of `ids`; special tokens are spelled out (or dropped with `skip_special`)."
@@ -227,7 +244,7 @@ class SentencePieceTokenizer(Tokenizer):
                 out[i] = self._encode_text(t)
         return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
 
-    def _decode_text(self, ids: list[int]) -> str:
+    def _decode_pieces(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
     def is_byte(self, i: int) -> bool:
@@ -274,6 +291,7 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.fingerprint = "hf-" + hashlib.sha256(tok.to_str().encode()).hexdigest()[:24]
         self.special_ids = {s: i for s in SPECIAL_TOKENS if (i := tok.token_to_id(s)) is not None}
+        self._byte_fallback = bool(getattr(tok.model, "byte_fallback", False))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
@@ -290,8 +308,23 @@ class HFTokenizer(Tokenizer):
         encs = self.tok.encode_batch(list(texts), add_special_tokens=False)
         return [[self.bos_id] * bos + e.ids + [self.eos_id] * eos for e in encs]
 
-    def _decode_text(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
+    def encode_as_transformers(self, texts: Sequence[str]) -> list[list[int]]:
+        "tokenizer.json's own post-processor adds the special tokens (BOS for ours and V3's), as in transformers."
+        for t in texts:
+            _check_text(t)
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=True)]
+
+    def is_byte(self, i: int) -> bool:
+        return self._byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", self.tok.id_to_token(i) or "") is not None
+
+    def _decode_pieces(self, ids: list[int]) -> str:
+        "The decoder's text; a byte-level multi-byte character cut at the end of `ids` is left out (no U+FFFD)."
+        text = self.tok.decode(ids, skip_special_tokens=False)
+        for k in range(1, min(4, len(ids)) + 1 if text.endswith("\ufffd") else 0):
+            whole = self.tok.decode(ids[:-k], skip_special_tokens=False)
+            if not whole.endswith("\ufffd") and text.startswith(whole):
+                return whole
+        return text
 
     def id_to_piece(self, i: int) -> str:
         "The token string of id `i`."

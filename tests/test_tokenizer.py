@@ -307,3 +307,35 @@ def test_saved_tokenizer_in_transformers_on_corpus_and_chat(tok, hf_auto, small_
         ids = hf_auto.apply_chat_template(conv, add_generation_prompt=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         assert list(ids) == tok.apply_chat_template(conv, tokenize=True)
+
+
+@pytest.mark.parametrize("backend", ["sentencepiece", "tokenizer.json", "byte-level"])
+def test_decoding_a_prefix_never_shows_a_replacement_character(tok, hf_json, backend):
+    """Every prefix of the ids of text with multi-byte characters (byte-fallback pieces, byte-level tokens) decodes
+    to a prefix of the text: a character cut by the prefix is left out, never shown as U+FFFD."""
+    t = {"sentencepiece": tok, "tokenizer.json": tok.to_hf(), "byte-level": Tokenizer.load(hf_json)}[backend]
+    text = "Ça: 中文 🙂 👩‍👩‍👧 e\u0301 ok"
+    ids = t.encode(text)
+    assert t.decode(ids) == text
+    cut = 0
+    for n in range(len(ids) + 1):
+        got = t.decode(ids[:n])
+        assert "\ufffd" not in got and text.startswith(got), (n, got)
+        cut += not any(text[:k] == got and len(t.encode(text[:k])) == n for k in range(len(text) + 1))
+    assert cut
+
+
+def test_a_cut_character_inside_byte_fallback_is_dropped(tok):
+    """A byte-fallback run that is not whole UTF-8 (a sampled first byte of a 3-byte character, then other text)
+    decodes without a replacement character: its partial bytes are dropped."""
+    ids = tok.encode("中")
+    assert len(ids) >= 2 and all(map(tok.is_byte, ids))
+    assert tok.decode(ids[:1] + tok.encode("ab") + ids) == "ab中"
+
+
+def test_encode_as_transformers_adds_what_the_tokenizer_adds(tok):
+    """`encode_as_transformers` is `encode` with the tokenizer's own specials (BOS first), for both back ends, and equals
+    transformers' ids for the saved tokenizer.json."""
+    texts = ["Hello there", " a b", "中"]
+    assert tok.encode_as_transformers(texts) == [tok.encode(s, bos=True) for s in texts]
+    assert tok.to_hf().encode_as_transformers(texts) == [tok.encode(s, bos=True) for s in texts]

@@ -264,7 +264,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     check_tasks(names, sources)    # missing data, with the --data sources
     if a.out:
         _check_out_file(a.out)
-    model, tok = load_for_sample(a.ckpt, None, resolve_device(a.device))
+    device = resolve_device(a.device)
+    print(f"eval: loading {a.ckpt}, then scoring {len(names)} task{'s' * (len(names) > 1)}", flush=True)
+    model, tok = load_for_sample(a.ckpt, None, device)
     out = evaluate(model, tok, names, limit, a.batch_size, sources, progress=True, amp=a.dtype == "bfloat16")
     print(format_table(out))
     if a.out:

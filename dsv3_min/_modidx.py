@@ -658,6 +658,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'dsv3_min.tokenizer._check_text': ('tokenizer.html#_check_text', 'dsv3_min/tokenizer.py'),
                                     'dsv3_min.tokenizer._chunks': ('tokenizer.html#_chunks', 'dsv3_min/tokenizer.py'),
                                     'dsv3_min.tokenizer._tokenizer_dir': ('tokenizer.html#_tokenizer_dir', 'dsv3_min/tokenizer.py'),
+                                    'dsv3_min.tokenizer._train_bpe': ('tokenizer.html#_train_bpe', 'dsv3_min/tokenizer.py'),
                                     'dsv3_min.tokenizer._write_tokenizer_config': ( 'tokenizer.html#_write_tokenizer_config',
                                                                                     'dsv3_min/tokenizer.py'),
                                     'dsv3_min.tokenizer.bytes_per_token': ('tokenizer.html#bytes_per_token', 'dsv3_min/tokenizer.py'),

@@ -15,7 +15,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .data import Corpus, default_cache_dir, load_corpus
-from .files import atomic_dir, remove_stale_temps, write_json
+from .files import FileFormatError, atomic_dir, read_json, remove_stale_temps, write_json
 
 # %% auto #0
 __all__ = ['BOS', 'EOS', 'PAD', 'USER', 'ASSISTANT', 'SPECIAL_TOKENS', 'DEEPSEEK_V3_CHAT_TEMPLATE', 'TOKENIZER_FORMAT',
@@ -190,8 +190,15 @@ class Tokenizer:
         if not p.is_file():
             raise ValueError(f"no tokenizer at {p}")
         if p.suffix == ".json":
-            return HFTokenizer.from_file(p)
-        return SentencePieceTokenizer(p.read_bytes())
+            read_json(p)   # not JSON, or not an object: one line naming the file
+            try:
+                return HFTokenizer.from_file(p)
+            except Exception as e:   # the tokenizers library raises a bare Exception for a file it cannot read
+                raise FileFormatError(f"{p}: not a tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+        try:
+            return SentencePieceTokenizer(p.read_bytes())
+        except RuntimeError as e:
+            raise FileFormatError(f"{p}: not a SentencePiece model ({str(e).splitlines()[0][:200]})") from None
 
 # %% ../notebooks/03_tokenizer.ipynb #acbf1c81
 def _write_tokenizer_config(path: Path, **extra) -> None:
@@ -371,15 +378,27 @@ def train_tokenizer(texts_or_corpus: Corpus | str | Iterable[str], vocab_size: i
     if vocab_size <= n_fixed:
         raise ValueError(f"vocab_size={vocab_size} must exceed the {n_fixed} special, <unk> and byte tokens")
     model = io.BytesIO()
+    try:
+        _train_bpe(chunks, model, vocab_size, chunk_chars, character_coverage)
+    except RuntimeError as e:   # sentencepiece: "Vocabulary size is smaller than required_chars. 280 vs 330. ..."
+        need = re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+        if need is None:
+            raise
+        raise ValueError(f"vocab_size={vocab_size} is too small for this text: its distinct characters, the special "
+                         f"and the byte tokens need {need[1]}; set vocab_size above {need[1]}") from None
+    return SentencePieceTokenizer(model.getvalue())
+
+
+def _train_bpe(chunks: list[str], model: io.BytesIO, vocab_size: int, chunk_chars: int, coverage: float) -> None:
+    "SentencePiece's BPE trainer with this package's settings, writing the model into `model`."
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(chunks), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-        character_coverage=character_coverage, max_sentence_length=4 * chunk_chars + 16,
+        character_coverage=coverage, max_sentence_length=4 * chunk_chars + 16,
         bos_id=0, eos_id=1, pad_id=2, unk_id=len(SPECIAL_TOKENS), bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
         unk_piece="<unk>", control_symbols=[USER, ASSISTANT], hard_vocab_limit=False,
         num_threads=1, minloglevel=2)  # the model file records the thread count: 1 keeps it identical everywhere
-    return SentencePieceTokenizer(model.getvalue())
 
 # %% ../notebooks/03_tokenizer.ipynb #709144fb
 def bytes_per_token(tok: Tokenizer, texts: Sequence[str]) -> tuple[float, float]:

@@ -339,3 +339,27 @@ def test_encode_as_transformers_adds_what_the_tokenizer_adds(tok):
     texts = ["Hello there", " a b", "中"]
     assert tok.encode_as_transformers(texts) == [tok.encode(s, bos=True) for s in texts]
     assert tok.to_hf().encode_as_transformers(texts) == [tok.encode(s, bos=True) for s in texts]
+
+
+def test_a_vocabulary_smaller_than_the_text_needs_says_what_to_set():
+    """A vocab_size below what the text's distinct characters need (with the special and byte tokens) is one
+    ValueError saying the number to exceed, not sentencepiece's internal error."""
+    text = ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 éàü中文 " * 20]
+    with pytest.raises(ValueError, match=r"vocab_size=280 is too small for this text: .* set vocab_size above 330"):
+        train_tokenizer(text, vocab_size=280)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("tokenizer.json", b'{"version": "1.0", "model": ', "not valid JSON"),
+    ("tokenizer.json", b"[1, 2]", "must hold a JSON object, got a list"),
+    ("tokenizer.json", b'{"version": "1.0", "model": {"type": "BPE"}}', "not a tokenizer.json"),
+    ("tokenizer.model", b"\x00garbage", "not a SentencePiece model"),
+])
+def test_a_damaged_tokenizer_file_is_a_file_format_error(tmp_path, name, content, message):
+    """A corrupt tokenizer.json (cut, another JSON shape, not what the tokenizers library reads) or tokenizer.model is a
+    FileFormatError (a ValueError) of one line naming the file, not the library's own exception."""
+    from dsv3_min.files import FileFormatError
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(FileFormatError, match=message) as e:
+        Tokenizer.load(tmp_path)
+    assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)

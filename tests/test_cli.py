@@ -405,3 +405,21 @@ def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
         main(["info"])
     monkeypatch.setitem(cli.COMMANDS, "info", lambda a: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert main(["info"]) == 130 and _one_line_error(capsys) == "dsv3: error: interrupted\n"
+
+
+_EVAL_FLAGS = ["--tasks", "--limit", "--limit-task", "--batch-size", "--out", "--device", "--dtype", "--data"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(_EVAL_FLAGS),
+                          st.one_of(st.sampled_from(["", ",", ",,,", "=5", "mmlu=0", "hellaswag", "mmlu=x", "nan",
+                                                     "-1", "0", "cuda:7", "bfloat16", "a=b", "hellaswag=/nope",
+                                                     "/", "--limit"]),
+                                    st.text(max_size=12))), max_size=4))
+def test_eval_options_property_one_line_never_a_traceback(tmp_path, capsys, flags):
+    """Random values for every option of `eval` (with a checkpoint that does not exist): the outcome is exit 2 with one
+    `dsv3: error:` line, never a traceback, and nothing is written."""
+    argv = ["eval", "--ckpt", str(tmp_path / "nope")] + [x for pair in flags for x in pair]
+    assert main(argv) == 2
+    _one_line_error(capsys)
+    assert not [p for p in tmp_path.rglob("*")]

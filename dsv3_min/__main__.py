@@ -257,7 +257,7 @@ def _check_out_file(path: str) -> None:
 def cmd_eval(a: argparse.Namespace) -> int:
     "`eval`: check every flag, the tasks' data and `--out`; load `--ckpt` (a LoRA run with its adapter); score; write."
     t0 = time.perf_counter()
-    names = check_tasks(a.tasks)   # unknown tasks, no task at all: before the checkpoint loads
+    names = expand_tasks(a.tasks)  # unknown tasks, no task at all: before the checkpoint loads
     limit, sources = _limit_arg(a, names), _sources_arg(a, names)
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")

@@ -340,6 +340,9 @@ def test_eval_checks_the_task_data_and_the_device_before_the_checkpoint(tmp_path
     monkeypatch.setenv("DSV3_EVAL_DATA", str(tmp_path))   # an empty data folder
     assert main(["eval", "--ckpt", str(tmp_path / "nope"), "--tasks", "hellaswag"]) == 2
     assert "no data for task 'hellaswag'" in _one_line_error(capsys)
+    (tmp_path / "mine").mkdir()    # --data for the task: its own folder is checked, not the missing default
+    assert main(["eval", "--ckpt", str(tmp_path / "nope"), "--tasks", "hellaswag", "--data", f"hellaswag={tmp_path / 'mine'}"]) == 2
+    assert "nope: no such directory" in _one_line_error(capsys)
     if not torch.cuda.is_available():
         (tmp_path / "hellaswag" / "none").mkdir(parents=True)   # its data folder is there now
         assert main(["eval", "--ckpt", str(tmp_path / "nope"), "--tasks", "hellaswag", "--device", "cuda"]) == 2

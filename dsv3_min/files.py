@@ -14,6 +14,9 @@ import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from .validate import check_json
 
 # %% auto #0
 __all__ = ['FileFormatError', 'atomic_write', 'write_json', 'read_json', 'append_jsonl', 'write_jsonl', 'read_jsonl',
@@ -69,17 +72,25 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 
 # %% ../notebooks/01_files.ipynb #d67979f3
 def write_json(path: str | os.PathLike, obj) -> Path:
-    "Write `obj` as JSON (indent 2, sorted keys, trailing newline) to `path` atomically."
-    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    "Write `obj` as JSON (indent 2, sorted keys, trailing newline) to `path` atomically; NaN and infinities are refused."
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} (write None for a missing number)") from None
+    return atomic_write(path, text + "\n")
 
 
-def read_json(path: str | os.PathLike):
-    "Parse the JSON file `path`; `FileFormatError` naming the file if it is not valid UTF-8 JSON."
+def read_json(path: str | os.PathLike, schema: dict[str, Any] | None = None) -> dict:
+    "The JSON object of file `path`, its `schema` keys checked (`check_json`); else `FileFormatError` naming the file."
     path = Path(path)
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        value = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FileFormatError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return check_json(str(path), value, schema)
+    except ValueError as e:
+        raise FileFormatError(str(e)) from None
 
 # %% ../notebooks/01_files.ipynb #1fa64043
 def append_jsonl(path: str | os.PathLike, record) -> None:

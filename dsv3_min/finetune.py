@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_trained, read_state
-from .config import Validated, rule
+from .validate import Validated, rule
 from .data import Corpus, load_corpus, pack
 from .files import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
 from .lora import apply_lora, lora_layers, parse_targets, save_adapter, trainable_parameters

@@ -69,7 +69,7 @@ def other_mains(summary: dict, rows: dict[str, list[dict]]) -> dict[str, list[di
 def metrics_summary(run_dir: Path) -> dict:
     "A run's summary numbers from its `metrics.jsonl` and `train_config.json` (what a finished run records)."
     m = read_runs(run_dir.parent, [run_dir.name])[run_dir.name]
-    tc = read_json(run_dir / "train_config.json")["train"]
+    tc = read_json(run_dir / "train_config.json", {"train": dict})["train"]
     ev, late = evals(m), m[len(m) // 5:]
     last = ev[-1] if ev and ev[-1]["step"] == m[-1]["step"] else {}  # a run's end always evaluates
     periodic = ev[:-1] if last else ev

@@ -15,7 +15,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .data import Corpus, default_cache_dir, load_corpus
-from .files import atomic_dir, remove_stale_temps, write_json
+from .files import FileFormatError, atomic_dir, read_json, remove_stale_temps, write_json
 
 # %% auto #0
 __all__ = ['BOS', 'EOS', 'PAD', 'USER', 'ASSISTANT', 'SPECIAL_TOKENS', 'DEEPSEEK_V3_CHAT_TEMPLATE', 'TOKENIZER_FORMAT',
@@ -97,12 +97,25 @@ class Tokenizer:
     def _encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def _decode_text(self, ids: list[int]) -> str:
+    def _decode_pieces(self, ids: list[int]) -> str:
         raise NotImplementedError
 
     def is_byte(self, i: int) -> bool:
         "Whether id `i` is a byte-fallback token `<0x..>`."
         return False
+
+    def _decode_text(self, ids: list[int]) -> str:
+        "Text of ordinary ids; a run of byte-fallback tokens that is not whole UTF-8 (a character cut) drops its bytes."
+        out, k = [], 0
+        while k < len(ids):
+            j, byte = k, self.is_byte(ids[k])
+            while j < len(ids) and self.is_byte(ids[j]) == byte:
+                j += 1
+            run = ids[k:j]
+            out.append(bytes(int(self.id_to_piece(i)[3:5], 16) for i in run).decode("utf-8", "ignore") if byte
+                       else self._decode_pieces(run))
+            k = j
+        return "".join(out)
 
     def _special(self, text: str) -> int | None:
         return self.special_ids.get(text)
@@ -127,6 +140,10 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
         "`encode` for many texts (back ends may parallelize)."
         return [self.encode(t, bos=bos, eos=eos) for t in texts]
+
+    def encode_as_transformers(self, texts: Sequence[str]) -> list[list[int]]:
+        "Ids of each text with the special tokens the tokenizer adds by itself (BOS), as transformers' `encode` gives them."
+        return self.encode_batch(texts, bos=self.bos_id is not None)
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         "Text of `ids`; special tokens are spelled out (or dropped with `skip_special`)."
@@ -173,8 +190,15 @@ class Tokenizer:
         if not p.is_file():
             raise ValueError(f"no tokenizer at {p}")
         if p.suffix == ".json":
-            return HFTokenizer.from_file(p)
-        return SentencePieceTokenizer(p.read_bytes())
+            read_json(p)   # not JSON, or not an object: one line naming the file
+            try:
+                return HFTokenizer.from_file(p)
+            except Exception as e:   # the tokenizers library raises a bare Exception for a file it cannot read
+                raise FileFormatError(f"{p}: not a tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+        try:
+            return SentencePieceTokenizer(p.read_bytes())
+        except RuntimeError as e:
+            raise FileFormatError(f"{p}: not a SentencePiece model ({str(e).splitlines()[0][:200]})") from None
 
 # %% ../notebooks/03_tokenizer.ipynb #acbf1c81
 def _write_tokenizer_config(path: Path, **extra) -> None:
@@ -227,7 +251,7 @@ class SentencePieceTokenizer(Tokenizer):
                 out[i] = self._encode_text(t)
         return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
 
-    def _decode_text(self, ids: list[int]) -> str:
+    def _decode_pieces(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
     def is_byte(self, i: int) -> bool:
@@ -274,6 +298,7 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.fingerprint = "hf-" + hashlib.sha256(tok.to_str().encode()).hexdigest()[:24]
         self.special_ids = {s: i for s in SPECIAL_TOKENS if (i := tok.token_to_id(s)) is not None}
+        self._byte_fallback = bool(getattr(tok.model, "byte_fallback", False))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> HFTokenizer:
@@ -290,8 +315,23 @@ class HFTokenizer(Tokenizer):
         encs = self.tok.encode_batch(list(texts), add_special_tokens=False)
         return [[self.bos_id] * bos + e.ids + [self.eos_id] * eos for e in encs]
 
-    def _decode_text(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
+    def encode_as_transformers(self, texts: Sequence[str]) -> list[list[int]]:
+        "tokenizer.json's own post-processor adds the special tokens (BOS for ours and V3's), as in transformers."
+        for t in texts:
+            _check_text(t)
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=True)]
+
+    def is_byte(self, i: int) -> bool:
+        return self._byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", self.tok.id_to_token(i) or "") is not None
+
+    def _decode_pieces(self, ids: list[int]) -> str:
+        "The decoder's text; a byte-level multi-byte character cut at the end of `ids` is left out (no U+FFFD)."
+        text = self.tok.decode(ids, skip_special_tokens=False)
+        for k in range(1, min(4, len(ids)) + 1 if text.endswith("\ufffd") else 0):
+            whole = self.tok.decode(ids[:-k], skip_special_tokens=False)
+            if not whole.endswith("\ufffd") and text.startswith(whole):
+                return whole
+        return text
 
     def id_to_piece(self, i: int) -> str:
         "The token string of id `i`."
@@ -338,15 +378,27 @@ def train_tokenizer(texts_or_corpus: Corpus | str | Iterable[str], vocab_size: i
     if vocab_size <= n_fixed:
         raise ValueError(f"vocab_size={vocab_size} must exceed the {n_fixed} special, <unk> and byte tokens")
     model = io.BytesIO()
+    try:
+        _train_bpe(chunks, model, vocab_size, chunk_chars, character_coverage)
+    except RuntimeError as e:   # sentencepiece: "Vocabulary size is smaller than required_chars. 280 vs 330. ..."
+        need = re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+        if need is None:
+            raise
+        raise ValueError(f"vocab_size={vocab_size} is too small for this text: its distinct characters, the special "
+                         f"and the byte tokens need {need[1]}; set vocab_size above {need[1]}") from None
+    return SentencePieceTokenizer(model.getvalue())
+
+
+def _train_bpe(chunks: list[str], model: io.BytesIO, vocab_size: int, chunk_chars: int, coverage: float) -> None:
+    "SentencePiece's BPE trainer with this package's settings, writing the model into `model`."
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(chunks), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=False,
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, split_digits=True,
-        character_coverage=character_coverage, max_sentence_length=4 * chunk_chars + 16,
+        character_coverage=coverage, max_sentence_length=4 * chunk_chars + 16,
         bos_id=0, eos_id=1, pad_id=2, unk_id=len(SPECIAL_TOKENS), bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
         unk_piece="<unk>", control_symbols=[USER, ASSISTANT], hard_vocab_limit=False,
         num_threads=1, minloglevel=2)  # the model file records the thread count: 1 keeps it identical everywhere
-    return SentencePieceTokenizer(model.getvalue())
 
 # %% ../notebooks/03_tokenizer.ipynb #709144fb
 def bytes_per_token(tok: Tokenizer, texts: Sequence[str]) -> tuple[float, float]:

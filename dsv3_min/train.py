@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from .checkpoint import (CKPT_PREFIX, check_config, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  read_state, save_checkpoint)
-from .config import PRESETS, ModelConfig, Validated, check_names, rule, validate_fields
+from .config import PRESETS, ModelConfig
+from .validate import Validated, check_names, rule, validate_fields
 from .data import get_batch, iter_val_batches, load_corpus, pack
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
 from .hf import CheckpointError

@@ -1,6 +1,7 @@
 """Tests of the command line (dsv3_min.__main__): parsing, errors, info, sampling from ours and HF checkpoints."""
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -259,13 +260,30 @@ def test_new_subcommands_have_help(command, capsys):
 @pytest.mark.parametrize("argv, expected", [
     (["eval", "--ckpt", "{tmp}/nope"], "no such directory"),
     (["eval", "--ckpt", "{tmp}", "--limit", "0"], "--limit must be >= 1, got 0"),
+    (["eval", "--ckpt", "{tmp}/nope", "--limit-task", "mmlu=0"], "TASK=N with N >= 1, got 'mmlu=0'"),
+    (["eval", "--ckpt", "{tmp}/nope", "--limit-task", "mmlu"], "TASK=N with N >= 1"),
+    (["eval", "--ckpt", "{tmp}/nope", "--limit-task", "=5"], "TASK=N with N >= 1, got '=5'"),
+    (["eval", "--ckpt", "{tmp}/nope", "--limit-task", "hellaswg=3"], "unknown task 'hellaswg'"),
+    (["eval", "--ckpt", "{tmp}/nope", "--tasks", "hellaswag", "--limit-task", "mmlu=3"],
+     "--limit-task 'mmlu=3': 'mmlu' is not among --tasks 'hellaswag'"),
+    (["eval", "--ckpt", "{tmp}/nope", "--tasks", ",,,"], "no task named in ',,,'"),
+    (["eval", "--ckpt", "{tmp}/nope", "--data", "boolq"], "--data expects TASK=SOURCE, got 'boolq'"),
+    (["eval", "--ckpt", "{tmp}/nope", "--tasks", "hellaswag", "--data", "arc_easy={tmp}"],
+     "--data arc_easy=...: 'arc_easy' is not among the tasks of --tasks 'hellaswag'"),
+    (["eval", "--ckpt", "{tmp}/nope", "--tasks", "hellaswag", "--lim", "5"], "unrecognized arguments: --lim 5"),
+    (["eval", "--ckpt", "{tmp}/nope", "--tasks", "hellaswag", "--out", "{tmp}"], "is a folder: give the results file"),
+    (["eval", "--ckpt", "{tmp}/nope", "--tasks", "hellaswag", "--out", "{tmp}/notes.txt"],
+     "exists and is not a results JSON of `eval`"),
     (["finetune", "--ckpt", "{tmp}/nope", "--corpus", "shakespeare", "--out", "{tmp}/out"], "no such directory"),
     (["finetune", "--ckpt", "{tmp}", "--corpus", "x", "--out", "{tmp}/o", "--method", "bogus"], "invalid choice"),
     (["distill", "--teacher", "{tmp}/nope", "--out", "{tmp}/out"], "config.json not found"),
     (["sample", "--ckpt", "{tmp}", "--draft", "eagle"], "argument --draft: invalid choice: 'eagle'"),
 ])
 def test_new_subcommands_bad_input_is_one_line(argv, expected, tmp_path, capsys):
-    """A wrong path or value for eval / finetune / distill / sample --draft is one `dsv3: error:` line, exit 2."""
+    """A wrong path or value for eval / finetune / distill / sample --draft is one `dsv3: error:` line, exit 2; every
+    flag of `eval` (a task list naming nothing, a limit or a source for a task not asked for, an abbreviated flag, an
+    --out that is a folder or another file) is checked before the checkpoint is read (`{tmp}/nope` does not exist)."""
+    (tmp_path / "notes.txt").write_text('{"mine": 1}')
     assert main([x.format(tmp=tmp_path) for x in argv]) == 2
     assert expected in _one_line_error(capsys)
     assert not (tmp_path / "out").exists()
@@ -315,3 +333,146 @@ def test_train_with_an_unknown_eval_task_fails_before_training(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert "unknown task 'hellaswg'" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_eval_checks_the_task_data_and_the_device_before_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """Missing task data and `--device cuda` on a machine without a GPU are one line (exit 2) before the checkpoint is
+    read (`{tmp}/nope` does not exist), not a traceback from torch."""
+    monkeypatch.setenv("DSV3_EVAL_DATA", str(tmp_path))   # an empty data folder
+    assert main(["eval", "--ckpt", str(tmp_path / "nope"), "--tasks", "hellaswag"]) == 2
+    assert "no data for task 'hellaswag'" in _one_line_error(capsys)
+    (tmp_path / "mine").mkdir()    # --data for the task: its own folder is checked, not the missing default
+    assert main(["eval", "--ckpt", str(tmp_path / "nope"), "--tasks", "hellaswag", "--data", f"hellaswag={tmp_path / 'mine'}"]) == 2
+    assert "nope: no such directory" in _one_line_error(capsys)
+    if not torch.cuda.is_available():
+        (tmp_path / "hellaswag" / "none").mkdir(parents=True)   # its data folder is there now
+        assert main(["eval", "--ckpt", str(tmp_path / "nope"), "--tasks", "hellaswag", "--device", "cuda"]) == 2
+        assert "no such CUDA device here" in _one_line_error(capsys)
+
+
+def test_a_lora_run_loads_as_base_plus_adapter(tiny_ckpt, tmp_path):
+    """`eval` and `sample` read a LoRA fine-tuning run (its `adapter/`) or an adapter folder as the base model named in
+    the adapter with the adapter on top (they used to load it as a checkpoint: "15 missing, 45 unexpected" keys)."""
+    from dsv3_min.__main__ import load_for_sample
+    from dsv3_min.lora import apply_lora, lora_layers, save_adapter
+    run, model, _ = tiny_ckpt
+    tuned = DeepSeekV3(model.config)
+    tuned.load_state_dict(model.state_dict())
+    apply_lora(tuned, r=2, alpha=4.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_layers(tuned).values():
+            for p in layer.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.2)
+    save_adapter(tuned, tmp_path / "ft" / "adapter", base_model_name_or_path=str(run))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = tuned.eval()(ids)
+        for ckpt in (tmp_path / "ft", tmp_path / "ft" / "adapter"):
+            got, _ = load_for_sample(str(ckpt), None, torch.device("cpu"))
+            torch.testing.assert_close(got.eval()(ids), want)
+        assert not torch.allclose(model.eval()(ids), want)
+
+
+def test_exit_codes_user_environment_and_bugs():
+    """The package's own checks (a ValueError or missing file raised in dsv3_min) exit 2; the environment (disk full,
+    permissions, safetensors' own full-disk error) exits 1; the same error types raised inside a library, and every
+    other exception, are bugs (None: main re-raises them with their traceback)."""
+    import errno
+
+    from dsv3_min.__main__ import exit_code
+    from dsv3_min.files import read_json
+
+    def raised(f):
+        try:
+            f()
+        except Exception as e:
+            return e
+    ours = raised(lambda: read_json("/nonexistent/x.json"))   # FileNotFoundError from a dsv3_min frame
+    assert isinstance(ours, FileNotFoundError) and exit_code(ours) == 2
+    assert exit_code(raised(lambda: get_preset("gpt5"))) == 2
+    assert exit_code(raised(lambda: json.loads("{"))) is None          # a library's ValueError: a bug here
+    assert exit_code(raised(lambda: {}["x"])) is None and exit_code(ZeroDivisionError()) is None
+    assert exit_code(OSError(errno.ENOSPC, "No space left on device")) == 1
+    assert exit_code(PermissionError(errno.EACCES, "denied")) == 1
+    from safetensors import SafetensorError
+    assert exit_code(SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")) == 1
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """An exception that is not one of the package's checks propagates out of `main` (its traceback is the report),
+    and Ctrl-C outside the training loop is one line with exit code 130."""
+    import dsv3_min.__main__ as cli
+    monkeypatch.setitem(cli.COMMANDS, "info", lambda a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["info"])
+    monkeypatch.setitem(cli.COMMANDS, "info", lambda a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert main(["info"]) == 130 and _one_line_error(capsys) == "dsv3: error: interrupted\n"
+
+
+_EVAL_FLAGS = ["--tasks", "--limit", "--limit-task", "--batch-size", "--out", "--device", "--dtype", "--data"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(_EVAL_FLAGS),
+                          st.one_of(st.sampled_from(["", ",", ",,,", "=5", "mmlu=0", "hellaswag", "mmlu=x", "nan",
+                                                     "-1", "0", "cuda:7", "bfloat16", "a=b", "hellaswag=/nope",
+                                                     "/", "--limit"]),
+                                    st.text(max_size=12))), max_size=4))
+def test_eval_options_property_one_line_never_a_traceback(tmp_path, capsys, flags):
+    """Random values for every option of `eval` (with a checkpoint that does not exist): the outcome is exit 2 with one
+    `dsv3: error:` line, never a traceback, and nothing is written."""
+    argv = ["eval", "--ckpt", str(tmp_path / "nope")] + [x for pair in flags for x in pair]
+    assert main(argv) == 2
+    _one_line_error(capsys)
+    assert not [p for p in tmp_path.rglob("*")]
+
+
+def _damage(f: Path, kind: str, where: float, value) -> None:
+    """Damage file `f`: cut it at fraction `where`, flip three bytes there, forge a safetensors header length, or
+    replace one value of a JSON object (or the whole JSON) by `value`."""
+    b = f.read_bytes()
+    at = int(where * len(b))
+    if kind == "truncate":
+        f.write_bytes(b[:at])
+    elif kind == "flip":
+        f.write_bytes(b[:at] + bytes(x ^ 0xFF for x in b[at:at + 3]) + b[at + 3:])
+    elif kind == "header" and f.suffix == ".safetensors":
+        f.write_bytes((10**12).to_bytes(8, "little") + b[8:])
+    elif kind == "json" and f.suffix == ".json":
+        d = json.loads(b)
+        if isinstance(d, dict) and d:
+            d[sorted(d)[int(where * len(d)) % len(d)]] = value
+        f.write_text(json.dumps(d if isinstance(d, dict) and d else value))
+    else:
+        f.write_bytes(b[:at])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(folder=st.sampled_from(["run", "hf"]), pick=st.floats(0, 1, exclude_max=True),
+       kind=st.sampled_from(["truncate", "flip", "header", "json"]), where=st.floats(0, 1, exclude_max=True),
+       value=st.sampled_from([[1, 2], "x", None, 3.5, {"a": 1}, -1, True]))
+def test_damaged_run_or_hf_folder_property_never_a_traceback(tiny_ckpt, tmp_path_factory, capsys, folder, pick, kind,
+                                                             where, value):
+    """Random damage to one file of a run folder or a Hugging Face folder (cut, flipped bytes, a forged safetensors
+    header length, a JSON value of another type): `sample` gives a text (exit 0, perhaps after a warning and a
+    fallback) or one `dsv3: error:` line (exit 2), never a traceback; no other file changes."""
+    from dsv3_min.hf import save_pretrained
+    run, model, tok = tiny_ckpt
+    work = tmp_path_factory.mktemp("damaged")
+    if folder == "run":
+        shutil.copytree(run, work / "x")
+    else:
+        save_pretrained(model, work / "x")
+        tok.save(work / "x" / "tokenizer")
+    files = sorted(p for p in (work / "x").rglob("*") if p.is_file())
+    target = files[int(pick * len(files))]
+    _damage(target, kind, where, value)
+    before = {p: p.read_bytes() for p in files}
+    code = main(["sample", "--ckpt", str(work / "x"), "--prompt", "To be", "--max-new-tokens", "4", "--seed", "0"])
+    err = capsys.readouterr().err
+    assert code in (0, 2) and "Traceback" not in err
+    if code == 2:
+        assert err.strip().splitlines()[-1].startswith("dsv3: error: ") and err.endswith("\n")
+    assert {p: p.read_bytes() for p in files if p.exists()} == before

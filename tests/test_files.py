@@ -72,6 +72,30 @@ def test_read_json_error_names_file_in_one_line(tmp_path, content):
     assert str(p) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("content,schema,message", [
+    ("[1, 2]", None, "must hold a JSON object, got a list"),
+    ('"x"', None, "must hold a JSON object, got a string 'x'"),
+    ('{"step": 1}', {"step": int, "seed": int}, "missing key 'seed'"),
+    ('{"step": "1"}', {"step": int}, "'step' must be an integer, got a string '1'"),
+])
+def test_read_json_checks_the_object_and_its_schema(tmp_path, content, schema, message):
+    """read_json returns only a JSON object, with the schema's keys typed: other shapes are a one-line
+    FileFormatError naming the file (not a KeyError or AttributeError further on)."""
+    p = tmp_path / "state.json"
+    p.write_text(content)
+    with pytest.raises(FileFormatError) as e:
+        read_json(p, schema)
+    assert str(e.value) == f"{p}: {message}"
+
+
+def test_write_json_refuses_nan_and_leaves_no_file(tmp_path):
+    """JSON has no NaN or infinity: write_json raises a one-line ValueError naming the file and writes nothing."""
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="x.json: Out of range float"):
+            write_json(tmp_path / "x.json", {"a": [1.0, bad]})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_jsonl_append_and_read(tmp_path):
     """Appended records read back in order; write_jsonl rewrites a log atomically."""
     p = tmp_path / "metrics.jsonl"
@@ -175,12 +199,12 @@ def test_atomic_dir_uses_exchange_on_linux(tmp_path, monkeypatch):
     assert [x.name for x in (tmp_path / "q").iterdir()] == ["in_p"] and not list((tmp_path / "p").iterdir())
     final = tmp_path / "tok"
     with atomic_dir(final) as d:
-        write_json(d / "a.json", 1)
+        write_json(d / "a.json", {"v": 1})
     monkeypatch.setattr(files, "_temp_sibling", lambda p, kind="tmp": pytest.fail("aside") if kind == "old"
                         else p.with_name(f".{p.name}.tmp-{os.getpid()}-0000beef"))
     with atomic_dir(final) as d:
-        write_json(d / "a.json", 2)
-    assert read_json(final / "a.json") == 2
+        write_json(d / "a.json", {"v": 2})
+    assert read_json(final / "a.json") == {"v": 2}
 
 
 def test_atomic_dir_refuses_a_file(tmp_path):

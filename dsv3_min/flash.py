@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from einops import einsum, rearrange
 
-from .attention import causal_mask, check_attention_inputs
+from .attention import attend, causal_mask, check_attention_inputs, register_backend, warn_once
 
 try:
     import triton
@@ -560,3 +560,15 @@ def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = 
     if not q.is_cuda and q.dtype == torch.bfloat16:  # the interpreter runs on numpy, which has no bfloat16
         return TritonFlashAttention.apply(q.float(), k.float(), v.float(), causal, softmax_scale).to(q.dtype)
     return TritonFlashAttention.apply(q, k, v, causal, softmax_scale)
+
+
+def _flash_backend(q, k, v, causal: bool, softmax_scale: float | None, mask) -> torch.Tensor:
+    "`attend(..., backend='flash')`: `flash_attention` where it applies (`sq == sk`, no mask), SDPA otherwise."
+    if mask is not None:
+        warn_once("flash-mask", "attn_backend='flash' takes no explicit mask; masked calls use 'sdpa'")
+    if mask is not None or q.shape[-2] != k.shape[-2]:
+        return attend(q, k, v, causal, softmax_scale, backend="sdpa", mask=mask)
+    return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+
+
+register_backend("flash", _flash_backend)

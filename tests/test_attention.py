@@ -1,6 +1,5 @@
 """Tests for dsv3_min.attention: attend (backends, masks), the caches (dynamic and static), GroupedQueryAttention."""
 import importlib.util
-import sys
 import warnings
 
 import pytest
@@ -9,6 +8,7 @@ from einops import rearrange
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dsv3_min.flash  # noqa: F401 (registers attn_backend='flash', as dsv3_min.model does)
 from conftest import prefill_then_decode, tiny_config
 from dsv3_min.attention import GroupedQueryAttention, KVCache, LayerCache, attend, attention_probs, causal_mask
 from dsv3_min.rope import RotaryEmbedding
@@ -107,7 +107,7 @@ def test_bad_mask_raises():
 @pytest.mark.parametrize("sq,sk", [(7, 7), (3, 7), (1, 7)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_backends_agree_with_eager(backend, hq, hkv, sq, sk, causal):
-    """sdpa and flash (notebook 10's kernel if present, else its SDPA fallback) equal eager in fp32 (atol 1e-5),
+    """sdpa and flash (notebook 10's kernel, SDPA for decode shapes) equal eager in fp32 (atol 1e-5),
     for MHA/GQA/MQA, prefill and decode shapes, causal and not, with dv != dqk."""
     q, k, v = torch.randn(2, hq, sq, 16), torch.randn(2, hkv, sk, 16), torch.randn(2, hkv, sk, 8)
     with warnings.catch_warnings():
@@ -133,20 +133,20 @@ def test_eager_bf16_softmax_in_fp32():
     torch.testing.assert_close(out.float(), attend(q, k, v), atol=3e-2, rtol=3e-2)
 
 
-def test_flash_fallback_warns_once(monkeypatch):
-    """When dsv3_min.flash cannot be imported, backend='flash' warns once (not again on the second call) and returns
-    exactly the SDPA result."""
+def test_flash_backend_registers_itself_without_an_import_circle(monkeypatch):
+    """attention.py never imports flash (flash imports attention and registers backend='flash' into its registry);
+    once dsv3_min.flash is imported (dsv3_min.model does it) every backend of config.ATTN_BACKENDS is registered, and
+    a backend that is not registered is a ValueError naming the module to import."""
     import dsv3_min.attention as A
+    from dsv3_min.config import ATTN_BACKENDS
 
-    monkeypatch.setitem(sys.modules, "dsv3_min.flash", None)  # `import dsv3_min.flash` now raises ImportError
-    monkeypatch.setattr(A, "_warned", set())
-    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
-    with pytest.warns(UserWarning, match="dsv3_min.flash is not available; falling back to 'sdpa'"):
-        out = attend(q, k, v, backend="flash")
-    assert torch.equal(out, attend(q, k, v, backend="sdpa"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        attend(q, k, v, backend="flash")  # second call: no warning
+    source = open(A.__file__).read()
+    assert "flash import" not in source and "import_module" not in source
+    assert set(A._BACKENDS) == set(ATTN_BACKENDS)
+    monkeypatch.delitem(A._BACKENDS, "flash")
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="dsv3_min.flash"):
+        attend(q, q, q, backend="flash")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash_attn is installed")

@@ -47,8 +47,7 @@ from dsv3_min.config import count_params, get_preset
 from dsv3_min.data import load_corpus, pack
 from dsv3_min.hf import save_pretrained
 from dsv3_min.infer import generate
-from dsv3_min.model import DeepSeekV3
-from dsv3_min.model import reference_generate
+from dsv3_min.model import DeepSeekV3, reference_generate
 from dsv3_min.tokenizer import train_tokenizer
 from dsv3_min.train import TrainData, train, train_config_for
 

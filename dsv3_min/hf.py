@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .files import FileFormatError, atomic_dir, check_safetensors, read_json, write_json
 from .model import DeepSeekV3
+from .rope import fp32_names
 
 # %% auto #0
 __all__ = ['CKPT_PREFIX', 'MANIFEST', 'to_hf_name', 'hf_state_dict', 'CheckpointError', 'from_hf_state_dict', 'check_state_dict',
@@ -277,15 +278,8 @@ def from_pretrained(path, dtype: torch.dtype | None = None, device: str | torch.
         model = DeepSeekV3(cfg)
     load_weights(model, sd, hf_names=not ours)
     if dtype is not None:
-        _cast_keep_router_fp32(model, dtype)
+        model.to(dtype)  # the routers and rotary tables stay fp32 (notebook 04's KeepsFP32), as transformers keeps them
     return model
-
-
-def _cast_keep_router_fp32(model: DeepSeekV3, dtype: torch.dtype) -> None:
-    "Cast parameters to `dtype` except the routers' fp32 weight and bias (as transformers keeps them)."
-    for name, p in model.named_parameters():
-        if not name.endswith("mlp.gate.weight"):
-            p.data = p.data.to(dtype)
 
 # %% ../notebooks/12_hf.ipynb #e242f432
 def _is_checkpoint_file(name: str) -> bool:
@@ -317,8 +311,8 @@ def save_pretrained(model: DeepSeekV3, path, dtype: torch.dtype | None = None, m
         warnings.warn("this config uses dsv3_min extensions (gated attention / GQA / DeepNorm): transformers' "
                       "DeepseekV3ForCausalLM cannot run it, only dsv3_min can load it back", stacklevel=2)
     path = Path(path).resolve()
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and "e_score_correction_bias" not in k
-              and not k.endswith("mlp.gate.weight") else v).contiguous().cpu()
+    keep = {to_hf_name(n, model.config) for n in fp32_names(model)}  # the routers stay fp32 (notebook 04's rule)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k not in keep else v).contiguous().cpu()
           for k, v in hf_state_dict(model).items()}
     split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_bytes)

@@ -153,7 +153,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, softmax_scale: 
     causal = causal and mask is None  # an explicit mask (True = visible) is the whole rule
     check_attention_inputs(q, k, v, causal, mask)
     if backend not in _BACKENDS:
-        hint = "; it registers when its module is imported (dsv3_min.flash)" if backend in ATTN_BACKENDS else ""
+        hint = "; it registers when its module is imported (dsv3_min.flash_backend)" if backend in ATTN_BACKENDS else ""
         raise ValueError(f"attend: backend must be one of {ATTN_BACKENDS}, got {backend!r}{hint}")
     return _BACKENDS[backend](q, k, v, causal, softmax_scale, mask)
 

@@ -218,7 +218,7 @@ def _engine(model: DeepSeekV3, kind: type, batch: int, max_len: int, mla_impl, c
 
 
 def _finish(out: Tensor, S: int, eos_token_id: int | None) -> Tensor:
-    "After each row's first EOS only EOS; stop after the step at which every row has finished (as `model.generate`)."
+    "After each row's first EOS only EOS; stop after the step at which every row has finished (as `reference_generate`)."
     if eos_token_id is None or out.shape[1] == S:
         return out
     new = out[:, S:]

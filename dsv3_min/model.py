@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .attention import GroupedQueryAttention, LayerCache
 from .config import ModelConfig
-from .flash import flash_attention  # noqa: F401 (importing flash registers attn_backend='flash')
+from .flash_backend import flash_attention  # noqa: F401 (importing it registers attn_backend='flash')
 from .gating import SwiGLU
 from .mla import MultiHeadLatentAttention
 from .moe import MoE, max_vio
@@ -90,6 +90,11 @@ class LossParts(NamedTuple):
     balance: torch.Tensor
 
 # %% ../notebooks/11_model.ipynb #a7c0ce11
+def _host_checks(t: Tensor) -> bool:
+    "Whether to check values of `t` on the host: on the CPU, not on the GPU (a sync) nor while compiling (a graph break)."
+    return t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling()
+
+
 class ModelCache:
     "The caches of one model: `layers` (one per main layer) and `mtp` (one per MTP depth, maybe none)."
 
@@ -151,20 +156,23 @@ class DeepSeekV3(nn.Module):
 
     def _rope(self, s: int, positions: Tensor | None, cache: LayerCache | None, device) -> tuple[Tensor, Tensor]:
         "cos, sin of `positions` `(s,)`/`(b, s)`; by default those after what `cache` holds, else 0..s-1."
+        limit = self.config.max_position_embeddings
+        last = s - 1 if positions is None and cache is None else None  # the last position, where known on the host
         if positions is None:
             positions = cache.positions(s) if cache is not None else torch.arange(s, device=device)
         if positions.shape[-1] != s:
             raise ValueError(f"positions {tuple(positions.shape)} must be (seq,) or (batch, seq) with seq={s}")
-        limit = self.config.max_position_embeddings
-        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= limit:  # no GPU sync
-            raise ValueError(f"position {int(positions.max())} is beyond max_position_embeddings={limit}")
+        if _host_checks(positions):
+            last = int(positions.max())
+        if last is not None and last >= limit:
+            raise ValueError(f"sequence of positions up to {last} exceeds max_position_embeddings={limit}")
         return self.rotary(positions)
 
     def _check_ids(self, input_ids: Tensor) -> None:
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq); got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
-        if input_ids.device.type == "cpu" and input_ids.numel():  # on the GPU this check would cost a host sync
+        if _host_checks(input_ids):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"token id {hi if hi >= self.config.vocab_size else lo} is outside the vocabulary "

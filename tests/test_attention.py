@@ -1,5 +1,8 @@
 """Tests for dsv3_min.attention: attend (backends, masks), the caches (dynamic and static), GroupedQueryAttention."""
 import importlib.util
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -8,7 +11,7 @@ from einops import rearrange
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import dsv3_min.flash  # noqa: F401 (registers attn_backend='flash', as dsv3_min.model does)
+import dsv3_min.flash_backend  # noqa: F401 (registers attn_backend='flash', as dsv3_min.model does)
 from conftest import prefill_then_decode, tiny_config
 from dsv3_min.attention import GroupedQueryAttention, KVCache, LayerCache, attend, attention_probs, causal_mask
 from dsv3_min.rope import RotaryEmbedding
@@ -134,19 +137,28 @@ def test_eager_bf16_softmax_in_fp32():
 
 
 def test_flash_backend_registers_itself_without_an_import_circle(monkeypatch):
-    """attention.py never imports flash (flash imports attention and registers backend='flash' into its registry);
-    once dsv3_min.flash is imported (dsv3_min.model does it) every backend of config.ATTN_BACKENDS is registered, and
-    a backend that is not registered is a ValueError naming the module to import."""
+    """attention.py never imports flash (flash_backend imports attention and registers backend='flash' into its
+    registry); a backend that is not registered is a ValueError naming the module to import; `import dsv3_min`
+    (through dsv3_min.model) registers every backend of config.ATTN_BACKENDS without loading triton."""
     import dsv3_min.attention as A
     from dsv3_min.config import ATTN_BACKENDS
 
     source = open(A.__file__).read()
     assert "flash import" not in source and "import_module" not in source
-    assert set(A._BACKENDS) == set(ATTN_BACKENDS)
+    assert set(A._BACKENDS) == set(ATTN_BACKENDS)  # flash_backend is imported at the top of this file
     monkeypatch.delitem(A._BACKENDS, "flash")
     q = torch.randn(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="dsv3_min.flash"):
+    with pytest.raises(ValueError, match="dsv3_min.flash_backend"):
         attend(q, q, q, backend="flash")
+    code = textwrap.dedent("""
+        import sys, dsv3_min
+        from dsv3_min.attention import _BACKENDS
+        from dsv3_min.config import ATTN_BACKENDS
+        assert set(_BACKENDS) == set(ATTN_BACKENDS) and "triton" not in sys.modules
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash_attn is installed")

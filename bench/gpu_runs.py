@@ -77,6 +77,7 @@ from dsv3_min.checkpoint import load_trained
 from dsv3_min.config import count_params
 from dsv3_min.data import load_corpus, pack
 from dsv3_min.files import atomic_write
+from dsv3_min.infer import sample_text
 from dsv3_min.report import (
     ABL,
     ABL_BUDGET,
@@ -89,7 +90,7 @@ from dsv3_min.report import (
     unpack_results,
 )
 from dsv3_min.tokenizer import Tokenizer, train_tokenizer
-from dsv3_min.train import TrainData, sample_text, train
+from dsv3_min.train import TrainData, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CARRY = ROOT / ".device_carry" / "gpu_mix"

@@ -14,6 +14,7 @@ from dsv3_min.model import (
     DeepSeekV3ForSequenceClassification,
     MTPLayer,
     reference_generate,
+    sample_from,
 )
 from dsv3_min.moe import max_vio
 from dsv3_min.norm import rms_norm
@@ -279,3 +280,11 @@ def test_decode_logits_equal_recompute_with_offsets_and_left_padding(kw, static)
         torch.testing.assert_close(got[0], ref0[0], **tol(ref0))
         if static:  # the dynamic cache has no padding mask: row 1 would see its padding
             torch.testing.assert_close(got[1, pad:], ref1[0], **tol(ref1))
+
+
+def test_sample_from_matches_multinomial():
+    """The sync-free exponential race draws the same token as torch.multinomial from the same generator state."""
+    w = torch.rand(6, 50) ** 4
+    a = sample_from(w, torch.Generator().manual_seed(5))
+    b = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=torch.Generator().manual_seed(5))[:, 0]
+    assert torch.equal(a, b)

@@ -226,20 +226,20 @@ class DeepSeekV3(nn.Module):
         h = self.hidden_states(input_ids)
         main = self._ce(h, targets)
         mtp_losses = []
-        for k, layer in enumerate(self.mtp, start=1):
+        for k in range(1, len(self.mtp) + 1):
             s = input_ids.shape[1] - k  # depth k is defined on positions 0 .. S-k-1
             if s <= 0:
                 break
             h = self.mtp_hidden_states(k, h[:, :s], targets[:, k - 1 : k - 1 + s].clamp(min=0))  # token i+k
-            mtp_losses.append(self._ce(h, targets[:, k : k + s], norm=layer.shared_head.norm))
+            mtp_losses.append(self._ce(h, targets[:, k : k + s], depth=k))
         zero = main.new_zeros(())
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else zero
         balance = sum((m.aux_loss for m in self.moe_layers() if m.aux_loss is not None), zero)
         return LossParts(main + self.config.mtp_loss_weight * mtp + balance, main, mtp, balance)
 
-    def _ce(self, h, targets, norm=None):
-        "Cross-entropy of the shared head on hidden states h (b, s, d) against targets (b, s)."
-        logits = self.lm_head((norm or self.norm)(h))
+    def _ce(self, h, targets, depth: int = 0):
+        "Cross-entropy of the shared head (after depth `depth`'s norm) on hidden states h (b, s, d) against targets (b, s)."
+        logits = self.head(h, depth)
         return F.cross_entropy(rearrange(logits.float(), "b s v -> (b s) v"), rearrange(targets, "b s -> (b s)"),
                                ignore_index=-100)
 

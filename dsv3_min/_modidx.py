@@ -435,6 +435,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'dsv3_min.model.SharedHead': ('model.html#sharedhead', 'dsv3_min/model.py'),
                                 'dsv3_min.model.SharedHead.__init__': ('model.html#sharedhead.__init__', 'dsv3_min/model.py'),
                                 'dsv3_min.model._host_checks': ('model.html#_host_checks', 'dsv3_min/model.py'),
+                                'dsv3_min.model.check_generate_args': ('model.html#check_generate_args', 'dsv3_min/model.py'),
                                 'dsv3_min.model.filtered_logits': ('model.html#filtered_logits', 'dsv3_min/model.py'),
                                 'dsv3_min.model.next_token': ('model.html#next_token', 'dsv3_min/model.py'),
                                 'dsv3_min.model.reference_generate': ('model.html#reference_generate', 'dsv3_min/model.py'),

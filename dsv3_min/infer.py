@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .model import DeepSeekV3, filtered_logits, next_token, sample_from
+from .model import DeepSeekV3, check_generate_args, filtered_logits, next_token, sample_from
 
 # %% auto #0
 __all__ = ['Decoder', 'verify_draft', 'MTPDecoder', 'left_padding_starts', 'generate', 'sample_text']
@@ -277,18 +277,12 @@ def _decode_mtp(eng: MTPDecoder, ids, start, max_new_tokens, temperature, top_k,
 
 # %% ../notebooks/17_inference.ipynb #fc0a1619
 def _check_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p, draft, mla_impl, check_every) -> None:
-    "Raise a one-line ValueError naming the first bad argument of `generate` (the messages of notebook 11's)."
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty (batch, seq) or (seq,) tensor; got shape {tuple(shape)}")
-    limit = model.config.max_position_embeddings
+    "Raise a one-line ValueError naming the first bad argument of `generate` (notebook 11's checks, then this one's)."
+    check_generate_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p)
     problems = {
-        f"bad sampling settings: max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, "
-        f"top_p={top_p}, check_every={check_every}": max_new_tokens < 0 or temperature < 0 or check_every < 1
-        or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1),
+        f"check_every must be >= 1, got {check_every}": check_every < 1,
         f"draft must be None or 'mtp', got {draft!r}": draft not in (None, "mtp"),
         f"mla_impl must be None, 'naive' or 'absorb', got {mla_impl!r}": mla_impl not in (None, "naive", "absorb"),
-        f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds max_position_embeddings={limit}":
-            ids.shape[1] + max_new_tokens > limit,
     }
     for message, bad in problems.items():
         if bad:

@@ -21,7 +21,8 @@ from .rope import RotaryEmbedding
 
 # %% auto #0
 __all__ = ['Block', 'DeepNormBlock', 'SharedHead', 'MTPLayer', 'DeepNormMTPLayer', 'LossParts', 'ModelCache', 'DeepSeekV3',
-           'DeepSeekV3ForSequenceClassification', 'filtered_logits', 'sample_from', 'next_token', 'reference_generate']
+           'DeepSeekV3ForSequenceClassification', 'filtered_logits', 'sample_from', 'next_token', 'check_generate_args',
+           'reference_generate']
 
 # %% ../notebooks/11_model.ipynb #d0133743
 class Block(nn.Module):
@@ -311,15 +312,11 @@ def next_token(logits: Tensor, temperature: float, top_k: int | None = None, top
     return sample_from(filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1), generator)
 
 # %% ../notebooks/11_model.ipynb #210afc3d
-@torch.no_grad()
-def reference_generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
-                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                       eos_token_id: int | None = None) -> Tensor:
-    "The test oracle for `dsv3_min.generate`: prompt (B, S) or (S,) then up to `max_new_tokens` tokens, dynamic cache."
-    squeeze = input_ids.ndim == 1
-    ids = input_ids[None] if squeeze else input_ids
+def check_generate_args(model: DeepSeekV3, ids: Tensor, shape, max_new_tokens: int, temperature: float,
+                        top_k: int | None, top_p: float | None) -> None:
+    "One-line ValueError for a bad prompt `ids (b, S)` (given as `shape`), sampling settings or length (any decoder)."
     if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty (batch, seq) or (seq,) tensor; got shape {tuple(input_ids.shape)}")
+        raise ValueError(f"input_ids must be a non-empty (batch, seq) or (seq,) tensor; got shape {tuple(shape)}")
     if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1) or (
             top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"bad sampling settings: max_new_tokens={max_new_tokens}, temperature={temperature}, "
@@ -328,6 +325,16 @@ def reference_generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int
     if ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds "
                          f"max_position_embeddings={limit}")
+
+
+@torch.no_grad()
+def reference_generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                       eos_token_id: int | None = None) -> Tensor:
+    "The test oracle for `dsv3_min.generate`: prompt (B, S) or (S,) then up to `max_new_tokens` tokens, dynamic cache."
+    squeeze = input_ids.ndim == 1
+    ids = input_ids[None] if squeeze else input_ids
+    check_generate_args(model, ids, input_ids.shape, max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     device = model.embed_tokens.weight.device

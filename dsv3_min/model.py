@@ -211,10 +211,8 @@ class DeepSeekV3(nn.Module):
         dtype, device = dtype or p.dtype, device or p.device
         kw = dict(static=static, pos=torch.zeros((), dtype=torch.long, device=device),
                   start=torch.zeros(batch_size, dtype=torch.long, device=device))  # shared by every layer
-        if self.config.attention == "mla":
+        if self.config.attention == "mla":  # GQA has one cache layout: `mla_impl` does not apply
             kw["mla_impl"] = mla_impl or self.config.mla_impl
-        elif mla_impl is not None:
-            raise ValueError(f"mla_impl={mla_impl!r} needs attention='mla', not {self.config.attention!r}")
         make = lambda blk: blk.self_attn.new_cache(batch_size, max_len, dtype, device, **kw)
         return ModelCache([make(b) for b in self.layers], [make(b) for b in self.mtp] if mtp else [])
 

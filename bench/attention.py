@@ -29,15 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv3_min.attention import attend, flash_attn_func, flash_attn_package
-from dsv3_min.flash import (
-    FlashConfig,
-    Tiles,
-    TritonFlashAttention,
-    default_config,
-    flash_attention,
-    triton_flash_backward,
-    triton_flash_forward,
-)
+from dsv3_min.flash import FlashConfig, Tiles, default_config
+from dsv3_min.flash_backend import flash_attention
+from dsv3_min.flash_triton import TritonFlashAttention, triton_flash_backward, triton_flash_forward
 
 HEADS = 16
 TOKENS = 16 * 1024  # batch × seq held constant

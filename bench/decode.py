@@ -6,7 +6,7 @@
 What runs (greedy, prompt 128 random tokens, 256 new tokens, batch 1, 8, 32, 128; random weights, seed 0):
   ours        dsv3_min.infer.generate: static caches, the decode step in a CUDA graph, MLA 'naive' and 'absorb',
               with and without torch.compile of the step (b1 and b32 only, if time allows)
-  dsv3_plain  the 'before': dsv3_min.model.generate (notebook 11: dynamic cache, eager), b1 and b32
+  dsv3_plain  the 'before': dsv3_min.model.reference_generate (notebook 11: dynamic cache, eager), b1 and b32
   hf_eager    transformers DeepseekV3ForCausalLM.generate, sdpa, dynamic cache
   hf_static   the same with cache_implementation="static" (transformers compiles the forward itself); an error is
               recorded, not raised. The weights travel ours -> dsv3_min.hf.save_pretrained -> from_pretrained.
@@ -47,8 +47,7 @@ from dsv3_min.config import count_params, get_preset
 from dsv3_min.data import load_corpus, pack
 from dsv3_min.hf import save_pretrained
 from dsv3_min.infer import generate
-from dsv3_min.model import DeepSeekV3
-from dsv3_min.model import generate as plain_generate
+from dsv3_min.model import DeepSeekV3, reference_generate
 from dsv3_min.tokenizer import train_tokenizer
 from dsv3_min.train import TrainData, train, train_config_for
 
@@ -141,12 +140,12 @@ def bench_ours(model, prompts: dict, new: int, reps: int, variants: list[dict], 
 
 
 def bench_plain(model, prompts: dict, new: int, batches: list[int], out: dict, left) -> None:
-    "The 'before': notebook 11's `dsv3_min.model.generate` (dynamic cache, eager, one host sync per token)."
+    "The 'before': notebook 11's `dsv3_min.model.reference_generate` (dynamic cache, eager, one host sync per token)."
     for b in batches:
         if left() < 30:
             out.setdefault("dsv3_plain", {})[str(b)] = dict(skipped="time")
             continue
-        r = measure(lambda n, b=b: plain_generate(model, prompts[b], n, temperature=0), b, new, reps=1)
+        r = measure(lambda n, b=b: reference_generate(model, prompts[b], n, temperature=0), b, new, reps=1)
         out.setdefault("dsv3_plain", {})[str(b)] = r
         print("dsv3_plain", b, r, flush=True)
 

@@ -46,6 +46,7 @@ from dsv3_min.checkpoint import load_trained
 from dsv3_min.config import count_params
 from dsv3_min.files import atomic_write, write_json
 from dsv3_min.gpu_mix import DEBS, load_mix, prepare_mix
+from dsv3_min.infer import sample_text
 from dsv3_min.report import (
     ABL,
     ABL_BUDGET,
@@ -57,7 +58,7 @@ from dsv3_min.report import (
     metrics_summary,
     unpack_results,
 )
-from dsv3_min.train import TrainData, sample_text, train
+from dsv3_min.train import TrainData, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CARRY = ROOT / ".device_carry" / "gpu_mix"

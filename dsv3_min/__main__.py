@@ -21,10 +21,10 @@ from .distill import add_distill_arguments, run_distill
 from .evaluate import compact_items, evaluate, format_table, quick_eval
 from .files import read_json, write_json
 from .finetune import add_finetune_arguments, run_finetune
-from .infer import generate as fast_generate
+from .infer import sample_text
 from .lora import ADAPTER_CONFIG, load_adapter
 from .train import (TRAIN_PRESETS, NonFiniteLoss, SaveFailed, Single, launched_by_torchrun, resolve_device,
-                            sample_text, split_overrides, train, train_config_for)
+                            split_overrides, train, train_config_for)
 from .data import load_corpus
 from .tasks import GROUPS, TASKS, check_tasks, expand_tasks
 from .tokenizer import get_tokenizer, tokenizer_stats
@@ -163,8 +163,7 @@ def load_for_sample(ckpt: str, adapter: str | None, device):
 def cmd_sample(a) -> int:
     "`sample`: load a checkpoint (ours or Hugging Face; a LoRA adapter on top) and print a continuation of the prompt."
     model, tok = load_for_sample(a.ckpt, a.adapter, resolve_device(a.device))
-    fast = dict(decode=fast_generate, draft=a.draft) if a.draft else {}
-    print(sample_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, **fast))
+    print(sample_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, draft=a.draft))
     return 0
 
 

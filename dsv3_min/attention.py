@@ -3,7 +3,6 @@
 # %% ../notebooks/05_attention.ipynb #80c3c500
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Callable
 
@@ -17,8 +16,8 @@ from .gating import HeadGate
 from .rope import apply_rope
 
 # %% auto #0
-__all__ = ['causal_mask', 'check_attention_inputs', 'attention_probs', 'flash_attn_func', 'flash_attn_package', 'attend',
-           'LayerCache', 'KVCache', 'GroupedQueryAttention']
+__all__ = ['causal_mask', 'check_attention_inputs', 'attention_probs', 'warn_once', 'flash_attn_func', 'flash_attn_package',
+           'register_backend', 'attend', 'LayerCache', 'KVCache', 'GroupedQueryAttention']
 
 # %% ../notebooks/05_attention.ipynb #4917002f
 def causal_mask(sq: int, sk: int, device=None, rows: range | None = None, cols: range | None = None) -> Tensor:
@@ -80,7 +79,7 @@ def _eager(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float |
 _warned: set[str] = set()
 
 
-def _warn_once(key: str, msg: str) -> None:
+def warn_once(key: str, msg: str) -> None:
     "Issue `msg` as a warning the first time `key` is seen."
     if key not in _warned:
         _warned.add(key)
@@ -94,21 +93,6 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float | 
         mask = causal_mask(sq, sk, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
-
-
-def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float | None, mask: Tensor | None) -> Tensor:
-    "Notebook 10's FlashAttention where it applies (`sq == sk`, no mask), SDPA otherwise."
-    if mask is not None:
-        _warn_once("flash-mask", "attn_backend='flash' takes no explicit mask; masked calls use 'sdpa'")
-        return _sdpa(q, k, v, causal, softmax_scale, mask)
-    if q.shape[-2] != k.shape[-2]:  # decoding steps: a few query rows, SDPA's kernels suit them better than tiles
-        return _sdpa(q, k, v, causal, softmax_scale, None)
-    try:  # imported here, not at the top: flash.py imports this module (a circle), and it loads optional triton
-        flash_attention = importlib.import_module("dsv3_min.flash").flash_attention
-    except ImportError:
-        _warn_once("flash", "attn_backend='flash': dsv3_min.flash is not available; falling back to 'sdpa'")
-        return _sdpa(q, k, v, causal, softmax_scale, None)
-    return flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
 
 
 def flash_attn_func() -> tuple[str, Callable]:
@@ -144,14 +128,23 @@ def _flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: fl
                 mask: Tensor | None) -> Tensor:
     "The `flash_attn` backend; a masked call goes to SDPA."
     if mask is not None:
-        _warn_once("flash_attn-mask", "attn_backend='flash_attn' takes no explicit mask; masked calls use 'sdpa'")
+        warn_once("flash_attn-mask", "attn_backend='flash_attn' takes no explicit mask; masked calls use 'sdpa'")
         return _sdpa(q, k, v, causal, softmax_scale, mask)
     return flash_attn_package(q, k, v, causal, softmax_scale)
 
 
-_BACKENDS = {"eager": _eager, "sdpa": _sdpa, "flash": _flash, "flash_attn": _flash_attn}
-if set(_BACKENDS) != set(ATTN_BACKENDS):  # the one list lives in config.py; this dispatch must cover exactly it
-    raise ImportError(f"config.ATTN_BACKENDS {ATTN_BACKENDS} and attention's kernels {tuple(_BACKENDS)} differ")
+_BACKENDS: dict[str, Callable] = {}
+
+
+def register_backend(name: str, fn: Callable) -> None:
+    "Make `fn(q, k, v, causal, softmax_scale, mask)` the attention backend `name` (one of `config.ATTN_BACKENDS`)."
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"register_backend: {name!r} is not one of config.ATTN_BACKENDS {ATTN_BACKENDS}")
+    _BACKENDS[name] = fn
+
+
+for _name, _fn in (("eager", _eager), ("sdpa", _sdpa), ("flash_attn", _flash_attn)):
+    register_backend(_name, _fn)
 
 # %% ../notebooks/05_attention.ipynb #dd5150a6
 def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, softmax_scale: float | None = None,
@@ -160,21 +153,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, softmax_scale: 
     causal = causal and mask is None  # an explicit mask (True = visible) is the whole rule
     check_attention_inputs(q, k, v, causal, mask)
     if backend not in _BACKENDS:
-        raise ValueError(f"attend: backend must be one of {ATTN_BACKENDS}, got {backend!r}")
+        hint = "; it registers when its module is imported (dsv3_min.flash_backend)" if backend in ATTN_BACKENDS else ""
+        raise ValueError(f"attend: backend must be one of {ATTN_BACKENDS}, got {backend!r}{hint}")
     return _BACKENDS[backend](q, k, v, causal, softmax_scale, mask)
 
 # %% ../notebooks/05_attention.ipynb #98e73bec
 class LayerCache:
     "One layer's preallocated buffers `(batch, max_len, ...)` by name; dynamic (append) or static (fixed shapes)."
 
-    def __init__(self, batch: int, max_len: int, shapes: dict[str, tuple[int, ...]],
-                 dtype: torch.dtype = torch.float32, device=None, static: bool = False):
+    def __init__(self, batch: int, max_len: int, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.float32,
+                 device=None, static: bool = False, pos: Tensor | None = None, start: Tensor | None = None):
         if batch < 1 or max_len < 1:
             raise ValueError(f"{type(self).__name__}: batch and max_len must be >= 1, got {batch} and {max_len}")
         self.buffers = {n: torch.zeros(batch, max_len, *s, dtype=dtype, device=device) for n, s in shapes.items()}
         self.static, self._length = static, 0
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # static: slot of the next token, advanced by the caller
-        self.start = torch.zeros(batch, dtype=torch.long, device=device)  # static: first valid slot per sequence
+        self.pos = torch.zeros((), dtype=torch.long, device=device) if pos is None else pos  # static: next slot
+        self.start = torch.zeros(batch, dtype=torch.long, device=device) if start is None else start  # first real slot
         self._slots = torch.arange(max_len, device=device)
 
     def __getattr__(self, name: str) -> Tensor:
@@ -206,6 +200,11 @@ class LayerCache:
         self._length = end
         return tuple(buf[:, :end] for buf in self.buffers.values())
 
+    def positions(self, s: int) -> Tensor:
+        "Rotary positions `(b, s)` of `s` new tokens: their slots (at `pos`, or after `length`) minus each row's `start`."
+        first = self.pos if self.static else self._length  # static: device arithmetic, no host sync
+        return (first + torch.arange(s, device=self.start.device) - self.start[:, None]).clamp(min=0)
+
     def mask(self, q_len: int) -> Tensor | None:
         "Static: bool `(batch, 1, q_len, max_len)`, True where `start_b <= j <= pos + i` (or `j == pos + i`); dynamic: None."
         if not self.static:
@@ -229,9 +228,9 @@ class LayerCache:
 class KVCache(LayerCache):
     "Keys `k (b, max_len, h, k_dim)` and values `v (b, max_len, h, v_dim)` of one GQA or naive-MLA layer."
 
-    def __init__(self, batch: int, max_len: int, n_heads: int, k_dim: int, v_dim: int,
-                 dtype: torch.dtype = torch.float32, device=None, static: bool = False):
-        super().__init__(batch, max_len, {"k": (n_heads, k_dim), "v": (n_heads, v_dim)}, dtype, device, static)
+    def __init__(self, batch: int, max_len: int, n_heads: int, k_dim: int, v_dim: int, dtype: torch.dtype = torch.float32,
+                 device=None, static: bool = False, pos: Tensor | None = None, start: Tensor | None = None):
+        super().__init__(batch, max_len, {"k": (n_heads, k_dim), "v": (n_heads, v_dim)}, dtype, device, static, pos, start)
 
 
 def _check_update(cache: LayerCache, new: tuple[Tensor, ...]) -> int:
@@ -255,9 +254,6 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
-        if self.n_heads % self.n_kv:
-            raise ValueError(f"GroupedQueryAttention: num_key_value_heads={self.n_kv} must divide "
-                             f"num_attention_heads={self.n_heads}")
         d, hd, bias = cfg.hidden_size, self.head_dim, cfg.attention_bias
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=bias)
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=bias)
@@ -268,7 +264,7 @@ class GroupedQueryAttention(nn.Module):
         self.softmax_scale = hd ** -0.5
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        "`x (b, s, d)` -> `(b, s, d)`; `cos`/`sin` `(s, head_dim/2)` for these tokens' positions; `cache` stores K/V."
+        "`x (b, s, d)` -> `(b, s, d)`; `cos`/`sin` `([b,] s, head_dim/2)` at these tokens' positions; `cache` stores K/V."
         if x.ndim != 3 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"GroupedQueryAttention: expected x (b, s, {self.cfg.hidden_size}), got {tuple(x.shape)}")
         q = apply_rope(rearrange(self.q_proj(x), "b s (h d) -> b s h d", d=self.head_dim), cos, sin)
@@ -286,6 +282,6 @@ class GroupedQueryAttention(nn.Module):
         return self.o_proj(rearrange(o, "b s h d -> b s (h d)"))
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device=None,
-                  static: bool = False) -> KVCache:
+                  static: bool = False, pos: Tensor | None = None, start: Tensor | None = None) -> KVCache:
         "An empty `KVCache` for this layer: `kv_heads` heads of width `head_dim` for keys and values."
-        return KVCache(batch, max_len, self.n_kv, self.head_dim, self.head_dim, dtype, device, static)
+        return KVCache(batch, max_len, self.n_kv, self.head_dim, self.head_dim, dtype, device, static, pos, start)

@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import random
 import secrets
 import shutil
-import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -18,15 +16,15 @@ import torch
 from safetensors.torch import save_file, save_model
 
 from .config import ModelConfig
-from .files import FileFormatError, atomic_dir, check_safetensors, read_json, remove_stale_temps, write_json
-from .hf import CheckpointError, from_pretrained, load_weights, read_safetensors
+from .files import atomic_dir, read_json, remove_stale_temps, write_json
+from .hf import (CKPT_PREFIX, MANIFEST, CheckpointError, from_pretrained, latest_checkpoint, list_checkpoints,
+                         load_weights, read_safetensors, sha256_file)
 from .model import DeepSeekV3
 from .tokenizer import Tokenizer
 
 # %% auto #0
-__all__ = ['CKPT_PREFIX', 'MANIFEST', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state',
-           'write_manifest', 'save_checkpoint', 'CheckpointWarning', 'list_checkpoints', 'checkpoint_problem',
-           'latest_checkpoint', 'config_mismatch', 'check_config', 'read_state', 'load_model_file', 'load_checkpoint',
+__all__ = ['flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state', 'write_manifest',
+           'save_checkpoint', 'config_mismatch', 'check_config', 'read_state', 'load_model_file', 'load_checkpoint',
            'load_trained']
 
 # %% ../notebooks/13_checkpoint.ipynb #cad46209
@@ -79,24 +77,11 @@ def set_rng_state(s: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 # %% ../notebooks/13_checkpoint.ipynb #14b24a33
-CKPT_PREFIX = "ckpt-"
-MANIFEST = "manifest.json"
-
-
-def _sha256(path: Path) -> str:
-    "Hex SHA-256 of a file, read in 1 MiB blocks."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     "Write `folder/manifest.json`: size and SHA-256 of every other file under `folder`."
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     write_json(folder / MANIFEST, {"files": {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size,
-                                                                              "sha256": _sha256(p)} for p in files}})
+                                                                              "sha256": sha256_file(p)} for p in files}})
 
 
 def _state_of(step: int, cfg: ModelConfig, tc, extra: dict | None) -> dict:
@@ -137,53 +122,6 @@ def _delete(folder: Path) -> None:
     aside = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     os.rename(folder, aside)
     shutil.rmtree(aside)
-
-# %% ../notebooks/13_checkpoint.ipynb #4b0c0736
-class CheckpointWarning(UserWarning):
-    "A broken checkpoint was skipped in favour of an older intact one."
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    "Every `ckpt-*` folder under `run_dir` (intact or not), oldest first."
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
-
-
-def checkpoint_problem(ckpt: str | Path) -> str | None:
-    "What is wrong with checkpoint folder `ckpt` (one line), or None when it is intact."
-    ckpt = Path(ckpt)
-    try:
-        if (ckpt / MANIFEST).exists():
-            for rel, info in read_json(ckpt / MANIFEST)["files"].items():
-                p = ckpt / rel
-                if not p.is_file():
-                    return f"{rel} is missing"
-                if p.stat().st_size != info["bytes"]:
-                    return f"{rel} has {p.stat().st_size} bytes, the manifest says {info['bytes']}"
-                if _sha256(p) != info["sha256"]:
-                    return f"{rel} does not match its SHA-256 in the manifest"
-        for name in ("state.json", "model.safetensors"):
-            if not (ckpt / name).is_file():
-                return f"{name} is missing"
-        for p in sorted(ckpt.rglob("*.json")):
-            read_json(p)
-        for p in sorted(ckpt.glob("*.safetensors")):
-            check_safetensors(p)
-    except (FileFormatError, OSError, KeyError, TypeError, AttributeError) as e:
-        return " ".join(str(e).split()).replace(f"{ckpt}/", "")
-    return None
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    "The newest intact checkpoint under `run_dir` (None if none); newer broken ones are skipped with a warning."
-    for ckpt in reversed(list_checkpoints(run_dir)):
-        problem = checkpoint_problem(ckpt)
-        if problem is None:
-            return ckpt
-        warnings.warn(f"skipping broken checkpoint {ckpt}: {problem}", CheckpointWarning, stacklevel=2)
-    return None
 
 # %% ../notebooks/13_checkpoint.ipynb #11289cf1
 def config_mismatch(saved: dict, now: dict, keys=None) -> list[str]:
@@ -238,28 +176,12 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, opt: torch.optim.O
     return state
 
 # %% ../notebooks/13_checkpoint.ipynb #386557e4
-def _checkpoint_to_read(path: Path) -> Path | None:
-    "The checkpoint folder `path` names (checked), the newest intact one of a run folder, or None (not ours)."
-    if path.name.startswith(CKPT_PREFIX) or (path / "state.json").exists():
-        problem = checkpoint_problem(path)
-        if problem:
-            raise CheckpointError(f"checkpoint {path} is broken: {problem}")
-        return path
-    ckpts = list_checkpoints(path)
-    if not ckpts:
-        return None
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise CheckpointError(f"{path}: none of its {len(ckpts)} checkpoints is intact (see the warnings above)")
-    return ckpt
-
-
 def load_trained(path: str | Path, device: str | torch.device = "cpu"):
     "(model, tokenizer) from a run directory, a checkpoint directory or a Hugging Face model directory."
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such directory (expected a run, a checkpoint or a model directory)")
-    ckpt = _checkpoint_to_read(path)
+    ckpt = latest_checkpoint(path)  # the one finder (notebook 12): a checked checkpoint of ours, or None
     if ckpt is not None:
         read_state(ckpt)  # a bad model config names the file
         model = from_pretrained(ckpt)  # reads state.json's config and model.safetensors (never the optimizer)

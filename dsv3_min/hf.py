@@ -3,6 +3,7 @@
 # %% ../notebooks/12_hf.ipynb #800e36da
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -17,10 +18,12 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .files import FileFormatError, atomic_dir, check_safetensors, read_json, write_json
 from .model import DeepSeekV3
+from .rope import fp32_names
 
 # %% auto #0
-__all__ = ['to_hf_name', 'hf_state_dict', 'CheckpointError', 'from_hf_state_dict', 'check_state_dict', 'load_weights',
-           'read_safetensors', 'from_pretrained', 'save_pretrained']
+__all__ = ['CKPT_PREFIX', 'MANIFEST', 'to_hf_name', 'hf_state_dict', 'CheckpointError', 'from_hf_state_dict', 'check_state_dict',
+           'load_weights', 'CheckpointWarning', 'sha256_file', 'list_checkpoints', 'checkpoint_problem',
+           'latest_checkpoint', 'read_safetensors', 'from_pretrained', 'save_pretrained']
 
 # %% ../notebooks/12_hf.ipynb #ff5ff50c
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -139,6 +142,75 @@ def load_weights(model: DeepSeekV3, sd: dict[str, torch.Tensor], hf_names: bool 
             t.copy_(sd[k])
     return model
 
+# %% ../notebooks/12_hf.ipynb #c7a1f002
+CKPT_PREFIX = "ckpt-"
+MANIFEST = "manifest.json"
+
+
+class CheckpointWarning(UserWarning):
+    "A broken checkpoint was skipped in favour of an older intact one."
+
+
+def sha256_file(path: Path) -> str:
+    "Hex SHA-256 of a file, read in 1 MiB blocks."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    "Every `ckpt-*` folder under `run_dir` (intact or not), oldest first."
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
+
+
+def checkpoint_problem(ckpt: str | Path) -> str | None:
+    "What is wrong with checkpoint folder `ckpt` (one line), or None when it is intact."
+    ckpt = Path(ckpt)
+    try:
+        if (ckpt / MANIFEST).exists():
+            for rel, info in read_json(ckpt / MANIFEST)["files"].items():
+                p = ckpt / rel
+                if not p.is_file():
+                    return f"{rel} is missing"
+                if p.stat().st_size != info["bytes"]:
+                    return f"{rel} has {p.stat().st_size} bytes, the manifest says {info['bytes']}"
+                if sha256_file(p) != info["sha256"]:
+                    return f"{rel} does not match its SHA-256 in the manifest"
+        for name in ("state.json", "model.safetensors"):
+            if not (ckpt / name).is_file():
+                return f"{name} is missing"
+        for p in sorted(ckpt.rglob("*.json")):
+            read_json(p)
+        for p in sorted(ckpt.glob("*.safetensors")):
+            check_safetensors(p)
+    except (FileFormatError, OSError, KeyError, TypeError, AttributeError) as e:
+        return " ".join(str(e).split()).replace(f"{ckpt}/", "")
+    return None
+
+# %% ../notebooks/12_hf.ipynb #c7a1f003
+def latest_checkpoint(path: str | Path) -> Path | None:
+    "The checkpoint folder `path` names (checked), else the newest intact `ckpt-*` under it; None if it holds none."
+    path = Path(path)
+    if path.name.startswith(CKPT_PREFIX) or (path / "state.json").exists():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is broken: {problem}")
+        return path
+    ckpts = list_checkpoints(path)
+    for ckpt in reversed(ckpts):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        warnings.warn(f"skipping broken checkpoint {ckpt}: {problem}", CheckpointWarning, stacklevel=2)
+    if ckpts:
+        raise CheckpointError(f"{path}: none of its {len(ckpts)} checkpoints is intact (see the warnings above)")
+    return None
+
 # %% ../notebooks/12_hf.ipynb #98ad78b3
 _INDEX = "model.safetensors.index.json"
 
@@ -162,17 +234,6 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{files[0].parent} is an FP8 checkpoint ({len(scales)} weight_scale_inv tensors); "
                               f"dequantize it to bf16 first (e.g. DeepSeek's fp8_cast_bf16.py)")
     return out
-
-
-def _checkpoint_dir(path: Path) -> Path:
-    "`path` itself when it holds a checkpoint, else the newest `ckpt-*` training checkpoint under it."
-    if (path / "config.json").exists() or (path / "state.json").exists():
-        return path
-    ckpts = sorted(p for p in path.glob("ckpt-*") if (p / "state.json").exists())
-    if not ckpts:
-        raise FileNotFoundError(f"{path / 'config.json'} not found: a checkpoint directory needs config.json "
-                                f"(Hugging Face) or state.json (ours), a training run ckpt-*/ subfolders")
-    return ckpts[-1]
 
 
 def _read_ours(path: Path, overrides: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -206,22 +267,19 @@ def _read_hf(path: Path, overrides: dict) -> tuple[ModelConfig, dict[str, torch.
 def from_pretrained(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     **overrides) -> DeepSeekV3:
     "Load a Hugging Face directory, one of our training checkpoints, or a run's newest checkpoint into `DeepSeekV3`."
-    path = _checkpoint_dir(Path(path))
-    ours = (path / "state.json").exists()
-    cfg, sd = (_read_ours if ours else _read_hf)(path, overrides)
+    path = Path(path)
+    ckpt = latest_checkpoint(path)  # ours, checked against its manifest; None: a Hugging Face directory
+    if ckpt is None and not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path / 'config.json'} not found: a checkpoint directory needs config.json "
+                                f"(Hugging Face) or state.json (ours), a training run ckpt-*/ subfolders")
+    ours = ckpt is not None
+    cfg, sd = _read_ours(ckpt, overrides) if ours else _read_hf(path, overrides)
     with torch.device(device):
         model = DeepSeekV3(cfg)
     load_weights(model, sd, hf_names=not ours)
     if dtype is not None:
-        _cast_keep_router_fp32(model, dtype)
+        model.to(dtype)  # the routers and rotary tables stay fp32 (notebook 04's KeepsFP32), as transformers keeps them
     return model
-
-
-def _cast_keep_router_fp32(model: DeepSeekV3, dtype: torch.dtype) -> None:
-    "Cast parameters to `dtype` except the routers' fp32 weight and bias (as transformers keeps them)."
-    for name, p in model.named_parameters():
-        if not name.endswith("mlp.gate.weight"):
-            p.data = p.data.to(dtype)
 
 # %% ../notebooks/12_hf.ipynb #e242f432
 def _is_checkpoint_file(name: str) -> bool:
@@ -253,8 +311,8 @@ def save_pretrained(model: DeepSeekV3, path, dtype: torch.dtype | None = None, m
         warnings.warn("this config uses dsv3_min extensions (gated attention / GQA / DeepNorm): transformers' "
                       "DeepseekV3ForCausalLM cannot run it, only dsv3_min can load it back", stacklevel=2)
     path = Path(path).resolve()
-    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and "e_score_correction_bias" not in k
-              and not k.endswith("mlp.gate.weight") else v).contiguous().cpu()
+    keep = {to_hf_name(n, model.config) for n in fp32_names(model)}  # the routers stay fp32 (notebook 04's rule)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k not in keep else v).contiguous().cpu()
           for k, v in hf_state_dict(model).items()}
     split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_bytes)

@@ -3,48 +3,18 @@
 # %% ../notebooks/17_inference.ipynb #a91b974a
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 from torch import Tensor
 
-from .model import Block, DeepSeekV3
+from .model import DeepSeekV3, check_generate_args, filtered_logits, next_token, sample_from
 
 # %% auto #0
-__all__ = ['filtered_logits', 'sample_from', 'next_token', 'Decoder', 'verify_draft', 'MTPDecoder', 'left_padding_starts',
-           'generate']
+__all__ = ['Decoder', 'verify_draft', 'MTPDecoder', 'left_padding_starts', 'generate', 'sample_text']
 
 # %% ../notebooks/17_inference.ipynb #4b17346f
-def filtered_logits(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None) -> Tensor:
-    "fp32 logits `(..., vocab)` divided by `temperature`, with tokens outside top-k / the top-p nucleus set to -inf."
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # keep the first token that crosses top_p
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits
-
-
-def sample_from(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    "One token `(...,)` per row of non-negative `weights (..., vocab)` (need not sum to 1), without a host sync."
-    # argmax(w / E) with E ~ Exp(1) picks token i with probability w_i / sum(w): the "exponential race", which is
-    # exactly what torch.multinomial does for one sample, minus its validity checks (two host syncs per call)
-    noise = torch.empty_like(weights, dtype=torch.float32).exponential_(1, generator=generator)
-    return (weights.float() / noise).argmax(dim=-1)
-
-
-def next_token(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-    "The next token `(b,)` from last-position logits `(b, vocab)`: argmax when `temperature == 0`, else a sample."
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    return sample_from(filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1), generator)
-
-
 def _choose(sampling: tuple, logits: Tensor) -> tuple[Tensor, Tensor | None]:
     "Token `(b,)` from logits `(b, vocab)` under `sampling = (temperature, top_k, top_p, generator)`, and its probs."
     temperature, top_k, top_p, gen = sampling
@@ -54,19 +24,6 @@ def _choose(sampling: tuple, logits: Tensor) -> tuple[Tensor, Tensor | None]:
     return sample_from(probs, gen), probs
 
 # %% ../notebooks/17_inference.ipynb #f4f63f61
-def _static_cache(attn, batch: int, max_len: int, mla_impl: str | None, dtype, device, pos: Tensor, start: Tensor):
-    "A static per-layer cache sharing `pos`/`start`; MLA: a `LatentCache` for 'absorb', a per-head `KVCache` for 'naive'."
-    cfg = attn.cfg
-    try:  # new_cache follows the config's mla_impl: lend it a config with the chosen one
-        if mla_impl is not None and cfg.attention == "mla":
-            attn.cfg = cfg.replace(mla_impl=mla_impl)
-        cache = attn.new_cache(batch, max_len, dtype, device, static=True)
-    finally:
-        attn.cfg = cfg
-    cache.pos, cache.start = pos, start  # one write index and one left-padding offset for every layer
-    return cache
-
-
 def _compiled(fn, on: bool):
     "`torch.compile(fn)` (fuses the step's small kernels) when `on`, falling back to `fn` if compiling fails."
     if not on:
@@ -122,55 +79,28 @@ class _Graphed:
 
 # %% ../notebooks/17_inference.ipynb #c75faa4c
 class Decoder:
-    "Static per-layer caches for `batch` left-padded sequences of up to `max_len` tokens, and a decode step."
+    "Static caches (`model.new_cache`) for `batch` left-padded sequences of up to `max_len` tokens, and a decode step."
 
     def __init__(self, model: DeepSeekV3, batch: int, max_len: int, mla_impl: str | None = None,
                  mtp: bool = False, cuda_graph: bool | None = None, compile: bool = False):
         p = model.embed_tokens.weight
         self.model, self.batch, self.max_len, self.device = model, batch, max_len, p.device
-        self.pos = torch.zeros((), dtype=torch.long, device=p.device)  # next write slot, shared by every cache
-        self.start = torch.zeros(batch, dtype=torch.long, device=p.device)  # first real slot of each sequence
-        make = lambda attn: _static_cache(attn, batch, max_len, mla_impl, p.dtype, p.device, self.pos, self.start)
-        self.caches = [make(layer.self_attn) for layer in model.layers]
-        self.mtp_cache = make(model.mtp[0].self_attn) if mtp else None
+        self.cache = model.new_cache(batch, max_len, static=True, mla_impl=mla_impl, mtp=mtp)
+        self.pos = self.cache.pos  # next write slot, shared by every layer's cache; advanced here
         self.use_graph = p.is_cuda if cuda_graph is None else cuda_graph and p.is_cuda
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=p.device)  # the decode step's input
         step = _compiled(self._decode, compile)
         self._step = _Graphed(step, [self.pos]) if self.use_graph else step
 
-    def rotary(self, s: int) -> tuple[Tensor, Tensor]:
-        "cos/sin `(b, s, rope/2)` at each sequence's own positions `pos + i - start_b` (left padding removed)."
-        slots = self.pos + torch.arange(s, device=self.device)
-        return self.model.rotary((slots - self.start[:, None]).clamp(min=0))
-
-    def hidden(self, ids: Tensor) -> Tensor:
-        "Main-model hidden states `(b, s, d)` of `ids` written at slots `pos..pos+s-1` (pos is not advanced)."
-        cos, sin = self.rotary(ids.shape[1])
-        h = self.model.embed_tokens(ids)
-        for layer, cache in zip(self.model.layers, self.caches):
-            h = layer(h, cos, sin, cache)
-        return h
-
-    def logits(self, h: Tensor, norm=None) -> Tensor:
-        "The shared LM head on hidden states (main final norm, or an MTP depth's `norm`)."
-        return self.model.lm_head((norm or self.model.norm)(h))
-
-    def mtp_hidden(self, h: Tensor, next_ids: Tensor) -> Tensor:
-        "MTP depth 1 at slots `pos..`: from main hidden `h (b, s, d)` and the tokens one ahead `next_ids (b, s)`."
-        layer = self.model.mtp[0]
-        cos, sin = self.rotary(h.shape[1])
-        x = layer.eh_proj(torch.cat([layer.enorm(self.model.embed_tokens(next_ids)), layer.hnorm(h)], dim=-1))
-        return Block.forward(layer, x, cos, sin, self.mtp_cache)
-
     def prefill(self, ids: Tensor, start: Tensor) -> Tensor:
         "Reset, run the left-padded prompts `ids (b, S)` (first real token of row b at `start[b]`); hidden `(b, S, d)`."
         self.pos.zero_()
-        self.start.copy_(start)
-        return self.hidden(ids)  # padding slots stay invisible to real tokens (cache.mask: start_b <= j)
+        self.cache.start.copy_(start)  # padding slots stay invisible to real tokens (cache.mask: start_b <= j)
+        return self.model.hidden_states(ids, cache=self.cache)  # positions: slot - start_b (LayerCache.positions)
 
     def _decode(self) -> Tensor:
         "One step: the token in `self.tok` at slot `pos` -> last logits `(b, vocab)`; advances `pos`."
-        logits = self.logits(self.hidden(self.tok))[:, -1]
+        logits = self.model(self.tok, cache=self.cache)[:, -1]
         self.pos += 1
         return logits
 
@@ -221,7 +151,7 @@ class MTPDecoder(Decoder):
         "Prefill the main model and MTP on the prompts, choose the first token and the first draft."
         S = ids.shape[1]
         h = self.prefill(ids, start)
-        tok, _ = _choose(self.sampling, self.logits(h[:, -1:])[:, -1])
+        tok, _ = _choose(self.sampling, self.model.head(h[:, -1:])[:, -1])
         self._draft_from(h, torch.cat([ids[:, 1:], tok[:, None]], dim=1), torch.tensor(S - 1, device=self.device))
         self.out[:, :S] = ids
         self.out[:, S] = tok
@@ -232,16 +162,16 @@ class MTPDecoder(Decoder):
 
     def _draft_from(self, h: Tensor, next_ids: Tensor, row: Tensor) -> None:
         "Run MTP on `h`/`next_ids` at slots `pos..`, draw the draft from its output at `row` (a device index)."
-        g = self.mtp_hidden(h, next_ids).index_select(1, row.reshape(1))[:, 0]
-        tok, probs = _choose(self.sampling, self.logits(g, self.model.mtp[0].shared_head.norm))
+        g = self.model.mtp_hidden_states(1, h, next_ids, cache=self.cache).index_select(1, row.reshape(1))[:, 0]
+        tok, probs = _choose(self.sampling, self.model.head(g, depth=1))
         self.draft.copy_(tok[:, None])
         if probs is not None:
             self.draft_probs.copy_(probs)
 
     def _verify(self) -> Tensor:
         "One iteration: verify `[last, draft]`, keep 1 or 2 tokens, draft the next; advances `pos` and `count`."
-        h = self.hidden(torch.cat([self.last, self.draft], dim=1))  # (b, 2, d) at slots pos, pos + 1
-        ok, new = verify_draft(self.logits(h), self.draft[:, 0], self.draft_probs, *self.sampling)
+        h = self.model.hidden_states(torch.cat([self.last, self.draft], dim=1), cache=self.cache)  # slots pos, pos+1
+        ok, new = verify_draft(self.model.head(h), self.draft[:, 0], self.draft_probs, *self.sampling)
         n = ok.all().long()  # the rows share one write slot: keep the second token only if every row accepted
         self.out.index_copy_(1, self.count + torch.arange(2, device=self.device), new)
         self.ok_log.index_copy_(0, self.iters.reshape(1), ok[None])
@@ -288,7 +218,7 @@ def _engine(model: DeepSeekV3, kind: type, batch: int, max_len: int, mla_impl, c
 
 
 def _finish(out: Tensor, S: int, eos_token_id: int | None) -> Tensor:
-    "After each row's first EOS only EOS; stop after the step at which every row has finished (as `model.generate`)."
+    "After each row's first EOS only EOS; stop after the step at which every row has finished (as `reference_generate`)."
     if eos_token_id is None or out.shape[1] == S:
         return out
     new = out[:, S:]
@@ -306,7 +236,7 @@ def _decode_plain(eng: Decoder, ids, start, max_new_tokens, temperature, top_k, 
     S = ids.shape[1]
     h = eng.prefill(ids, start)
     eng.pos.fill_(S)
-    logits = eng.logits(h[:, -1:])[:, -1]
+    logits = eng.model.head(h[:, -1:])[:, -1]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     toks = []
     for step in range(max_new_tokens):
@@ -347,18 +277,12 @@ def _decode_mtp(eng: MTPDecoder, ids, start, max_new_tokens, temperature, top_k,
 
 # %% ../notebooks/17_inference.ipynb #fc0a1619
 def _check_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p, draft, mla_impl, check_every) -> None:
-    "Raise a one-line ValueError naming the first bad argument of `generate` (the messages of notebook 11's)."
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty (batch, seq) or (seq,) tensor; got shape {tuple(shape)}")
-    limit = model.config.max_position_embeddings
+    "Raise a one-line ValueError naming the first bad argument of `generate` (notebook 11's checks, then this one's)."
+    check_generate_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p)
     problems = {
-        f"bad sampling settings: max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}, "
-        f"top_p={top_p}, check_every={check_every}": max_new_tokens < 0 or temperature < 0 or check_every < 1
-        or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1),
+        f"check_every must be >= 1, got {check_every}": check_every < 1,
         f"draft must be None or 'mtp', got {draft!r}": draft not in (None, "mtp"),
         f"mla_impl must be None, 'naive' or 'absorb', got {mla_impl!r}": mla_impl not in (None, "naive", "absorb"),
-        f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds max_position_embeddings={limit}":
-            ids.shape[1] + max_new_tokens > limit,
     }
     for message, bad in problems.items():
         if bad:
@@ -393,3 +317,22 @@ def generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperat
         model.train(was_training)
     out = _finish(out, ids.shape[1], eos_token_id)
     return out[0] if squeeze else out
+
+# %% ../notebooks/17_inference.ipynb #5a3e7c02
+def sample_text(model: DeepSeekV3, tok, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
+                top_k: int | None = None, top_p: float | None = None, seed: int | None = 0, **generate_kwargs) -> str:
+    "Continue `prompt` (a new document if empty) as text through `generate` (`draft=`, `mla_impl=`, ... passed on)."
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature}: must be a finite number >= 0 (0 = greedy)")
+    ids = tok.encode(prompt, bos=True)
+    limit = model.config.max_position_embeddings
+    if len(ids) > limit:
+        raise ValueError(f"the prompt is {len(ids)} tokens long; the model's max_position_embeddings is {limit}")
+    if len(ids) + max_new_tokens > limit:
+        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"max_position_embeddings ({limit}); ask for at most {limit - len(ids)} new tokens")
+    x = torch.tensor(ids, dtype=torch.long, device=model.embed_tokens.weight.device)
+    out = generate(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   eos_token_id=tok.eos_id, **generate_kwargs)
+    new = [i for i in out[len(ids):].tolist() if i != tok.eos_id]
+    return prompt + tok.decode(new)

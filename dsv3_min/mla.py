@@ -19,9 +19,10 @@ __all__ = ['LatentCache', 'MultiHeadLatentAttention']
 class LatentCache(LayerCache):
     "Absorbed-MLA cache: normed latent `(b, max_len, kv_lora_rank)` and rotated shared key `k_pe (b, max_len, rope_dim)`."
 
-    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
-                 dtype: torch.dtype = torch.float32, device=None, static: bool = False):
-        super().__init__(batch, max_len, {"latent": (kv_lora_rank,), "k_pe": (rope_dim,)}, dtype, device, static)
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype = torch.float32,
+                 device=None, static: bool = False, pos: Tensor | None = None, start: Tensor | None = None):
+        super().__init__(batch, max_len, {"latent": (kv_lora_rank,), "k_pe": (rope_dim,)}, dtype, device, static, pos,
+                         start)
 
     @property
     def numbers_per_token(self) -> int:
@@ -53,7 +54,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.softmax_scale = mla_softmax_scale(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | LatentCache | None = None) -> Tensor:
-        "`x (b, s, d)` -> `(b, s, d)`; `cos`/`sin` `(s, qk_rope_head_dim/2)` for these tokens' positions."
+        "`x (b, s, d)` -> `(b, s, d)`; `cos`/`sin` `([b,] s, rope_dim/2)` at these tokens' positions."
         if x.ndim != 3 or x.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"MultiHeadLatentAttention: expected x (b, s, {self.cfg.hidden_size}), got {tuple(x.shape)}")
         if cache is not None and not isinstance(cache, (KVCache, LatentCache)):
@@ -105,9 +106,10 @@ class MultiHeadLatentAttention(nn.Module):
         o_lat = einsum(probs, latent, "b h s t, b t c -> b s h c")  # average the latents first ...
         return einsum(o_lat, w_uv, "b s h c, h d c -> b s h d")  # ... then decompress once: W_UV folded into the output
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device=None,
-                  static: bool = False) -> KVCache | LatentCache:
-        "`LatentCache` (kv_lora_rank + qk_rope_head_dim per token) for `mla_impl='absorb'`, else a per-head `KVCache`."
-        if self.cfg.mla_impl == "absorb":
-            return LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype, device, static)
-        return KVCache(batch, max_len, self.n_heads, self.nope_dim + self.rope_dim, self.v_dim, dtype, device, static)
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device=None, static: bool = False,
+                  pos: Tensor | None = None, start: Tensor | None = None, mla_impl: str | None = None):
+        "`LatentCache` (kv_lora_rank + rope_dim per token) for `mla_impl='absorb'`, else a per-head `KVCache`."
+        if (mla_impl or self.cfg.mla_impl) == "absorb":  # the cache type then picks the decoding path in `forward`
+            return LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype, device, static, pos, start)
+        return KVCache(batch, max_len, self.n_heads, self.nope_dim + self.rope_dim, self.v_dim, dtype, device, static,
+                       pos, start)

@@ -8,35 +8,51 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
+from torch import Tensor, nn
 
-from .attention import GroupedQueryAttention
+from .attention import GroupedQueryAttention, LayerCache
 from .config import ModelConfig
+from .flash_backend import flash_attention  # noqa: F401 (importing it registers attn_backend='flash')
 from .gating import SwiGLU
 from .mla import MultiHeadLatentAttention
 from .moe import MoE, max_vio
-from .norm import ResidualNorm, RMSNorm, deepnorm_beta, deepnorm_init_
+from .norm import RMSNorm, deepnorm_alpha, deepnorm_beta, deepnorm_depth, deepnorm_init_
 from .rope import RotaryEmbedding
 
 # %% auto #0
-__all__ = ['Block', 'SharedHead', 'MTPLayer', 'LossParts', 'DeepSeekV3', 'DeepSeekV3ForSequenceClassification', 'generate']
+__all__ = ['Block', 'DeepNormBlock', 'SharedHead', 'MTPLayer', 'DeepNormMTPLayer', 'LossParts', 'ModelCache', 'DeepSeekV3',
+           'DeepSeekV3ForSequenceClassification', 'filtered_logits', 'sample_from', 'next_token', 'check_generate_args',
+           'reference_generate']
 
 # %% ../notebooks/11_model.ipynb #d0133743
 class Block(nn.Module):
-    "One transformer layer: attention then feed-forward, each wrapped in the configured residual/norm scheme."
+    "One pre-norm transformer layer (V3): `x + attn(norm(x))`, then `x + ffn(norm(x))`."
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         attn_cls = MultiHeadLatentAttention if cfg.attention == "mla" else GroupedQueryAttention
         self.self_attn = attn_cls(cfg, layer_idx)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = ResidualNorm(cfg)
-        self.post_attention_layernorm = ResidualNorm(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, cache=None):
-        "x (b, s, d) -> (b, s, d); `cache` is this layer's KV/latent cache or None."
-        h = self.input_layernorm(x, lambda y: self.self_attn(y, cos, sin, cache))
-        return self.post_attention_layernorm(h, self.mlp)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
+        "x (b, s, d) -> (b, s, d); `cos`/`sin` for these tokens' positions; `cache` is this layer's cache or None."
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepNormBlock(Block):
+    "The DeepNorm variant of notebook 09: post-norm with an up-weighted residual, `norm(α·x + f(x))`."
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.alpha = deepnorm_alpha(deepnorm_depth(cfg))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
+        "x (b, s, d) -> (b, s, d), as `Block.forward` with DeepNorm's placement of the norms."
+        x = self.input_layernorm(self.alpha * x + self.self_attn(x, cos, sin, cache))
+        return self.post_attention_layernorm(self.alpha * x + self.mlp(x))
 
 # %% ../notebooks/11_model.ipynb #7062312f
 class SharedHead(nn.Module):
@@ -57,10 +73,14 @@ class MTPLayer(Block):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h_prev, emb, cos, sin):
+    def forward(self, h_prev: Tensor, emb: Tensor, cos: Tensor, sin: Tensor, cache: LayerCache | None = None) -> Tensor:
         "h_prev, emb (b, s, d) -> this depth's hidden state (b, s, d), before `shared_head.norm`."
-        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, cos, sin)
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # embedding first
+        return super().forward(x, cos, sin, cache)
+
+
+class DeepNormMTPLayer(MTPLayer, DeepNormBlock):
+    "An MTP depth whose block is a `DeepNormBlock` (`norm_scheme='deepnorm'`)."
 
 # %% ../notebooks/11_model.ipynb #c462ee44
 class LossParts(NamedTuple):
@@ -70,6 +90,36 @@ class LossParts(NamedTuple):
     mtp: torch.Tensor
     balance: torch.Tensor
 
+# %% ../notebooks/11_model.ipynb #a7c0ce11
+def _host_checks(t: Tensor) -> bool:
+    "Whether to check values of `t` on the host: on the CPU, not on the GPU (a sync) nor while compiling (a graph break)."
+    return t.device.type == "cpu" and t.numel() > 0 and not torch.compiler.is_compiling()
+
+
+class ModelCache:
+    "The caches of one model: `layers` (one per main layer) and `mtp` (one per MTP depth, maybe none)."
+
+    def __init__(self, layers: list[LayerCache], mtp: list[LayerCache]):
+        self.layers, self.mtp = layers, mtp
+
+    @property
+    def pos(self) -> Tensor:
+        "The write slot shared by every layer (static caches: a device scalar the caller advances)."
+        return self.layers[0].pos
+
+    @property
+    def start(self) -> Tensor:
+        "The first real slot of each row `(b,)`, shared by every layer (left padding)."
+        return self.layers[0].start
+
+    def reset(self) -> None:
+        "Forget every cached token (the buffers are reused)."
+        for c in [*self.layers, *self.mtp]:
+            c.reset()
+
+    def __repr__(self) -> str:
+        return f"ModelCache({len(self.layers)} layers, {len(self.mtp)} MTP; {self.layers[0]!r})"
+
 # %% ../notebooks/11_model.ipynb #ce41e6ce
 class DeepSeekV3(nn.Module):
     "DeepSeek-V3: embedding, dense then MoE blocks, final RMSNorm, LM head (tied or not), and MTP modules."
@@ -77,11 +127,12 @@ class DeepSeekV3(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        block, mtp = (DeepNormBlock, DeepNormMTPLayer) if cfg.norm_scheme == "deepnorm" else (Block, MTPLayer)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(mtp(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding.from_config(cfg)
         self.reset_parameters()
         if cfg.tie_word_embeddings:
@@ -91,7 +142,7 @@ class DeepSeekV3(nn.Module):
         "normal(0, initializer_range) for matrices, ones for norms, zeros for biases; DeepNorm's β where selected."
         std = self.config.initializer_range
         for module in self.modules():
-            if isinstance(module, (RMSNorm, ResidualNorm)):
+            if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
                 continue
             for p in module.parameters(recurse=False):
@@ -104,67 +155,90 @@ class DeepSeekV3(nn.Module):
             for block in [*self.layers, *self.mtp]:
                 deepnorm_init_(block, beta)
 
-    def _positions(self, seq_len: int, start: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        "cos, sin for positions start..start+seq_len-1 (errors beyond max_position_embeddings)."
-        if start + seq_len > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {start + seq_len} positions exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
-        return self.rotary(torch.arange(start, start + seq_len, device=device))
+    def _rope(self, s: int, positions: Tensor | None, cache: LayerCache | None, device) -> tuple[Tensor, Tensor]:
+        "cos, sin of `positions` `(s,)`/`(b, s)`; by default those after what `cache` holds, else 0..s-1."
+        limit = self.config.max_position_embeddings
+        last = s - 1 if positions is None and cache is None else None  # the last position, where known on the host
+        if positions is None:
+            positions = cache.positions(s) if cache is not None else torch.arange(s, device=device)
+        if positions.shape[-1] != s:
+            raise ValueError(f"positions {tuple(positions.shape)} must be (seq,) or (batch, seq) with seq={s}")
+        if _host_checks(positions):
+            last = int(positions.max())
+        if last is not None and last >= limit:
+            raise ValueError(f"sequence of positions up to {last} exceeds max_position_embeddings={limit}")
+        return self.rotary(positions)
 
-    def _check_ids(self, input_ids: torch.Tensor) -> None:
+    def _check_ids(self, input_ids: Tensor) -> None:
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq); got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
-        if input_ids.device.type == "cpu" and input_ids.numel():  # on the GPU this check would cost a host sync
+        if _host_checks(input_ids):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"token id {hi if hi >= self.config.vocab_size else lo} is outside the vocabulary "
                                  f"[0, {self.config.vocab_size})")
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: list | None = None) -> torch.Tensor:
-        "The last block's output (b, s, d), before the final norm; `cache` is `new_cache`'s list of layer caches."
+    def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None,
+                      cache: ModelCache | None = None) -> Tensor:
+        "The last block's output (b, s, d), before the final norm; `positions`/`cache` as in `forward`."
         self._check_ids(input_ids)
-        cos, sin = self._positions(input_ids.shape[1], cache[0].length if cache else 0, input_ids.device)
+        cos, sin = self._rope(input_ids.shape[1], positions, cache.layers[0] if cache else None, input_ids.device)
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache[i] if cache else None)
+            h = layer(h, cos, sin, cache.layers[i] if cache else None)
         return h
 
-    def forward(self, input_ids: torch.Tensor, cache: list | None = None) -> torch.Tensor:
-        "input_ids (B, S) -> logits (B, S, vocab) of the main head."
-        return self.lm_head(self.norm(self.hidden_states(input_ids, cache)))
+    def mtp_hidden_states(self, depth: int, h_prev: Tensor, next_ids: Tensor, positions: Tensor | None = None,
+                          cache: ModelCache | None = None) -> Tensor:
+        "MTP depth `depth` (1..D) on the previous depth's `h_prev (b, s, d)` and the tokens one ahead `next_ids (b, s)`."
+        layer, layer_cache = self.mtp[depth - 1], cache.mtp[depth - 1] if cache else None
+        cos, sin = self._rope(next_ids.shape[1], positions, layer_cache, next_ids.device)
+        return layer(h_prev, self.embed_tokens(next_ids), cos, sin, layer_cache)
 
-    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> list:
-        "A list with an empty KV cache (GQA, MLA naive) or latent cache (MLA absorb) for every main layer."
+    def head(self, h: Tensor, depth: int = 0) -> Tensor:
+        "Logits of the shared LM head on hidden states `h`, after the final norm (depth 0) or MTP depth k's norm."
+        return self.lm_head((self.mtp[depth - 1].shared_head.norm if depth else self.norm)(h))
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: ModelCache | None = None) -> Tensor:
+        "input_ids (B, S) at `positions` ((S,) or (B, S), default: after the cache, else 0..S-1) -> logits (B, S, vocab)."
+        return self.head(self.hidden_states(input_ids, positions, cache))
+
+    def new_cache(self, batch_size: int, max_len: int, static: bool = False, mla_impl: str | None = None,
+                  mtp: bool = False, dtype=None, device=None) -> ModelCache:
+        "Empty caches of every main layer (and MTP depth when `mtp`); MLA: latent ('absorb') or K/V ('naive')."
         p = self.embed_tokens.weight
-        return [layer.self_attn.new_cache(batch_size, max_len, dtype or p.dtype, device or p.device)
-                for layer in self.layers]
+        dtype, device = dtype or p.dtype, device or p.device
+        kw = dict(static=static, pos=torch.zeros((), dtype=torch.long, device=device),
+                  start=torch.zeros(batch_size, dtype=torch.long, device=device))  # shared by every layer
+        if self.config.attention == "mla":  # GQA has one cache layout: `mla_impl` does not apply
+            kw["mla_impl"] = mla_impl or self.config.mla_impl
+        make = lambda blk: blk.self_attn.new_cache(batch_size, max_len, dtype, device, **kw)
+        return ModelCache([make(b) for b in self.layers], [make(b) for b in self.mtp] if mtp else [])
 
     def moe_layers(self) -> list[MoE]:
         "Every DeepSeekMoE module, main layers then MTP blocks."
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> LossParts:
+    def loss(self, input_ids: Tensor, targets: Tensor) -> LossParts:
         "Training loss L_main + (λ/D)·Σ_k CE_k + Σ balance losses; targets = input_ids shifted by one (-100 ignored)."
         h = self.hidden_states(input_ids)
         main = self._ce(h, targets)
         mtp_losses = []
-        for k, layer in enumerate(self.mtp, start=1):
+        for k in range(1, len(self.mtp) + 1):
             s = input_ids.shape[1] - k  # depth k is defined on positions 0 .. S-k-1
             if s <= 0:
                 break
-            cos, sin = self._positions(s, 0, input_ids.device)
-            emb = self.embed_tokens(targets[:, k - 1 : k - 1 + s].clamp(min=0))  # token i+k
-            h = layer(h[:, :s], emb, cos, sin)
-            mtp_losses.append(self._ce(h, targets[:, k : k + s], norm=layer.shared_head.norm))
+            h = self.mtp_hidden_states(k, h[:, :s], targets[:, k - 1 : k - 1 + s].clamp(min=0))  # token i+k
+            mtp_losses.append(self._ce(h, targets[:, k : k + s], depth=k))
         zero = main.new_zeros(())
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else zero
         balance = sum((m.aux_loss for m in self.moe_layers() if m.aux_loss is not None), zero)
         return LossParts(main + self.config.mtp_loss_weight * mtp + balance, main, mtp, balance)
 
-    def _ce(self, h, targets, norm=None):
-        "Cross-entropy of the shared head on hidden states h (b, s, d) against targets (b, s)."
-        logits = self.lm_head((norm or self.norm)(h))
+    def _ce(self, h, targets, depth: int = 0):
+        "Cross-entropy of the shared head (after depth `depth`'s norm) on hidden states h (b, s, d) against targets (b, s)."
+        logits = self.head(h, depth)
         return F.cross_entropy(rearrange(logits.float(), "b s v -> (b s) v"), rearrange(targets, "b s -> (b s)"),
                                ignore_index=-100)
 
@@ -206,33 +280,41 @@ class DeepSeekV3ForSequenceClassification(nn.Module):
         return F.cross_entropy(self(input_ids, attention_mask).float(), labels)
 
 # %% ../notebooks/11_model.ipynb #210afc3c
-def _sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                 generator: torch.Generator | None) -> torch.Tensor:
-    "Pick the next token (b, 1) from last-position logits (b, vocab)."
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+def filtered_logits(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    "fp32 logits `(..., vocab)` divided by `temperature`, with tokens outside top-k / the top-p nucleus set to -inf."
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # keep the first token that crosses top_p
+        probs = sorted_logits.softmax(dim=-1)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p  # keep the first token that crosses top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)
+    return logits
 
 
-@torch.no_grad()
-def generate(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             eos_token_id: int | None = None) -> torch.Tensor:
-    "Prompt (B, S) or (S,) followed by up to `max_new_tokens` sampled tokens, decoded through the KV/latent cache."
-    squeeze = input_ids.ndim == 1
-    ids = input_ids[None] if squeeze else input_ids
+def sample_from(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    "One token `(...,)` per row of non-negative `weights (..., vocab)` (need not sum to 1), without a host sync."
+    # argmax(w / E) with E ~ Exp(1) picks token i with probability w_i / sum(w): the "exponential race", which is
+    # exactly what torch.multinomial does for one sample, minus its validity checks (two host syncs per call)
+    noise = torch.empty_like(weights, dtype=torch.float32).exponential_(1, generator=generator)
+    return (weights.float() / noise).argmax(dim=-1)
+
+
+def next_token(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+    "The next token `(b,)` from last-position logits `(b, vocab)`: argmax when `temperature == 0`, else a sample."
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return sample_from(filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1), generator)
+
+# %% ../notebooks/11_model.ipynb #210afc3d
+def check_generate_args(model: DeepSeekV3, ids: Tensor, shape, max_new_tokens: int, temperature: float,
+                        top_k: int | None, top_p: float | None) -> None:
+    "One-line ValueError for a bad prompt `ids (b, S)` (given as `shape`), sampling settings or length (any decoder)."
     if ids.ndim != 2 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a non-empty (batch, seq) or (seq,) tensor; got shape {tuple(input_ids.shape)}")
+        raise ValueError(f"input_ids must be a non-empty (batch, seq) or (seq,) tensor; got shape {tuple(shape)}")
     if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1) or (
             top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"bad sampling settings: max_new_tokens={max_new_tokens}, temperature={temperature}, "
@@ -241,6 +323,16 @@ def generate(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tokens: int, te
     if ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds "
                          f"max_position_embeddings={limit}")
+
+
+@torch.no_grad()
+def reference_generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                       top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                       eos_token_id: int | None = None) -> Tensor:
+    "The test oracle for `dsv3_min.generate`: prompt (B, S) or (S,) then up to `max_new_tokens` tokens, dynamic cache."
+    squeeze = input_ids.ndim == 1
+    ids = input_ids[None] if squeeze else input_ids
+    check_generate_args(model, ids, input_ids.shape, max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     device = model.embed_tokens.weight.device
@@ -250,7 +342,7 @@ def generate(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tokens: int, te
     out, logits = [ids], model(ids, cache=cache)[:, -1]
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        nxt = _sample_next(logits, temperature, top_k, top_p, gen)
+        nxt = next_token(logits, temperature, top_k, top_p, gen)[:, None]
         if eos_token_id is not None:
             nxt = nxt.masked_fill(done[:, None], eos_token_id)
             done |= nxt[:, 0] == eos_token_id

@@ -9,13 +9,16 @@ from einops import einsum, rearrange, reduce
 from torch import nn
 
 from .gating import SwiGLU
+from .rope import KeepsFP32
 
 # %% auto #0
 __all__ = ['Router', 'expert_counts', 'grouped_linear', 'gather_rows', 'Experts', 'MoE', 'max_vio', 'sequence_balance_loss']
 
 # %% ../notebooks/08_moe.ipynb #a29b6dbb
-class Router(nn.Module):
+class Router(KeepsFP32):
     "DeepSeek-V3's gate: sigmoid affinities (fp32), bias-corrected group-limited top-k, normalized weights."
+
+    fp32_tensors = ("weight", "e_score_correction_bias")  # kept fp32 under `model.to(bf16)` (notebook 04's rule)
 
     def __init__(self, cfg):
         super().__init__()
@@ -43,16 +46,6 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * self.routed_scale, idx, scores
-
-    def _apply(self, fn, recurse=True):
-        "Keep the router in fp32 under `module.to(dtype)` / `.half()` (moves between devices still apply)."
-        w, b = self.weight.data, self.e_score_correction_bias
-        super()._apply(fn, recurse)
-        if self.weight.dtype != torch.float32:
-            self.weight.data = w.to(self.weight.device, torch.float32)
-        if self.e_score_correction_bias.dtype != torch.float32:
-            self.e_score_correction_bias = b.to(self.e_score_correction_bias.device, torch.float32)
-        return self
 
 # %% ../notebooks/08_moe.ipynb #3c9447ce
 def expert_counts(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -127,10 +120,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
         "`x (T, d)`, gating `weights (T, k)`, `idx (T, k)` -> `Σ_k weight · expert(x)`, `(T, d)` in `x.dtype`."
-        if impl == "loop":
+        if impl == "loop":  # `cfg.moe_impl`, validated by ModelConfig: "grouped" or "loop"
             return self.forward_loop(x, weights, idx)
-        if impl != "grouped":
-            raise ValueError(f"Experts: impl must be 'grouped' or 'loop', got {impl!r}")
         T, k = idx.shape
         flat = rearrange(idx, "t k -> (t k)")  # (N,) assignment t*k + j -> its expert, N = T*k
         order = torch.argsort(flat, stable=True)  # sorted row i holds assignment order[i]

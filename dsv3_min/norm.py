@@ -4,14 +4,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0
-__all__ = ['rms_norm', 'RMSNorm', 'deepnorm_alpha', 'deepnorm_beta', 'deepnorm_depth', 'ResidualNorm', 'deepnorm_init_']
+__all__ = ['rms_norm', 'RMSNorm', 'deepnorm_alpha', 'deepnorm_beta', 'deepnorm_depth', 'deepnorm_init_']
 
 # %% ../notebooks/09_norm.ipynb #d46f1bdd
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -54,32 +52,6 @@ def deepnorm_beta(n_layers: int) -> float:
 def deepnorm_depth(cfg) -> int:
     "The `N` of DeepNorm: the main stack's `num_hidden_layers` (MTP blocks are not counted, see notebook 09)."
     return cfg.num_hidden_layers
-
-# %% ../notebooks/09_norm.ipynb #9cabfda6
-class ResidualNorm(nn.Module):
-    "One residual connection with its RMSNorm: `x + f(norm(x))` (prenorm) or `norm(α·x + f(x))` (deepnorm)."
-
-    def __init__(self, cfg):
-        super().__init__()
-        if cfg.norm_scheme not in ("prenorm", "deepnorm"):
-            raise ValueError(f"ModelConfig.norm_scheme={cfg.norm_scheme!r}: must be 'prenorm' or 'deepnorm'")
-        self.scheme = cfg.norm_scheme
-        self.weight = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.eps = cfg.rms_norm_eps
-        self.deepnorm_alpha = deepnorm_alpha(deepnorm_depth(cfg)) if self.scheme == "deepnorm" else 1.0
-
-    def norm(self, x: torch.Tensor) -> torch.Tensor:
-        "The bare RMSNorm of this connection."
-        return rms_norm(x, self.weight, self.eps)
-
-    def forward(self, x: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        "Apply the sub-layer `f` to the residual stream `x (b, s, d)` with this connection's norm and scheme."
-        if self.scheme == "prenorm":
-            return x + f(self.norm(x))
-        return self.norm(self.deepnorm_alpha * x + f(x))
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, scheme={self.scheme}, deepnorm_alpha={self.deepnorm_alpha:.4f}, eps={self.eps}"
 
 # %% ../notebooks/09_norm.ipynb #7b71c093
 _BETA_LINEARS = ("gate_proj", "up_proj", "down_proj", "v_proj", "o_proj")

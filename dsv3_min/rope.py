@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 # %% auto #0
 __all__ = ['yarn_correction_range', 'yarn_ramp', 'rope_inv_freq', 'yarn_get_mscale', 'rope_attention_factor', 'mla_softmax_scale',
-           'RotaryEmbedding', 'apply_rope', 'interleaved_to_half', 'half_to_interleaved']
+           'KeepsFP32', 'fp32_names', 'RotaryEmbedding', 'apply_rope', 'interleaved_to_half', 'half_to_interleaved']
 
 # %% ../notebooks/04_rope.ipynb #38fdabc9
 def yarn_correction_range(dim: int, theta: float, original_max_pos: int, beta_fast: float = 32.0,
@@ -71,9 +71,36 @@ def mla_softmax_scale(cfg) -> float:
         scale *= yarn_get_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
     return scale
 
+# %% ../notebooks/04_rope.ipynb #520214e0
+class KeepsFP32(nn.Module):
+    "A module whose tensors named in `fp32_tensors` stay fp32 under `.to(dtype)` / `.half()` (device moves apply)."
+
+    fp32_tensors: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        "Apply `fn` as `nn.Module` does, then restore the `fp32_tensors` from their fp32 values if it cast them."
+        kept = {n: getattr(self, n).data for n in self.fp32_tensors}  # the fp32 storage, untouched by `fn`
+        super()._apply(fn, recurse)
+        for n, old in kept.items():
+            t = getattr(self, n)
+            if t.dtype != torch.float32:
+                if isinstance(t, nn.Parameter):
+                    t.data = old.to(t.device, torch.float32)
+                else:
+                    setattr(self, n, old.to(t.device, torch.float32))
+        return self
+
+
+def fp32_names(model: nn.Module) -> set[str]:
+    "Qualified names of every tensor a `KeepsFP32` module of `model` keeps in fp32."
+    return {f"{name}.{n}".lstrip(".") for name, m in model.named_modules() if isinstance(m, KeepsFP32)
+            for n in m.fp32_tensors}
+
 # %% ../notebooks/04_rope.ipynb #520214fe
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(KeepsFP32):
     "Positions -> `(cos, sin)`, each `(..., s, dim//2)` fp32, with YaRN frequencies and transformers' cos/sin factor."
+
+    fp32_tensors = ("inv_freq",)
 
     def __init__(self, dim: int, theta: float = 10000.0, rope_scaling: dict | None = None):
         super().__init__()
@@ -88,9 +115,7 @@ class RotaryEmbedding(nn.Module):
         return cls(dim, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        "Cos and sin of the angles `position * inv_freq`, computed in fp32."
-        if self.inv_freq.dtype != torch.float32:  # `model.to(torch.bfloat16)` casts buffers too: rebuild in fp32
-            self.inv_freq = rope_inv_freq(self.dim, self.theta, self.rope_scaling).to(self.inv_freq.device)
+        "Cos and sin of the angles `positions (s,) or (b, s)` times `inv_freq`, computed in fp32."
         angles = positions.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq  # (..., s, dim/2)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
 

@@ -1,6 +1,8 @@
 """Tests for dsv3_min.attention: attend (backends, masks), the caches (dynamic and static), GroupedQueryAttention."""
 import importlib.util
+import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -9,6 +11,7 @@ from einops import rearrange
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import dsv3_min.flash_backend  # noqa: F401 (registers attn_backend='flash', as dsv3_min.model does)
 from conftest import prefill_then_decode, tiny_config
 from dsv3_min.attention import GroupedQueryAttention, KVCache, LayerCache, attend, attention_probs, causal_mask
 from dsv3_min.rope import RotaryEmbedding
@@ -107,7 +110,7 @@ def test_bad_mask_raises():
 @pytest.mark.parametrize("sq,sk", [(7, 7), (3, 7), (1, 7)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_backends_agree_with_eager(backend, hq, hkv, sq, sk, causal):
-    """sdpa and flash (notebook 10's kernel if present, else its SDPA fallback) equal eager in fp32 (atol 1e-5),
+    """sdpa and flash (notebook 10's kernel, SDPA for decode shapes) equal eager in fp32 (atol 1e-5),
     for MHA/GQA/MQA, prefill and decode shapes, causal and not, with dv != dqk."""
     q, k, v = torch.randn(2, hq, sq, 16), torch.randn(2, hkv, sk, 16), torch.randn(2, hkv, sk, 8)
     with warnings.catch_warnings():
@@ -133,20 +136,29 @@ def test_eager_bf16_softmax_in_fp32():
     torch.testing.assert_close(out.float(), attend(q, k, v), atol=3e-2, rtol=3e-2)
 
 
-def test_flash_fallback_warns_once(monkeypatch):
-    """When dsv3_min.flash cannot be imported, backend='flash' warns once (not again on the second call) and returns
-    exactly the SDPA result."""
+def test_flash_backend_registers_itself_without_an_import_circle(monkeypatch):
+    """attention.py never imports flash (flash_backend imports attention and registers backend='flash' into its
+    registry); a backend that is not registered is a ValueError naming the module to import; `import dsv3_min`
+    (through dsv3_min.model) registers every backend of config.ATTN_BACKENDS without loading triton."""
     import dsv3_min.attention as A
+    from dsv3_min.config import ATTN_BACKENDS
 
-    monkeypatch.setitem(sys.modules, "dsv3_min.flash", None)  # `import dsv3_min.flash` now raises ImportError
-    monkeypatch.setattr(A, "_warned", set())
-    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
-    with pytest.warns(UserWarning, match="dsv3_min.flash is not available; falling back to 'sdpa'"):
-        out = attend(q, k, v, backend="flash")
-    assert torch.equal(out, attend(q, k, v, backend="sdpa"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        attend(q, k, v, backend="flash")  # second call: no warning
+    source = open(A.__file__).read()
+    assert "flash import" not in source and "import_module" not in source
+    assert set(A._BACKENDS) == set(ATTN_BACKENDS)  # flash_backend is imported at the top of this file
+    monkeypatch.delitem(A._BACKENDS, "flash")
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="dsv3_min.flash_backend"):
+        attend(q, q, q, backend="flash")
+    code = textwrap.dedent("""
+        import sys, dsv3_min
+        from dsv3_min.attention import _BACKENDS
+        from dsv3_min.config import ATTN_BACKENDS
+        assert set(_BACKENDS) == set(ATTN_BACKENDS) and "triton" not in sys.modules
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash_attn is installed")

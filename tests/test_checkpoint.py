@@ -10,10 +10,7 @@ from safetensors.torch import load, save, save_file
 
 from conftest import tiny_config
 from dsv3_min.checkpoint import (
-    CheckpointWarning,
-    checkpoint_problem,
     flatten_optimizer_state,
-    latest_checkpoint,
     load_checkpoint,
     load_trained,
     rng_state,
@@ -22,7 +19,7 @@ from dsv3_min.checkpoint import (
     unflatten_optimizer_state,
 )
 from dsv3_min.files import FileFormatError
-from dsv3_min.hf import CheckpointError
+from dsv3_min.hf import CheckpointError, CheckpointWarning, checkpoint_problem, latest_checkpoint
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.optim import make_optimizer
 from dsv3_min.train import TrainConfig

@@ -290,17 +290,18 @@ def test_new_subcommands_bad_input_is_one_line(argv, expected, tmp_path, capsys)
 
 
 def test_sample_with_mtp_drafts_matches_plain_greedy(tiny_ckpt, capsys, monkeypatch):
-    """`sample --draft mtp` decodes through infer.generate with draft='mtp' and, greedy, gives the plain text."""
-    import dsv3_min.__main__ as cli
+    """`sample` decodes through the fast engine (infer.generate), `--draft mtp` with draft='mtp', and, greedy, both
+    give the same text."""
+    import dsv3_min.infer as infer
     seen = []
-    real = cli.fast_generate
-    monkeypatch.setattr(cli, "fast_generate", lambda *a, **k: seen.append(k.get("draft")) or real(*a, **k))
+    real = infer.generate
+    monkeypatch.setattr(infer, "generate", lambda *a, **k: seen.append(k.get("draft")) or real(*a, **k))
     run, _, _ = tiny_ckpt
     args = ["sample", "--ckpt", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"]
     assert main(args) == 0
     plain = capsys.readouterr().out
     assert main([*args, "--draft", "mtp"]) == 0
-    assert seen == ["mtp"] and capsys.readouterr().out == plain and plain.startswith("To be")
+    assert seen == [None, "mtp"] and capsys.readouterr().out == plain and plain.startswith("To be")
 
 
 def test_train_eval_tasks_hook_logs_benchmark_numbers(tmp_path, monkeypatch, capsys):

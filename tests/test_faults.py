@@ -15,7 +15,8 @@ import torch
 from _tiny_run import Child, logged_steps, losses, tiny_corpus_fixture, train_argv  # noqa: F401
 
 from dsv3_min.__main__ import main
-from dsv3_min.checkpoint import checkpoint_problem, latest_checkpoint, list_checkpoints, load_trained
+from dsv3_min.checkpoint import load_trained
+from dsv3_min.hf import checkpoint_problem, latest_checkpoint, list_checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 48

@@ -8,7 +8,7 @@ from _tiny_run import tiny_corpus_fixture, train_argv  # noqa: F401 (fixture)
 from safetensors.torch import load_file
 
 from dsv3_min.__main__ import main
-from dsv3_min.checkpoint import latest_checkpoint, load_trained
+from dsv3_min.checkpoint import load_trained
 from dsv3_min.finetune import (
     FinetuneConfig,
     add_finetune_arguments,
@@ -18,6 +18,7 @@ from dsv3_min.finetune import (
     run_finetune,
     sft_tokens,
 )
+from dsv3_min.hf import latest_checkpoint
 from dsv3_min.lora import load_adapter
 from dsv3_min.train import TrainConfig
 

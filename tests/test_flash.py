@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsv3_min.attention import attend, check_attention_inputs
-from dsv3_min.flash import TiledAttention, flash_attention, split_head_dim, tiled_attention_forward
+from dsv3_min.flash import TiledAttention, split_head_dim, tiled_attention_forward
+from dsv3_min.flash_backend import flash_attention
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -164,16 +165,18 @@ def test_flash_attn4_wrapper_takes_mla_widths_and_drops_the_lse(monkeypatch):
 
 
 def test_imports_without_triton():
-    """`import dsv3_min.flash` works when triton cannot be imported, and the CPU path still computes attention."""
+    """`import dsv3_min.flash_triton` works when triton cannot be imported, and flash_attention's CPU path still
+    computes attention."""
     code = textwrap.dedent("""
         import sys
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         import torch
-        import dsv3_min.flash as f
+        import dsv3_min.flash_triton as f
         assert not f.HAS_TRITON and not f.triton_available()
         q = torch.randn(1, 2, 5, 16)
         from dsv3_min.attention import attend
-        torch.testing.assert_close(f.flash_attention(q, q, q), attend(q, q, q))
+        from dsv3_min.flash_backend import flash_attention
+        torch.testing.assert_close(flash_attention(q, q, q), attend(q, q, q))
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -198,7 +201,8 @@ import torch
 sys.path.insert(0, {tests!r})
 from test_flash import INTERPRETER_CASES, _fwd_bwd, _inputs, _rel
 from dsv3_min.attention import attend
-from dsv3_min.flash import TritonFlashAttention, flash_attention, INTERPRET
+from dsv3_min.flash_triton import TritonFlashAttention, INTERPRET
+from dsv3_min.flash_backend import flash_attention
 assert INTERPRET
 out = {{}}
 for name, (b, hq, hkv, sq, sk, dqk, dv, causal) in INTERPRETER_CASES.items():

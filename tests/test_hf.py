@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from conftest import tiny_config
+from dsv3_min.checkpoint import write_manifest
 from dsv3_min.files import FileFormatError
 from dsv3_min.hf import CheckpointError, from_pretrained, load_weights, save_pretrained
 from dsv3_min.model import DeepSeekV3
@@ -152,7 +153,7 @@ def test_bad_checkpoint_lists_every_problem(tmp_path):
 @pytest.mark.parametrize("kind", ["hf", "hf-sharded", "ours"])
 def test_truncated_file_gives_clear_error(kind, tmp_path):
     """A truncated safetensors file (one file, one shard of many, or our checkpoint's weights) is refused with a
-    one-line CheckpointError naming the file."""
+    one-line CheckpointError naming the file (ours: the checkpoint and the file, whose size the manifest contradicts)."""
     model = DeepSeekV3(tiny_config())
     if kind == "ours":
         f = save_checkpoint(tmp_path, 1, model, None, model.config) / "model.safetensors"
@@ -160,10 +161,11 @@ def test_truncated_file_gives_clear_error(kind, tmp_path):
         save_pretrained(model, tmp_path, **({"max_shard_bytes": 20_000} if kind == "hf-sharded" else {}))
         f = sorted(tmp_path.glob("model*.safetensors"))[-1]
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match=re.escape(str(f))) as e:
-        from_pretrained(tmp_path)
+    name = f"{f.parent} is broken: model.safetensors has" if kind == "ours" else str(f)
+    with pytest.raises(CheckpointError, match=re.escape(name)) as e:
+        from_pretrained(f.parent)
     msg = str(e.value)
-    assert "\n" not in msg and "truncated" in msg.replace(str(f), "")  # the size check says what is wrong
+    assert "\n" not in msg and ("truncated" if kind != "ours" else "the manifest says") in msg.replace(str(f), "")
 
 
 def test_bad_index_gives_one_line_error(tmp_path):
@@ -208,15 +210,18 @@ def _trained_checkpoint(run, step, cfg, seed):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_from_pretrained_reads_our_training_checkpoints(tied, tmp_path):
+def test_from_pretrained_reads_our_training_checkpoints(tied, tmp_path, monkeypatch):
     """from_pretrained loads one of our ckpt-* directories (MTP included, no 'no MTP weights' warning) from its
-    state.json config and model.safetensors only (a corrupt optimizer.safetensors is never read), and a run directory
-    loads its newest checkpoint."""
+    state.json config and model.safetensors only (the optimizer file is never read), and a run directory loads its
+    newest checkpoint."""
+    import dsv3_min.hf as hf
+
     cfg = tiny_config(tie_word_embeddings=tied)
     older, _ = _trained_checkpoint(tmp_path, 100, cfg, seed=0)
     newer, ckpt = _trained_checkpoint(tmp_path, 200, cfg, seed=1)
     assert (ckpt / "optimizer.safetensors").exists()
-    (ckpt / "optimizer.safetensors").write_bytes(b"garbage")
+    read, real = [], hf.read_safetensors
+    monkeypatch.setattr(hf, "read_safetensors", lambda files: read.extend(f.name for f in files) or real(files))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for path, want in ((ckpt, newer), (tmp_path / "ckpt-0000100", older), (tmp_path, newer)):
@@ -224,13 +229,36 @@ def test_from_pretrained_reads_our_training_checkpoints(tied, tmp_path):
             assert got.config == cfg and len(got.mtp) == 1
             _assert_same_tensors(got.state_dict(), want.state_dict())
     assert not [w for w in caught if "MTP" in str(w.message)]
+    assert read == ["model.safetensors"] * 3
+
+
+def test_from_pretrained_finds_checkpoints_as_load_trained_does(tmp_path):
+    """from_pretrained goes through the one manifest-checked finder (latest_checkpoint): in a run whose newest
+    checkpoint is damaged (its optimizer file no longer matches the manifest) it loads the previous intact one with a
+    CheckpointWarning naming the damaged one, and the damaged checkpoint itself is refused by name, as load_trained
+    and --resume do. (The old finder took the newest ckpt-* with a state.json, damaged or not.)"""
+    from dsv3_min.hf import CheckpointWarning
+
+    cfg = tiny_config()
+    older, _ = _trained_checkpoint(tmp_path, 100, cfg, seed=0)
+    _, ckpt = _trained_checkpoint(tmp_path, 200, cfg, seed=1)
+    f = ckpt / "optimizer.safetensors"
+    f.write_bytes(f.read_bytes()[:-8] + bytes(8))
+    with pytest.warns(CheckpointWarning, match="ckpt-0000200"):
+        _assert_same_tensors(from_pretrained(tmp_path).state_dict(), older.state_dict())
+    with pytest.raises(CheckpointError, match="ckpt-0000200 is broken: optimizer.safetensors does not match"):
+        from_pretrained(ckpt)
 
 
 def test_bad_state_json_gives_one_line_error(tmp_path):
-    """Our checkpoint with an unparsable state.json, or one without model_config, is refused in one line naming it."""
+    """Our checkpoint with an unparsable state.json, or one without model_config, is refused in one line naming it:
+    by the manifest check, and without a manifest (written before manifests) by the JSON check or the reader."""
     _, ckpt = _trained_checkpoint(tmp_path, 1, tiny_config(), seed=0)
     (ckpt / "state.json").write_text('{"step": 1, "model_config": {"vocab')
-    with pytest.raises(FileFormatError, match=re.escape(str(ckpt / "state.json"))) as e:
+    with pytest.raises(CheckpointError, match="is broken: state.json has 35 bytes, the manifest says"):
+        from_pretrained(ckpt)
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(str(ckpt)) + ".*state.json") as e:
         from_pretrained(ckpt)
     assert "\n" not in str(e.value)
     (ckpt / "state.json").write_text('{"step": 1}')
@@ -247,6 +275,7 @@ def test_wrong_shape_in_our_checkpoint_lists_every_key(tmp_path):
     sd["layers.0.self_attn.o_proj.weight"] = torch.zeros(3, 3)
     sd.pop("norm.weight")
     save_file(sd, str(ckpt / "model.safetensors"))
+    write_manifest(ckpt)  # intact files (the manifest agrees) whose tensors do not fit the model
     with pytest.raises(CheckpointError) as e:
         from_pretrained(ckpt)
     msg = str(e.value)

@@ -6,7 +6,16 @@ import torch
 
 from conftest import tiny_config
 from dsv3_min.config import count_params
-from dsv3_min.model import DeepSeekV3, DeepSeekV3ForSequenceClassification, generate
+from dsv3_min.model import (
+    Block,
+    DeepNormBlock,
+    DeepNormMTPLayer,
+    DeepSeekV3,
+    DeepSeekV3ForSequenceClassification,
+    MTPLayer,
+    reference_generate,
+    sample_from,
+)
 from dsv3_min.moe import max_vio
 from dsv3_min.norm import rms_norm
 from dsv3_min.rope import RotaryEmbedding
@@ -54,10 +63,10 @@ def test_mtp_loss_is_combined_with_lambda():
     # depth-1 MTP, recomputed by hand: position i sees emb(t_{i+1}) and predicts t_{i+2}
     inp, tgt = x[:, :-1], x[:, 1:]
     h = m.hidden_states(inp)
-    cos, sin = m._positions(15, 0, x.device)
+    cos, sin = m.rotary(torch.arange(15))
     h1 = m.mtp[0](h[:, :15], m.embed_tokens(tgt[:, 0:15]), cos, sin)
     ce1 = torch.nn.functional.cross_entropy(m.lm_head(m.mtp[0].shared_head.norm(h1)).flatten(0, 1), tgt[:, 1:16].flatten())
-    h2 = m.mtp[1](h1[:, :14], m.embed_tokens(tgt[:, 1:15]), *m._positions(14, 0, x.device))
+    h2 = m.mtp[1](h1[:, :14], m.embed_tokens(tgt[:, 1:15]), *m.rotary(torch.arange(14)))
     ce2 = torch.nn.functional.cross_entropy(m.lm_head(m.mtp[1].shared_head.norm(h2)).flatten(0, 1), tgt[:, 2:16].flatten())
     torch.testing.assert_close(parts.mtp, (ce1 + ce2) / 2)
 
@@ -97,7 +106,7 @@ def test_cached_greedy_equals_recompute(kw):
     with torch.no_grad():
         for _ in range(10):
             ids = torch.cat([ids, m(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    out = generate(m, prompt, 10, temperature=0)
+    out = reference_generate(m, prompt, 10, temperature=0)
     assert torch.equal(out, ids)
     assert torch.equal(out[:, :5], prompt)
 
@@ -106,11 +115,11 @@ def test_sampling_is_seeded_and_respects_top_k():
     """The same seed gives the same sample; top_k=1 is greedy whatever the temperature."""
     m = DeepSeekV3(tiny_config()).eval()
     p = torch.randint(0, m.config.vocab_size, (1, 4))
-    a = generate(m, p, 8, temperature=1.0, seed=3)
-    b = generate(m, p, 8, temperature=1.0, seed=3)
+    a = reference_generate(m, p, 8, temperature=1.0, seed=3)
+    b = reference_generate(m, p, 8, temperature=1.0, seed=3)
     assert torch.equal(a, b)
-    assert torch.equal(generate(m, p, 8, temperature=5.0, top_k=1, seed=1), generate(m, p, 8, temperature=0))
-    assert torch.equal(generate(m, p, 8, temperature=0.7, top_p=1e-6, seed=5), generate(m, p, 8, temperature=0))
+    assert torch.equal(reference_generate(m, p, 8, temperature=5.0, top_k=1, seed=1), reference_generate(m, p, 8, temperature=0))
+    assert torch.equal(reference_generate(m, p, 8, temperature=0.7, top_p=1e-6, seed=5), reference_generate(m, p, 8, temperature=0))
 
 
 def test_bad_inputs_raise_clear_errors(tiny):
@@ -119,9 +128,9 @@ def test_bad_inputs_raise_clear_errors(tiny):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         m(torch.tensor([[0, tiny.vocab_size]]))
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        generate(m, torch.zeros(1, tiny.max_position_embeddings - 2, dtype=torch.long), 5)
+        reference_generate(m, torch.zeros(1, tiny.max_position_embeddings - 2, dtype=torch.long), 5)
     with pytest.raises(ValueError, match="top_p"):
-        generate(m, torch.zeros(1, 3, dtype=torch.long), 2, top_p=1.5)
+        reference_generate(m, torch.zeros(1, 3, dtype=torch.long), 2, top_p=1.5)
     with pytest.raises(ValueError, match="shape"):
         m(torch.zeros(4, dtype=torch.long))
 
@@ -160,11 +169,15 @@ def test_router_bias_update_and_stats(tiny):
 
 
 @pytest.mark.parametrize("scheme", ["prenorm", "deepnorm"])
-def test_block_is_two_residual_norms(scheme):
-    """A block is ResidualNorm(attention) then ResidualNorm(FFN): prenorm x + f(norm(x)), deepnorm norm(a*x + f(x)),
-    with a = (2N)^(1/4); its norm weights keep transformers' names."""
+def test_block_reads_like_the_paper_and_deepnorm_is_its_own_block(scheme):
+    """A pre-norm Block is x + attn(norm1(x)), then h + ffn(norm2(h)); DeepNorm is its own class (DeepNormBlock, and
+    DeepNormMTPLayer for MTP) computing norm1(a*x + attn(x)), then norm2(a*h + ffn(h)) with a = (2N)^(1/4); both keep
+    transformers' norm names, so the checkpoint keys do not depend on the scheme."""
     cfg = tiny_config(norm_scheme=scheme, num_hidden_layers=8, first_k_dense_replace=8)
-    blk = DeepSeekV3(cfg).layers[0]
+    model = DeepSeekV3(cfg)
+    blk = model.layers[0]
+    block_cls, mtp_cls = (Block, MTPLayer) if scheme == "prenorm" else (DeepNormBlock, DeepNormMTPLayer)
+    assert type(blk) is block_cls and type(model.mtp[0]) is mtp_cls
     with torch.no_grad():
         for p in (blk.input_layernorm.weight, blk.post_attention_layernorm.weight):
             p.normal_()
@@ -183,17 +196,95 @@ def test_block_is_two_residual_norms(scheme):
     torch.testing.assert_close(blk(x, cos, sin), want, atol=0, rtol=0)
     assert {k for k in blk.state_dict() if "layernorm" in k and not k.startswith("self_attn.")} == {
         "input_layernorm.weight", "post_attention_layernorm.weight"}
+    mtp_keys = {k for k in model.mtp[0].state_dict() if not k.startswith(("self_attn.", "mlp."))}
+    assert mtp_keys == {"input_layernorm.weight", "post_attention_layernorm.weight", "enorm.weight", "hnorm.weight",
+                        "eh_proj.weight", "shared_head.norm.weight"}
 
 
-def test_cache_is_a_plain_list_of_layer_caches(tiny):
-    """new_cache gives one per-layer cache per main layer in a plain list; a prefill then a decode step advance each
-    layer's length, and the cached logits equal the uncached ones."""
+def test_mtp_input_is_embedding_then_hidden_state():
+    """MTP depth k computes h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)]) and then its block, as DeepSeek-V3's
+    inference/model.py and transformers order the concatenation (the paper's Eq. 21 writes the two halves the other
+    way round; the released weights follow the code): the first d columns of eh_proj multiply the normed embedding,
+    the last d the normed hidden state. Computed here by hand, column block by column block; swapping the order of
+    the concatenation in MTPLayer fails this test."""
+    cfg = tiny_config()
+    m = DeepSeekV3(cfg).eval()
+    layer, d = m.mtp[0], cfg.hidden_size
+    with torch.no_grad():
+        for norm in (layer.enorm, layer.hnorm):
+            norm.weight.normal_()  # distinct gains: the two halves cannot be confused by symmetry
+    h, emb = torch.randn(2, 6, d), m.embed_tokens(torch.randint(0, cfg.vocab_size, (2, 6)))
+    cos, sin = m.rotary(torch.arange(6))
+    w_emb, w_h = layer.eh_proj.weight[:, :d], layer.eh_proj.weight[:, d:]
+    x = rms_norm(emb, layer.enorm.weight, cfg.rms_norm_eps) @ w_emb.T + rms_norm(h, layer.hnorm.weight,
+                                                                                   cfg.rms_norm_eps) @ w_h.T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(h, emb, cos, sin), Block.forward(layer, x, cos, sin), atol=1e-6, rtol=1e-5)
+
+
+def test_new_cache_holds_one_cache_per_layer_and_mtp_depth(tiny):
+    """new_cache gives one cache per main layer (and per MTP depth with mtp=True) sharing one write slot and one
+    left-padding start; a prefill then a decode step advance each layer's length, and the cached logits equal the
+    uncached ones."""
     m = DeepSeekV3(tiny).eval()
-    cache = m.new_cache(2, 10)
-    assert type(cache) is list and len(cache) == tiny.num_hidden_layers
+    cache = m.new_cache(2, 10, mtp=True)
+    assert len(cache.layers) == tiny.num_hidden_layers and len(cache.mtp) == tiny.num_nextn_predict_layers
+    assert all(c.pos is cache.pos and c.start is cache.start for c in [*cache.layers, *cache.mtp])
     x = torch.randint(0, tiny.vocab_size, (2, 7))
     with torch.no_grad():
         m(x[:, :6], cache=cache)
         last = m(x[:, 6:], cache=cache)
         torch.testing.assert_close(last[:, -1], m(x)[:, -1])
-    assert [c.length for c in cache] == [7] * tiny.num_hidden_layers
+    assert [c.length for c in cache.layers] == [7] * tiny.num_hidden_layers
+    assert len(m.new_cache(2, 10).mtp) == 0
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("kw", [{"mla_impl": "naive"}, {"mla_impl": "absorb"},
+                                {"attention": "gqa", "num_key_value_heads": 2}])
+def test_decode_logits_equal_recompute_with_offsets_and_left_padding(kw, static):
+    """Logits (not just argmax) of a prefill plus 4 one-token decode steps through a cache equal a recomputation of
+    the whole sequence without a cache within 1e-5 of the largest logit, (a) with explicit positions, an offset of 5
+    and a gap of 4 after the third token, given to both (RoPE is relative, so the gap is what makes positions matter:
+    the default 0..n-1 gives other logits) and (b) with a ragged batch: row 1 is left-padded by 3 slots and each row
+    gets its own positions (static cache: start_b hides the padding and the default positions are slot - start_b;
+    dynamic cache: explicit per-row positions, compared on row 0)."""
+    torch.manual_seed(0)
+    m = DeepSeekV3(tiny_config(**kw)).eval()
+    V, n, S = m.config.vocab_size, 9, 5
+    ids = torch.randint(0, V, (2, n))
+    tol = lambda ref: dict(atol=1e-5 * ref.abs().max().item(), rtol=0)
+    with torch.no_grad():
+        pos = 5 + torch.arange(n) + 4 * (torch.arange(n) >= 3)  # (a) an offset and a gap
+        cache = m.new_cache(2, n, static=static)
+        steps = [m(ids[:, :S], pos[:S], cache)]
+        for t in range(S, n):
+            if static:
+                cache.pos.fill_(t)
+            steps.append(m(ids[:, t : t + 1], pos[t : t + 1], cache))
+        ref = m(ids, pos)
+        torch.testing.assert_close(torch.cat(steps, 1), ref, **tol(ref))
+        assert (m(ids) - ref).abs().max() > 1e-3
+        pad = 3  # (b) row 1: 3 padding slots, then its own tokens at positions 0..n-pad-1
+        rows = torch.stack([ids[0], torch.cat([torch.zeros(pad, dtype=torch.long), ids[1, : n - pad]])])
+        per_row = torch.stack([torch.arange(n), (torch.arange(n) - pad).clamp(min=0)])
+        cache = m.new_cache(2, n, static=static)
+        cache.start.copy_(torch.tensor([0, pad]))
+        steps = [m(rows[:, :S], None if static else per_row[:, :S], cache)]
+        for t in range(S, n):
+            if static:
+                cache.pos.fill_(t)
+            steps.append(m(rows[:, t : t + 1], None if static else per_row[:, t : t + 1], cache))
+        got = torch.cat(steps, 1)
+        ref0, ref1 = m(ids[:1]), m(ids[1:, : n - pad])
+        torch.testing.assert_close(got[0], ref0[0], **tol(ref0))
+        if static:  # the dynamic cache has no padding mask: row 1 would see its padding
+            torch.testing.assert_close(got[1, pad:], ref1[0], **tol(ref1))
+
+
+def test_sample_from_matches_multinomial():
+    """The sync-free exponential race draws the same token as torch.multinomial from the same generator state."""
+    w = torch.rand(6, 50) ** 4
+    a = sample_from(w, torch.Generator().manual_seed(5))
+    b = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=torch.Generator().manual_seed(5))[:, 0]
+    assert torch.equal(a, b)

@@ -1,4 +1,5 @@
-"""Tests for dsv3_min.norm: RMSNorm parity with transformers, DeepNorm constants, ResidualNorm, deepnorm_init_."""
+"""Tests for dsv3_min.norm: RMSNorm parity with transformers, DeepNorm constants, deepnorm_init_ (the blocks
+that place the norms, pre-norm and DeepNorm, are tested in test_model.py)."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from torch import nn
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
 from conftest import tiny_config
-from dsv3_min.norm import ResidualNorm, RMSNorm, deepnorm_alpha, deepnorm_beta, deepnorm_init_, rms_norm
+from dsv3_min.norm import RMSNorm, deepnorm_alpha, deepnorm_beta, deepnorm_init_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -50,21 +51,6 @@ def test_deepnorm_constants():
     assert deepnorm_alpha(61) == pytest.approx(122 ** 0.25)
     with pytest.raises(ValueError):
         deepnorm_alpha(0)
-
-
-def test_residual_norm_prenorm_and_deepnorm():
-    """ResidualNorm computes x + f(norm(x)) for prenorm and norm(alpha*x + f(x)) for deepnorm, alpha from the depth."""
-    f = nn.Linear(64, 64)
-    x = torch.randn(2, 5, 64)
-    pre = ResidualNorm(tiny_config(norm_scheme="prenorm"))
-    with torch.no_grad():
-        pre.weight.normal_()
-    torch.testing.assert_close(pre(x, f), x + f(rms_norm(x, pre.weight, pre.eps)))
-    cfg = tiny_config(norm_scheme="deepnorm", num_hidden_layers=8)
-    deep = ResidualNorm(cfg)
-    assert deep.deepnorm_alpha == pytest.approx(2.0)
-    torch.testing.assert_close(deep(x, f), rms_norm(2.0 * x + f(x), deep.weight, deep.eps))
-    assert list(deep.state_dict()) == ["weight"]  # keys stay transformers' `*_layernorm.weight`
 
 
 def test_bad_norm_scheme_raises():

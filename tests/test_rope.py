@@ -168,3 +168,44 @@ def test_frequencies_stay_fp32_after_module_cast():
     for a, b in zip(ref(pos), cast(pos)):
         assert b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_one_fp32_rule_for_router_and_rotary_tables(tmp_path):
+    """KeepsFP32 is the one rule: `model.to(bfloat16)` (and back to fp32, and `.half()`) casts the model but keeps every
+    router weight and correction bias and the rotary inv_freq in fp32 with their values unchanged (no bf16 round
+    trip); fp32_names lists exactly those tensors; from_pretrained(dtype=) and save_pretrained(dtype=) use the same
+    rule."""
+    from conftest import tiny_config
+    from dsv3_min.hf import from_pretrained, save_pretrained
+    from dsv3_min.model import DeepSeekV3
+    from dsv3_min.rope import fp32_names
+
+    cfg = tiny_config()
+    m = DeepSeekV3(cfg)
+    with torch.no_grad():
+        for moe in m.moe_layers():
+            moe.gate.weight.add_(1e-4)  # values bf16 cannot hold
+            moe.gate.e_score_correction_bias.normal_(0, 1e-3)
+    names = fp32_names(m)
+    L = len(m.moe_layers())
+    assert names == {"rotary.inv_freq"} | {n for n, _ in [*m.named_parameters(), *m.named_buffers()]
+                                           if n.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))}
+    assert len(names) == 1 + 2 * L
+    before = {n: t.clone() for n, t in [*m.named_parameters(), *m.named_buffers()] if n in names}
+    for cast in (lambda x: x.to(torch.bfloat16), lambda x: x.float(), lambda x: x.half()):
+        cast(m)
+        tensors = dict([*m.named_parameters(), *m.named_buffers()])
+        assert m.embed_tokens.weight.dtype == cast(torch.zeros(1)).dtype
+        for n, t in before.items():
+            assert tensors[n].dtype == torch.float32 and torch.equal(tensors[n], t), n
+    assert isinstance(m.mtp[0].mlp.gate.weight, torch.nn.Parameter)
+    save_pretrained(m.float(), tmp_path, dtype=torch.bfloat16)
+    from safetensors.torch import load_file
+    on_disk = load_file(str(tmp_path / "model.safetensors"))
+    assert {k for k, t in on_disk.items() if t.dtype == torch.float32} == {
+        k for k in on_disk if k.endswith(("mlp.gate.weight", "e_score_correction_bias"))}
+    loaded = from_pretrained(tmp_path, dtype=torch.bfloat16)
+    tensors = dict([*loaded.named_parameters(), *loaded.named_buffers()])
+    assert loaded.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(tensors[n].dtype == torch.float32 and torch.equal(tensors[n], t) for n, t in before.items())
+

@@ -18,7 +18,7 @@ from _tiny_run import losses, tiny_corpus_fixture, train_argv  # noqa: F401
 
 from dsv3_min import from_pretrained
 from dsv3_min.__main__ import main
-from dsv3_min.checkpoint import checkpoint_problem, list_checkpoints
+from dsv3_min.hf import checkpoint_problem, list_checkpoints
 from dsv3_min.train import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ from .validate import Validated, check_names, rule, validate_fields
 from .data import get_batch, iter_val_batches, load_corpus, pack
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
 from .hf import CheckpointError
-from .model import DeepSeekV3, generate
+from .model import DeepSeekV3, reference_generate
 from .optim import flops_per_token, lr_at, make_optimizer, peak_flops
 from .tokenizer import get_tokenizer
 
@@ -563,7 +563,7 @@ def sample_text(model, tok, prompt: str = "", max_new_tokens: int = 200, tempera
         raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings ({limit}); ask for at most {limit - len(ids)} new tokens")
     x = torch.tensor(ids, dtype=torch.long, device=model.embed_tokens.weight.device)
-    out = (decode or generate)(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+    out = (decode or reference_generate)(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                eos_token_id=tok.eos_id, **decode_kwargs)
     new = [i for i in out[len(ids):].tolist() if i != tok.eos_id]
     return prompt + tok.decode(new)

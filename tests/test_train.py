@@ -1,5 +1,5 @@
-"""Tests of dsv3_min.train: TrainConfig validation, --set parsing, evaluation, exact resume, stopping, summary.json,
-and the loop reused on a model built elsewhere."""
+"""Tests of dsv3_min.train: TrainConfig validation, --set parsing (the CLI's), the validation loss, the training step,
+exact resume, stopping, summary.json, and the loop reused on a model built elsewhere."""
 import contextlib
 import dataclasses
 import json
@@ -15,18 +15,11 @@ import torch
 from _tiny_run import TINY_SET, Child, freeze_at, losses, tiny_corpus_fixture, train_argv, wait_for_step  # noqa: F401
 
 from conftest import tiny_config
-from dsv3_min.__main__ import main
+from dsv3_min.__main__ import main, split_overrides
 from dsv3_min.checkpoint import list_checkpoints, load_checkpoint
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.optim import make_optimizer
-from dsv3_min.train import (
-    TrainConfig,
-    evaluate,
-    read_metrics,
-    split_overrides,
-    train_config_for,
-    train_loop,
-)
+from dsv3_min.train import TrainConfig, read_metrics, train_config_for, train_loop, train_step, val_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,13 +72,13 @@ def test_train_config_from_dict_names_unknown_keys_and_converts_ints():
     assert (tc.lr, tc.time_budget) == (1.0, 5.0) and isinstance(tc.time_budget, float)
 
 
-def test_evaluate_uniform_model_gives_log_vocab():
+def test_val_loss_uniform_model_gives_log_vocab():
     """A model whose logits are all zero has val loss ln V exactly, and bits/byte = log2(V)·tokens/bytes."""
     cfg = tiny_config()
     model = DeepSeekV3(cfg)
     torch.nn.init.zeros_(model.lm_head.weight)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 1000).astype(np.uint16)
-    vl = evaluate(model, tokens, 4, 32, None, torch.device("cpu"), contextlib.nullcontext)
+    vl = val_loss(model, tokens, 4, 32, None, torch.device("cpu"), contextlib.nullcontext)
     assert vl == pytest.approx(math.log(cfg.vocab_size), rel=1e-6)
 
 
@@ -162,33 +155,57 @@ def test_train_loop_continues_a_model_built_elsewhere(tiny_corpus, tmp_path):
     assert r.step == 8 and r.losses == [loss for step, loss in losses(tmp_path / "a") if step > 4]
 
 
-def test_compile_goes_through_the_strategy(tiny_corpus, tmp_path):
-    """With `compile=true` the loop asks its strategy for the compiled loss (`Single`: `torch.compile(model.loss)`;
-    under torchrun `ExpertParallel` compiles each block instead) and trains with what it returns: here a strategy
-    whose `compile` hands back a counting wrapper of `model.loss`, so nothing is compiled; one call, every step runs
-    through the wrapper, and the losses are those of the uncompiled run."""
+def test_compile_compiles_the_loss_function(tiny_corpus, tmp_path, monkeypatch):
+    """With `compile=true` (one process) `train` hands `torch.compile(lm_loss)` to the loop, once, and every micro-batch
+    runs through what it returned: here `torch.compile` is replaced by a counting wrapper (nothing is compiled); one
+    call, 3 steps through it, and the losses are those of the uncompiled run."""
+    import dsv3_min.train as tr
     from dsv3_min.__main__ import _configs
-    from dsv3_min.train import Single, prepare_data
 
-    class Counting(Single):
-        asked, calls = 0, 0
+    asked, calls = [], []
 
-        def compile(self, model):
-            self.asked += 1
-
-            def loss(*a):
-                self.calls += 1
-                return model.loss(*a)
-            return loss
+    def fake_compile(fn, **kw):
+        asked.append(fn)
+        return lambda *a: calls.append(1) or fn(*a)
 
     cfg, tc = _configs("cpu-tiny", list(TINY_SET), corpus=str(tiny_corpus), max_steps=3)
-    data = prepare_data(tc.corpus, cfg.vocab_size, log=lambda *a: None)
-    runs = {}
-    for name, t in (("plain", tc), ("compiled", dataclasses.replace(tc, compile=True))):
-        torch.manual_seed(t.seed)
-        model = DeepSeekV3(cfg)
-        s = Counting()
-        runs[name] = (train_loop(model, make_optimizer(model, t, torch.device("cpu")), data, t, tmp_path / name,
-                                 progress=False, strategy=s).losses, s.asked, s.calls)
-    assert runs["plain"][1:] == (0, 0) and runs["compiled"][1:] == (1, 3)
-    assert runs["compiled"][0] == runs["plain"][0]
+    data = tr.prepare_data(tc.corpus, cfg.vocab_size, log=lambda *a: None)
+    plain = tr.train(cfg, tc, tmp_path / "plain", data=data, progress=False, log=lambda *a: None).losses
+    assert not asked and not calls
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compiled = tr.train(cfg, dataclasses.replace(tc, compile=True), tmp_path / "compiled", data=data, progress=False,
+                        log=lambda *a: None).losses
+    assert asked == [tr.lm_loss] and len(calls) == 3 and compiled == plain
+
+
+def test_train_step_is_backward_clip_adamw_and_the_router_update():
+    """One `train_step` (two micro-batches) equals, bit for bit, the documented sequence done by hand on a twin
+    model: the mean of the micro-batch losses backpropagated, `clip_grad_norm_`, AdamW at the given learning rate,
+    then `update_router_biases` on the step's expert load. Its loss parts and norm are the hand-made ones, the weights
+    after it are equal, and so are the router biases, which moved (a step that skips the aux-loss-free bias update,
+    or applies it to another load, fails here)."""
+    cfg = tiny_config(bias_update_speed=0.01)
+    torch.manual_seed(0)
+    model, twin = DeepSeekV3(cfg), DeepSeekV3(cfg)
+    twin.load_state_dict(model.state_dict())
+    tc = TrainConfig(lr=1e-2)
+    opt, opt2 = (make_optimizer(m, tc, torch.device("cpu")) for m in (model, twin))
+    g = torch.Generator().manual_seed(1)
+    batches = [(x[:, :-1], x[:, 1:]) for x in torch.randint(0, cfg.vocab_size, (2, 2, 9), generator=g)]
+    before = [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()]
+    parts, norm = train_step(model, opt, batches, lr=3e-3, grad_clip=0.5)
+    want = torch.zeros(4)
+    for x, y in batches:
+        lp = twin.loss(x, y)
+        (lp.loss / 2).backward()
+        want += torch.stack([t.detach().float() for t in lp]) / 2
+    want_norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    for group in opt2.param_groups:
+        group["lr"] = 3e-3
+    opt2.step()
+    twin.update_router_biases()
+    assert torch.equal(parts, want) and torch.equal(norm, want_norm) and float(norm) > 0.5
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    after = [m.gate.e_score_correction_bias for m in model.moe_layers()]
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))
+    assert all(p.grad is None for p in model.parameters())  # ready for the next step

@@ -92,16 +92,17 @@ def max_over_ranks(*values: float) -> tuple:
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     "Clip the global gradient norm of `params` (plain tensors and DTensors of any mesh) to `max_norm`; the norm."
-    params = [p for p in params if p.grad is not None]
-    groups = defaultdict(list)
+    groups = defaultdict(list)  # one group per device mesh (None: plain tensors): foreach ops cannot mix meshes
     for p in params:
-        groups[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p.grad)
+        if p.grad is not None:
+            groups[p.grad.device_mesh if isinstance(p.grad, DTensor) else None].append(p)
     norms = []
-    for grads in groups.values():
-        n = torch.nn.utils.get_total_norm(grads)
+    for ps in groups.values():
+        n = torch.nn.utils.get_total_norm([p.grad for p in ps])
         norms.append(n.full_tensor() if isinstance(n, DTensor) else n)
     total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    for ps in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total)
     return total
 
 # %% ../notebooks/14a_dist.ipynb #54453f7c
@@ -112,7 +113,9 @@ def gather_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[di
 
 
 def optimizer_state_by_name(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    "The optimizer's state dict keyed by parameter name, whole tensors (take it before sharding the model)."
+    "The optimizer's state dict keyed by parameter name, whole tensors (take it before sharding); {} before any step."
+    if not opt.state:  # DCP would first initialise the state with a step of zero gradients (Adam's step count 1)
+        return {}
     return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
 
 

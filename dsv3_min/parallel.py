@@ -7,6 +7,7 @@ import os
 from dataclasses import replace
 from functools import partial
 from math import ceil
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -119,20 +120,20 @@ class EPExperts(Experts):
         self.n_experts, self.intermediate = E // ep, experts.intermediate  # `Experts.forward` sees the local experts
         for name in ("gate_up_proj", "down_proj"):  # every rank holds the same whole tensor: each keeps its slice
             whole = getattr(experts, name).detach()
-            self.register_parameter(name, nn.Parameter(distribute_tensor(whole, ep_mesh, [Shard(0)], src_data_rank=None)))
+            self._parameters[name] = nn.Parameter(distribute_tensor(whole, ep_mesh, [Shard(0)], src_data_rank=None))
 
-    @property
-    def gate_up_proj(self) -> torch.Tensor:
-        return self._parameters["gate_up_proj"].to_local()  # (E/ep, 2I, d): this rank's experts
-
-    @property
-    def down_proj(self) -> torch.Tensor:
-        return self._parameters["down_proj"].to_local()  # (E/ep, d, I)
+    def local_experts(self) -> SimpleNamespace:
+        "This rank's experts as plain tensors (`to_local()`: the gradient flows back into the DTensors)."
+        mine = SimpleNamespace(n_experts=self.n_experts, intermediate=self.intermediate,
+                               gate_up_proj=self._parameters["gate_up_proj"].to_local(),  # (E/ep, 2I, d)
+                               down_proj=self._parameters["down_proj"].to_local())  # (E/ep, d, I)
+        mine.forward_loop = partial(Experts.forward_loop, mine)
+        return mine
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
         "`x (T, d)`, gating `weights (T, k)`, global expert `idx (T, k)` -> `Σ_k weight · expert(x)`, `(T, d)`."
         xs, local, plan = self.dispatch(x, idx)
-        ys = super().forward(xs, xs.new_ones(len(xs), 1), local[:, None], impl)  # grouped matmul, weight 1
+        ys = Experts.forward(self.local_experts(), xs, xs.new_ones(len(xs), 1), local[:, None], impl)  # weight 1
         y = rearrange(self.combine(ys, plan), "(t k) d -> t k d", k=idx.shape[1])
         return reduce(y.float() * weights.float()[..., None], "t k d -> t d", "sum").to(x.dtype)
 
@@ -180,6 +181,9 @@ def parallelize(model: DeepSeekV3, mesh: DeviceMesh, compile: bool = False) -> D
             m.experts = EPExperts(m.experts, mesh["ep"])
             fully_shard(m.experts, mesh=mesh["dp"])
             m.experts.set_gradient_divide_factor(float(mesh.size()))  # Σ over dp of per-rank means, / W
+            # a SUM, then / W (gloo has no PREMUL_SUM); with one dp rank FSDP2 divides without a collective, and
+            # forcing the sum there would divide twice (torch 2.13)
+            m.experts.set_force_sum_reduction_for_comms(mesh["dp"].size() > 1)
     if compile:
         compile_blocks(model)
     world_mesh = DeviceMesh.from_group(dist.group.WORLD, mesh.device_type)

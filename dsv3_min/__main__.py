@@ -27,7 +27,8 @@ from .hf import from_pretrained
 from .infer import generate as fast_generate
 from .lora import ADAPTER_CONFIG, load_adapter
 from .model import generate
-from .train import (TRAIN_PRESETS, NonFiniteLoss, SaveFailed, TrainConfig, prepare_data, resolve_device, train,
+from .step import NonFiniteLoss
+from .train import (TRAIN_PRESETS, SaveFailed, TrainConfig, prepare_data, resolve_device, train,
                             train_config_for)
 from .data import load_corpus
 from .tokenizer import get_tokenizer, tokenizer_stats

@@ -13,10 +13,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
+from .model import DeepSeekV3
+from .optim import make_optimizer
+
 # %% auto #0
 __all__ = ['launched_by_torchrun', 'world_size', 'rank', 'is_rank0', 'barrier', 'rank0_first', 'my_rows', 'global_mean',
            'sum_over_ranks_', 'max_over_ranks', 'clip_grad_norm_', 'gather_state', 'optimizer_state_by_name',
-           'load_optimizer_state']
+           'load_optimizer_state', 'single_process_copy']
 
 # %% ../notebooks/14a_dist.ipynb #d3ec05c5
 def launched_by_torchrun() -> bool:
@@ -123,3 +126,24 @@ def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, sta
     "Give `opt` (over `model`, sharded or not) the whole-tensor `state` of `optimizer_state_by_name`."
     if state.get("state"):
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def single_process_copy(model: DeepSeekV3, opt: torch.optim.Optimizer, tc):
+    "Collective: the ordinary single-process model and optimizer behind sharded ones, on CPU on rank 0 (else None)."
+    msd, osd = gather_state(model, opt)
+    if not is_rank0():
+        return None, None
+    with torch.device("meta"):  # no initialisation, no random numbers drawn
+        plain = DeepSeekV3(model.config)
+    plain.load_state_dict(msd, assign=True, strict=False)  # a tied head is stored once
+    if model.config.tie_word_embeddings:
+        plain.lm_head.weight = plain.embed_tokens.weight
+    for n, b in model.named_buffers():  # non-persistent buffers (RoPE frequencies, load counters)
+        mod, _, leaf = n.rpartition(".")
+        if getattr(plain.get_submodule(mod), leaf).is_meta:
+            plain.get_submodule(mod).register_buffer(leaf, b.detach().cpu().clone(), persistent=False)
+    plain_opt = make_optimizer(plain, tc, torch.device("cpu"))  # `tc`: the run's TrainConfig
+    for g in plain_opt.param_groups:  # the one hyper-parameter the loop changes
+        g["lr"] = osd["param_groups"][0]["lr"]
+    plain_opt.state.update({plain.get_parameter(n): st for n, st in osd["state"].items()})
+    return plain, plain_opt

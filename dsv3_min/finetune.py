@@ -21,8 +21,8 @@ from .optim import make_optimizer
 from .moe import Experts
 from .quant import NF4Linear, NF4Tensor, nf4_dequantize, nf4_quantize
 from .tokenizer import ASSISTANT, chat_segments
-from .train import (RESUME_FIXED, TrainConfig, TrainData, autocast_for, lm_loss, resolve_device, train_loop,
-                            val_loss)
+from .step import lm_loss, val_loss
+from .train import RESUME_FIXED, TrainConfig, TrainData, autocast_for, resolve_device, train_loop
 
 # %% auto #0
 __all__ = ['METHODS', 'FINETUNE_TRAIN_DEFAULTS', 'METHOD_LR', 'SFT_MODULES', 'FinetuneConfig', 'NF4Weight', 'NF4Experts',

@@ -21,18 +21,19 @@ from tqdm import tqdm
 from .checkpoint import (CKPT_PREFIX, check_config, latest_checkpoint, list_checkpoints, load_checkpoint,
                                  read_state, save_checkpoint)
 from .config import PRESETS, ModelConfig, Validated, check_names, rule, validate_fields
-from .data import get_batch, iter_val_batches, load_corpus, pack
+from .data import get_batch, load_corpus, pack
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
 from .hf import CheckpointError
 from . import dist
-from .model import DeepSeekV3, LossParts
+from .model import DeepSeekV3
 from .optim import flops_per_token, lr_at, make_optimizer, peak_flops
+from .step import NonFiniteLoss, lm_loss, train_step, val_loss
 from .tokenizer import get_tokenizer
 
 # %% auto #0
-__all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for', 'val_loss', 'TrainData',
-           'prepare_data', 'NonFiniteLoss', 'SaveFailed', 'resolve_device', 'autocast_for', 'read_metrics', 'lm_loss',
-           'update_router_biases', 'train_step', 'TrainResult', 'train_loop', 'resume_into', 'train', 'write_summary']
+__all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for', 'TrainData', 'prepare_data',
+           'SaveFailed', 'resolve_device', 'autocast_for', 'read_metrics', 'TrainResult', 'train_loop', 'resume_into',
+           'train', 'write_summary']
 
 # %% ../notebooks/15_train.ipynb #009cc7f2
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -105,23 +106,6 @@ def train_config_for(preset: str, **overrides) -> TrainConfig:
         raise ValueError(f"unknown preset {preset!r}; available: {known}")
     return TrainConfig.from_dict({**TRAIN_PRESETS.get(preset, {}), **overrides})
 
-# %% ../notebooks/15_train.ipynb #2947457e
-@torch.no_grad()
-def val_loss(model, tokens, batch_size: int, seq_len: int, max_batches: int | None, device, autocast) -> float:
-    "Mean next-token loss (nats) of `model` on validation windows: all, or `max_batches` spread over the split."
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in iter_val_batches(tokens, batch_size, seq_len, max_batches):
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        total += loss.item()
-        count += y.numel()
-    model.train(was_training)
-    return total / count
-
 # %% ../notebooks/15_train.ipynb #9b7d1b96
 @dataclass
 class TrainData:
@@ -145,10 +129,6 @@ def prepare_data(corpus: str, vocab_size: int, cache_dir: str | Path | None = No
     return TrainData(tok, packed.train, packed.val, 1 / packed.bytes_per_token("val"))
 
 # %% ../notebooks/15_train.ipynb #4666ef19
-class NonFiniteLoss(FloatingPointError):
-    "The loss became NaN or infinite; the message names the step and the last good checkpoint."
-
-
 class SaveFailed(RuntimeError):
     "A checkpoint could not be written (e.g. a full disk); the message names it and the previous, intact one."
 
@@ -215,45 +195,6 @@ def _reset_metrics(path: Path, last_step: int) -> None:
     "Keep only the records of steps <= last_step, rewriting the file atomically (nothing at all for a new run)."
     if path.exists():
         write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= last_step] if last_step else [])
-
-# %% ../notebooks/15_train.ipynb #fcffdbc4
-def lm_loss(model: DeepSeekV3, x: torch.Tensor, y: torch.Tensor) -> LossParts:
-    "The pre-training loss: next token + MTP + balance (`model.loss`)."
-    return model.loss(x, y)
-
-
-@torch.no_grad()
-def update_router_biases(model: DeepSeekV3) -> None:
-    "Aux-loss-free balancing on the global load: every MoE's per-expert counts summed over ranks, then the update."
-    for m in model.moe_layers():
-        dist.sum_over_ranks_(m.load)
-    model.update_router_biases()
-
-
-def train_step(model, opt: torch.optim.Optimizer, batches, loss_fn: Callable = lm_loss, lr: float | None = None,
-               grad_clip: float = 0.0, autocast: Callable = contextlib.nullcontext,
-               check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    "One optimizer step over micro-batches `[(x, y)]`: ([loss, main, mtp, balance] as a tensor, gradient norm)."
-    batches = list(batches)
-    parts = None
-    for x, y in batches:
-        with autocast():
-            lp = loss_fn(model, x, y)
-        (lp.loss / len(batches)).backward()
-        p = torch.stack([t.detach().float() for t in lp]) / len(batches)
-        parts = p if parts is None else parts + p
-    gnorm = dist.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
-    parts = dist.global_mean(parts)
-    if check_finite and not bool(torch.isfinite(parts[0])):
-        opt.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"non-finite loss ({float(parts[0])})")
-    for g in opt.param_groups:
-        if lr is not None:
-            g["lr"] = lr
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    update_router_biases(model)  # also keeps this step's expert loads for `model.moe_stats()`
-    return parts, gnorm
 
 # %% ../notebooks/15_train.ipynb #169762c5
 def _step(loop: _Loop) -> tuple[dict, float]:
@@ -330,32 +271,11 @@ def _stop_reason(loop: _Loop, sigs: _Signals) -> str | None:
     return "done" if loop.step >= tc.max_steps else None
 
 
-def _single_process_copy(model: DeepSeekV3, opt: torch.optim.Optimizer, tc: TrainConfig):
-    "Collective: the ordinary single-process model and optimizer behind sharded ones, on CPU on rank 0 (else None)."
-    msd, osd = dist.gather_state(model, opt)
-    if not dist.is_rank0():
-        return None, None
-    with torch.device("meta"):  # no initialisation, no random numbers drawn
-        plain = DeepSeekV3(model.config)
-    plain.load_state_dict(msd, assign=True, strict=False)  # a tied head is stored once
-    if model.config.tie_word_embeddings:
-        plain.lm_head.weight = plain.embed_tokens.weight
-    for n, b in model.named_buffers():  # non-persistent buffers (RoPE frequencies, load counters)
-        mod, _, leaf = n.rpartition(".")
-        if getattr(plain.get_submodule(mod), leaf).is_meta:
-            plain.get_submodule(mod).register_buffer(leaf, b.detach().cpu().clone(), persistent=False)
-    plain_opt = make_optimizer(plain, tc, torch.device("cpu"))
-    for g, saved in zip(plain_opt.param_groups, osd["param_groups"]):
-        g["lr"] = saved["lr"]
-    plain_opt.state.update({plain.get_parameter(n): st for n, st in osd["state"].items()})
-    return plain, plain_opt
-
-
 def _save(loop: _Loop) -> None:
     "Checkpoint the current step; a failed write raises `SaveFailed` naming the previous, intact checkpoint."
     model, opt = loop.model, loop.opt
     if dist.world_size() > 1:  # the checkpoint is the single-process one: gathered, written by rank 0
-        model, opt = _single_process_copy(model, opt, loop.tc)
+        model, opt = dist.single_process_copy(model, opt, loop.tc)
     if model is None:
         return
     try:

@@ -15,7 +15,7 @@ from dsv3_min import dist as dd
 from dsv3_min import parallel as par
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.optim import param_groups
-from dsv3_min.train import train_step
+from dsv3_min.step import train_step
 
 STEPS, BATCH, SEQ, LR = 10, 4, 8, 1e-3
 CLIP = 0.05  # below every step's gradient norm here, so clipping scales every step (the reference asserts it)

@@ -19,7 +19,8 @@ from dsv3_min.__main__ import main, split_overrides
 from dsv3_min.checkpoint import list_checkpoints, load_checkpoint
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.optim import make_optimizer
-from dsv3_min.train import TrainConfig, read_metrics, train_config_for, train_loop, train_step, val_loss
+from dsv3_min.step import lm_loss, train_step, val_loss
+from dsv3_min.train import TrainConfig, read_metrics, train_config_for, train_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -175,7 +176,7 @@ def test_compile_compiles_the_loss_function(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", fake_compile)
     compiled = tr.train(cfg, dataclasses.replace(tc, compile=True), tmp_path / "compiled", data=data, progress=False,
                         log=lambda *a: None).losses
-    assert asked == [tr.lm_loss] and len(calls) == 3 and compiled == plain
+    assert asked == [lm_loss] and len(calls) == 3 and compiled == plain
 
 
 def test_train_step_is_backward_clip_adamw_and_the_router_update():

@@ -89,7 +89,7 @@ from dsv3_min.report import (
     unpack_results,
 )
 from dsv3_min.tokenizer import Tokenizer, train_tokenizer
-from dsv3_min.train import TrainData, sample_text, train
+from dsv3_min.train import TrainData, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CARRY = ROOT / ".device_carry" / "gpu_mix"
@@ -272,6 +272,7 @@ def train_one(name: str, overrides: dict, out: Path, data, preset: str = PRESET)
 
 def samples(run_dir: Path, device: str, n_tokens: int = 160) -> list[dict]:
     "Continuations of `PROMPTS` from the run's final checkpoint (temperature 0.8, top-k 50, seed 0)."
+    from dsv3_min.infer import sample_text  # notebook 17 (it left train.py)
     model, tok = load_trained(run_dir, device)
     return [dict(prompt=p, temperature=0.8, top_k=50, seed=0,
                  text=sample_text(model, tok, p, n_tokens, 0.8, 50, None, 0)) for p in PROMPTS]

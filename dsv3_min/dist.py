@@ -123,7 +123,7 @@ def optimizer_state_by_name(model: torch.nn.Module, opt: torch.optim.Optimizer) 
 
 
 def load_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    "Give `opt` (over `model`, sharded or not) the whole-tensor `state` of `optimizer_state_by_name`."
+    "Give a fresh `opt` (over `model`, sharded or not, no gradients yet) the whole-tensor `state` of a single-process one."
     if state.get("state"):
         set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 

@@ -11,6 +11,7 @@ import torch
 from . import dist
 from .data import iter_val_batches
 from .model import DeepSeekV3, LossParts
+from .moe import MoE
 
 # %% auto #0
 __all__ = ['NonFiniteLoss', 'lm_loss', 'update_router_biases', 'train_step', 'val_loss']
@@ -26,11 +27,13 @@ def lm_loss(model: DeepSeekV3, x: torch.Tensor, y: torch.Tensor) -> LossParts:
 
 
 @torch.no_grad()
-def update_router_biases(model: DeepSeekV3) -> None:
-    "Aux-loss-free balancing on the global load: every MoE's per-expert counts summed over ranks, then the update."
-    for m in model.moe_layers():
+def update_router_biases(model) -> None:
+    "Aux-loss-free balancing on the global load: every MoE's expert counts summed over ranks, then the model's update."
+    moes = [m for m in model.modules() if isinstance(m, MoE)]  # none in a model without our MoE (transformers')
+    for m in moes:
         dist.sum_over_ranks_(m.load)
-    model.update_router_biases()
+    if moes:
+        model.update_router_biases()
 
 
 def train_step(model, opt: torch.optim.Optimizer, batches, loss_fn: Callable = lm_loss, lr: float | None = None,

@@ -20,7 +20,7 @@ Order (each stage appends to `--out/distill.json`, so a cut-off call still leave
               scratch_s1  plain CE with seed 1 (other init, other batch order): seed noise = |scratch - scratch_s1|
               equal_time  plain CE for as many seconds as the online student took (teacher forwards included)
   decode    greedy 256 tokens after a 32-token prompt at batch 1, bf16 weights, `dsv3_min.infer.generate` (static
-            caches, CUDA graph) when that module exists, else `dsv3_min.model.generate`; tok/s and peak memory
+            caches, CUDA graph); tok/s and peak memory
 
 Top-level keys of distill.json: scratch_bpb, distilled_bpb (online, full KL), distilled_topk_bpb, teacher_bpb,
 seed_noise_bpb, gap_closed_pct, student_params, teacher_params, decode_speedup_b1, equal_time_scratch_bpb, targets.
@@ -43,7 +43,7 @@ from dsv3_min.data import load_corpus, pack
 from dsv3_min.distill import DistillConfig, distill, student_config, write_teacher_cache
 from dsv3_min.files import write_json
 from dsv3_min.hf import from_pretrained
-from dsv3_min.model import generate as plain_generate
+from dsv3_min.infer import generate
 from dsv3_min.tokenizer import train_tokenizer
 from dsv3_min.train import TrainConfig, TrainData, read_metrics, train
 
@@ -81,11 +81,7 @@ def summary(r) -> dict:
 @torch.no_grad()
 def decode_speed(model, prompt: torch.Tensor, new: int) -> dict:
     "Greedy tokens/s at batch 1 (a warm-up call first) and peak memory, weights included."
-    try:
-        from dsv3_min.infer import generate as fast
-        gen, engine = (lambda m, x, n: fast(m, x, n, temperature=0.0)), "dsv3_min.infer.generate"
-    except ImportError:
-        gen, engine = (lambda m, x, n: plain_generate(m, x, n, temperature=0.0)), "dsv3_min.model.generate"
+    gen, engine = (lambda m, x, n: generate(m, x, n, temperature=0.0)), "dsv3_min.infer.generate"
     cuda = prompt.device.type == "cuda"
     if cuda:  # memory of this model's decoding: what the calls allocate beyond what is already resident
         torch.cuda.synchronize()

@@ -114,7 +114,7 @@ def test_docstring_qa_is_held_out_by_module_and_masks_the_answer(base_and_domain
     assert [int(i) for i in ids[mask][: len(first)]] == first  # the first masked-in tokens are the answer
 
 
-def test_run_finetune_command(base_and_domain, tmp_path, capsys):
+def test_finetune_command(base_and_domain, tmp_path, capsys):
     """cmd_finetune (the CLI subcommand's body) fine-tunes from parsed args, prints one summary line, writes
     finetune.json and a peft adapter; a second run into the same --out without --resume is refused."""
     base, dom, base_corpus = base_and_domain

@@ -2,7 +2,7 @@
 dependencies."""
 import pytest
 
-from dsv3_min import pipeline as par
+from dsv3_min import pipeline as pl
 
 
 def test_schedule_bubbles_match_table2():
@@ -13,27 +13,27 @@ def test_schedule_bubbles_match_table2():
     import itertools
     for P, (F, B, W) in itertools.product((2, 4, 8), [(1, 2, 0), (1, 2, 0.5), (2, 3, 1), (1, 2, 1), (0.5, 1, 0.5)]):
         for M in (P, 2 * P + 2):
-            for name, make in [("1f1b", par.schedule_1f1b), ("zb1p", par.schedule_zb1p)]:
-                t, ref = par.simulate(make(P, M), F, B, W), par.table2(name, P, F, B, W)
+            for name, make in [("1f1b", pl.schedule_1f1b), ("zb1p", pl.schedule_zb1p)]:
+                t, ref = pl.simulate(make(P, M), F, B, W), pl.table2(name, P, F, B, W)
                 assert max(t.bubble) == pytest.approx(ref["bubble"], abs=1e-9), (name, P, M, F, B, W)
                 assert max(t.peak_activations) == ref["activations"], (name, P, M)
     for P, (F, W), M_extra in itertools.product((2, 4, 6, 8), [(1, 0), (1, 0.5), (2, 1), (1, 1)], (0, 4)):
         B = F + W
         for FB in (B, (B + F + B) / 2, F + B):
-            t = par.simulate(par.schedule_dualpipe(P, 2 * P + M_extra), F, B, W, FB)
-            ref = par.table2("dualpipe", P, F, B, W, FB)
+            t = pl.simulate(pl.schedule_dualpipe(P, 2 * P + M_extra), F, B, W, FB)
+            ref = pl.table2("dualpipe", P, F, B, W, FB)
             assert max(t.bubble) == pytest.approx(ref["bubble"], abs=1e-9), (P, F, B, W, FB)
             assert max(t.peak_activations) == ref["activations"], (P, F, B, W, FB)
     with pytest.raises(ValueError, match="even P and an even M >= 2P"):
-        par.schedule_dualpipe(4, 6)
+        pl.schedule_dualpipe(4, 6)
 
 
 def test_schedules_respect_dependencies():
     """Every op starts after its inputs (the previous stage's forward, the next stage's input gradient, + comm),
     each device's ops never overlap, and every micro-batch gets exactly one forward and one backward per stage."""
     P, M, comm = 4, 8, 0.3
-    for make in (par.schedule_1f1b, par.schedule_zb1p, par.schedule_dualpipe):
-        t = par.simulate(make(P, M), 1.0, 2.0, 0.5, 2.5, comm=comm)
+    for make in (pl.schedule_1f1b, pl.schedule_zb1p, pl.schedule_dualpipe):
+        t = pl.simulate(make(P, M), 1.0, 2.0, 0.5, 2.5, comm=comm)
         ends = {}
         for r, tasks in enumerate(t.tasks):
             for (_, e0, _), (s1, _, _) in zip(tasks, tasks[1:]):
@@ -46,5 +46,5 @@ def test_schedules_respect_dependencies():
         assert len(ends) == 2 * P * M  # one forward and one input gradient per (micro-batch, stage)
         for r, tasks in enumerate(t.tasks):
             for s, _, op in tasks:
-                for k in par._inputs(op, r, P):
+                for k in pl._inputs(op, r, P):
                     assert s >= ends[k[:4]] + comm * k[4] - 1e-12, (make.__name__, r, op)

@@ -10,9 +10,10 @@ Every number is tokens/s of one optimizer step (batch x seq_len tokens), the med
                      autocast and `get_batch` batches that `train` builds (MTP off): the same code as loop_tok_s,
                      without the loop's logging, so the two should agree within a few percent;
   hf_compiled_tok_s  transformers' DeepseekV3ForCausalLM with the same weights (ours -> save_pretrained ->
-                     from_pretrained, MTP off: transformers has none), the same batches, fp32 master weights under
-                     bf16 autocast, its own loss, and the same `train_step` (clip, AdamW), under plain
-                     `torch.compile(model)`;
+                     from_pretrained, MTP off: transformers has none), the same batches, its own loss, and the same
+                     `train_step` (clip, AdamW), under plain `torch.compile(model)`; in bf16 weights on the GPU (its
+                     grouped expert GEMM casts its input to the weight dtype: fp32 master weights would run the
+                     experts in fp32), where ours keeps fp32 master weights under bf16 autocast as the loop does;
   hf_eager_tok_s     the same, eager.
 
 MFU = F * tokens/s / peak with F = `optim.flops_per_token(cfg, seq_len)` = 6 * N_matmul + 3 * L * H * S * (d_qk + d_v)
@@ -194,8 +195,14 @@ def main() -> None:
                 if left() < 45 or (key == "hf_compiled_tok_s" and not a.compile):
                     continue
                 torch._dynamo.reset()
-                hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).train()
-                record(key, timed(hf_step(hf, replace(tc, compile=compiled), device, tokens), a.steps, a.skip, device))
+                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).train()
+                try:
+                    record(key, timed(hf_step(hf, replace(tc, compile=compiled, dtype="fp32"), device, tokens),
+                                      a.steps, a.skip, device))
+                except Exception as e:  # a baseline that fails is reported, not fatal
+                    res["variants"][key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+                    print(key, res["variants"][key]["error"], flush=True)
                 del hf
                 gc.collect()
     if "loop_tok_s" in res and "bench_tok_s" in res:

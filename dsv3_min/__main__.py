@@ -74,22 +74,27 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def split_overrides(items: list[str], *configs: type) -> list[dict[str, Any]]:
-    "`name=value` strings -> one dict of parsed values per config class (default: ModelConfig, TrainConfig)."
+def _pair(item: str) -> tuple[str, Any]:
+    "'name=value' -> (name, parsed value)."
+    if "=" not in item:
+        raise ValueError(f"--set expects name=value, got {item!r}")
+    name, value = item.split("=", 1)
+    return name.strip(), parse_value(value.strip())
+
+
+def split_overrides(items: list[str] | dict[str, Any], *configs: type) -> list[dict[str, Any]]:
+    "`name=value` strings (or a dict) -> one dict of values per config class (default: ModelConfig, TrainConfig)."
     configs = configs or (ModelConfig, TrainConfig)
     names = [{f.name for f in fields(c)} for c in configs]
     out = [{} for _ in configs]
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects name=value, got {item!r}")
-        name, value = (t.strip() for t in item.split("=", 1))
+    for name, value in items.items() if isinstance(items, dict) else map(_pair, items):
         i = next((i for i, n in enumerate(names) if name in n), None)
         if i is None:
             close = get_close_matches(name, sorted(set().union(*names)), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"unknown field {name!r} in --set; {hint}"
                              + "; ".join(f"{c.__name__} fields: {sorted(n)}" for c, n in zip(configs, names)))
-        out[i][name] = parse_value(value)
+        out[i][name] = value
     return out
 
 # %% ../notebooks/24_cli.ipynb #808f7948

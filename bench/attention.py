@@ -24,9 +24,19 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from attention_common import HEADS, SHAPES, TOKENS, bench_ms, bench_point, log, make_inputs, rel_err, table
+from attention_common import (
+    HEADS,
+    SHAPES,
+    TOKENS,
+    bench_ms,
+    bench_point,
+    case_inputs,
+    errors_vs_eager,
+    log,
+    make_inputs,
+    table,
+)
 
-from dsv3_min.attention import attend
 from dsv3_min.flash import FWD_BWD_FLOPS, FlashConfig, Tiles, attention_flops, default_config
 from dsv3_min.flash_backend import flash_attention
 from dsv3_min.flash_triton import TritonFlashAttention, triton_flash_backward, triton_flash_forward
@@ -41,19 +51,10 @@ def poison():
 
 def check_case(b, hq, hkv, sq, sk, dqk, dv, causal, dt, seed, cfg=None):
     """One case: our kernel (default tiles, or `cfg`) vs fp32 eager attention on fresh random inputs."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(b, hq, sq, dqk, device="cuda", generator=g).to(dt).requires_grad_()
-    k = torch.randn(b, hkv, sk, dqk, device="cuda", generator=g).to(dt).requires_grad_()
-    v = torch.randn(b, hkv, sk, dv, device="cuda", generator=g).to(dt).requires_grad_()
-    do = torch.randn(b, hq, sq, dv, device="cuda", generator=g).to(dt)
-    ref = attend(q.float(), k.float(), v.float(), causal)  # the reference: eager, fp32
-    ref_g = torch.autograd.grad(ref, (q, k, v), do.float())
-    poison()
-    o = flash_attention(q, k, v, causal) if cfg is None else TritonFlashAttention.apply(q, k, v, causal, dqk**-0.5, cfg)
-    grads = torch.autograd.grad(o, (q, k, v), do)
-    # a gradient that is exactly zero (one key: softmax is constant) is compared by its largest absolute value
-    errs = [rel_err(o, ref)] + [rel_err(x, r) if r.abs().max() > 0 else x.abs().max().item()
-                                for x, r in zip(grads, ref_g)]
+    q, k, v, do = case_inputs(b, hq, hkv, sq, sk, dqk, dv, dt, seed)
+    kernel = (lambda q, k, v: flash_attention(q, k, v, causal)) if cfg is None else (
+        lambda q, k, v: TritonFlashAttention.apply(q, k, v, causal, dqk**-0.5, cfg))
+    errs = errors_vs_eager(kernel, q, k, v, do, causal, before=poison)
     tol = 1e-5 if dt == torch.float32 else 1e-2  # fp32 ("ieee" dots) measured 4.1e-7 on the H200
     row = dict(b=b, hq=hq, hkv=hkv, sq=sq, sk=sk, dqk=dqk, dv=dv, causal=causal, dtype=str(dt).split(".")[-1],
                tiles="default" if cfg is None else "swept", err_o=errs[0], err_dq=errs[1], err_dk=errs[2],

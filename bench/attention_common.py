@@ -5,7 +5,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dsv3_min.attention import flash_attn_func, flash_attn_package
+from dsv3_min.attention import attend, flash_attn_func, flash_attn_package
 from dsv3_min.flash import FWD_BWD_FLOPS, attention_flops
 from dsv3_min.flash_triton import TritonFlashAttention
 
@@ -27,6 +27,28 @@ def rel_err(x, ref):
     if not torch.isfinite(x).all():
         return float("inf")
     return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def case_inputs(b, hq, hkv, sq, sk, dqk, dv, dt, seed):
+    """Fresh random q, k, v (requiring grad) and dO of a correctness case, (b, h, s, d), in dtype `dt`."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(b, hq, sq, dqk, device="cuda", generator=g).to(dt).requires_grad_()
+    k = torch.randn(b, hkv, sk, dqk, device="cuda", generator=g).to(dt).requires_grad_()
+    v = torch.randn(b, hkv, sk, dv, device="cuda", generator=g).to(dt).requires_grad_()
+    return q, k, v, torch.randn(b, hq, sq, dv, device="cuda", generator=g).to(dt)
+
+
+def errors_vs_eager(fn, q, k, v, do, causal, before=None):
+    """Relative errors of `fn(q, k, v)` and its (dq, dk, dv) against fp32 eager attention (`before()` runs between)."""
+    ref = attend(q.float(), k.float(), v.float(), causal)  # the reference: eager, fp32
+    ref_g = torch.autograd.grad(ref, (q, k, v), do.float())
+    if before is not None:
+        before()
+    o = fn(q, k, v)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    # a gradient that is exactly zero (one key: softmax is constant) is compared by its largest absolute value
+    return [rel_err(o, ref)] + [rel_err(x, r) if r.abs().max() > 0 else x.abs().max().item()
+                                for x, r in zip(grads, ref_g)]
 
 
 def bench_ms(fn, grads=()):

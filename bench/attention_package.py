@@ -7,21 +7,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from attention_common import SHAPES, bench_ms, bench_point, log, rel_err, table
+from attention_common import SHAPES, bench_ms, bench_point, case_inputs, errors_vs_eager, log, rel_err, table
 
 from dsv3_min.attention import attend, flash_attn_func, flash_attn_package
 
 
 def package_check(b, h, sq, sk, dqk, dv, causal, seed):
     """The flash_attn package through `flash_attn_package` vs fp32 eager attention: output and the three gradients."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k = (torch.randn(b, h, n, dqk, device="cuda", generator=g).bfloat16().requires_grad_() for n in (sq, sk))
-    v = torch.randn(b, h, sk, dv, device="cuda", generator=g).bfloat16().requires_grad_()
-    do = torch.randn(b, h, sq, dv, device="cuda", generator=g).bfloat16()
-    ref = attend(q.float(), k.float(), v.float(), causal)
-    ref_g = torch.autograd.grad(ref, (q, k, v), do.float())
-    o = flash_attn_package(q, k, v, causal)
-    errs = [rel_err(o, ref)] + [rel_err(x, r) for x, r in zip(torch.autograd.grad(o, (q, k, v), do), ref_g)]
+    q, k, v, do = case_inputs(b, h, h, sq, sk, dqk, dv, torch.bfloat16, seed)
+    errs = errors_vs_eager(lambda q, k, v: flash_attn_package(q, k, v, causal), q, k, v, do, causal)
     row = dict(b=b, h=h, sq=sq, sk=sk, dqk=dqk, dv=dv, causal=causal, err_o=errs[0], err_dq=errs[1], err_dk=errs[2],
                err_dv=errs[3], tol=1e-2, ok=max(errs) <= 1e-2)
     log("package check", row)

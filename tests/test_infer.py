@@ -1,4 +1,10 @@
 """The decode engine (`dsv3_min.infer`): static caches, left padding, EOS, MTP self-speculation (TINY configs)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -211,3 +217,17 @@ def test_free_decoders_drops_the_cached_engines_and_generate_rebuilds_them():
     free_decoders(m)
     assert not m.__dict__.get("_decoders")
     assert torch.equal(generate(m, prompt, 5, temperature=0), first)
+
+
+def test_decode_bench_runs_on_the_cpu_and_writes_its_sections(tmp_path):
+    """`bench/decode.py --cpu` (the lead's GPU benchmark, in its CPU mode) still runs against this package: it writes
+    decode.json with our engine, the reference decoder and transformers, each with tok/s, and decode.png."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    r = subprocess.run([sys.executable, str(script), "--cpu", "--new", "2", "--batches", "1", "--reps", "1",
+                        "--skip", "compile,hf_static", "--out", str(tmp_path)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "decode.json").read_text())
+    for name in ("ours_absorb", "ours_naive", "dsv3_plain", "hf_eager"):
+        assert out[name]["1"]["tok_s"] > 0, name
+    assert (tmp_path / "decode.png").exists()

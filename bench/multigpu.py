@@ -7,9 +7,10 @@ OUT/multigpu.json is rebuilt from all variant files present (so variants may run
     python bench/multigpu.py --out results --gpus 2 --variants big --steps 300     # the >8B-parameter MoE
     python bench/multigpu.py --out results --gpus 1 --variants ep --steps 20       # NCCL path, a world of 1
 
-Variants (same global batch, bf16 autocast over fp32 master weights, each block torch.compile'd):
+Every variant trains with the package's `step.train_step` (bf16 autocast over fp32 master weights, compiled as
+`train --set compile=true` compiles: the loss on one GPU, each block's sub-modules under FSDP2):
   single        gpu-small on 1 GPU (seed 0)            single_seed1  the same with model seed 1 (the noise level)
-  ep            gpu-small, ep = --gpus (16 experts / ep per GPU), FSDP2 for the rest, on --gpus GPUs
+  ep            gpu-small, ep = --gpus (16 experts / ep per GPU), FSDP2 for the rest (at 1 GPU: FSDP2 alone)
   fsdp          gpu-small, pure FSDP2 (ep = 1) on --gpus GPUs
   big           a >8B-parameter MoE (does not fit one H200 at 16 bytes/parameter) with EP + FSDP2 on --gpus GPUs
 Reported: tokens/s per GPU, scaling efficiency (tokens/s per GPU at N GPUs / tokens/s on 1 GPU), the share of
@@ -74,10 +75,13 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from dsv3_min import dist as dd
     from dsv3_min import parallel as par
     from dsv3_min.config import count_params, get_preset
     from dsv3_min.model import DeepSeekV3
+    from dsv3_min.optim import param_groups
     from dsv3_min.rope import RotaryEmbedding
+    from dsv3_min.step import lm_loss, train_step
     cuda = torch.cuda.is_available()  # CPU/gloo only for the `--tiny` dry run of this script
     par.init_distributed("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -89,11 +93,12 @@ def worker(args) -> None:
                           q_lora_rank=32, kv_lora_rank=32, num_attention_heads=4, vocab_size=512, qk_nope_head_dim=16,
                           qk_rope_head_dim=8, v_head_dim=16)
     ep = world if args.variant in ("ep", "big") else 1
+    single = args.variant.startswith("single")
     torch.manual_seed(args.seed)
     with torch.device("meta" if args.variant == "big" else "cpu"):
         model = DeepSeekV3(cfg)
     if args.variant == "big":  # too large to build whole on one GPU: materialize after sharding
-        model = par.parallelize(model, par.make_mesh(cfg.n_routed_experts, ep, dev.type), force_ep=True)
+        model = par.parallelize(model, par.make_mesh(cfg.n_routed_experts, ep, dev.type), compile=args.compile)
         model.to_empty(device=dev)
         torch.manual_seed(args.seed + rank)
         with torch.no_grad():
@@ -102,31 +107,22 @@ def worker(args) -> None:
                 b.zero_() if not n.endswith("inv_freq") else None
             fresh = RotaryEmbedding(model.rotary.inv_freq.numel() * 2, cfg.rope_theta, cfg.rope_scaling)
             model.rotary.inv_freq.copy_(fresh.inv_freq)
-    elif args.variant.startswith("single"):  # the baseline: the plain single-GPU model, as `train` runs it
+    elif single:  # the baseline: the plain single-GPU model, as `train` runs it
         model = model.to(dev)
-    else:
-        mesh = par.make_mesh(cfg.n_routed_experts, ep, dev.type)
-        model = par.parallelize(model.to(dev), mesh, force_ep=args.variant == "ep")  # ep: all-to-all even at 1 GPU
-    loss_fn = model.loss
-    if args.compile:  # as `train --set compile=true` does: the whole loss on one GPU, each block's forward under FSDP2
-        loss_fn = torch.compile(model.loss) if args.variant.startswith("single") else par.compile_blocks(model).loss
-    opt = torch.optim.AdamW(par.split_param_groups(model.parameters()), lr=args.lr, weight_decay=0.1, fused=cuda)
+    else:  # as `torchrun ... train --set ep=E compile=...` does
+        model = par.parallelize(model.to(dev), par.make_mesh(cfg.n_routed_experts, ep, dev.type), compile=args.compile)
+    loss_fn = torch.compile(lm_loss) if args.compile and single else lm_loss  # as `train` chooses
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=args.lr, fused=cuda)
     data = bigram_batches(cfg.vocab_size, args.batch, args.seq)
     losses, times = [], []
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
     def step():
-        x = par.shard_batch(next(data), model).to(dev, non_blocking=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            parts = loss_fn(x[:, :-1], x[:, 1:])
-        parts.loss.backward()
-        par.reduce_expert_grads(model)
-        par.clip_grad_norm_(model, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        par.update_router_biases(model)
-        return par.global_mean(parts.loss, model)
+        x = dd.my_rows(next(data)).to(dev, non_blocking=True)
+        parts, _ = train_step(model, opt, [(x[:, :-1], x[:, 1:])], loss_fn, args.lr, 1.0,
+                              lambda: torch.autocast(dev.type, dtype=torch.bfloat16))
+        return parts[0]
 
     for i in range(args.steps):
         sync()

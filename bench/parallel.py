@@ -5,7 +5,9 @@
     python bench/parallel.py --trace notebooks/parallel_trace.json  # the 2-rank dispatch picture of notebook 19
 
 Bytes are counted at the collective: every `dist.all_to_all_single` of the MoE dispatch and combine is wrapped and
-the rows it sends to *other* ranks are summed (rows kept on the own rank cross no link). The closed forms are in
+the rows it sends to *other* ranks are summed (rows kept on the own rank cross no link); the routing is counted by a
+forward pre-hook on each `EPExperts`. Each batch is one `train_step` at learning rate 0 (forward: dispatch and
+combine; backward: both again), so the routing stays that of the initial model. The closed forms are in
 `closed_form_*` below; tokens/s here is a functional check of the gloo path, not a speed claim.
 """
 from __future__ import annotations
@@ -25,9 +27,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dsv3_min import dist as dd  # noqa: E402
 from dsv3_min import parallel as par  # noqa: E402
 from dsv3_min.config import ModelConfig  # noqa: E402
+from dsv3_min.files import write_json  # noqa: E402
 from dsv3_min.model import DeepSeekV3  # noqa: E402
+from dsv3_min.optim import param_groups  # noqa: E402
+from dsv3_min.step import train_step  # noqa: E402
 
 
 def bench_config(**kw) -> ModelConfig:
@@ -102,32 +108,45 @@ class _Counter:
         return self.orig(out, inp, output_split_sizes, input_split_sizes, group=group, **kw)
 
 
+def _routing_counter(stats: dict):
+    """A forward pre-hook for an `EPExperts`: from the global expert ids `idx (T, k)` it receives, count tokens,
+    copies, copies bound for other ranks, and distinct other ranks per token (a per-rank deduplicated send)."""
+    def hook(experts, args):
+        idx = args[2]
+        dest = idx // experts.n_experts  # (T, k) EP rank of each copy
+        hit = torch.zeros(idx.shape[0], experts.ep, dtype=torch.bool).scatter_(1, dest, True)
+        hit[:, experts.rank] = False
+        stats["tokens"] += idx.shape[0]
+        stats["copies"] += idx.numel()
+        stats["remote_copies"] += int((dest != experts.rank).sum())
+        stats["remote_ranks"] += int(hit.sum())
+    return hook
+
+
 def _volume_worker(rank, world, port, cfg_kw, batches, seq, out):
     _init(rank, world, port)
     try:
-        cfg = bench_config(**cfg_kw)
+        cfg = bench_config(bias_update_speed=0.0, **cfg_kw)  # the routing of the initial model at every batch
         torch.manual_seed(0)
         model = par.parallelize(DeepSeekV3(cfg), par.make_mesh(cfg.n_routed_experts, world))
-        eps = [m.experts for m in model.moe_layers()]
-        for e in eps:
-            e.track = True
+        opt = torch.optim.AdamW(param_groups(model, 0.0), lr=0.0)  # lr 0: the weights stay those at init
+        stats = dict.fromkeys(("tokens", "copies", "remote_copies", "remote_ranks"), 0)
+        for m in model.moe_layers():
+            m.experts.register_forward_pre_hook(_routing_counter(stats))
         counter = _Counter()
         dist.all_to_all_single = counter
         g = torch.Generator().manual_seed(1 + rank)
         try:
-            for _ in range(batches):
+            for _ in range(batches):  # forward: dispatch + combine; backward: both again
                 x = torch.randint(0, cfg.vocab_size, (4, seq + 1), generator=g)
-                model.loss(x[:, :-1], x[:, 1:]).loss.backward()  # forward: dispatch + combine; backward: both again
+                train_step(model, opt, [(x[:, :-1], x[:, 1:])], lr=0.0)
         finally:
             dist.all_to_all_single = counter.orig
-        stats = torch.tensor([sum(e.comm[k] for e in eps) for k in ("tokens", "copies", "remote_copies",
-                                                                      "remote_ranks")] + [counter.bytes], dtype=torch.float64)
-        dist.all_reduce(stats)
-        if rank == 0:
-            tokens, copies, remote, ranks, sent = stats.tolist()
-            row = cfg.hidden_size * 4  # fp32 rows in this run
-            Path(out).write_text(json.dumps({"tokens": tokens, "copies": copies, "remote_copies": remote,
-                                             "remote_ranks": ranks, "bytes_sent": sent, "row_bytes": row}))
+        total = torch.tensor([*stats.values(), counter.bytes], dtype=torch.float64)
+        dist.all_reduce(total)
+        if rank == 0:  # row_bytes: fp32 rows in this run
+            keys = (*stats, "bytes_sent")
+            write_json(out, {**dict(zip(keys, total.tolist())), "row_bytes": cfg.hidden_size * 4})
     finally:
         dist.destroy_process_group()
 
@@ -138,23 +157,19 @@ def _speed_worker(rank, world, port, steps, batch, seq, out):
         cfg = bench_config()
         torch.manual_seed(0)
         model = par.parallelize(DeepSeekV3(cfg), par.make_mesh(cfg.n_routed_experts, world))
-        opt = torch.optim.AdamW(par.split_param_groups(model.parameters()), lr=1e-3, foreach=True)
+        opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, foreach=True)
         g = torch.Generator().manual_seed(0)
         times = []
         for _ in range(steps):
-            x = par.shard_batch(torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g), model)
+            x = dd.my_rows(torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g))
             dist.barrier()
             t0 = time.perf_counter()
-            model.loss(x[:, :-1], x[:, 1:]).loss.backward()
-            par.reduce_expert_grads(model)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            par.update_router_biases(model)
+            train_step(model, opt, [(x[:, :-1], x[:, 1:])], lr=1e-3, grad_clip=1.0)
             dist.barrier()
             times.append(time.perf_counter() - t0)
         if rank == 0:
             step = sorted(times[1:])[len(times[1:]) // 2]  # median, first step excluded
-            Path(out).write_text(json.dumps({"step_s": step, "tokens_per_s": batch * seq / step}))
+            write_json(out, {"step_s": step, "tokens_per_s": batch * seq / step})
     finally:
         dist.destroy_process_group()
 
@@ -172,7 +187,7 @@ def _trace_worker(rank, world, port, out):
         g = torch.Generator().manual_seed(3)
         x = torch.randint(0, cfg.vocab_size, (world, 7), generator=g)
         with torch.no_grad():
-            model(par.shard_batch(x, model))
+            model(dd.my_rows(x))
             idx = seen["idx"]
             T = idx.shape[0]
             label = torch.stack([torch.full((T,), float(rank)), torch.arange(T, dtype=torch.float32)], 1)  # (T, 2)
@@ -182,7 +197,7 @@ def _trace_worker(rank, world, port, out):
                                           "received": [[int(r), int(t), int(e) + rank * moe.experts.n_experts]
                                                        for (r, t), e in zip(rows.tolist(), local.tolist())]})
         if rank == 0:
-            _atomic_write(out, {"world": world, "experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok,
+            write_json(out, {"world": world, "experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok,
                                 "ranks": gathered})
     finally:
         dist.destroy_process_group()
@@ -201,14 +216,6 @@ def _run(fn, world, *args, out=None):
         out = str(out or Path(tmp) / "r.json")
         mp.spawn(fn, args=(world, _port(), *args, out), nprocs=world, join=True)
         return json.loads(Path(out).read_text())
-
-
-def _atomic_write(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def volume(ep: int, n_group: int, topk_group: int, batches: int, seq: int) -> dict:
@@ -250,7 +257,7 @@ def main(argv=None) -> dict:
         res["volume"].append(volume(ep, ng, tg, args.batches, args.seq))
     for ep in tqdm([1, 2, 4], desc="tokens/s"):
         res["tokens_per_s"][str(ep)] = _run(_speed_worker, ep, args.steps, 8, args.seq)
-    _atomic_write(args.out, res)
+    write_json(args.out, res)
     return res
 
 

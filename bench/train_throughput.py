@@ -1,253 +1,217 @@
-"""Training throughput of dsv3_min against transformers' DeepseekV3ForCausalLM, gpu-small preset, one GPU.
+"""Training throughput, one call, one GPU: the loop users run, the package's step, and transformers.
 
-Both models hold the same weights (ours -> save_pretrained -> transformers.from_pretrained), in bf16, and train with
-the same batch (16 x 1024 tokens), the same loss (next-token cross-entropy; ours adds the tiny balance loss and the
-router bias update, which are part of V3's algorithm) and the same optimizer (torch AdamW, fused, betas 0.9/0.95).
-MTP is off in both (transformers has no MTP module): `num_nextn_predict_layers=0`.
+Every number is tokens/s of one optimizer step (batch x seq_len tokens), the median over the timed steps after
+`--skip` warm-up steps (compilation):
 
-FLOPs per token, forward + backward (the MFU numerator, `dsv3_min.optim.flops_per_token`, here with MTP off):
-    F = 6 * N_matmul + 3 * L * H * S * (d_qk + d_v)
-  N_matmul = active parameters that enter a matmul for one token: attention projections, dense FFN, router,
-             the shared expert, num_experts_per_tok routed experts, and the LM head (the embedding lookup is not a
-             matmul; norms are not matmuls). 6 = 2 (multiply-add) x 3 (forward, two backward matmuls).
-  Attention: a causal query sees S/2 keys on average; per layer and token the forward costs 2*H*(S/2)*(d_qk + d_v)
-             (scores and weighted values), the backward twice that: 3 * H * S * (d_qk + d_v) in all.
-MFU = F * tokens/s / peak, with peak = the bf16 matmul rate measured in this run (8192^3 torch.matmul), and also
-against the 989 TFLOP/s datasheet figure.
+  loop_tok_s         `python -m dsv3_min train --preset P --set compile=true num_nextn_predict_layers=0` as a
+                     subprocess: the loop users run, its own clock from metrics.jsonl (batch, `train_step`, sync);
+  loop_mtp_tok_s     the same with the preset's MTP module;
+  bench_tok_s        this process timing the package's `step.train_step` on the model, optimizer, compiled loss,
+                     autocast and `get_batch` batches that `train` builds (MTP off): the same code as loop_tok_s,
+                     without the loop's logging, so the two should agree within a few percent;
+  hf_compiled_tok_s  transformers' DeepseekV3ForCausalLM with the same weights (ours -> save_pretrained ->
+                     from_pretrained, MTP off: transformers has none), the same batches, its own loss, and the same
+                     `train_step` (clip, AdamW), under plain `torch.compile(model)`; in bf16 weights on the GPU (its
+                     grouped expert GEMM casts its input to the weight dtype: fp32 master weights would run the
+                     experts in fp32), where ours keeps fp32 master weights under bf16 autocast as the loop does;
+  hf_eager_tok_s     the same, eager.
 
-Timing: `triton.testing.do_bench` (CUDA events around each call, the L2 cache flushed between calls, its median).
-A variant first runs `--warmup` untimed steps (compilation, CUDA-graph capture), then do_bench times its steps for
-`--rep-ms` milliseconds; the peak memory is that of one steady-state step (the last warm-up step), so do_bench's own
-256 MB L2-flush buffer does not count.
+MFU = F * tokens/s / peak with F = `optim.flops_per_token(cfg, seq_len)` = 6 * N_matmul + 3 * L * H * S * (d_qk + d_v)
+(N_matmul: the active parameters that enter a matmul, LM head and MTP included; 6 = 2 (multiply-add) x 3 (forward and
+two backward matmuls); the attention term: a causal query sees S/2 keys, forward 2*H*(S/2)*(d_qk+d_v), backward twice
+that), and peak = the bf16 matmul rate measured here (8192^3 `torch.matmul`) and the 989 TFLOP/s datasheet figure.
 
-    python bench/train_throughput.py --out results/            # on a GPU; writes train_throughput.json
+    python bench/train_throughput.py --corpus plays/ --out $OUT/tp                 # GPU, about 8 min (--deadline 480)
+    python bench/train_throughput.py --preset test-tiny --device cpu --steps 6 --skip 2 --out /tmp/tp   # smoke test
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import itertools
-import json
 import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from dsv3_min.config import count_params, get_preset
-from dsv3_min.files import atomic_write
-from dsv3_min.hf import from_pretrained, save_pretrained
-from dsv3_min.model import DeepSeekV3
-from dsv3_min.optim import flops_per_token
-from dsv3_min.report import preset_diff
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from dsv3_min.__main__ import split_overrides  # noqa: E402
+from dsv3_min.config import get_preset  # noqa: E402
+from dsv3_min.data import get_batch  # noqa: E402
+from dsv3_min.files import write_json  # noqa: E402
+from dsv3_min.hf import save_pretrained  # noqa: E402
+from dsv3_min.model import DeepSeekV3, LossParts  # noqa: E402
+from dsv3_min.optim import flops_per_token, make_optimizer  # noqa: E402
+from dsv3_min.step import lm_loss, train_step  # noqa: E402
+from dsv3_min.train import autocast_for, read_metrics, resolve_device, train_config_for  # noqa: E402
 
 DATASHEET_TFLOPS = 989.0
 
 
-def do_bench(fn, **kw):
-    "`triton.testing.do_bench(fn, **kw)`: milliseconds per call of `fn` (CUDA events, L2 flushed between calls)."
-    from triton.testing import do_bench as bench  # optional dependency (CUDA builds of torch ship it): GPU runs only
-    return bench(fn, **kw)
-
-
-def matmul_peak(n: int = 8192) -> float:
-    "Measured bf16 matmul TFLOP/s on random data (do_bench's median time of one product)."
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    return 2 * n**3 / (do_bench(lambda: a @ b, return_mode="median") / 1e3) / 1e12
-
-
-def time_steps(step, batches, warmup: int, rep_ms: float) -> dict:
-    "Median and mean time of `step(x, y)` over `rep_ms` of timed steps (do_bench) after `warmup` untimed steps."
-    nxt = itertools.cycle(batches)
-    for _ in range(warmup - 1):
-        step(*next(nxt))
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step(*next(nxt))                  # the last warm-up step: the peak memory of one steady-state step
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    losses = []
-    times = do_bench(lambda: losses.append(step(*next(nxt))), warmup=0, rep=rep_ms, return_mode="all")
-    st = sorted(times)
-    return {"step_s_median": st[len(st) // 2] / 1e3, "step_s_mean": sum(times) / len(times) / 1e3,
-            "timed_steps": len(times), "peak_mem_gib": peak / 2**30, "last_loss": float(losses[-1])}
-
-
-def ours_step_fn(model, compiled: bool, mode: str | None = None):
-    "One AdamW training step of dsv3_min: loss (main + balance), backward, step, router bias update."
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    loss_fn = (lambda x, y: model.loss(x, y).loss)
-    if compiled:
-        loss_fn = torch.compile(loss_fn, mode=mode)
-
-    def step(x, y):
-        if mode == "reduce-overhead":  # CUDA graphs: a new step may overwrite the last one's graph outputs
-            torch.compiler.cudagraph_mark_step_begin()
-        loss = loss_fn(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.update_router_biases()
-        return loss.detach()
-    return step
-
-
-def hf_step_fn(model):
-    "One AdamW training step of transformers' model: next-token cross-entropy, backward, step."
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-
-    def step(x, y):
-        logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-    return step
-
-
-def profile_steps(step, batches, n: int = 3, top: int = 25) -> dict:
-    """Where the device time of `n` steps goes (torch.profiler): the `top` kernels and the sum over all kernels per
-    step, to set against the timed step (the rest is the GPU waiting on the host). The profiled steps' own wall time
-    is recorded too, but the profiler's overhead inflates it."""
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for i in range(n):
-            step(*batches[i % len(batches)])
+def matmul_peak(device: torch.device, n: int = 8192) -> float | None:
+    "Measured bf16 matmul TFLOP/s (the median of 20 timed products); None off CUDA."
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for i in range(25):
         torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / n
-    rows = []
-    for ev in prof.key_averages():
-        dev = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
-        if dev > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
-            rows.append({"name": ev.key[:120], "device_ms_per_step": dev / 1e3 / n, "calls_per_step": ev.count / n})
-    rows.sort(key=lambda r: -r["device_ms_per_step"])
-    busy = sum(r["device_ms_per_step"] for r in rows)
-    return {"kernel_ms_per_step": busy, "kernels_per_step": sum(r["calls_per_step"] for r in rows),
-            "wall_ms_per_step_profiled": wall * 1e3, "top": rows[:top]}
+        t0 = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0) if i >= 5 else None
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def timed(step, n: int, skip: int, device: torch.device) -> dict:
+    "Run `step(i)` for i < skip + n, synchronized; the median seconds of the last n and the steady-state peak memory."
+    times = []
+    for i in range(skip + n):
+        if i == skip and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"step_s_median": statistics.median(times[skip:]), "timed_steps": n, "warmup_s": sum(times[:skip]),
+            "peak_mem_gib": peak}
+
+
+def bench_step(a, cfg, tc, device: torch.device, tokens: np.ndarray):
+    "The package's `train_step` on what `train` builds (model, optimizer, compiled `lm_loss`, autocast, batches)."
+    torch.manual_seed(tc.seed)
+    model = DeepSeekV3(cfg).to(device)
+    opt = make_optimizer(model, tc, device)
+    loss_fn = torch.compile(lm_loss) if tc.compile else lm_loss
+    autocast = autocast_for(tc, device)
+
+    def step(i):
+        x, y = get_batch(tokens, i, tc.batch_size, tc.seq_len, tc.seed, device=device)
+        return train_step(model, opt, [(x, y)], loss_fn, tc.lr, tc.grad_clip, autocast)
+    return model, step
+
+
+def hf_loss(model, x: torch.Tensor, y: torch.Tensor) -> LossParts:
+    "transformers' own loss (`shift_labels` = our targets) as the step's loss parts (no MTP, no balance term)."
+    loss = model(input_ids=x, labels=y, shift_labels=y.contiguous()).loss
+    zero = loss.new_zeros(())
+    return LossParts(loss, loss, zero, zero)
+
+
+def hf_step(hf, tc, device: torch.device, tokens: np.ndarray):
+    "The package's `train_step` on transformers' model (plain `torch.compile(model)` with `tc.compile`), AdamW as ours."
+    opt = torch.optim.AdamW(hf.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
+                            fused=device.type == "cuda")
+    model, autocast = torch.compile(hf) if tc.compile else hf, autocast_for(tc, device)
+
+    def step(i):
+        x, y = get_batch(tokens, i, tc.batch_size, tc.seq_len, tc.seed, device=device)
+        return train_step(model, opt, [(x, y)], hf_loss, tc.lr, tc.grad_clip, autocast)
+    return step
+
+
+def loop_sets(a, mtp: bool) -> list[str]:
+    "The `--set` list of the loop's run: compiled (unless --no-compile), no time budget, evaluation only at the end."
+    sets = [f"compile={str(a.compile).lower()}", f"device={a.device}", "time_budget=0", "ckpt_every=0",
+            f"eval_every={a.steps + a.skip}", "eval_batches=1", "final_eval_batches=1", *a.set]
+    return sets + ([] if mtp else ["num_nextn_predict_layers=0"])
+
+
+def loop_run(a, mtp: bool, out: Path, timeout: float) -> dict:
+    "`python -m dsv3_min train` as users run it (MTP off unless `mtp`); its median tokens/s after `--skip` steps."
+    cmd = [sys.executable, "-m", "dsv3_min", "train", "--preset", a.preset, "--out", str(out), "--no-progress",
+           "--max-steps", str(a.steps + a.skip), *(["--corpus", a.corpus] if a.corpus else []), "--set",
+           *loop_sets(a, mtp)]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    rows = [r for r in read_metrics(out) if r["step"] > a.skip and "val_loss" not in r]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows), "timed_steps": len(rows),
+            "wall_s": time.time() - t0, "command": " ".join(cmd[1:])}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "results"))
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps per variant before timing (>= 1)")
-    ap.add_argument("--rep-ms", type=float, default=600.0, help="milliseconds of timed steps per variant (do_bench)")
-    ap.add_argument("--backend", default="sdpa", help="our attn_backend")
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--no-cudagraphs", action="store_true", help="skip the compiled + CUDA graphs variant")
-    ap.add_argument("--no-dense", action="store_true", help="skip the dense (GQA + SwiGLU) comparison model")
+    ap.add_argument("--preset", default="gpu-small")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--corpus", help="the loop's corpus: a name or a folder of text files (default: TrainConfig's)")
+    ap.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
+    ap.add_argument("--skip", type=int, default=20, help="warm-up steps before timing (compilation)")
+    ap.add_argument("--deadline", type=float, default=480.0, help="seconds; a measurement that cannot start is skipped")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="eager everywhere")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="more --set for both models")
     a = ap.parse_args()
-    if a.warmup < 1:
-        ap.error(f"--warmup must be at least 1, got {a.warmup}")
-    if not torch.cuda.is_available():
-        ap.error("this benchmark needs a CUDA GPU")
-    import transformers  # optional dependency: the comparison model
-    torch.manual_seed(0)
-    cfg = get_preset("gpu-small", num_nextn_predict_layers=0, attn_backend=a.backend)
-    tokens = a.batch * a.seq
-    batches = []
-    for _ in range(4):
-        ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq + 1), device="cuda")
-        batches.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
-    peak = matmul_peak()
-    fl = {"total": flops_per_token(cfg, a.seq)}  # the training loop's MFU numerator (formula in the docstring)
-    res = {"config": cfg.to_dict(), "batch": a.batch, "seq_len": a.seq, "tokens_per_step": tokens,
-           "measured_bf16_matmul_tflops": peak, "datasheet_bf16_tflops": DATASHEET_TFLOPS,
-           "flops_per_token": fl, "flop_formula": "6*N_matmul + 3*L*H*S*(d_qk+d_v)",
-           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "python": platform.python_version(), "gpu": torch.cuda.get_device_name()},
+    t_start, device = time.time(), resolve_device(a.device)
+    left = lambda: a.deadline - (time.time() - t_start)  # noqa: E731
+    m, t = split_overrides(loop_sets(a, mtp=False))  # the configs the command line builds from the same --set
+    cfg, tc = get_preset(a.preset, **m), train_config_for(a.preset, **t)
+    if tc.threads:  # as the loop sets them
+        torch.set_num_threads(tc.threads)
+    tokens_per_step = tc.batch_size * tc.seq_len
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 4 * tokens_per_step * (a.steps + a.skip) + 1)
+    peak = matmul_peak(device)
+    res = {"preset": a.preset, "batch": tc.batch_size, "seq_len": tc.seq_len, "tokens_per_step": tokens_per_step,
+           "compile": a.compile, "measured_bf16_matmul_tflops": peak, "datasheet_bf16_tflops": DATASHEET_TFLOPS,
+           "flops_per_token": {"mtp_off": flops_per_token(cfg, tc.seq_len),
+                               "mtp_on": flops_per_token(get_preset(a.preset, **split_overrides(a.set)[0]), tc.seq_len)},
+           "flop_formula": "6*N_matmul + 3*L*H*S*(d_qk+d_v)", "mfu_formula": "flops_per_token * tok_s / peak",
+           "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
            "variants": {}}
 
-    def record(name, r):
-        r["tokens_per_s"] = tokens / r["step_s_median"]
-        r["mfu_measured_peak"] = fl["total"] * r["tokens_per_s"] / (peak * 1e12)
-        r["mfu_datasheet"] = fl["total"] * r["tokens_per_s"] / (DATASHEET_TFLOPS * 1e12)
-        res["variants"][name] = r
-        print(f"{name:28s} {r['step_s_median'] * 1e3:8.1f} ms/step {r['tokens_per_s']:>10,.0f} tok/s "
-              f"MFU {r['mfu_measured_peak']:.1%} (datasheet {r['mfu_datasheet']:.1%}) peak {r['peak_mem_gib']:.1f} GiB",
-              flush=True)
+    def record(key, r, mtp=False):
+        r["tokens_per_s"] = r.get("tokens_per_s") or tokens_per_step / r["step_s_median"]
+        f = res["flops_per_token"]["mtp_on" if mtp else "mtp_off"]
+        r["mfu_measured_peak"] = f * r["tokens_per_s"] / (peak * 1e12) if peak else None
+        r["mfu_datasheet"] = f * r["tokens_per_s"] / (DATASHEET_TFLOPS * 1e12)
+        res["variants"][key], res[key] = r, r["tokens_per_s"]
+        print(f"{key:18s} {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu_datasheet']:.1%} of the datasheet", flush=True)
+        write_json(Path(a.out) / "train_throughput.json", res)  # after each measurement: a cut-off call keeps some
 
-    model = DeepSeekV3(cfg).cuda()
+    model, step = bench_step(a, cfg, tc, device, tokens)
+    record("bench_tok_s", timed(step, a.steps, a.skip, device))
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp, dtype=torch.bfloat16)
-        model = from_pretrained(tmp, dtype=torch.bfloat16, device="cuda", attn_backend=a.backend)
+        save_pretrained(model, tmp)
+        del model, step
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        for key, mtp in (("loop_tok_s", False), ("loop_mtp_tok_s", True)):
+            if left() > 60:
+                record(key, loop_run(a, mtp, Path(tmp) / key, left()), mtp)
         if not a.no_hf:
             from transformers import DeepseekV3ForCausalLM
-            hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-            hf.train()
-            res["hf_experts_implementation"] = str(getattr(hf.config, "_experts_implementation", None))
-            record("transformers (sdpa)", time_steps(hf_step_fn(hf), batches, a.warmup, a.rep_ms))
-            del hf
-            gc.collect()
-            torch.cuda.empty_cache()
-    model.train()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    best = f"dsv3_min eager ({a.backend})"
-    steps = {best: ours_step_fn(model, False)}
-    record(best, time_steps(steps[best], batches, a.warmup, a.rep_ms))
-    modes = [] if a.no_compile else [None] + ([] if a.no_cudagraphs else ["reduce-overhead"])
-    for mode in modes:
-        name = f"dsv3_min compiled ({a.backend})" + (" + CUDA graphs" if mode else "")
-        model.load_state_dict(state)
-        torch._dynamo.reset()
-        t0 = time.time()
-        try:
-            steps[name] = ours_step_fn(model, True, mode)
-            r = time_steps(steps[name], batches, a.warmup, a.rep_ms)
-        except Exception as e:  # a variant that does not work is reported, not fatal
-            res["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
-            print(f"{name}: {res['variants'][name]['error']}", flush=True)
-            continue
-        r["compile_and_warmup_s"] = time.time() - t0
-        record(name, r)
-        if r["tokens_per_s"] > res["variants"][best]["tokens_per_s"]:
-            best = name
-    res["best_variant"] = best
-    res["dsv3_min_tokens_per_s"] = res["variants"][best]["tokens_per_s"]
-    res["mfu"] = res["variants"][best]["mfu_measured_peak"]
-    if not a.no_hf:
-        res["hf_tokens_per_s"] = res["variants"]["transformers (sdpa)"]["tokens_per_s"]
-        res["speedup_vs_hf"] = res["dsv3_min_tokens_per_s"] / res["hf_tokens_per_s"]
-    prof = profile_steps(steps[best], batches)
-    res["profile_best"] = {k: v for k, v in prof.items() if k != "top"}
-    res["profile_top_kernels_best"] = prof["top"]
-    del model, steps
-    gc.collect()
-    torch.cuda.empty_cache()
-    if not a.no_dense and not a.no_compile:  # ablation (a)'s dense model, compiled the same way: its tok/s and MFU
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        dcfg = get_preset("gpu-small-dense", num_nextn_predict_layers=0, attn_backend=a.backend)
-        dense = DeepSeekV3(dcfg).cuda().to(torch.bfloat16).train()
-        dfl = flops_per_token(dcfg, a.seq)
-        t0 = time.time()
-        r = time_steps(ours_step_fn(dense, True), batches, a.warmup, a.rep_ms)
-        r["compile_and_warmup_s"] = time.time() - t0
-        r["tokens_per_s"] = tokens / r["step_s_median"]
-        r["flops_per_token"] = dfl
-        r["mfu_measured_peak"] = dfl * r["tokens_per_s"] / (peak * 1e12)
-        r["active_params"], r["moe_active_params"] = count_params(dcfg).active, count_params(cfg).active
-        res["dense_compiled"] = {"preset": "gpu-small-dense", "config": preset_diff("gpu-small-dense", "gpu-small"), **r}
-        print(f"dense (GQA + SwiGLU) compiled {r['step_s_median'] * 1e3:8.1f} ms/step {r['tokens_per_s']:>10,.0f} tok/s "
-              f"MFU {r['mfu_measured_peak']:.1%}", flush=True)
-    atomic_write(Path(a.out) / "train_throughput.json", json.dumps(res, indent=2))
-    print(f"peak bf16 matmul {peak:.0f} TFLOP/s; F/token {fl['total'] / 1e9:.3f} GFLOP")
-    if "speedup_vs_hf" in res:
-        print(f"best {best}: {res['dsv3_min_tokens_per_s']:,.0f} tok/s = {res['speedup_vs_hf']:.2f}x transformers, "
-              f"MFU {res['mfu']:.1%}")
-    print(f"profile of the best: {prof['kernel_ms_per_step']:.1f} ms of kernels per "
-          f"{res['variants'][best]['step_s_median'] * 1e3:.1f} ms step ({prof['kernels_per_step']:.0f} kernels)")
-    for row in res["profile_top_kernels_best"][:12]:
-        print(f"  {row['device_ms_per_step']:7.2f} ms  {row['calls_per_step']:6.0f}x  {row['name'][:90]}")
+            for key, compiled in (("hf_compiled_tok_s", a.compile), ("hf_eager_tok_s", False)):
+                if left() < 45 or (key == "hf_compiled_tok_s" and not a.compile):
+                    continue
+                torch._dynamo.reset()
+                dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).train()
+                try:
+                    record(key, timed(hf_step(hf, replace(tc, compile=compiled, dtype="fp32"), device, tokens),
+                                      a.steps, a.skip, device))
+                except Exception as e:  # a baseline that fails is reported, not fatal
+                    res["variants"][key] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+                    print(key, res["variants"][key]["error"], flush=True)
+                del hf
+                gc.collect()
+    if "loop_tok_s" in res and "bench_tok_s" in res:
+        res["loop_over_bench"] = res["loop_tok_s"] / res["bench_tok_s"]
+    if "hf_compiled_tok_s" in res and "loop_tok_s" in res:
+        res["loop_over_hf_compiled"] = res["loop_tok_s"] / res["hf_compiled_tok_s"]
+    res["wall_s"] = time.time() - t_start
+    write_json(Path(a.out) / "train_throughput.json", res)
+    print({k: round(v, 3) for k, v in res.items() if k.startswith(("loop_over", "wall"))})
 
 
 if __name__ == "__main__":

@@ -12,26 +12,33 @@ import shlex
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
+from difflib import get_close_matches
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import load_trained
-from .config import PRESETS, count_params, get_preset
-from .distill import add_distill_arguments, run_distill
+from .config import PRESETS, ModelConfig, count_params, get_preset
+from .dist import launched_by_torchrun
+from .distill import DistillConfig, distill, student_config, write_teacher_cache
 from .evaluate import compact_items, evaluate, format_table, quick_eval
 from .files import read_json, write_json
-from .finetune import add_finetune_arguments, run_finetune
+from .finetune import FINETUNE_TRAIN_DEFAULTS, METHOD_LR, METHODS, FinetuneConfig, finetune
+from .hf import from_pretrained
 from .infer import sample_text
 from .lora import ADAPTER_CONFIG, load_adapter
-from .train import (TRAIN_PRESETS, NonFiniteLoss, SaveFailed, Single, launched_by_torchrun, resolve_device,
-                            split_overrides, train, train_config_for)
+from .step import NonFiniteLoss
+from .train import (TRAIN_PRESETS, SaveFailed, TrainConfig, prepare_data, resolve_device, train,
+                            train_config_for)
 from .data import load_corpus
 from .tasks import GROUPS, TASKS, check_tasks, expand_tasks
 from .tokenizer import get_tokenizer, tokenizer_stats
 
 # %% auto #0
-__all__ = ['COMMANDS', 'UsageError', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_sample', 'cmd_info', 'cmd_tokenizer',
-           'add_eval_arguments', 'eval_command', 'cmd_eval', 'exit_code', 'one_line', 'main']
+__all__ = ['COMMANDS', 'UsageError', 'parse_value', 'split_overrides', 'build_parser', 'cmd_train', 'load_for_sample',
+           'cmd_sample', 'cmd_info', 'cmd_tokenizer', 'add_finetune_arguments', 'finetune_configs', 'cmd_finetune',
+           'add_distill_arguments', 'distill_configs', 'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval',
+           'exit_code', 'one_line', 'main']
 
 # %% ../notebooks/24_cli.ipynb #ee7f2e3b
 class UsageError(ValueError):
@@ -62,6 +69,40 @@ def _number(kind, lo=None, hi=None, lo_open=False):
     return parse
 
 # %% ../notebooks/24_cli.ipynb #46fe34cd
+def parse_value(text: str) -> Any:
+    "A `--set` value: JSON if it parses, Python's True/False/None, else the plain string."
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _pair(item: str) -> tuple[str, Any]:
+    "'name=value' -> (name, parsed value)."
+    if "=" not in item:
+        raise ValueError(f"--set expects name=value, got {item!r}")
+    name, value = item.split("=", 1)
+    return name.strip(), parse_value(value.strip())
+
+
+def split_overrides(items: list[str] | dict[str, Any], *configs: type) -> list[dict[str, Any]]:
+    "`name=value` strings (or a dict) -> one dict of values per config class (default: ModelConfig, TrainConfig)."
+    configs = configs or (ModelConfig, TrainConfig)
+    names = [{f.name for f in fields(c)} for c in configs]
+    out = [{} for _ in configs]
+    for name, value in items.items() if isinstance(items, dict) else map(_pair, items):
+        i = next((i for i, n in enumerate(names) if name in n), None)
+        if i is None:
+            close = get_close_matches(name, sorted(set().union(*names)), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown field {name!r} in --set; {hint}"
+                             + "; ".join(f"{c.__name__} fields: {sorted(n)}" for c, n in zip(configs, names)))
+        out[i][name] = value
+    return out
+
+# %% ../notebooks/24_cli.ipynb #808f7948
 def build_parser() -> argparse.ArgumentParser:
     "The `dsv3` argument parser with its subcommands."
     p = _Parser(prog="dsv3", description="DeepSeek-V3 from scratch: train, sample, inspect.")
@@ -78,7 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
                    help="override a ModelConfig or TrainConfig field (repeatable)")
-    t.add_argument("--slow-save", type=_number(float, 0), default=0.0, help=argparse.SUPPRESS)  # fault tests only
 
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--ckpt", required=True, help="a run directory, a checkpoint directory or a Hugging Face model dir")
@@ -114,38 +154,31 @@ def _configs(preset: str, overrides: list[str], **train_flags):
     return get_preset(preset, **m), train_config_for(preset, **t)
 
 
-def _strategy(cfg, tc) -> Single:
-    "`Single()` for one process with ep=1; under torchrun or with ep > 1, notebook 19's (checked) `ExpertParallel`."
-    if tc.ep == 1 and not launched_by_torchrun():
-        return Single()
-    from dsv3_min.parallel import strategy_for  # FSDP2 and the device mesh are imported only for a parallel run
-    return strategy_for(cfg, tc)
-
-
-def cmd_train(a, on_step=None, during_save=None) -> int:
+def cmd_train(a, on_step=None) -> int:
     "`train`: build the configs, run `dsv3_min.train.train`, print where the run ended (rank 0 only under torchrun)."
     cfg, tc = _configs(a.preset, a.overrides, corpus=a.corpus, max_steps=a.max_steps, ckpt_every=a.ckpt_every,
                        time_budget=a.time_budget)
     out = a.out or f"runs/{a.preset}"
-    if a.slow_save and during_save is None:
-        during_save = lambda folder: time.sleep(a.slow_save)  # noqa: E731
     if tc.eval_tasks:  # an unknown task or missing task data stops here, not at the first evaluation
         check_tasks(tc.eval_tasks)
-    strategy = _strategy(cfg, tc)  # a bad parallel setup stops here, before anything is written
-    say = print if strategy.is_rank0 else (lambda *args, **kw: None)
+    transform, close = None, (lambda: None)
+    if tc.ep > 1 or launched_by_torchrun():  # FSDP2 and the device mesh are imported only for a parallel run
+        from dsv3_min import parallel
+        tc, transform = parallel.setup(cfg, tc)  # a bad setup stops here, before anything is written
+        close = parallel.close
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *args, **kw: None)
     pc = count_params(cfg)
     say(f"preset {a.preset}: {pc.total / 1e6:.2f}M parameters ({pc.active / 1e6:.2f}M active, MTP "
         f"{pc.mtp / 1e6:.2f}M); {tc.max_steps} steps of {tc.batch_size}x{tc.seq_len} tokens -> {out}", flush=True)
     on_eval = (lambda model, tok: quick_eval(model, tok, tc.eval_tasks, tc.eval_limit)) if tc.eval_tasks else None
     try:
         r = train(cfg, tc, out, resume=a.resume, progress=not a.no_progress, log=say, on_step=on_step,
-                  during_save=during_save, on_eval=on_eval, strategy=strategy)
+                  on_eval=on_eval, parallelize=transform)
     finally:
-        strategy.close()
+        close()
     val = f"val loss {r.val_loss:.4f} nats/token, {r.val_bpb:.4f} bits/byte" if r.val_loss is not None else "no eval"
     say(f"{r.stopped} at step {r.step} after {r.seconds:.1f}s of training; {val}; checkpoint {r.checkpoint}")
     return {"SIGINT": 130, "SIGTERM": 143}.get(r.stopped, 0)
-
 
 # %% ../notebooks/24_cli.ipynb #9df7964d
 def load_for_sample(ckpt: str, adapter: str | None, device):
@@ -186,6 +219,94 @@ def cmd_tokenizer(a) -> int:
     print(json.dumps(tokenizer_stats(tok, c), indent=1))
     return 0
 
+
+# %% ../notebooks/24_cli.ipynb #d6095813
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Add the `finetune` subcommand's arguments to `parser`."
+    parser.add_argument("--ckpt", required=True, help="base model: one of our run/checkpoint dirs or an HF directory")
+    parser.add_argument("--corpus", required=True, help="the domain corpus (a name, a path, hf:..., or a mix a+b)")
+    parser.add_argument("--method", choices=METHODS, default="lora")
+    parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics, eval.jsonl, adapter)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="FinetuneConfig fields (lora_r, lora_alpha, lora_dropout, lora_targets, base_corpus) "
+                             "and TrainConfig fields (lr, max_steps, batch_size, ...)")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds of training, then stop")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def finetune_configs(a) -> tuple[FinetuneConfig, TrainConfig]:
+    "FinetuneConfig and TrainConfig of the command line `a` (the model's shape comes from the base)."
+    ft, model_kw, train_kw = split_overrides(a.set or [], FinetuneConfig, ModelConfig, TrainConfig)
+    if model_kw:
+        raise ValueError(f"finetune: the model's shape comes from --ckpt; cannot --set {sorted(model_kw)}")
+    if isinstance(ft.get("lora_targets"), (list, tuple)):
+        ft["lora_targets"] = ",".join(ft["lora_targets"])
+    fc = FinetuneConfig(method=a.method, **ft)
+    if a.time_budget is not None:
+        train_kw["time_budget"] = a.time_budget
+    return fc, TrainConfig(**{**FINETUNE_TRAIN_DEFAULTS, "lr": METHOD_LR[fc.method], **train_kw})
+
+
+def cmd_finetune(a) -> int:
+    "`finetune`: fine-tune `--ckpt` on `--corpus`, print one summary line; the exit code."
+    fc, tc = finetune_configs(a)
+    r = finetune(a.ckpt, a.corpus, a.out, fc, tc, resume=a.resume, progress=not a.no_progress)
+    b, e = r["before"], r["after"]
+    print(f"{fc.method}: {r['trainable_params']:,} trainable ({100 * r['trainable_frac']:.2f}%), domain "
+          f"{b['domain_val_bpb']:.3f} -> {e['domain_val_bpb']:.3f} bits/byte"
+          + (f", base {b['base_val_bpb']:.3f} -> {e['base_val_bpb']:.3f}" if "base_val_bpb" in e else "")
+          + f"; results in {Path(a.out) / 'finetune.json'}")
+    return 0
+
+# %% ../notebooks/24_cli.ipynb #6dcf47d6
+def add_distill_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "Add the `distill` subcommand's arguments to `p`."
+    p.add_argument("--teacher", required=True, help="the teacher: a run directory, a checkpoint or a HF model dir")
+    p.add_argument("--student-preset", default="auto", help="a preset name, or 'auto' = student_config(teacher)")
+    p.add_argument("--corpus", help="corpus name or path (default: TrainConfig's)")
+    p.add_argument("--out", required=True, help="run directory of the student")
+    p.add_argument("--cache", help="offline teacher: top-K cache folder (written first if absent)")
+    p.add_argument("--init", choices=("random", "truncate"), default="random",
+                   help="student start: random, or leading slices of the teacher's same-named tensors")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                   help="override a ModelConfig, TrainConfig or DistillConfig field (repeatable)")
+    return p
+
+
+def distill_configs(a, teacher_cfg: ModelConfig):
+    "ModelConfig, TrainConfig, DistillConfig of the command line `a`."
+    kd, m, t = split_overrides(a.overrides, DistillConfig, ModelConfig, TrainConfig)
+    dc = DistillConfig.from_dict(kd)
+    cfg = student_config(teacher_cfg, **m) if a.student_preset == "auto" else get_preset(a.student_preset, **m)
+    extra = {k: v for k, v in dict(corpus=a.corpus, max_steps=a.max_steps).items() if v is not None}
+    tc = TrainConfig.from_dict({**TRAIN_PRESETS.get(a.student_preset, {}), **t, **extra})
+    if a.cache and not dc.kd_topk:
+        raise ValueError("--cache stores the teacher's top-K: set kd_topk (e.g. --set kd_topk=64)")
+    return cfg, tc, dc
+
+
+def cmd_distill(a) -> int:
+    "`distill`: load the teacher, build the configs, write the cache if asked, run `distill`; the exit code."
+    teacher = from_pretrained(a.teacher)
+    cfg, tc, dc = distill_configs(a, teacher.config)
+    pt, ps = count_params(teacher.config).total, count_params(cfg).total
+    print(f"teacher {pt / 1e6:.2f}M parameters -> student {ps / 1e6:.2f}M ({ps / pt:.1%}); KD {asdict(dc)}; "
+          f"{tc.max_steps} steps of {tc.batch_size}x{tc.seq_len} tokens -> {a.out}", flush=True)
+    data = prepare_data(tc.corpus, cfg.vocab_size)
+    if a.cache and not (Path(a.cache) / "header.json").exists():
+        teacher = teacher.to(resolve_device(tc.device))
+        write_teacher_cache(teacher, data.train, a.cache, tc.max_steps * tc.grad_accum, tc.batch_size, tc.seq_len,
+                            tc.seed, dc.kd_topk, dc.kd_temperature, name=str(a.teacher), progress=not a.no_progress)
+    r = distill(teacher, cfg, tc, dc, a.out, data=data, cache=a.cache, init=a.init, resume=a.resume,
+                progress=not a.no_progress, teacher_name=str(a.teacher))
+    val = f"val {r.val_bpb:.4f} bits/byte" if r.val_bpb is not None else "no eval"
+    print(f"{r.stopped} at step {r.step} after {r.seconds:.1f}s of training; {val}; checkpoint {r.checkpoint}")
+    return {"SIGINT": 130, "SIGTERM": 143}.get(r.stopped, 0)
 
 # %% ../notebooks/24_cli.ipynb #bca6fa96
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -276,10 +397,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
         write_json(a.out, out)
     return 0
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "tokenizer": cmd_tokenizer,
-            "eval": cmd_eval, "finetune": run_finetune, "distill": run_distill}
-
 # %% ../notebooks/24_cli.ipynb #6e79f859
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "tokenizer": cmd_tokenizer,
+            "eval": cmd_eval, "finetune": cmd_finetune, "distill": cmd_distill}
 _ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE, errno.ENFILE}
 _USER = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
@@ -321,13 +441,13 @@ def _error(e: BaseException | str) -> None:
         print(f"dsv3: error: {one_line(e)}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None, on_step=None, during_save=None) -> int:
-    "Entry point of `python -m dsv3_min` and the `dsv3` console script (the callbacks reach `train`)."
+def main(argv: list[str] | None = None, on_step=None) -> int:
+    "Entry point of `python -m dsv3_min` and the `dsv3` console script (`on_step` reaches `train`)."
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
             a = build_parser().parse_args(argv)
-            hooks = dict(on_step=on_step, during_save=during_save) if a.command == "train" else {}
+            hooks = dict(on_step=on_step) if a.command == "train" else {}
             return COMMANDS[a.command](a, **hooks)
         except KeyboardInterrupt:
             _error("interrupted")

@@ -3,12 +3,10 @@
 # %% ../notebooks/23_distill.ipynb #ef426b71
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
-from difflib import get_close_matches
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,15 +22,12 @@ from .data import get_batch
 from .files import atomic_dir, read_json, write_json
 from .model import DeepSeekV3, LossParts
 from .optim import make_optimizer
-from .train import (TRAIN_PRESETS, TrainConfig, _resume_point, _split_pair, prepare_data, resolve_device,
-                            resume_into, split_overrides, train_loop)
-from .config import get_preset
-from .hf import from_pretrained
+from .train import _resume_point, prepare_data, resolve_device, resume_into, train_loop
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'kl_terms', 'kd_full', 'teacher_topk', 'student_buckets', 'kd_topk', 'KDParts', 'kd_loss',
            'DistillConfig', 'student_config', 'init_from_teacher', 'OnlineTeacher', 'write_teacher_cache',
-           'TeacherCache', 'DistillLoss', 'distill', 'add_distill_arguments', 'run_distill']
+           'TeacherCache', 'DistillLoss', 'distill']
 
 # %% ../notebooks/23_distill.ipynb #940dc241
 _NEG = torch.finfo(torch.float32).min  # fills excluded logits: exp() underflows to 0 but sums stay finite
@@ -235,19 +230,18 @@ class TeacherCache:
 
 # %% ../notebooks/23_distill.ipynb #03ce74fe
 class DistillLoss:
-    "`student.loss` for distillation: α·KD + (1−α)·CE (+ MoE balance); the teacher is online or a cache."
+    "The loop's `loss_fn` for distillation: α·KD + (1−α)·CE (+ MoE balance); the teacher is online or a cache."
 
-    def __init__(self, student: DeepSeekV3, teacher, dc: DistillConfig, start_index: int = 0, forward=None):
-        self.student, self.teacher, self.dc, self.index = student, teacher, dc, start_index
-        self.forward = forward or student
+    def __init__(self, teacher, dc: DistillConfig, start_index: int = 0, forward=None):
+        self.teacher, self.dc, self.index, self.forward = teacher, dc, start_index, forward
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> LossParts:
+    def __call__(self, student: DeepSeekV3, x: torch.Tensor, y: torch.Tensor) -> LossParts:
         "The distillation loss of micro-batch (x, y), as `LossParts(loss, ce, kd, balance)`."
         target = self.teacher(x, self.index) if self.dc.kd_alpha > 0 else None
         self.index += 1
-        parts = kd_loss(self.forward(x), y, target, self.dc.kd_temperature, self.dc.kd_alpha)
+        parts = kd_loss((self.forward or student)(x), y, target, self.dc.kd_temperature, self.dc.kd_alpha)
         zero = parts.loss.new_zeros(())
-        balance = sum((m.aux_loss for m in self.student.moe_layers() if m.aux_loss is not None), zero)
+        balance = sum((m.aux_loss for m in student.moe_layers() if m.aux_loss is not None), zero)
         return LossParts(parts.loss + balance, parts.ce, parts.kd, balance)
 
 # %% ../notebooks/23_distill.ipynb #6e10e23f
@@ -264,7 +258,7 @@ def _check_pair(teacher: DeepSeekV3, cfg: ModelConfig, data) -> None:
 
 def distill(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, out: str | Path, *, data=None,
             cache: str | Path | None = None, init: str = "random", resume: bool = False, progress: bool = True,
-            log=print, on_step=None):
+            log=print, on_step=None, teacher_name: str | None = None):
     "Train a `DeepSeekV3(cfg)` student on `teacher` (online, or offline from `cache`) with the training loop."
     compile = tc.compile  # compiles the student's and the teacher's forwards, not `DistillLoss` (it counts batches)
     if init not in ("random", "truncate"):
@@ -272,7 +266,7 @@ def distill(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, out: s
     run_dir = Path(out)
     ckpt = _resume_point(run_dir, cfg, tc, resume)
     record = dict(distill=asdict(dc), init=init, cache=str(cache) if cache else None,
-                  teacher=getattr(teacher, "source", None), teacher_config=teacher.config.to_dict())
+                  teacher=teacher_name, teacher_config=teacher.config.to_dict())
     if ckpt is not None and (run_dir / "distill.json").exists():
         old = read_json(run_dir / "distill.json")
         if {k: old.get(k) for k in ("distill", "cache", "teacher")} != {k: record[k] for k in ("distill", "cache",
@@ -294,68 +288,8 @@ def distill(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, out: s
         teacher = teacher.to(device).eval()
         source = OnlineTeacher(teacher, dc.kd_topk, dc.kd_temperature,
                                forward=torch.compile(teacher) if compile else None)
-    student.loss = DistillLoss(student, source, dc, start * tc.grad_accum,
-                               forward=torch.compile(student) if compile else None)
+    loss_fn = DistillLoss(source, dc, start * tc.grad_accum, forward=torch.compile(student) if compile else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "distill.json", record)
-    return train_loop(student, opt, data, replace(tc, compile=False), run_dir, start, elapsed, progress,
-                      on_step=on_step, last_ckpt=ckpt)
-
-# %% ../notebooks/23_distill.ipynb #c3d24f52
-def add_distill_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add the `distill` subcommand's arguments to `p`."
-    p.add_argument("--teacher", required=True, help="the teacher: a run directory, a checkpoint or a HF model dir")
-    p.add_argument("--student-preset", default="auto", help="a preset name, or 'auto' = student_config(teacher)")
-    p.add_argument("--corpus", help="corpus name or path (default: TrainConfig's)")
-    p.add_argument("--out", required=True, help="run directory of the student")
-    p.add_argument("--cache", help="offline teacher: top-K cache folder (written first if absent)")
-    p.add_argument("--init", choices=("random", "truncate"), default="random",
-                   help="student start: random, or leading slices of the teacher's same-named tensors")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
-                   help="override a ModelConfig, TrainConfig or DistillConfig field (repeatable)")
-    return p
-
-
-def _distill_configs(a, teacher_cfg: ModelConfig):
-    "ModelConfig, TrainConfig, DistillConfig of the command line `a`."
-    pairs = [_split_pair(s) for s in a.overrides]
-    kd_names = {f.name for f in fields(DistillConfig)}
-    known = kd_names | {f.name for f in fields(ModelConfig)} | {f.name for f in fields(TrainConfig)}
-    for name, _ in pairs:
-        if name not in known:
-            close = get_close_matches(name, sorted(known), n=1)
-            raise ValueError(f"unknown field {name!r} in --set" + (f"; did you mean {close[0]!r}?" if close else "")
-                             + " (ModelConfig, TrainConfig and DistillConfig fields are accepted)")
-    dc = DistillConfig.from_dict({k: v for k, v in pairs if k in kd_names})
-    m, t = split_overrides({k: v for k, v in pairs if k not in kd_names})
-    cfg = student_config(teacher_cfg, **m) if a.student_preset == "auto" else get_preset(a.student_preset, **m)
-    preset_train = TRAIN_PRESETS.get(a.student_preset, {})
-    extra = {k: v for k, v in dict(corpus=a.corpus, max_steps=a.max_steps).items() if v is not None}
-    tc = TrainConfig.from_dict({**preset_train, **t, **extra})
-    if a.cache and not dc.kd_topk:
-        raise ValueError("--cache stores the teacher's top-K: set kd_topk (e.g. --set kd_topk=64)")
-    return cfg, tc, dc
-
-
-def run_distill(a) -> int:
-    "`distill`: load the teacher, build the configs, write the cache if asked, run `distill`; the exit code."
-    teacher = from_pretrained(a.teacher)
-    teacher.source = str(a.teacher)
-    cfg, tc, dc = _distill_configs(a, teacher.config)
-    pt, ps = count_params(teacher.config).total, count_params(cfg).total
-    print(f"teacher {pt / 1e6:.2f}M parameters -> student {ps / 1e6:.2f}M ({ps / pt:.1%}); KD {asdict(dc)}; "
-          f"{tc.max_steps} steps of {tc.batch_size}x{tc.seq_len} tokens -> {a.out}", flush=True)
-    data = prepare_data(tc.corpus, cfg.vocab_size)
-    if a.cache and not (Path(a.cache) / "header.json").exists():
-        teacher = teacher.to(resolve_device(tc.device))
-        write_teacher_cache(teacher, data.train, a.cache, tc.max_steps * tc.grad_accum, tc.batch_size, tc.seq_len,
-                            tc.seed, dc.kd_topk, dc.kd_temperature, name=str(a.teacher),
-                            progress=not a.no_progress)
-    r = distill(teacher, cfg, tc, dc, a.out, data=data, cache=a.cache, init=a.init, resume=a.resume,
-                progress=not a.no_progress)
-    val = f"val {r.val_bpb:.4f} bits/byte" if r.val_bpb is not None else "no eval"
-    print(f"{r.stopped} at step {r.step} after {r.seconds:.1f}s of training; {val}; checkpoint {r.checkpoint}")
-    return {"SIGINT": 130, "SIGTERM": 143}.get(r.stopped, 0)
+    return train_loop(student, opt, data, tc, run_dir, start, elapsed, progress, on_step=on_step, last_ckpt=ckpt,
+                      loss_fn=loss_fn)

@@ -3,7 +3,6 @@
 # %% ../notebooks/22_finetune.ipynb #336800c4
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -13,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_trained, read_state
+from .checkpoint import load_checkpoint, load_trained, read_state
+from .hf import latest_checkpoint, list_checkpoints
 from .validate import Validated, rule
 from .data import Corpus, load_corpus, pack
 from .files import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
@@ -22,14 +22,13 @@ from .optim import make_optimizer
 from .moe import Experts
 from .quant import NF4Linear, NF4Tensor, nf4_dequantize, nf4_quantize
 from .tokenizer import ASSISTANT, chat_segments
-from .train import (RESUME_FIXED, TrainConfig, TrainData, autocast_for, evaluate, parse_value,
-                            resolve_device, split_overrides, train_loop)
+from .step import lm_loss, val_loss
+from .train import RESUME_FIXED, TrainConfig, TrainData, autocast_for, resolve_device, train_loop
 
 # %% auto #0
 __all__ = ['METHODS', 'FINETUNE_TRAIN_DEFAULTS', 'METHOD_LR', 'SFT_MODULES', 'FinetuneConfig', 'NF4Weight', 'NF4Experts',
            'prepare_model', 'weight_bytes', 'EvalSet', 'domain_data', 'base_eval_set', 'base_run_corpus', 'finetune',
-           'add_finetune_arguments', 'configs_from_args', 'run_finetune', 'build_docstring_qa', 'sft_tokens',
-           'encode_masked', 'masked_loss', 'assistant_loss']
+           'build_docstring_qa', 'sft_tokens', 'encode_masked', 'masked_lm_loss', 'assistant_loss']
 
 # %% ../notebooks/22_finetune.ipynb #6c6bd23e
 METHODS = ("full", "lora", "qlora")
@@ -140,7 +139,7 @@ class EvalSet:
 
     def bits_per_byte(self, model, tc: TrainConfig, n_batches: int | None, device, autocast) -> tuple[float, float]:
         "(loss in nats/token, bits/byte) of `model` on this split (`n_batches` spread over it, None = all)."
-        loss = evaluate(model, self.tokens, tc.batch_size, tc.seq_len, n_batches, device, autocast)
+        loss = val_loss(model, self.tokens, tc.batch_size, tc.seq_len, n_batches, device, autocast)
         return loss, loss / math.log(2) * self.tokens_per_byte
 
 
@@ -189,7 +188,7 @@ def _eval_record(model, step, data, base, tc, device, autocast, n_batches) -> di
 # %% ../notebooks/22_finetune.ipynb #7b0553e0
 def finetune(base_path: str | Path, corpus: str | Corpus | TrainData, out: str | Path, fc: FinetuneConfig | None = None,
              tc: TrainConfig | None = None, resume: bool = False, base_corpus: str | Corpus | None = None,
-             progress: bool = True, log=print, on_step=None, during_save=None, cache_dir=None) -> dict:
+             progress: bool = True, log=print, on_step=None, cache_dir=None) -> dict:
     "Fine-tune the model at `base_path` on `corpus` (or SFT `TrainData`) with `fc.method`; results under `out`."
     fc, run_dir = fc or FinetuneConfig(), Path(out)
     tc = tc or TrainConfig(**FINETUNE_TRAIN_DEFAULTS, lr=METHOD_LR[fc.method])
@@ -209,8 +208,9 @@ def finetune(base_path: str | Path, corpus: str | Corpus | TrainData, out: str |
         log("finetune: no base corpus known (set base_corpus=...): forgetting is not measured")
     torch.manual_seed(tc.seed)
     model = prepare_model(model, fc).to(device)
-    if sft and len(data.train) and int(data.train.max()) >= model.config.vocab_size:
-        masked_loss(model)  # targets outside the assistant turns are ignored
+    masked = sft and len(data.train) and int(data.train.max()) >= model.config.vocab_size
+    loss_fn = masked_lm_loss if masked else lm_loss  # masked: targets outside the assistant turns are ignored
+    loss_fn = torch.compile(loss_fn) if tc.compile else loss_fn
     opt = make_optimizer(model, tc, device)
     start, elapsed, ckpt, evals = 0, 0.0, None, run_dir / "eval.jsonl"
     if resume:
@@ -238,7 +238,7 @@ def finetune(base_path: str | Path, corpus: str | Corpus | TrainData, out: str |
         if on_step is not None:
             on_step(step, rec)
 
-    result = train_loop(model, opt, data, tc, run_dir, start, elapsed, progress, after_step, during_save, ckpt)
+    result = train_loop(model, opt, data, tc, run_dir, start, elapsed, progress, after_step, ckpt, loss_fn=loss_fn)
     return _finish(model, fc, tc, run_dir, result, device, base_path)
 
 # %% ../notebooks/22_finetune.ipynb #aeed1c9b
@@ -257,52 +257,6 @@ def _finish(model, fc: FinetuneConfig, tc: TrainConfig, run_dir: Path, result, d
                before=evals[0], after=evals[-1], evals=evals)
     write_json(run_dir / "finetune.json", out)
     return out
-
-# %% ../notebooks/22_finetune.ipynb #e26562d8
-def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    "Add the `finetune` subcommand's arguments to `parser`."
-    parser.add_argument("--ckpt", required=True, help="base model: one of our run/checkpoint dirs or an HF directory")
-    parser.add_argument("--corpus", required=True, help="the domain corpus (a name, a path, hf:..., or a mix a+b)")
-    parser.add_argument("--method", choices=METHODS, default="lora")
-    parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics, eval.jsonl, adapter)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
-                        help="FinetuneConfig fields (lora_r, lora_alpha, lora_dropout, lora_targets, base_corpus) "
-                             "and TrainConfig fields (lr, max_steps, batch_size, ...)")
-    parser.add_argument("--time-budget", type=float, default=None, help="seconds of training, then stop")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
-
-
-def configs_from_args(args) -> tuple[FinetuneConfig, TrainConfig]:
-    "Split `--set` into FinetuneConfig and TrainConfig fields (the model's shape comes from the base)."
-    ft_names = set(FinetuneConfig.__dataclass_fields__)
-    pairs = [s.split("=", 1) for s in args.set or []]
-    if any(len(p) != 2 for p in pairs):
-        raise ValueError(f"--set expects name=value pairs, got {args.set}")
-    ft = {k.strip(): v.strip() for k, v in pairs if k.strip() in ft_names}
-    model_kw, train_kw = split_overrides([f"{k}={v}" for k, v in pairs if k.strip() not in ft_names])
-    if model_kw:
-        raise ValueError(f"finetune: the model's shape comes from --ckpt; cannot --set {sorted(model_kw)}")
-    fc = FinetuneConfig(method=args.method, **{k: parse_value(v) for k, v in ft.items()})
-    if isinstance(fc.lora_targets, (list, tuple)):
-        fc.lora_targets = ",".join(fc.lora_targets)
-    if args.time_budget is not None:
-        train_kw["time_budget"] = args.time_budget
-    return fc, TrainConfig(**{**FINETUNE_TRAIN_DEFAULTS, "lr": METHOD_LR[fc.method], **train_kw})
-
-
-def run_finetune(args) -> int:
-    "The `finetune` subcommand: returns the exit code (errors raise; the CLI turns them into one line)."
-    fc, tc = configs_from_args(args)
-    r = finetune(args.ckpt, args.corpus, args.out, fc, tc, resume=args.resume,
-                 progress=not getattr(args, "no_progress", False))
-    b, a = r["before"], r["after"]
-    print(f"{fc.method}: {r['trainable_params']:,} trainable ({100 * r['trainable_frac']:.2f}%), domain "
-          f"{b['domain_val_bpb']:.3f} -> {a['domain_val_bpb']:.3f} bits/byte"
-          + (f", base {b['base_val_bpb']:.3f} -> {a['base_val_bpb']:.3f}" if "base_val_bpb" in a else "")
-          + f"; results in {Path(args.out) / 'finetune.json'}")
-    return 0
 
 # %% ../notebooks/22_finetune.ipynb #a395e050
 SFT_MODULES = ("abc", "argparse", "base64", "bisect", "calendar", "colorsys", "copy", "csv", "dataclasses", "difflib",
@@ -360,18 +314,14 @@ def sft_tokens(tok, conversations) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_masked(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> np.ndarray:
-    "One array for the loop: target tokens as is, others shifted by `vocab_size` (decoded by `masked_loss`)."
+    "One array for the loop: target tokens as is, others shifted by `vocab_size` (decoded by `masked_lm_loss`)."
     return np.where(mask, ids, ids + vocab_size).astype(np.int64)
 
 
-def masked_loss(model):
-    "Make `model.loss` read `encode_masked` arrays: inputs mod V, targets ignored (-100) where masked out."
-    V, loss = model.config.vocab_size, type(model).loss
-
-    def wrapped(x, y):
-        return loss(model, x % V, torch.where(y >= V, torch.full_like(y, -100), y))
-    model.loss = wrapped
-    return model
+def masked_lm_loss(model, x: torch.Tensor, y: torch.Tensor):
+    "`lm_loss` on `encode_masked` arrays: inputs mod V, targets ignored (-100) where masked out."
+    V = model.config.vocab_size
+    return lm_loss(model, x % V, torch.where(y >= V, torch.full_like(y, -100), y))
 
 # %% ../notebooks/22_finetune.ipynb #afe740c7
 @torch.no_grad()

@@ -29,13 +29,13 @@ def lr_at(step: int, tc, elapsed: float = 0.0) -> float:
 
 # %% ../notebooks/14_optim.ipynb #765c20fe
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    "AdamW groups: matrices (ndim >= 2, embedding excluded) decay, everything else does not."
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # tied weights appear once
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    "AdamW groups: matrices (ndim >= 2, embedding excluded) decay, the rest not; one pair per device mesh of DTensors."
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weights appear once
+    meshes = list(dict.fromkeys(getattr(p, "device_mesh", None) for _, p in named)) or [None]
+    decays = {n: p.ndim >= 2 and "embed_tokens" not in n for n, p in named}
+    groups = [dict(params=[p for n, p in named if decays[n] == d and getattr(p, "device_mesh", None) == m],
+                   weight_decay=weight_decay if d else 0.0) for d in (True, False) for m in meshes]
+    return groups if meshes == [None] else [g for g in groups if g["params"]]  # one process: always the two
 
 
 def make_optimizer(model: torch.nn.Module, tc, device: torch.device) -> torch.optim.AdamW:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import replace
+from functools import partial
 from math import ceil
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -13,20 +15,17 @@ from einops import rearrange, reduce
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from .config import ModelConfig
+from .dist import launched_by_torchrun
 from .moe import Experts, expert_counts, gather_rows
 from .model import DeepSeekV3
-from .train import Single, TrainConfig, launched_by_torchrun, resolve_device
+from .train import TrainConfig, resolve_device
 
 # %% auto #0
-__all__ = ['check_setup', 'world_size', 'init_distributed', 'make_mesh', 'expert_rank', 'check_groups', 'max_ranks_per_token',
-           'all_to_all', 'EPExperts', 'ParallelInfo', 'parallel_info', 'parallelize', 'compile_blocks',
-           'split_param_groups', 'shard_batch', 'reduce_expert_grads', 'update_router_biases', 'global_mean',
-           'clip_grad_norm_', 'gather_checkpoint', 'optimizer_state_by_name', 'load_optimizer_state',
-           'optimizer_layout', 'optimizer_from_layout', 'ExpertParallel', 'strategy_for', 'Op', 'schedule_1f1b',
-           'schedule_zb1p', 'schedule_dualpipe', 'Timeline', 'simulate', 'table2']
+__all__ = ['check_setup', 'launch_size', 'init_distributed', 'make_mesh', 'expert_rank', 'check_groups', 'max_ranks_per_token',
+           'all_to_all', 'EPExperts', 'compile_blocks', 'parallelize', 'setup', 'close']
 
 # %% ../notebooks/19_parallel.ipynb #5371ab85
 def check_setup(n_routed_experts: int, ep: int, world_size: int, launched: bool = True) -> None:
@@ -42,8 +41,8 @@ def check_setup(n_routed_experts: int, ep: int, world_size: int, launched: bool 
         raise ValueError(f"world size {world_size} is not divisible by ep={ep}")
 
 
-def world_size() -> int:
-    "Processes in this run: the process group's size, else torchrun's WORLD_SIZE, else 1."
+def launch_size() -> int:
+    "Processes in this run, before any process group exists: the group's size, else torchrun's WORLD_SIZE, else 1."
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -64,7 +63,7 @@ def init_distributed(backend: str | None = None) -> bool:
 def make_mesh(n_routed_experts: int, ep: int, device_type: str = "cpu") -> DeviceMesh | None:
     "The `(dp, ep)` mesh over all ranks (`dp = world // ep`); None for a single process with ep=1."
     launched = launched_by_torchrun()
-    world = world_size()
+    world = launch_size()
     check_setup(n_routed_experts, ep, world, launched)
     if not init_distributed("nccl" if device_type == "cuda" else "gloo"):
         return None
@@ -112,22 +111,29 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 # %% ../notebooks/19_parallel.ipynb #9f6fb39f
 class EPExperts(Experts):
-    "This EP rank's `E/ep` routed experts; `forward` dispatches rows to their experts' ranks and combines them back."
+    "The routed experts under EP: DTensors `Shard(0)` over the `ep` mesh; `forward` dispatches rows to their experts' ranks."
 
-    def __init__(self, experts: Experts, group, ep: int, rank: int):
+    def __init__(self, experts: Experts, ep_mesh: DeviceMesh):
         nn.Module.__init__(self)
-        E, n = experts.n_experts, experts.n_experts // ep
-        self.group, self.ep, self.rank, self.n_total = group, ep, rank, E
-        self.n_experts, self.intermediate = n, experts.intermediate  # `Experts.forward` sees only the local experts
-        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[rank * n:(rank + 1) * n].clone())
-        self.down_proj = nn.Parameter(experts.down_proj.detach()[rank * n:(rank + 1) * n].clone())
-        self.track = False  # when True, `comm` accumulates the rows this rank sends to other ranks
-        self.comm = {"tokens": 0, "copies": 0, "remote_copies": 0, "remote_ranks": 0}
+        E, ep = experts.n_experts, ep_mesh.size()
+        self.group, self.ep, self.rank, self.n_total = ep_mesh.get_group(), ep, ep_mesh.get_local_rank(), E
+        self.n_experts, self.intermediate = E // ep, experts.intermediate  # `Experts.forward` sees the local experts
+        for name in ("gate_up_proj", "down_proj"):  # every rank holds the same whole tensor: each keeps its slice
+            whole = getattr(experts, name).detach()
+            self._parameters[name] = nn.Parameter(distribute_tensor(whole, ep_mesh, [Shard(0)], src_data_rank=None))
+
+    def local_experts(self) -> SimpleNamespace:
+        "This rank's experts as plain tensors (`to_local()`: the gradient flows back into the DTensors)."
+        mine = SimpleNamespace(n_experts=self.n_experts, intermediate=self.intermediate,
+                               gate_up_proj=self._parameters["gate_up_proj"].to_local(),  # (E/ep, 2I, d)
+                               down_proj=self._parameters["down_proj"].to_local())  # (E/ep, d, I)
+        mine.forward_loop = partial(Experts.forward_loop, mine)
+        return mine
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
         "`x (T, d)`, gating `weights (T, k)`, global expert `idx (T, k)` -> `Σ_k weight · expert(x)`, `(T, d)`."
         xs, local, plan = self.dispatch(x, idx)
-        ys = super().forward(xs, xs.new_ones(len(xs), 1), local[:, None], impl)  # grouped matmul, weight 1
+        ys = Experts.forward(self.local_experts(), xs, xs.new_ones(len(xs), 1), local[:, None], impl)  # weight 1
         y = rearrange(self.combine(ys, plan), "(t k) d -> t k d", k=idx.shape[1])
         return reduce(y.float() * weights.float()[..., None], "t k d -> t d", "sum").to(x.dtype)
 
@@ -143,8 +149,6 @@ class EPExperts(Experts):
         dist.all_to_all_single(recv, counts, group=self.group)  # fixed size: n counts to each rank
         send_rows = reduce(counts, "(r e) -> r", "sum", r=ep).tolist()
         recv_rows = reduce(recv, "(r e) -> r", "sum", r=ep).tolist()
-        if self.track:
-            self._count(idx, send_rows)
         xs = all_to_all(gather_rows(x, order, inv, fanout=idx.shape[1]), recv_rows, send_rows, self.group)
         local = torch.arange(n, device=x.device).repeat(ep).repeat_interleave(recv)  # local expert of each row
         return xs, local, (order, inv, send_rows, recv_rows)
@@ -155,319 +159,47 @@ class EPExperts(Experts):
         order, inv, send_rows, recv_rows = plan
         return gather_rows(all_to_all(ys, send_rows, recv_rows, self.group), inv, order)
 
-    def _count(self, idx: torch.Tensor, send_rows: list[int]) -> None:
-        "Accumulate tokens, copies, copies sent off-rank, and distinct off-rank destinations (a deduplicated send)."
-        dest = idx // self.n_experts  # (T, k) destination rank of each copy
-        hit = torch.zeros(idx.shape[0], self.ep, dtype=torch.bool, device=idx.device).scatter_(1, dest, True)
-        hit[:, self.rank] = False
-        c = self.comm
-        c["tokens"] += idx.shape[0]
-        c["copies"] += idx.numel()
-        c["remote_copies"] += sum(send_rows) - send_rows[self.rank]
-        c["remote_ranks"] += int(hit.sum())
-
     def extra_repr(self) -> str:
         return f"experts {self.rank * self.n_experts}..{(self.rank + 1) * self.n_experts - 1} of {self.n_total}, ep={self.ep}"
 
 # %% ../notebooks/19_parallel.ipynb #f48d9b83
-@dataclass
-class ParallelInfo:
-    "Where this process sits: the mesh, its groups, and the names of the parameters sharded over EP."
-    mesh: DeviceMesh
-    ep: int
-    dp: int
-    world: int
-    rank: int
-    ep_rank: int
-    expert_names: frozenset
-
-    @property
-    def ep_group(self):
-        return self.mesh.get_group("ep")
-
-    @property
-    def dp_group(self):
-        return self.mesh.get_group("dp")
+def compile_blocks(model: DeepSeekV3) -> DeepSeekV3:
+    "`nn.Module.compile` every sub-module of every block (main and MTP): FSDP2's hooks on the blocks stay outside."
+    for block in [*model.layers, *model.mtp]:
+        for part in block.children():
+            part.compile()
+    return model
 
 
-def parallel_info(model: nn.Module) -> ParallelInfo | None:
-    "The `ParallelInfo` that `parallelize` attached, or None for a single-process model."
-    return getattr(model, "_parallel", None)
-
-# %% ../notebooks/19_parallel.ipynb #81814eec
-def parallelize(model: DeepSeekV3, mesh: DeviceMesh | None, force_ep: bool = False) -> DeepSeekV3:
-    "Swap every MoE's experts for this rank's `EPExperts` (ep > 1 or `force_ep`), FSDP2-shard the rest over all ranks."
-    if mesh is None:
-        return model
-    ep, dp, cfg = mesh["ep"].size(), mesh["dp"].size(), model.config
+def parallelize(model: DeepSeekV3, mesh: DeviceMesh, compile: bool = False) -> DeepSeekV3:
+    "EP over `mesh['ep']` (DTensor experts, FSDP2 over `dp`) and FSDP2 over all ranks for the rest; the same model."
+    ep, cfg = mesh["ep"].size(), model.config
     check_setup(cfg.n_routed_experts, ep, mesh.size())
     check_groups(cfg.n_group, ep)
-    ep_rank = mesh["ep"].get_local_rank()
-    use_ep = ep > 1 or force_ep  # force_ep: the all-to-all path even at ep=1 (a world of 1 on one GPU)
-    if use_ep:
+    if ep > 1:
         for m in model.moe_layers():
-            m.experts = EPExperts(m.experts, mesh.get_group("ep"), ep, ep_rank)
-    names = frozenset(n for n, p in model.named_parameters() if use_ep and ".experts." in n)
-    info = ParallelInfo(mesh, ep, dp, mesh.size(), dist.get_rank(), ep_rank, names)
-    # data parallelism for all but the routed experts: FSDP2, every rank holds 1/world of each parameter
+            m.experts = EPExperts(m.experts, mesh["ep"])
+            fully_shard(m.experts, mesh=mesh["dp"])
+            m.experts.set_gradient_divide_factor(float(mesh.size()))  # Σ over dp of per-rank means, / W
+            # a SUM, then / W (gloo has no PREMUL_SUM); with one dp rank FSDP2 divides without a collective, and
+            # forcing the sum there would divide twice (torch 2.13)
+            m.experts.set_force_sum_reduction_for_comms(mesh["dp"].size() > 1)
+    if compile:
+        compile_blocks(model)
     world_mesh = DeviceMesh.from_group(dist.group.WORLD, mesh.device_type)
-    ignored = {p for n, p in model.named_parameters() if n in names}
     for block in [*model.layers, *model.mtp]:
         if hasattr(block, "shared_head"):  # an MTP depth: `model.loss` calls its norm outside the block's forward
             fully_shard(block.shared_head.norm, mesh=world_mesh)
-        fully_shard(block, mesh=world_mesh, ignored_params=ignored)
-    fully_shard(model, mesh=world_mesh, ignored_params=ignored)
+        fully_shard(block, mesh=world_mesh)
+    fully_shard(model, mesh=world_mesh)
     register_fsdp_forward_method(model, "loss")  # `model.loss` gathers the root's parameters like forward
-    model._parallel = info
     return model
 
-
-def compile_blocks(model: DeepSeekV3) -> DeepSeekV3:
-    "`torch.compile` each block's forward and the loss head, as torchtitan does: FSDP2's hooks stay outside."
-    for block in [*model.layers, *model.mtp]:
-        block.forward = torch.compile(block.forward)
-    model._ce = torch.compile(model._ce)  # final norm, LM head, cross-entropy (no FSDP hook inside)
-    return model
-
-
-def split_param_groups(params) -> list[dict]:
-    "Optimizer param groups with FSDP2's DTensors and the plain (EP) tensors apart: foreach/fused steps can't mix them."
-    params = list(params)
-    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
-    out = []
-    for g in groups:
-        ps = list(g["params"])
-        for part in ([p for p in ps if isinstance(p, DTensor)], [p for p in ps if not isinstance(p, DTensor)]):
-            if part:
-                out.append({**g, "params": part})
-    return out
-
-
-def shard_batch(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    "This rank's rows of a global batch `(B, ...)`: rank r of W takes rows `r·B/W .. (r+1)·B/W - 1`."
-    info = parallel_info(model)
-    if info is None:
-        return x
-    if x.shape[0] % info.world:
-        raise ValueError(f"global batch {x.shape[0]} is not divisible by the world size {info.world}")
-    return rearrange(x, "(w b) ... -> w b ...", w=info.world)[info.rank]
-
-# %% ../notebooks/19_parallel.ipynb #f1c8410c
-@torch.no_grad()
-def reduce_expert_grads(model: nn.Module) -> None:
-    "After backward: expert grads summed over the dp ranks holding the same experts, / world (the global-batch mean)."
-    info = parallel_info(model)
-    if info is None or not info.expert_names:
-        return
-    for name, p in model.named_parameters():
-        if name in info.expert_names and p.grad is not None:
-            if info.dp > 1:
-                dist.all_reduce(p.grad, group=info.dp_group)
-            p.grad.div_(info.world)  # each rank's loss is a mean over its 1/world of the batch
-
-
-@torch.no_grad()
-def update_router_biases(model: DeepSeekV3) -> None:
-    "Aux-loss-free balancing on the global load: all-reduce every MoE's per-expert counts, then update the biases."
-    if parallel_info(model) is not None:
-        for m in model.moe_layers():
-            dist.all_reduce(m.load)
-    model.update_router_biases()
-
-
-def global_mean(t: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    "The mean of a per-rank scalar over all ranks (the global-batch loss to log); `t` itself on one process."
-    if parallel_info(model) is None:
-        return t.detach()
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
-
-
-@torch.no_grad()
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
-    "Clip the global gradient norm (FSDP shards summed over all ranks, expert slices over the EP group)."
-    info = parallel_info(model)
-    if info is None:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    grads = {n: p.grad._local_tensor if isinstance(p.grad, DTensor) else p.grad
-             for n, p in model.named_parameters() if p.grad is not None}
-    device = next(iter(grads.values())).device
-
-    def squared_norm(experts: bool) -> torch.Tensor:  # this rank's part of the sum of squares
-        part = [g for n, g in grads.items() if (n in info.expert_names) == experts]
-        return torch.nn.utils.get_total_norm(part).to(device, torch.float32).square()
-
-    shard, expert = squared_norm(False), squared_norm(True)
-    dist.all_reduce(shard)
-    dist.all_reduce(expert, group=info.ep_group)
-    total = (shard + expert).sqrt()
-    torch._foreach_mul_(list(grads.values()), (max_norm / (total + 1e-6)).clamp(max=1.0))
-    return total
-
-# %% ../notebooks/19_parallel.ipynb #1de80950
-def _full(t: torch.Tensor, name: str, info: ParallelInfo) -> torch.Tensor:
-    "The whole tensor behind this rank's piece: FSDP shards all-gathered, expert slices gathered over EP."
-    if isinstance(t, DTensor):
-        return t.full_tensor()
-    if name in info.expert_names and t.dim() > 0:
-        parts = [torch.empty_like(t) for _ in range(info.ep)]
-        dist.all_gather(parts, t.contiguous(), group=info.ep_group)
-        return torch.cat(parts)
-    return t
-
-
-def _names(model: nn.Module, opt: torch.optim.Optimizer) -> list[list[str]]:
-    "The parameter names of each optimizer param group."
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    return [[name_of[id(p)] for p in g["params"]] for g in opt.param_groups]
-
-
-def gather_checkpoint(model: DeepSeekV3, opt: torch.optim.Optimizer | None = None):
-    "Collective: an ordinary single-process `(model, optimizer)` on CPU on rank 0 (None, None elsewhere)."
-    info = parallel_info(model)
-    if info is None:
-        return model, opt
-    sd = {n: _full(t, n, info).detach().cpu() for n, t in model.state_dict().items()}
-    states = {}
-    if opt is not None:
-        for group in _names(model, opt):
-            for n in group:
-                p = model.get_parameter(n)
-                states[n] = {k: _full(v, n, info).cpu() for k, v in opt.state.get(p, {}).items()}
-    if info.rank != 0:
-        return None, None
-    with torch.device("meta"):
-        plain = DeepSeekV3(model.config)
-    plain.load_state_dict(sd, assign=True)
-    if model.config.tie_word_embeddings:
-        plain.lm_head.weight = plain.embed_tokens.weight
-    for n, b in model.named_buffers():  # non-persistent buffers (RoPE frequencies, load counters) are not in sd
-        mod, _, leaf = n.rpartition(".")
-        owner = plain.get_submodule(mod)
-        if getattr(owner, leaf).is_meta:
-            owner._buffers[leaf] = b.detach().cpu().clone()
-    if opt is None:
-        return plain, None
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [plain.get_parameter(n) for n in names]}
-              for g, names in zip(opt.param_groups, _names(model, opt))]
-    plain_opt = type(opt)(groups)  # each group carries all its hyperparameters
-    for n, st in states.items():
-        if st:
-            plain_opt.state[plain.get_parameter(n)] = st
-    return plain, plain_opt
-
-# %% ../notebooks/19_parallel.ipynb #37dca072
-def optimizer_state_by_name(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict]:
-    "A single-process optimizer's state keyed by parameter name (take it before `parallelize` changes the model)."
-    name = {id(p): n for n, p in model.named_parameters()}
-    return {name[id(p)]: st for p, st in opt.state.items()}
-
-
-@torch.no_grad()
-def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, dict]) -> None:
-    "Give a parallelized model's optimizer whole-tensor `state` (by parameter name), sharded like each parameter."
-    info = parallel_info(model)
-    for n, p in model.named_parameters():
-        if not state.get(n):
-            continue
-        local = {}
-        for k, v in state[n].items():
-            if info is not None and v.dim() > 0 and isinstance(p, DTensor):
-                v = distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-            elif info is not None and v.dim() > 0 and n in info.expert_names:
-                m = p.shape[0]
-                v = v[info.ep_rank * m:(info.ep_rank + 1) * m]
-            local[k] = v.clone().to(p.device) if v.dim() > 0 else v.clone()
-        opt.state[p] = local
-
-# %% ../notebooks/19_parallel.ipynb #c341c519
-def optimizer_layout(model: nn.Module, opt: torch.optim.Optimizer) -> list[tuple[dict, list[str]]]:
-    "Each param group of `opt` as (its hyper-parameters, its parameter names): to rebuild it over another copy."
-    return [({k: v for k, v in g.items() if k != "params"}, names) for g, names in zip(opt.param_groups, _names(model, opt))]
-
-
-def optimizer_from_layout(kind: type, model: nn.Module, layout, lr: float | None = None, split: bool = False):
-    "An optimizer of class `kind` over `model`'s parameters grouped as `layout` (`split`: DTensors and plain apart)."
-    groups = [{**hyper, **({} if lr is None else {"lr": lr}), "params": [model.get_parameter(n) for n in names]}
-              for hyper, names in layout]
-    return kind(split_param_groups(groups) if split else groups)
-
-# %% ../notebooks/19_parallel.ipynb #29ba7aa9
-class ExpertParallel(Single):
-    "The training loop's strategy under torchrun: EP + FSDP2 over a `(dp, ep)` mesh; rank 0 logs and saves."
-
-    def __init__(self, mesh: DeviceMesh, device: torch.device):
-        self.mesh, self.device, self.model, self.layout = mesh, device, None, []
-        self.is_rank0 = dist.get_rank() == 0
-
-    def local_device(self, device: torch.device) -> torch.device:
-        return self.device
-
-    def _barrier(self) -> None:
-        dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
-
-    def rank0_first(self, fn):
-        "Run `fn` on rank 0 first (it fills the tokenizer and data caches), then on the other ranks."
-        if not self.is_rank0:
-            self._barrier()
-        out = fn()
-        if self.is_rank0:
-            self._barrier()
-        return out
-
-    def wrap(self, model: DeepSeekV3, opt: torch.optim.Optimizer):
-        "Parallelize `model`; a new optimizer of the same kind over the shards, with `opt`'s groups and state."
-        state, self.layout = optimizer_state_by_name(model, opt), optimizer_layout(model, opt)
-        self.model = parallelize(model, self.mesh)
-        new = optimizer_from_layout(type(opt), self.model, self.layout, split=True)
-        load_optimizer_state(self.model, new, state)
-        return self.model, new
-
-    def compile(self, model):
-        return compile_blocks(model).loss  # not `torch.compile(model.loss)`: that would trace FSDP's hooks
-
-    def shard_batch(self, x: torch.Tensor) -> torch.Tensor:
-        return shard_batch(x, self.model)
-
-    def after_backward(self, model) -> None:
-        reduce_expert_grads(model)
-
-    def clip_grad_norm_(self, model, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm_(model, max_norm)  # the module's function: global over shards and expert slices
-
-    def global_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return global_mean(t, self.model)
-
-    def max_over_ranks(self, *values: float) -> tuple:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return tuple(t.tolist())
-
-    def update_router_biases(self, model) -> None:
-        update_router_biases(model)
-
-    def gather_for_save(self, model, opt):
-        "Collective: the single-process model and optimizer (its groups as before `wrap`) on rank 0; (None, None) elsewhere."
-        plain, popt = gather_checkpoint(model, opt)
-        if plain is None:
-            return None, None
-        lr = popt.param_groups[0]["lr"]  # the one hyper-parameter the loop changes
-        canon = optimizer_from_layout(type(popt), plain, self.layout, lr)  # groups in the single-process order
-        canon.state.update({plain.get_parameter(n): st for n, st in optimizer_state_by_name(plain, popt).items()})
-        return plain, canon
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-# %% ../notebooks/19_parallel.ipynb #e6d0a299
-def strategy_for(cfg: ModelConfig, tc: TrainConfig) -> Single:
-    "`Single()` for one process with ep=1; else the checked `ExpertParallel` (a bad setup: one line, nothing started)."
+# %% ../notebooks/19_parallel.ipynb #81814eec
+def setup(cfg: ModelConfig, tc: TrainConfig):
+    "Check the launch (one line, before any process group, file or folder), join the group: (tc, `parallelize` transform)."
     launched = launched_by_torchrun()
-    if tc.ep == 1 and not launched:
-        return Single()
-    world = world_size()
+    world = launch_size()
     check_setup(cfg.n_routed_experts, tc.ep, world, launched)
     check_groups(cfg.n_group, tc.ep)
     if tc.batch_size % world:
@@ -481,181 +213,11 @@ def strategy_for(cfg: ModelConfig, tc: TrainConfig) -> Single:
         device = torch.device("cuda", local)
     elif device.type != "cpu":
         raise ValueError(f"TrainConfig.device={tc.device!r}: torchrun runs on CPU (gloo) or CUDA (NCCL)")
-    return ExpertParallel(make_mesh(cfg.n_routed_experts, tc.ep, device.type), device)
-
-# %% ../notebooks/19_parallel.ipynb #0e845f81
-@dataclass(frozen=True)
-class Op:
-    "One pipeline task: F, B (full backward), I (backward for input), W (for weights), or FB (an F and a B overlapped)."
-    kind: str
-    dir: int  # 0: micro-batches flow device 0 -> P-1; 1: P-1 -> 0 (DualPipe's second direction)
-    mb: int
-    dir_b: int = -1  # FB only: the backward's direction and micro-batch
-    mb_b: int = -1
+    mesh = make_mesh(cfg.n_routed_experts, tc.ep, device.type)
+    return replace(tc, device=str(device)), partial(parallelize, mesh=mesh, compile=tc.compile)
 
 
-def schedule_1f1b(P: int, M: int) -> list[list[Op]]:
-    "1F1B: device r runs P-1-r warm-up forwards, then alternates one forward and one (full) backward."
-    lists = []
-    for r in range(P):
-        warm = min(P - 1 - r, M)
-        ops = [Op("F", 0, m) for m in range(warm)]
-        for i in range(M - warm):
-            ops += [Op("F", 0, warm + i), Op("B", 0, i)]
-        lists.append(ops + [Op("B", 0, m) for m in range(M - warm, M)])
-    return lists
-
-
-def schedule_zb1p(P: int, M: int) -> list[list[Op]]:
-    "ZB1P (zero-bubble ZB-H1): 1F1B with the backward split in I and W; device r runs its W's r passes late."
-    lists = []
-    for r in range(P):
-        warm = min(P - 1 - r, M)
-        ops, late = [Op("F", 0, m) for m in range(warm)], []
-        for i in range(M):
-            if i < M - warm:
-                ops.append(Op("F", 0, warm + i))
-            ops.append(Op("I", 0, i))
-            late.append(i)
-            if len(late) > (r if i < M - warm else 0):  # hold r weight passes back until the cool-down
-                ops.append(Op("W", 0, late.pop(0)))
-        lists.append(ops + [Op("W", 0, m) for m in late])
-    return lists
-
-# %% ../notebooks/19_parallel.ipynb #65601325
-class _DualPipeDevice:
-    "One DualPipe device's op list: forward/backward counters per phase and the queue of deferred weight passes."
-
-    def __init__(self, flip: int):
-        self.flip, self.nf, self.nb, self.wq, self.ops = flip, [0, 0], [0, 0], [], []
-
-    def f(self, ph: int) -> None:
-        self.ops.append(Op("F", ph ^ self.flip, self.nf[ph]))
-        self.nf[ph] += 1
-
-    def b(self, ph: int, zb: bool = False) -> None:
-        "A backward; with `zb` only its input gradient now, the weight gradient queued for a later `w`."
-        self.ops.append(Op("I" if zb else "B", ph ^ self.flip, self.nb[ph]))
-        self.wq.extend([(ph ^ self.flip, self.nb[ph])] if zb else [])
-        self.nb[ph] += 1
-
-    def w(self) -> None:
-        self.ops.append(Op("W", *self.wq.pop(0)))
-
-    def fb(self, p0: int, p1: int) -> None:
-        self.ops.append(Op("FB", p0 ^ self.flip, self.nf[p0], p1 ^ self.flip, self.nb[p1]))
-        self.nf[p0], self.nb[p1] = self.nf[p0] + 1, self.nb[p1] + 1
-
-
-def schedule_dualpipe(P: int, M: int) -> list[list[Op]]:
-    "DualPipe's per-device order (the 8 steps of deepseek-ai/DualPipe's `step`); M/2 micro-batches enter at each end."
-    if P % 2 or M % 2 or M < 2 * P:
-        raise ValueError(f"DualPipe needs an even P and an even M >= 2P, got P={P}, M={M}")
-    half, lists = P // 2, []
-    for r in range(P):
-        h = min(r, P - 1 - r)
-        d = _DualPipeDevice(int(r >= half))  # phase 0 = the direction entering at this device's end
-        for _ in range((half - h - 1) * 2):  # 1: forwards of phase 0
-            d.f(0)
-        for _ in range(h + 1):  # 2: both phases
-            d.f(0), d.f(1)
-        for _ in range(half - h - 1):  # 3: zero-bubble B, W, F
-            d.b(1, True), d.w(), d.f(1)
-        for i in range(M // 2 - P + h + 1):  # 4: the main loop, forward and backward overlapped
-            if i == 0 and h == half - 1:
-                d.f(0), d.b(1)  # the middle devices do not overlap their first pair
-            else:
-                d.fb(0, 1)
-            d.fb(1, 0)
-        for _ in range(half - h - 1):  # 5
-            d.b(1), d.fb(1, 0)
-        zb = False
-        for i in range(h + 1):  # 6: backwards of both phases, the second half zero-bubble
-            zb = zb or (i == (h + 1) // 2 and h % 2 == 1)
-            d.b(1, zb)
-            zb = zb or (i == (h + 1) // 2 and h % 2 == 0)
-            d.b(0, zb)
-        for _ in range(half - h - 1):  # 7
-            d.w(), d.b(0, True)
-        for _ in range(h + 1):  # 8: the remaining weight gradients
-            d.w()
-        lists.append(d.ops)
-    return lists
-
-# %% ../notebooks/19_parallel.ipynb #a58a259a
-@dataclass
-class Timeline:
-    "A simulated schedule: per device the `(start, end, op)` it ran; makespan, idle time, peak live activations."
-    tasks: list
-    makespan: float
-    bubble: list  # per device: makespan - busy time
-    peak_activations: list  # per device: most micro-batch·stage activations alive at once (F done, input grad not)
-
-
-def _inputs(op: Op, r: int, P: int) -> list[tuple]:
-    "The results op needs on device r: its forward input, its own forward, the next stage's input gradient, ..."
-    need = []
-    parts = [("F", op.dir, op.mb)] if op.kind in ("F", "FB") else []
-    if op.kind in ("B", "I"):
-        parts.append(("I", op.dir, op.mb))
-    if op.kind == "FB":
-        parts.append(("I", op.dir_b, op.mb_b))
-    for kind, d, m in parts:
-        s = r if d == 0 else P - 1 - r  # this device's stage in direction d
-        dev = (lambda s: s) if d == 0 else (lambda s: P - 1 - s)
-        if kind == "F" and s > 0:
-            need.append(("F", d, m, dev(s - 1), True))  # True: it crosses a link (comm time)
-        if kind == "I":
-            need.append(("F", d, m, r, False))
-            if s < P - 1:
-                need.append(("I", d, m, dev(s + 1), True))
-    if op.kind == "W":
-        need.append(("I", op.dir, op.mb, r, False))
-    return need
-
-# %% ../notebooks/19_parallel.ipynb #73791b94
-def simulate(lists: list[list[Op]], F: float, B: float, W: float, FB: float | None = None,
-             comm: float = 0.0) -> Timeline:
-    "Run each device's ops in order, each as soon as the device is free and its inputs (+`comm` per link) are there."
-    P, FB = len(lists), F + B if FB is None else FB
-    dur = {"F": F, "B": B, "I": B - W, "W": W, "FB": FB}
-    done, nxt, free, tasks = {}, [0] * P, [0.0] * P, [[] for _ in range(P)]
-    while any(nxt[r] < len(lists[r]) for r in range(P)):
-        best = None
-        for r in range(P):
-            if nxt[r] == len(lists[r]):
-                continue
-            need = _inputs(lists[r][nxt[r]], r, P)
-            if all(k[:4] in done for k in need):
-                start = max([free[r], *(done[k[:4]] + comm * k[4] for k in need)])
-                best = min(best or (start, r), (start, r))
-        if best is None:
-            raise RuntimeError("pipeline schedule deadlocked")
-        start, r = best
-        op = lists[r][nxt[r]]
-        end = free[r] = start + dur[op.kind]
-        tasks[r].append((start, end, op))
-        nxt[r] += 1
-        if op.kind in ("F", "FB"):
-            done[("F", op.dir, op.mb, r)] = end
-        if op.kind in ("B", "I", "FB"):
-            done[("I", op.dir_b, op.mb_b, r) if op.kind == "FB" else ("I", op.dir, op.mb, r)] = end
-    makespan = max(free)
-    bubble = [makespan - sum(e - s for s, e, _ in t) for t in tasks]
-    peak = []
-    for t in tasks:
-        alive = top = 0
-        for _, _, op in t:  # a device's ops run in list order
-            alive += op.kind in ("F", "FB")
-            top = max(top, alive)
-            alive -= op.kind in ("B", "I", "FB")
-        peak.append(top)
-    return Timeline(tasks, makespan, bubble, peak)
-
-
-def table2(method: str, P: int, F: float, B: float, W: float, FB: float | None = None) -> dict:
-    "The DeepSeek-V3 report's Table 2: bubble, parameters and activations per device (B: the full backward)."
-    FB = F + B if FB is None else FB
-    return {"1f1b": {"bubble": (P - 1) * (F + B), "params": 1, "activations": P},
-            "zb1p": {"bubble": (P - 1) * (F + B - 2 * W), "params": 1, "activations": P},
-            "dualpipe": {"bubble": (P / 2 - 1) * (FB + B - 3 * W), "params": 2, "activations": P + 1}}[method]
+def close() -> None:
+    "Leave the process group (nothing without one)."
+    if dist.is_initialized():
+        dist.destroy_process_group()

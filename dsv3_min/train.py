@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -12,30 +11,29 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
-from difflib import get_close_matches
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (CKPT_PREFIX, check_config, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                 read_state, save_checkpoint)
+from .checkpoint import check_config, load_checkpoint, read_state, save_checkpoint
 from .config import PRESETS, ModelConfig
-from .validate import Validated, check_names, rule, validate_fields
-from .data import get_batch, iter_val_batches, load_corpus, pack
+from .data import get_batch, load_corpus, pack
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
-from .hf import CheckpointError
-from .model import DeepSeekV3, reference_generate
+from .hf import CKPT_PREFIX, CheckpointError, latest_checkpoint, list_checkpoints
+from . import dist
+from .model import DeepSeekV3
+from .validate import Validated, check_names, rule, validate_fields
 from .optim import flops_per_token, lr_at, make_optimizer, peak_flops
+from .step import NonFiniteLoss, lm_loss, train_step, val_loss
 from .tokenizer import get_tokenizer
 
 # %% auto #0
-__all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for', 'parse_value', 'split_overrides',
-           'evaluate', 'TrainData', 'prepare_data', 'NonFiniteLoss', 'SaveFailed', 'resolve_device', 'autocast_for',
-           'read_metrics', 'launched_by_torchrun', 'Single', 'TrainResult', 'train_loop', 'resume_into', 'train',
-           'write_summary', 'sample_text']
+__all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for', 'TrainData', 'prepare_data',
+           'SaveFailed', 'resolve_device', 'autocast_for', 'read_metrics', 'TrainResult', 'train_loop', 'resume_into',
+           'train', 'write_summary']
 
 # %% ../notebooks/15_train.ipynb #009cc7f2
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -108,60 +106,6 @@ def train_config_for(preset: str, **overrides) -> TrainConfig:
         raise ValueError(f"unknown preset {preset!r}; available: {known}")
     return TrainConfig.from_dict({**TRAIN_PRESETS.get(preset, {}), **overrides})
 
-# %% ../notebooks/15_train.ipynb #fec17c5d
-def parse_value(text: str) -> Any:
-    "A `--set` value: JSON if it parses, Python's True/False/None, else the plain string."
-    if text in ("True", "False", "None"):
-        return {"True": True, "False": False, "None": None}[text]
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def split_overrides(items: list[str] | dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    "Split `name=value` strings (or a dict) into (ModelConfig overrides, TrainConfig overrides)."
-    pairs = items.items() if isinstance(items, dict) else [_split_pair(s) for s in items]
-    model_fields = {f.name for f in fields(ModelConfig)}
-    train_fields = {f.name for f in fields(TrainConfig)}
-    m, t = {}, {}
-    for name, value in pairs:
-        if name in model_fields:
-            m[name] = value
-        elif name in train_fields:
-            t[name] = value
-        else:
-            close = get_close_matches(name, sorted(model_fields | train_fields), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown field {name!r} in --set; {hint}ModelConfig fields: {sorted(model_fields)}; "
-                             f"TrainConfig fields: {sorted(train_fields)}")
-    return m, t
-
-
-def _split_pair(s: str) -> tuple[str, Any]:
-    "'name=value' -> (name, parsed value)."
-    if "=" not in s:
-        raise ValueError(f"--set expects name=value, got {s!r}")
-    name, value = s.split("=", 1)
-    return name.strip(), parse_value(value.strip())
-
-# %% ../notebooks/15_train.ipynb #55e2e9e1
-@torch.no_grad()
-def evaluate(model, tokens, batch_size: int, seq_len: int, max_batches: int | None, device, autocast) -> float:
-    "Mean next-token loss (nats) of `model` on validation windows: all, or `max_batches` spread over the split."
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in iter_val_batches(tokens, batch_size, seq_len, max_batches):
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        total += loss.item()
-        count += y.numel()
-    model.train(was_training)
-    return total / count
-
 # %% ../notebooks/15_train.ipynb #9b7d1b96
 @dataclass
 class TrainData:
@@ -185,10 +129,6 @@ def prepare_data(corpus: str, vocab_size: int, cache_dir: str | Path | None = No
     return TrainData(tok, packed.train, packed.val, 1 / packed.bytes_per_token("val"))
 
 # %% ../notebooks/15_train.ipynb #4666ef19
-class NonFiniteLoss(FloatingPointError):
-    "The loss became NaN or infinite; the message names the step and the last good checkpoint."
-
-
 class SaveFailed(RuntimeError):
     "A checkpoint could not be written (e.g. a full disk); the message names it and the previous, intact one."
 
@@ -256,86 +196,24 @@ def _reset_metrics(path: Path, last_step: int) -> None:
     if path.exists():
         write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= last_step] if last_step else [])
 
-# %% ../notebooks/15_train.ipynb #fcffdbc4
-def launched_by_torchrun() -> bool:
-    "Whether this process runs under torchrun (or an initialized process group)."
-    return torch.distributed.is_initialized() or "WORLD_SIZE" in os.environ
-
-
-class Single:
-    "The loop's strategy for one process on one device: each hook is the plain single-process operation."
-    is_rank0 = True  # the process that logs, prints and writes files
-
-    def local_device(self, device: torch.device) -> torch.device:
-        return device  # torchrun: each rank's own GPU
-
-    def rank0_first(self, fn: Callable):
-        return fn()  # torchrun: rank 0 first (it fills the caches), then the others
-
-    def wrap(self, model, opt):
-        return model, opt  # torchrun: shard the model, rebuild the optimizer over the shards
-
-    def compile(self, model) -> Callable:
-        return torch.compile(model.loss)  # torchrun: each block's forward, outside FSDP's hooks
-
-    def shard_batch(self, x: torch.Tensor) -> torch.Tensor:
-        return x  # torchrun: this rank's rows of the global batch
-
-    def after_backward(self, model) -> None:
-        pass  # torchrun: sum expert gradients over the ranks holding the same experts
-
-    def clip_grad_norm_(self, model, max_norm: float) -> torch.Tensor:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-
-    def global_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return t  # torchrun: the mean over ranks (the global-batch loss)
-
-    def max_over_ranks(self, *values: float) -> tuple:
-        return values  # torchrun: the largest value of each over the ranks (step time, a received signal)
-
-    def update_router_biases(self, model) -> None:
-        model.update_router_biases()  # torchrun: on the global expert load
-
-    def gather_for_save(self, model, opt):
-        return model, opt  # torchrun: the whole model and optimizer on rank 0, (None, None) elsewhere
-
-    def close(self) -> None:
-        pass
-
 # %% ../notebooks/15_train.ipynb #169762c5
-def _forward_backward(model, loss_fn, tokens, step: int, tc: TrainConfig, device, autocast, strategy: Single):
-    "Gradients of step `step` over `grad_accum` micro-batches; returns ([loss, main, mtp, balance], grad norm)."
-    parts = torch.zeros(4, device=device)
-    for micro in range(tc.grad_accum):
-        x, y = get_batch(tokens, step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, tc.seed, device=device)
-        x, y = strategy.shard_batch(x), strategy.shard_batch(y)  # the same global batch on every rank: my rows
-        with autocast():
-            lp = loss_fn(x, y)
-        (lp.loss / tc.grad_accum).backward()
-        parts += torch.stack([p.detach().float() for p in lp]) / tc.grad_accum
-    strategy.after_backward(model)
-    gnorm = strategy.clip_grad_norm_(model, tc.grad_clip or float("inf"))
-    return strategy.global_mean(parts).tolist(), float(gnorm)
-
-
 def _step(loop: _Loop) -> tuple[dict, float]:
-    "Run optimizer step `loop.step` (0-based) and the router update; (its metrics record without eval, seconds)."
+    "Run optimizer step `loop.step` (0-based); (its metrics record without eval, seconds)."
     t0 = time.perf_counter()
-    tc, model = loop.tc, loop.model
+    tc = loop.tc
     lr = lr_at(loop.step, tc, loop.elapsed)
-    (loss, main, mtp, balance), gnorm = _forward_backward(model, loop.loss_fn, loop.data.train, loop.step, tc,
-                                                         loop.device, loop.autocast, loop.strategy)
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(f"non-finite loss ({loss}) at step {loop.step + 1}; the run stopped before applying "
-                            f"it; last good checkpoint: {loop.last_ckpt}")
-    for g in loop.opt.param_groups:
-        g["lr"] = lr
-    loop.opt.step()
-    loop.opt.zero_grad(set_to_none=True)
-    loop.strategy.update_router_biases(model)  # also keeps this step's expert loads for `model.moe_stats()`
+    batches = [tuple(dist.my_rows(t) for t in get_batch(loop.data.train, loop.step * tc.grad_accum + micro,
+                                                       tc.batch_size, tc.seq_len, tc.seed, device=loop.device))
+               for micro in range(tc.grad_accum)]  # the same global batch on every rank: my rows
+    try:
+        parts, gnorm = train_step(loop.model, loop.opt, batches, loop.loss_fn, lr, tc.grad_clip, loop.autocast)
+    except NonFiniteLoss as e:
+        raise NonFiniteLoss(f"{e} at step {loop.step + 1}; the run stopped before applying it; last good "
+                            f"checkpoint: {loop.last_ckpt}") from None
+    (loss, main, mtp, balance), gnorm = parts.tolist(), float(gnorm)
     if loop.device.type == "cuda":
         torch.cuda.synchronize(loop.device)
-    dt = loop.strategy.max_over_ranks(time.perf_counter() - t0)[0]  # one clock for all ranks (lr, time budget)
+    dt = dist.max_over_ranks(time.perf_counter() - t0)[0]  # one clock for all ranks (lr, time budget)
     loop.step, loop.elapsed = loop.step + 1, loop.elapsed + dt
     rec = dict(step=loop.step, loss=loss, main=main, mtp=mtp, balance=balance, lr=lr, grad_norm=gnorm,
                tokens_per_s=loop.tokens_per_step / dt, elapsed_s=loop.elapsed)
@@ -348,13 +226,13 @@ def _eval_into(loop: _Loop, rec: dict, final: bool) -> None:
     "Add validation loss, bits/byte and the MoE loads of this step to `rec`."
     tc = loop.tc
     n = (tc.final_eval_batches or None) if final else tc.eval_batches
-    vl = evaluate(loop.model, loop.data.val, tc.batch_size, tc.seq_len, n, loop.device, loop.autocast)
+    vl = val_loss(loop.model, loop.data.val, tc.batch_size, tc.seq_len, n, loop.device, loop.autocast)
     rec.update(val_loss=vl, val_bits_per_byte=vl / math.log(2) * loop.data.val_tokens_per_byte)
     if final and not tc.final_eval_batches:
         rec["val_full_split"] = True
     rec.update(loop.model.moe_stats())  # max_vio and expert_load of each MoE layer in this step
 
-# %% ../notebooks/15_train.ipynb #54a512bd
+# %% ../notebooks/15_train.ipynb #dc791046
 @dataclass
 class _Loop:
     "Everything the loop reads and updates (one object, so each piece of the loop is a small function)."
@@ -372,7 +250,6 @@ class _Loop:
     tokens_per_step: int = 0
     flops_per_token: float = 0.0
     peak: float | None = None
-    strategy: Single = field(default_factory=Single)
 
 
 def _budget_spent(loop: _Loop) -> bool:
@@ -384,7 +261,7 @@ def _budget_spent(loop: _Loop) -> bool:
 def _stop_reason(loop: _Loop, sigs: _Signals) -> str | None:
     "Why the run stops after this step: a signal, the time budget, `stop_at`, the last step; None to go on."
     tc = loop.tc
-    signum = loop.strategy.max_over_ranks(signal.Signals[sigs.received] if sigs.received else 0)[0]
+    signum = dist.max_over_ranks(signal.Signals[sigs.received] if sigs.received else 0)[0]
     if signum:  # under torchrun: a signal that any rank received stops every rank after this same step
         return signal.Signals(int(signum)).name
     if _budget_spent(loop):
@@ -394,15 +271,16 @@ def _stop_reason(loop: _Loop, sigs: _Signals) -> str | None:
     return "done" if loop.step >= tc.max_steps else None
 
 
-def _save(loop: _Loop, during_save) -> None:
+def _save(loop: _Loop) -> None:
     "Checkpoint the current step; a failed write raises `SaveFailed` naming the previous, intact checkpoint."
-    model, opt = loop.strategy.gather_for_save(loop.model, loop.opt)  # torchrun: a collective, rank 0 gets it all
+    model, opt = loop.model, loop.opt
+    if dist.world_size() > 1:  # the checkpoint is the single-process one: gathered, written by rank 0
+        model, opt = dist.single_process_copy(model, opt, loop.tc)
     if model is None:
         return
     try:
         loop.last_ckpt = save_checkpoint(loop.run_dir, loop.step, model, opt, model.config, loop.tc,
-                                         loop.data.tokenizer, loop.tc.keep_last, extra={"elapsed_s": loop.elapsed},
-                                         during_save=during_save)
+                                         loop.data.tokenizer, loop.tc.keep_last, extra={"elapsed_s": loop.elapsed})
     except OSError as e:
         raise SaveFailed(f"could not write the checkpoint of step {loop.step} into {loop.run_dir} ({e}); "
                          f"the last intact checkpoint is {loop.last_ckpt}") from e
@@ -432,15 +310,14 @@ class TrainResult:
 
 
 def train_loop(model: DeepSeekV3, opt: torch.optim.Optimizer, data: TrainData, tc: TrainConfig, run_dir: str | Path,
-               start: int = 0, elapsed: float = 0.0, progress: bool = True, on_step=None, during_save=None,
-               last_ckpt: Path | None = None, on_eval=None, strategy: Single | None = None) -> TrainResult:
-    "Train `model` from step `start` to `tc.max_steps` (or a stop), logging and checkpointing under `run_dir`."
-    device, strategy = next(model.parameters()).device, strategy or Single()
-    loop = _Loop(model, opt, data, tc, Path(run_dir), device, autocast_for(tc, device),
-                 strategy.compile(model) if tc.compile else model.loss, start, elapsed, last_ckpt,
-                 tokens_per_step=tc.batch_size * tc.seq_len * tc.grad_accum, strategy=strategy,
+               start: int = 0, elapsed: float = 0.0, progress: bool = True, on_step=None,
+               last_ckpt: Path | None = None, on_eval=None, loss_fn: Callable = lm_loss) -> TrainResult:
+    "Train `model` with `loss_fn` from step `start` to `tc.max_steps` (or a stop), logging and checkpointing."
+    device = next(model.parameters()).device
+    loop = _Loop(model, opt, data, tc, Path(run_dir), device, autocast_for(tc, device), loss_fn, start, elapsed,
+                 last_ckpt, tokens_per_step=tc.batch_size * tc.seq_len * tc.grad_accum,
                  flops_per_token=flops_per_token(model.config, tc.seq_len), peak=peak_flops(device, tc.peak_tflops))
-    metrics, losses, stopped, rank0 = loop.run_dir / "metrics.jsonl", [], "done", strategy.is_rank0
+    metrics, losses, stopped, rank0 = loop.run_dir / "metrics.jsonl", [], "done", dist.is_rank0()
     if rank0:  # under torchrun only rank 0 writes files
         loop.run_dir.mkdir(parents=True, exist_ok=True)
         _reset_metrics(metrics, start)
@@ -464,7 +341,7 @@ def train_loop(model: DeepSeekV3, opt: torch.optim.Optimizer, data: TrainData, t
                 on_step(loop.step, rec)
             stopped = _stop_reason(loop, sigs)  # again: on_step may have sent a signal
             if stopped or (tc.ckpt_every and loop.step % tc.ckpt_every == 0):
-                _save(loop, during_save)
+                _save(loop)
             if stopped:
                 break
     val = _last_val(metrics) if rank0 else (None, None)
@@ -508,24 +385,35 @@ def resume_into(ckpt, model, opt, cfg, tc, log=print) -> tuple[int, float]:
     return state["step"], state.get("elapsed_s", 0.0)
 
 
+def _parallelized(model, opt, tc: TrainConfig, device, parallelize: Callable):
+    "The model after the `parallelize` transform, and a new optimizer over its shards holding `opt`'s state."
+    state = dist.optimizer_state_by_name(model, opt)  # whole tensors by name: before the parameters change
+    model = parallelize(model)
+    opt = make_optimizer(model, tc, device)
+    dist.load_optimizer_state(model, opt, state)
+    return model, opt
+
+
 def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = False, data: TrainData | None = None,
-          progress: bool = True, log=print, on_step=None, during_save=None, on_eval=None,
-          strategy: Single | None = None) -> TrainResult:
-    "Train `DeepSeekV3(cfg)` with `tc`, logging to `out/metrics.jsonl` and checkpointing under `out/`."
-    strategy, run_dir = strategy or Single(), Path(out)
-    log = log if strategy.is_rank0 else (lambda *a, **k: None)
+          progress: bool = True, log=print, on_step=None, on_eval=None,
+          parallelize: Callable | None = None) -> TrainResult:
+    "Train `DeepSeekV3(cfg)` with `tc` under `out/`; under torchrun `parallelize(model)` shards it (notebook 19)."
+    run_dir = Path(out)
+    log = log if dist.is_rank0() else (lambda *a, **k: None)
     ckpt = _resume_point(run_dir, cfg, tc, resume)
-    device = strategy.local_device(resolve_device(tc.device))
-    data = data or strategy.rank0_first(lambda: prepare_data(tc.corpus, cfg.vocab_size, log=log))
+    device = resolve_device(tc.device)
+    data = data or dist.rank0_first(lambda: prepare_data(tc.corpus, cfg.vocab_size, log=log))
     torch.manual_seed(tc.seed)  # every rank builds the same initial model
     model = DeepSeekV3(cfg).to(device)
     opt = make_optimizer(model, tc, device)
     start, elapsed = resume_into(ckpt, model, opt, cfg, tc, log)  # the whole checkpoint, on every rank
-    model, opt = strategy.wrap(model, opt)
-    if strategy.is_rank0:
+    loss_fn = torch.compile(lm_loss) if tc.compile else lm_loss
+    if parallelize is not None:  # it compiles the blocks itself with tc.compile: FSDP2's hooks stay outside
+        model, opt = _parallelized(model, opt, tc, device, parallelize)
+        loss_fn = lm_loss
+    if dist.is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
-    return train_loop(model, opt, data, tc, run_dir, start, elapsed, progress, on_step, during_save, ckpt, on_eval,
-                      strategy)
+    return train_loop(model, opt, data, tc, run_dir, start, elapsed, progress, on_step, ckpt, on_eval, loss_fn)
 
 # %% ../notebooks/15_train.ipynb #a0572af0
 def _last_val(metrics: Path) -> tuple[float | None, float | None]:
@@ -547,23 +435,3 @@ def write_summary(r: TrainResult, tc: TrainConfig, device: torch.device) -> dict
                           device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None))
     write_json(r.run_dir / "summary.json", s)
     return s
-
-# %% ../notebooks/15_train.ipynb #6b2f2763
-def sample_text(model, tok, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
-                top_k: int | None = None, top_p: float | None = None, seed: int | None = 0,
-                decode: Callable | None = None, **decode_kwargs) -> str:
-    "Continue `prompt` (a new document if empty) as text; `decode` replaces `model.generate` (e.g. `infer.generate`)."
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature}: must be a finite number >= 0 (0 = greedy)")
-    ids = tok.encode(prompt, bos=True)
-    limit = model.config.max_position_embeddings
-    if len(ids) > limit:
-        raise ValueError(f"the prompt is {len(ids)} tokens long; the model's max_position_embeddings is {limit}")
-    if len(ids) + max_new_tokens > limit:
-        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"max_position_embeddings ({limit}); ask for at most {limit - len(ids)} new tokens")
-    x = torch.tensor(ids, dtype=torch.long, device=model.embed_tokens.weight.device)
-    out = (decode or reference_generate)(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                               eos_token_id=tok.eos_id, **decode_kwargs)
-    new = [i for i in out[len(ids):].tolist() if i != tok.eos_id]
-    return prompt + tok.decode(new)

@@ -73,15 +73,17 @@ def wait_for_step(run, step, alive, timeout=60):
 
 class Child:
     """`main(argv, **hooks)` in a forked child process (torch already imported: it starts in milliseconds, unlike a
-    fresh interpreter). The child exits with main's return code (99 if it raised)."""
+    fresh interpreter), after `setup()` if given. The child exits with main's return code (99 if it raised)."""
 
-    def __init__(self, argv, **hooks):
+    def __init__(self, argv, setup=None, **hooks):
         self.status = None
         self.pid = os.fork()
         if self.pid == 0:  # the child
             code = 99
             try:
                 torch.set_num_threads(1)
+                if setup is not None:  # e.g. patch the checkpoint writer, in the child only
+                    setup()
                 code = main(argv, **hooks)
             finally:
                 os._exit(code)

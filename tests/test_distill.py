@@ -72,7 +72,7 @@ def test_alpha_zero_is_plain_ce():
     student = DeepSeekV3(cfg)
     x, yy = torch.randint(0, cfg.vocab_size, (2, 8)), torch.randint(0, cfg.vocab_size, (2, 8))
     never = lambda x, i: pytest.fail("the teacher must not run at kd_alpha=0")  # noqa: E731
-    got = DistillLoss(student, never, DistillConfig(kd_alpha=0.0))(x, yy).loss
+    got = DistillLoss(never, DistillConfig(kd_alpha=0.0))(student, x, yy).loss
     assert torch.allclose(got, student.loss(x, yy).loss, atol=1e-6)
     assert not torch.allclose(kd_loss(s, y, t, 2.0, 0.5).loss, got)  # the mix is not CE
 
@@ -109,11 +109,11 @@ def test_online_and_offline_teacher_give_the_same_loss(tmp_path):
     dc = DistillConfig(kd_topk=8, kd_temperature=2.0, kd_alpha=0.7)
     write_teacher_cache(teacher, tokens, tmp_path / "c", 4, 2, 16, seed=3, k=8, temperature=2.0,
                         logp_dtype="float32", progress=False)
-    online = DistillLoss(student, OnlineTeacher(teacher, 8, 2.0), dc, start_index=1)
-    offline = DistillLoss(student, TeacherCache(tmp_path / "c"), dc, start_index=1)
+    online = DistillLoss(OnlineTeacher(teacher, 8, 2.0), dc, start_index=1)
+    offline = DistillLoss(TeacherCache(tmp_path / "c"), dc, start_index=1)
     for i in range(1, 4):
         x, y = get_batch(tokens, i, 2, 16, 3)
-        a, b = online(x, y), offline(x, y)
+        a, b = online(student, x, y), offline(student, x, y)
         assert float(a.mtp.detach()) > 0 and torch.allclose(a.loss, b.loss, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="differs from the cached inputs"):
         TeacherCache(tmp_path / "c")(get_batch(tokens, 2, 2, 16, 3)[0], 1)
@@ -190,15 +190,15 @@ def test_command_line_configs():
     --cache without kd_topk and unknown fields are one-line ValueErrors."""
     import argparse
 
-    from dsv3_min.distill import _distill_configs, add_distill_arguments
+    from dsv3_min.__main__ import add_distill_arguments, distill_configs
     p = add_distill_arguments(argparse.ArgumentParser())
     t = tiny_config()
     a = p.parse_args(["--teacher", "t", "--out", "o", "--max-steps", "7", "--set", "kd_topk=4", "kd_alpha=1",
                       "num_hidden_layers=1", "lr=0.01"])
-    cfg, tc, dc = _distill_configs(a, t)
+    cfg, tc, dc = distill_configs(a, t)
     assert (dc.kd_topk, dc.kd_alpha, cfg.num_hidden_layers, cfg.hidden_size, tc.lr, tc.max_steps) == (
         4, 1.0, 1, student_config(t).hidden_size, 0.01, 7)
     with pytest.raises(ValueError, match="kd_topk"):
-        _distill_configs(p.parse_args(["--teacher", "t", "--out", "o", "--cache", "c"]), t)
+        distill_configs(p.parse_args(["--teacher", "t", "--out", "o", "--cache", "c"]), t)
     with pytest.raises(ValueError, match="did you mean .kd_alpha."):
-        _distill_configs(p.parse_args(["--teacher", "t", "--out", "o", "--set", "kd_alhpa=1"]), t)
+        distill_configs(p.parse_args(["--teacher", "t", "--out", "o", "--set", "kd_alhpa=1"]), t)

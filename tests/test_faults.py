@@ -1,7 +1,8 @@
 """Fault injection (issue 14): training processes SIGKILLed at moments drawn from a seeded RNG, some inside a
-checkpoint write (slowed down by the `during_save` callback or the hidden `--slow-save` flag), and checkpoint writes
+checkpoint write (slowed down by patching the checkpoint writer in the child: `tests/_slow_save.py`), and checkpoint writes
 that fail like a full disk. Every resume must succeed and reproduce the unbroken run's per-step losses bit for bit.
 The model is tiny (NOT a real model size) so that the whole file runs in well under a minute."""
+import os
 import random
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _slow_save import slow_saves
 from _tiny_run import Child, logged_steps, losses, tiny_corpus_fixture, train_argv  # noqa: F401
 
 from dsv3_min.__main__ import main
@@ -50,11 +52,11 @@ def test_sigkill_at_random_moments_then_resume_reproduces_losses(tiny_corpus, tm
     each step once; every restart (--resume when a checkpoint exists) succeeds; the finished run's per-step losses
     equal the unbroken run's exactly."""
     run, rng = tmp_path / "run", random.Random(14)
-    slow = lambda folder: time.sleep(0.1)  # noqa: E731  (the write in progress is then visible as a temp dir)
+    slow = lambda: slow_saves(0.1)  # noqa: E731  (the write in progress is then visible as a temp dir)
     argv = train_argv(tiny_corpus, "--out", str(run), "--max-steps", str(STEPS), "--ckpt-every", "1")
     kills, inside_save = 0, 0
     while kills < KILLS:
-        child = Child(argv + (["--resume"] if _intact(run) else []), during_save=slow)
+        child = Child(argv + (["--resume"] if _intact(run) else []), setup=slow)
         deadline = time.time() + rng.uniform(0.05, 0.45)
         while child.alive() and time.time() < deadline:
             time.sleep(0.005)
@@ -74,14 +76,14 @@ def test_sigkill_at_random_moments_then_resume_reproduces_losses(tiny_corpus, tm
 
 
 def test_sigkill_of_a_real_process_inside_a_save(tiny_corpus, tmp_path, reference):
-    """A real `python -m dsv3_min train --slow-save 1` process is SIGKILLed as soon as its second checkpoint
-    write is in progress (its temp folder exists): the first checkpoint is intact, the half-written one is not under
+    """A real `python -m dsv3_min train` process (launched by tests/_slow_save.py, every checkpoint write slowed by
+    1 s) is SIGKILLed as soon as its second checkpoint write is in progress (its temp folder exists): the first checkpoint is intact, the half-written one is not under
     a real name, and --resume finishes the run with exactly the unbroken run's losses."""
     run = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "dsv3_min", *train_argv(tiny_corpus, "--out", str(run), "--max-steps",
-                                                                        str(STEPS), "--ckpt-every", "2",
-                                                                        "--slow-save", "1")],
-                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_slow_save.py"), "1",
+                          *train_argv(tiny_corpus, "--out", str(run), "--max-steps", str(STEPS), "--ckpt-every", "2")],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     t0 = time.time()
     while not any(t.startswith(".ckpt-0000004.tmp-") for t in _temps(run)):
         assert p.poll() is None and time.time() - t0 < 120, "no second checkpoint write seen"

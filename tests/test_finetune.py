@@ -7,17 +7,9 @@ import torch
 from _tiny_run import tiny_corpus_fixture, train_argv  # noqa: F401 (fixture)
 from safetensors.torch import load_file
 
-from dsv3_min.__main__ import main
+from dsv3_min.__main__ import add_finetune_arguments, cmd_finetune, finetune_configs, main
 from dsv3_min.checkpoint import load_trained
-from dsv3_min.finetune import (
-    FinetuneConfig,
-    add_finetune_arguments,
-    build_docstring_qa,
-    configs_from_args,
-    finetune,
-    run_finetune,
-    sft_tokens,
-)
+from dsv3_min.finetune import FinetuneConfig, build_docstring_qa, finetune, sft_tokens
 from dsv3_min.hf import latest_checkpoint
 from dsv3_min.lora import load_adapter
 from dsv3_min.train import TrainConfig
@@ -102,13 +94,13 @@ def test_cli_arguments():
     p = add_finetune_arguments(argparse.ArgumentParser())
     args = p.parse_args(["--ckpt", "b", "--corpus", "c", "--out", "o", "--method", "qlora", "--time-budget", "30",
                          "--set", "lora_r=8", "lora_alpha=16", "lr=1e-3", "lora_targets=attention,mlp"])
-    fc, tc = configs_from_args(args)
+    fc, tc = finetune_configs(args)
     assert (fc.method, fc.lora_r, fc.lora_alpha, fc.lora_targets) == ("qlora", 8, 16.0, "attention,mlp")
     assert (tc.lr, tc.time_budget) == (1e-3, 30.0)
     for bad, msg in [("hidden_size=8", "shape comes from --ckpt"), ("lora_r=0", "lora_r"),
                      ("lora_targets=router", "unknown module name"), ("lr=fast", "lr")]:
         with pytest.raises(ValueError, match=msg):
-            configs_from_args(p.parse_args(["--ckpt", "b", "--corpus", "c", "--out", "o", "--set", bad]))
+            finetune_configs(p.parse_args(["--ckpt", "b", "--corpus", "c", "--out", "o", "--set", bad]))
 
 
 def test_docstring_qa_is_held_out_by_module_and_masks_the_answer(base_and_domain):
@@ -123,20 +115,20 @@ def test_docstring_qa_is_held_out_by_module_and_masks_the_answer(base_and_domain
     assert [int(i) for i in ids[mask][: len(first)]] == first  # the first masked-in tokens are the answer
 
 
-def test_run_finetune_command(base_and_domain, tmp_path, capsys):
-    """run_finetune (the CLI subcommand's body) fine-tunes from parsed args, prints one summary line, writes
+def test_finetune_command(base_and_domain, tmp_path, capsys):
+    """cmd_finetune (the CLI subcommand's body) fine-tunes from parsed args, prints one summary line, writes
     finetune.json and a peft adapter; a second run into the same --out without --resume is refused."""
     base, dom, base_corpus = base_and_domain
     argv = ["--ckpt", str(base), "--corpus", str(dom), "--out", str(tmp_path / "cli"), "--method", "qlora",
             "--no-progress", "--set", "lora_r=2", f"base_corpus={base_corpus}", "max_steps=2", "batch_size=2",
             "seq_len=16", "eval_every=2", "eval_batches=1", "final_eval_batches=1", "threads=1", "device=cpu"]
     args = add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv)
-    assert run_finetune(args) == 0
+    assert cmd_finetune(args) == 0
     assert "qlora:" in capsys.readouterr().out.splitlines()[-1]
     assert (tmp_path / "cli" / "finetune.json").exists()
     assert (tmp_path / "cli" / "adapter" / "adapter_config.json").exists()
     with pytest.raises(FileExistsError, match="--resume"):
-        run_finetune(args)
+        cmd_finetune(args)
 
 
 def test_sample_reads_a_lora_run_and_an_explicit_adapter(base_and_domain, tmp_path, capsys):

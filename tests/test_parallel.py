@@ -1,5 +1,5 @@
-"""Expert parallelism + FSDP2 (CPU, gloo, 2 and 4 spawned processes) against the single-process run; the DualPipe
-schedule simulator against the DeepSeek-V3 report's closed forms."""
+"""Expert parallelism + FSDP2 (CPU, gloo, 2 and 4 spawned processes) against the single-process run, every step through
+the package's `train_step`; checkpoints gathered and resharded through the state-dict API (`dist`)."""
 import os
 import socket
 
@@ -8,10 +8,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from conftest import tiny_config
+from dsv3_min import dist as dd
 from dsv3_min import parallel as par
 from dsv3_min.model import DeepSeekV3
+from dsv3_min.optim import param_groups
+from dsv3_min.step import train_step
 
 STEPS, BATCH, SEQ, LR = 10, 4, 8, 1e-3
 CLIP = 0.05  # below every step's gradient norm here, so clipping scales every step (the reference asserts it)
@@ -28,33 +32,29 @@ def _batches(cfg, steps=STEPS):
 
 
 def _grads(model):
-    """Every parameter's whole gradient (gathered from FSDP shards and EP slices)."""
-    info = par.parallel_info(model)
-    return {n: (par._full(p.grad, n, info) if info else p.grad).detach().clone() for n, p in model.named_parameters()}
+    """Every parameter's whole gradient (DTensor shards, FSDP's and the experts', gathered)."""
+    return {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().clone()
+            for n, p in model.named_parameters()}
 
 
 def _adamw(model):
-    """AdamW with foreach steps: FSDP2's DTensors and the EP slices must sit in separate groups for it."""
-    return torch.optim.AdamW(par.split_param_groups(model.parameters()), lr=LR, weight_decay=0.1, foreach=True)
+    """AdamW with foreach steps, the package's groups (matrices decay; one pair of groups per DTensor mesh)."""
+    return torch.optim.AdamW(param_groups(model, 0.1), lr=LR, foreach=True)
 
 
 def _train(model, cfg, data, start=0, stop=STEPS, opt=None, record=None):
-    """Train steps start..stop-1 on the global batches `data`; record losses, grads, router biases per step."""
+    """Train steps start..stop-1 on the global batches `data` with `train_step`; record losses, norms, clipped
+    grads (an optimizer pre-step hook) and router biases per step."""
     opt = opt or _adamw(model)
     for step in range(start, stop):
-        batch = par.shard_batch(data[step], model)
-        parts = model.loss(batch[:, :-1], batch[:, 1:])
-        parts.loss.backward()
-        par.reduce_expert_grads(model)
-        norm = par.clip_grad_norm_(model, CLIP)  # the global norm: FSDP shards over all ranks, experts over EP
+        batch = dd.my_rows(data[step])
+        hook = opt.register_step_pre_hook(lambda *a, s=step: record.update(
+            {f"grad.{s}.{n}": g for n, g in _grads(model).items()})) if record is not None else None
+        parts, norm = train_step(model, opt, [(batch[:, :-1], batch[:, 1:])], lr=LR, grad_clip=CLIP)
         if record is not None:
-            record[f"loss.{step}"] = par.global_mean(parts.loss, model).reshape(1)
+            hook.remove()
+            record[f"loss.{step}"] = parts[0].reshape(1)
             record[f"norm.{step}"] = norm.reshape(1)
-            record.update({f"grad.{step}.{n}": g for n, g in _grads(model).items()})  # clipped
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        par.update_router_biases(model)
-        if record is not None:
             for i, m in enumerate(model.moe_layers()):
                 record[f"bias.{step}.{i}"] = m.gate.e_score_correction_bias.clone()
     return opt
@@ -76,18 +76,18 @@ def _worker(rank, world, port, eps, out, ckpt):
             record = {}
             opt = _train(model, cfg, _batches(cfg), stop=half if ckpt else STEPS, record=record)
             if ckpt:
-                plain, plain_opt = par.gather_checkpoint(model, opt)
+                msd, osd = dd.gather_state(model, opt)  # whole tensors by name, rank 0
                 if rank == 0:
-                    _save(plain, plain_opt, ckpt)
+                    _save(msd, osd, ckpt)
                 _train(model, cfg, _batches(cfg), start=half, opt=opt, record=record)
                 dist.barrier()
-                full, full_opt = DeepSeekV3(cfg), None
+                full = DeepSeekV3(cfg)
                 full_opt = _adamw(full)
                 _load(full, full_opt, ckpt)
-                state = par.optimizer_state_by_name(full, full_opt)
+                state = dd.optimizer_state_by_name(full, full_opt)
                 model = par.parallelize(full, mesh)
                 opt = _adamw(model)
-                par.load_optimizer_state(model, opt, state)
+                dd.load_optimizer_state(model, opt, state)
                 resumed = {}
                 _train(model, cfg, _batches(cfg), start=half, opt=opt, record=resumed)
                 record.update({f"resumed.{k}": v for k, v in resumed.items() if k.startswith("loss")})
@@ -97,21 +97,18 @@ def _worker(rank, world, port, eps, out, ckpt):
         dist.destroy_process_group()
 
 
-def _save(model, opt, path):
-    """A single-process checkpoint: weights and AdamW state by parameter name (safetensors)."""
-    name = {id(p): n for n, p in model.named_parameters()}
-    t = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"
-         or not model.config.tie_word_embeddings}
-    for p, st in opt.state.items():
-        t.update({f"opt.{name[id(p)]}.{k}": v.reshape(-1) if v.dim() == 0 else v for k, v in st.items()})
+def _save(msd, osd, path):
+    """A single-process checkpoint from whole-tensor state dicts: weights and AdamW state by parameter name."""
+    t = {f"model.{k}": v.contiguous() for k, v in msd.items()}
+    for n, st in osd["state"].items():
+        t.update({f"opt.{n}.{k}": v.reshape(-1) if v.dim() == 0 else v for k, v in st.items()})
     save_file(t, path)
 
 
 def _load(model, opt, path):
     """Weights and AdamW state (by parameter name) from `_save`'s file into a single-process model and optimizer."""
     t = load_file(path)
-    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")},
-                          strict=not model.config.tie_word_embeddings)  # a tied head is saved once
+    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
     for n, p in model.named_parameters():
         keys = [k for k in t if k.startswith(f"opt.{n}.") and "." not in k[len(f"opt.{n}."):]]
         if keys:
@@ -142,8 +139,15 @@ def reference():
     return record
 
 
+# Tolerances, about 10x the worst difference measured (CPU, gloo, torch 2.13, 10 steps, all three layouts): losses
+# 1.6e-7, norms 1.7e-7, clipped gradients 1.1e-6 (relative norm per tensor), router biases 0 (identical), resumed
+# losses 1.6e-7. The differences are the order of fp32 sums (FSDP's reduce-scatter, the experts' all-to-all).
+TOL = {"loss": 1.5e-6, "norm": 1.5e-6, "grad": 1e-5, "bias": 0.0}
+MEASURED = {"loss": 1.6e-7, "norm": 1.7e-7, "grad": 1.1e-6, "bias": 0.0}
+
+
 def _assert_match(got, ref, what):
-    """Losses and biases elementwise within 1e-5 relative; each gradient tensor within 1e-5 in relative norm
+    """Losses, norms and biases elementwise within `TOL` relative; each gradient tensor within `TOL` in relative norm
     (||g - g_ref|| / ||g_ref||: elementwise, a sum that cancels to ~1e-8 differs in its last bits)."""
     got = {k: v for k, v in got.items() if not k.startswith("resumed.")}
     assert set(got) == set(ref), what
@@ -155,7 +159,8 @@ def _assert_match(got, ref, what):
             rel = float((a - b).norm() / b.norm().clamp(min=1e-30))
         else:
             rel = float(((a - b).abs() / b.abs().clamp(min=1e-30)).max())
-        assert rel <= 1e-5, f"{what} {k}: relative difference {rel:.2e} > 1e-5"
+        assert rel <= TOL[kind], (f"{what} {k}: relative difference {rel:.2e} > {TOL[kind]:.0e} (measured before: "
+                                  f"{MEASURED[kind]:.1e})")
         worst[kind] = max(worst[kind], rel)
     print(f"{what}: worst relative difference {worst}")
     return worst
@@ -163,9 +168,9 @@ def _assert_match(got, ref, what):
 
 def test_ep2_dp1_matches_single_process_and_reshards(tmp_path, reference):
     """(ep, dp) = (2, 1): 10 steps of per-step losses, global gradient norms, every parameter's clipped gradient and
-    the router biases after each update equal the single-process run within 1e-5 relative (fp32, same seed and
-    global batches). A checkpoint gathered after step 5 at ep=2 resumes at ep=1 (this process) and at ep=2 with the
-    unbroken run's losses."""
+    the router biases after each update equal the single-process run within `TOL` (fp32, same seed and global
+    batches). A checkpoint gathered after step 5 at ep=2 (`dist.gather_state`) resumes at ep=1 (this process) and at
+    ep=2 (`dist.load_optimizer_state` after `parallelize`) with the unbroken run's losses."""
     ckpt = str(tmp_path / "ckpt.safetensors")
     got = _spawn(2, [2], tmp_path / "rec", ckpt=ckpt)[2]
     _assert_match(got, reference, "ep=2 dp=1")
@@ -176,14 +181,16 @@ def test_ep2_dp1_matches_single_process_and_reshards(tmp_path, reference):
     resumed = {}
     _train(model, cfg, _batches(cfg), start=STEPS // 2, opt=opt, record=resumed)
     for step in range(STEPS // 2, STEPS):
-        ref = reference[f"loss.{step}"]
-        torch.testing.assert_close(resumed[f"loss.{step}"], ref, rtol=1e-5, atol=0, msg=f"ep=2 -> ep=1 step {step}")
-        torch.testing.assert_close(got[f"resumed.loss.{step}"], ref, rtol=1e-5, atol=0, msg=f"ep=2 -> ep=2 step {step}")
+        ref = float(reference[f"loss.{step}"])
+        for how, v in (("ep=2 -> ep=1", resumed[f"loss.{step}"]), ("ep=2 -> ep=2", got[f"resumed.loss.{step}"])):
+            rel = abs(float(v) - ref) / abs(ref)
+            print(f"{how} step {step}: relative loss difference {rel:.1e}")
+            assert rel <= TOL["loss"], f"{how} step {step}: {rel:.2e} > {TOL['loss']:.0e} (measured {MEASURED['loss']:.1e})"
 
 
 def test_ep2_dp2_and_ep4_dp1_match_single_process(tmp_path, reference):
     """(ep, dp) = (2, 2) and (4, 1) on 4 ranks: losses, gradient norms, clipped gradients and router biases of 10
-    steps equal the single-process run within 1e-5 relative; with ep=4 the 2 groups span 2 ranks each (node-limited
+    steps equal the single-process run within `TOL`; with ep=4 the 2 groups span 2 ranks each (node-limited
     routing)."""
     got = _spawn(4, [2, 4], tmp_path / "rec")
     _assert_match(got[2], reference, "ep=2 dp=2")
@@ -206,58 +213,15 @@ def test_bad_setups_fail_in_one_line(monkeypatch):
     assert par.make_mesh(8, 1) is None  # one process, ep=1: no mesh, nothing parallel
 
 
-def test_schedule_bubbles_match_table2():
-    """The simulator's worst-device idle time and peak live activations equal the DeepSeek-V3 report's Table 2:
-    1F1B (PP-1)(F+B) and ZB1P (PP-1)(F+B-2W) with activations PP, wherever W <= min(F, B-W); DualPipe
-    (PP/2-1)(F&B+B-3W) with PP+1, where a forward takes as long as a backward-for-input (F = B-W, W <= F) and the
-    overlapped pair between B and F+B (outside that region the closed form is an approximation: see notebook 19)."""
-    import itertools
-    for P, (F, B, W) in itertools.product((2, 4, 8), [(1, 2, 0), (1, 2, 0.5), (2, 3, 1), (1, 2, 1), (0.5, 1, 0.5)]):
-        for M in (P, 2 * P + 2):
-            for name, make in [("1f1b", par.schedule_1f1b), ("zb1p", par.schedule_zb1p)]:
-                t, ref = par.simulate(make(P, M), F, B, W), par.table2(name, P, F, B, W)
-                assert max(t.bubble) == pytest.approx(ref["bubble"], abs=1e-9), (name, P, M, F, B, W)
-                assert max(t.peak_activations) == ref["activations"], (name, P, M)
-    for P, (F, W), M_extra in itertools.product((2, 4, 6, 8), [(1, 0), (1, 0.5), (2, 1), (1, 1)], (0, 4)):
-        B = F + W
-        for FB in (B, (B + F + B) / 2, F + B):
-            t = par.simulate(par.schedule_dualpipe(P, 2 * P + M_extra), F, B, W, FB)
-            ref = par.table2("dualpipe", P, F, B, W, FB)
-            assert max(t.bubble) == pytest.approx(ref["bubble"], abs=1e-9), (P, F, B, W, FB)
-            assert max(t.peak_activations) == ref["activations"], (P, F, B, W, FB)
-    with pytest.raises(ValueError, match="even P and an even M >= 2P"):
-        par.schedule_dualpipe(4, 6)
-
-
-def test_schedules_respect_dependencies():
-    """Every op starts after its inputs (the previous stage's forward, the next stage's input gradient, + comm),
-    each device's ops never overlap, and every micro-batch gets exactly one forward and one backward per stage."""
-    P, M, comm = 4, 8, 0.3
-    for make in (par.schedule_1f1b, par.schedule_zb1p, par.schedule_dualpipe):
-        t = par.simulate(make(P, M), 1.0, 2.0, 0.5, 2.5, comm=comm)
-        ends = {}
-        for r, tasks in enumerate(t.tasks):
-            for (_, e0, _), (s1, _, _) in zip(tasks, tasks[1:]):
-                assert s1 >= e0 - 1e-12
-            for _, e, op in tasks:
-                if op.kind in ("F", "FB"):
-                    ends[("F", op.dir, op.mb, r)] = e
-                if op.kind in ("B", "I", "FB"):
-                    ends[("I", *((op.dir_b, op.mb_b) if op.kind == "FB" else (op.dir, op.mb)), r)] = e
-        assert len(ends) == 2 * P * M  # one forward and one input gradient per (micro-batch, stage)
-        for r, tasks in enumerate(t.tasks):
-            for s, _, op in tasks:
-                for k in par._inputs(op, r, P):
-                    assert s >= ends[k[:4]] + comm * k[4] - 1e-12, (make.__name__, r, op)
-
-
-def test_torchrun_compiles_each_block_not_the_fsdp_hooks(monkeypatch):
-    """`train --set compile=true` under torchrun (`ExpertParallel.compile`): `torch.compile` is applied to every block's
-    `forward` (main and MTP) and to the loss head `model._ce`, each once, never to `model.loss` as a whole (whose
-    FSDP2 hooks would break the graph at every block); the strategy trains with `model.loss`."""
+def test_parallel_compile_compiles_inside_each_block_not_the_fsdp_hooks(monkeypatch):
+    """`parallelize(..., compile=True)` (`train --set compile=true` under torchrun) compiles every sub-module of every
+    block (main and MTP), each once, in place (`nn.Module.compile`: no method of the model is replaced); never a
+    block itself, whose FSDP2 hooks would be traced, nor `model.loss`."""
     seen = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(fn) or fn)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **kw: seen.append(self))
     model = DeepSeekV3(tiny_config())
-    want = [b.forward for b in [*model.layers, *model.mtp]] + [model._ce]
-    assert par.ExpertParallel.compile(None, model) == model.loss
-    assert seen == want and len(want) == len(model.layers) + len(model.mtp) + 1
+    want = [part for block in [*model.layers, *model.mtp] for part in block.children()]
+    assert par.compile_blocks(model) is model
+    assert seen == want and len({id(m) for m in seen}) == len(want) > len(model.layers) + len(model.mtp)
+    assert "loss" not in vars(model) and "forward" not in vars(model)
+    assert not any("forward" in vars(b) for b in [*model.layers, *model.mtp])

@@ -23,6 +23,9 @@ from dsv3_min.train import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
+# About 10x the worst relative difference measured against the single-process run (CPU, gloo, torch 2.13): per-step
+# losses 6.4e-8 (validation 0, resumed at ep=1 6.4e-8), checkpoint weights 1.2e-6 (relative norm per tensor).
+LOSS_TOL, WEIGHT_TOL = 7e-7, 1.2e-5
 
 
 def _args(corpus, out, *extra):
@@ -30,10 +33,12 @@ def _args(corpus, out, *extra):
     return train_argv(corpus, "--out", str(out), "--max-steps", str(STEPS), "--set", "device=cpu", *extra)
 
 
-def _torchrun(args, nproc=2) -> subprocess.Popen:
-    "`python -m torch.distributed.run --standalone --nproc-per-node 2 -m dsv3_min ARGS`, in its own session."
+def _torchrun(args, nproc=2, slow_save=0.0) -> subprocess.Popen:
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 -m dsv3_min ARGS`, in its own session; with
+    `slow_save`, the workers run tests/_slow_save.py instead (every checkpoint write slowed by that many seconds)."""
+    entry = [str(ROOT / "tests" / "_slow_save.py"), str(slow_save)] if slow_save else ["-m", "dsv3_min"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "dsv3_min", *args]
+           *entry, *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -99,23 +104,23 @@ def ep2(tiny_corpus, reference, tmp_path_factory):
 
 def test_torchrun_ep2_matches_single_process_and_writes_once(tiny_corpus, reference, ep2, capsys):
     """Under torchrun (2 ranks, ep=2) every step's loss (and each validation loss) equals the single-process run's
-    within 1e-5 relative (fp32, same global batches); metrics.jsonl has each step once and only rank 0 printed; the
-    gathered checkpoint is the ordinary one: its weights equal the single-process checkpoint's (per tensor, 1e-5 in
-    relative norm), `from_pretrained` reads it and `sample` continues a prompt from it."""
+    within `LOSS_TOL` relative (fp32, same global batches); metrics.jsonl has each step once and only rank 0 printed;
+    the gathered checkpoint is the ordinary one: its weights equal the single-process checkpoint's (per tensor,
+    `WEIGHT_TOL` in relative norm), `from_pretrained` reads it and `sample` continues a prompt from it."""
     run, out, err = ep2
     one, two = read_metrics(reference), read_metrics(run)
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     worst = max(_rel(b["loss"], a["loss"]) for a, b in zip(one, two))
-    assert worst <= 1e-5, worst
+    assert worst <= LOSS_TOL, f"worst relative loss difference {worst:.2e} > {LOSS_TOL} (measured before: 6.4e-8)"
     vals = [(a["val_loss"], b["val_loss"]) for a, b in zip(one, two) if "val_loss" in a]
-    assert len(vals) == 2 and all(_rel(b, a) <= 1e-5 for a, b in vals), vals
+    assert len(vals) == 2 and all(_rel(b, a) <= LOSS_TOL for a, b in vals), (vals, "measured before: identical")
     assert out.count("preset cpu-tiny:") == 1 and out.count("done at step 8") == 1, out
     assert sorted(p.name for p in run.iterdir()) == ["ckpt-0000004", "ckpt-0000008", "metrics.jsonl", "summary.json",
                                                     "train_config.json"]
     ours, ref = from_pretrained(run / "ckpt-0000008"), from_pretrained(reference / "ckpt-0000008")
     sd = ref.state_dict()
     w = max(float((t - sd[n]).norm() / sd[n].norm().clamp(min=1e-30)) for n, t in ours.state_dict().items())
-    assert w <= 1e-5, w
+    assert w <= WEIGHT_TOL, f"checkpoint weights differ by {w:.2e} > {WEIGHT_TOL} (measured before: 1.2e-6)"
     assert main(["sample", "--ckpt", str(run), "--prompt", "The king", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("The king")
     print(f"torchrun ep=2 vs one process: worst relative loss difference {worst:.2e}, validation "
@@ -126,9 +131,9 @@ def test_torchrun_sigkill_then_resume_at_ep2_and_ep1(tiny_corpus, reference, ep2
     """A torchrun ep=2 run (every checkpoint write slowed by 1 s) is SIGKILLed, agent and both workers, while its second
     checkpoint is being written: the first checkpoint is intact and the log holds steps 1-4 once. Resumed under torchrun
     at ep=2 it logs exactly the unbroken torchrun run's losses (bit for bit); a copy resumed by one process (ep=1) logs
-    the single-process run's losses within 1e-5 relative."""
+    the single-process run's losses within `LOSS_TOL` relative."""
     cut = tmp_path / "cut"
-    p = _torchrun(_args(tiny_corpus, cut, "ckpt_every=2", "ep=2") + ["--slow-save", "1"])
+    p = _torchrun(_args(tiny_corpus, cut, "ckpt_every=2", "ep=2"), slow_save=1)
     t0 = time.time()
     while not any(x.name.startswith(".ckpt-0000004.tmp-") for x in (cut.iterdir() if cut.exists() else [])):
         assert p.poll() is None and time.time() - t0 < 240, "no second checkpoint write seen"
@@ -146,7 +151,7 @@ def test_torchrun_sigkill_then_resume_at_ep2_and_ep1(tiny_corpus, reference, ep2
     got, ref = losses(tmp_path / "cut1"), losses(reference)
     assert [s for s, _ in got] == list(range(1, STEPS + 1))
     worst = max(_rel(b, a) for (_, a), (_, b) in zip(ref, got))
-    assert worst <= 1e-5, worst
+    assert worst <= LOSS_TOL, f"worst relative loss difference {worst:.2e} > {LOSS_TOL} (measured before: 6.4e-8)"
     print(f"ep=2 checkpoint resumed by one process: worst relative loss difference {worst:.2e}")
 
 

@@ -1,6 +1,5 @@
-"""Tests of dsv3_min.train: TrainConfig validation, --set parsing, evaluation, exact resume, stopping, summary.json,
-and the loop reused on a model built elsewhere."""
-import contextlib
+"""Tests of dsv3_min.train: TrainConfig validation, --set parsing (the CLI's), exact resume, stopping, summary.json,
+compilation, and the loop reused on a model built elsewhere."""
 import dataclasses
 import json
 import math
@@ -9,24 +8,17 @@ import re
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from _tiny_run import TINY_SET, Child, freeze_at, losses, tiny_corpus_fixture, train_argv, wait_for_step  # noqa: F401
 
-from conftest import tiny_config
-from dsv3_min.__main__ import main
-from dsv3_min.checkpoint import list_checkpoints, load_checkpoint
+from dsv3_min.__main__ import main, split_overrides
+from dsv3_min.checkpoint import load_checkpoint
+from dsv3_min.hf import list_checkpoints
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.optim import make_optimizer
-from dsv3_min.train import (
-    TrainConfig,
-    evaluate,
-    read_metrics,
-    split_overrides,
-    train_config_for,
-    train_loop,
-)
+from dsv3_min.step import lm_loss
+from dsv3_min.train import TrainConfig, read_metrics, train_config_for, train_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,16 +69,6 @@ def test_train_config_from_dict_names_unknown_keys_and_converts_ints():
         assert TrainConfig(device=dev).device == dev
     tc = TrainConfig.from_dict({"lr": 1, "time_budget": 5})
     assert (tc.lr, tc.time_budget) == (1.0, 5.0) and isinstance(tc.time_budget, float)
-
-
-def test_evaluate_uniform_model_gives_log_vocab():
-    """A model whose logits are all zero has val loss ln V exactly, and bits/byte = log2(V)·tokens/bytes."""
-    cfg = tiny_config()
-    model = DeepSeekV3(cfg)
-    torch.nn.init.zeros_(model.lm_head.weight)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 1000).astype(np.uint16)
-    vl = evaluate(model, tokens, 4, 32, None, torch.device("cpu"), contextlib.nullcontext)
-    assert vl == pytest.approx(math.log(cfg.vocab_size), rel=1e-6)
 
 
 # ----- end to end, through the command line, on a tiny corpus (the config is tiny: NOT a real model size) -----
@@ -162,33 +144,24 @@ def test_train_loop_continues_a_model_built_elsewhere(tiny_corpus, tmp_path):
     assert r.step == 8 and r.losses == [loss for step, loss in losses(tmp_path / "a") if step > 4]
 
 
-def test_compile_goes_through_the_strategy(tiny_corpus, tmp_path):
-    """With `compile=true` the loop asks its strategy for the compiled loss (`Single`: `torch.compile(model.loss)`;
-    under torchrun `ExpertParallel` compiles each block instead) and trains with what it returns: here a strategy
-    whose `compile` hands back a counting wrapper of `model.loss`, so nothing is compiled; one call, every step runs
-    through the wrapper, and the losses are those of the uncompiled run."""
+def test_compile_compiles_the_loss_function(tiny_corpus, tmp_path, monkeypatch):
+    """With `compile=true` (one process) `train` hands `torch.compile(lm_loss)` to the loop, once, and every micro-batch
+    runs through what it returned: here `torch.compile` is replaced by a counting wrapper (nothing is compiled); one
+    call, 3 steps through it, and the losses are those of the uncompiled run."""
+    import dsv3_min.train as tr
     from dsv3_min.__main__ import _configs
-    from dsv3_min.train import Single, prepare_data
 
-    class Counting(Single):
-        asked, calls = 0, 0
+    asked, calls = [], []
 
-        def compile(self, model):
-            self.asked += 1
-
-            def loss(*a):
-                self.calls += 1
-                return model.loss(*a)
-            return loss
+    def fake_compile(fn, **kw):
+        asked.append(fn)
+        return lambda *a: calls.append(1) or fn(*a)
 
     cfg, tc = _configs("cpu-tiny", list(TINY_SET), corpus=str(tiny_corpus), max_steps=3)
-    data = prepare_data(tc.corpus, cfg.vocab_size, log=lambda *a: None)
-    runs = {}
-    for name, t in (("plain", tc), ("compiled", dataclasses.replace(tc, compile=True))):
-        torch.manual_seed(t.seed)
-        model = DeepSeekV3(cfg)
-        s = Counting()
-        runs[name] = (train_loop(model, make_optimizer(model, t, torch.device("cpu")), data, t, tmp_path / name,
-                                 progress=False, strategy=s).losses, s.asked, s.calls)
-    assert runs["plain"][1:] == (0, 0) and runs["compiled"][1:] == (1, 3)
-    assert runs["compiled"][0] == runs["plain"][0]
+    data = tr.prepare_data(tc.corpus, cfg.vocab_size, log=lambda *a: None)
+    plain = tr.train(cfg, tc, tmp_path / "plain", data=data, progress=False, log=lambda *a: None).losses
+    assert not asked and not calls
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compiled = tr.train(cfg, dataclasses.replace(tc, compile=True), tmp_path / "compiled", data=data, progress=False,
+                        log=lambda *a: None).losses
+    assert asked == [lm_loss] and len(calls) == 3 and compiled == plain

@@ -8,12 +8,10 @@ TFLOP/s against PyTorch's SDPA backends, flex_attention and the naive path, at t
 Writes DIR/attention_bench.json and DIR/attention_bench.png (DIR defaults to $OUT, else results/) and prints a
 short table last. Needs a CUDA GPU and triton.
 
-FLOP count (the convention recorded in docs/reference.md): a causal forward does two matmuls over half of the
-S x S square, Q Kᵀ (2·dqk FLOP per pair) and P V (2·dv per pair), so
-    forward  = 2 · B·H·(S²/2) · (dqk + dv) = B·H·S²·(dqk + dv)
-    fwd+bwd  = 3.5 × forward   (the backward counted as 2.5 forwards: dV, dP, dQ, dK plus the Q Kᵀ recompute;
-                                exact for dqk = dv, 4% under the true count (3·dqk + 2·dv) at 192/128)
-Every method is timed on the same inputs with the same formula, so the ratios are exact whatever the convention.
+FLOP count: `dsv3_min.flash.attention_flops` (notebook 10, the convention recorded in docs/reference.md): a causal
+forward is B·H·S²·(dqk + dv), forward + backward 3.5 forwards (`FWD_BWD_FLOPS`). Every method is timed on the same
+inputs with the same formula, so the ratios are exact whatever the convention. The inputs, the methods, the timing
+and the table are in bench/attention_common.py; `--package` runs bench/attention_package.py.
 """
 import argparse
 import json
@@ -26,36 +24,22 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from attention_common import (
+    HEADS,
+    SHAPES,
+    TOKENS,
+    bench_ms,
+    bench_point,
+    case_inputs,
+    errors_vs_eager,
+    log,
+    make_inputs,
+    table,
+)
 
-from dsv3_min.attention import attend, flash_attn_func, flash_attn_package
-from dsv3_min.flash import FlashConfig, Tiles, default_config
+from dsv3_min.flash import FWD_BWD_FLOPS, FlashConfig, Tiles, attention_flops, default_config
 from dsv3_min.flash_backend import flash_attention
 from dsv3_min.flash_triton import TritonFlashAttention, triton_flash_backward, triton_flash_forward
-
-HEADS = 16
-TOKENS = 16 * 1024  # batch × seq held constant
-SHAPES = {"mla_192_128": (192, 128), "mha_128_128": (128, 128)}
-FLEX_SEQS = (4096,)  # each length costs a torch.compile of forward and backward
-T0 = time.time()
-
-
-def log(*a):
-    """Print with the elapsed time, flushed (the device returns only the tail of the output)."""
-    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
-
-
-def flops_fwd(b, h, s, dqk, dv):
-    """Causal forward FLOPs, B·H·S²·(dqk + dv) (see the module docstring)."""
-    return b * h * s * s * (dqk + dv)
-
-
-def rel_err(x, ref):
-    """‖x − ref‖ / ‖ref‖ in fp64 (NaN or inf anywhere gives inf)."""
-    x, ref = x.double(), ref.double()
-    if not torch.isfinite(x).all():
-        return float("inf")
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def poison():
@@ -67,19 +51,10 @@ def poison():
 
 def check_case(b, hq, hkv, sq, sk, dqk, dv, causal, dt, seed, cfg=None):
     """One case: our kernel (default tiles, or `cfg`) vs fp32 eager attention on fresh random inputs."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(b, hq, sq, dqk, device="cuda", generator=g).to(dt).requires_grad_()
-    k = torch.randn(b, hkv, sk, dqk, device="cuda", generator=g).to(dt).requires_grad_()
-    v = torch.randn(b, hkv, sk, dv, device="cuda", generator=g).to(dt).requires_grad_()
-    do = torch.randn(b, hq, sq, dv, device="cuda", generator=g).to(dt)
-    ref = attend(q.float(), k.float(), v.float(), causal)  # the reference: eager, fp32
-    ref_g = torch.autograd.grad(ref, (q, k, v), do.float())
-    poison()
-    o = flash_attention(q, k, v, causal) if cfg is None else TritonFlashAttention.apply(q, k, v, causal, dqk**-0.5, cfg)
-    grads = torch.autograd.grad(o, (q, k, v), do)
-    # a gradient that is exactly zero (one key: softmax is constant) is compared by its largest absolute value
-    errs = [rel_err(o, ref)] + [rel_err(x, r) if r.abs().max() > 0 else x.abs().max().item()
-                                for x, r in zip(grads, ref_g)]
+    q, k, v, do = case_inputs(b, hq, hkv, sq, sk, dqk, dv, dt, seed)
+    kernel = (lambda q, k, v: flash_attention(q, k, v, causal)) if cfg is None else (
+        lambda q, k, v: TritonFlashAttention.apply(q, k, v, causal, dqk**-0.5, cfg))
+    errs = errors_vs_eager(kernel, q, k, v, do, causal, before=poison)
     tol = 1e-5 if dt == torch.float32 else 1e-2  # fp32 ("ieee" dots) measured 4.1e-7 on the H200
     row = dict(b=b, hq=hq, hkv=hkv, sq=sq, sk=sk, dqk=dqk, dv=dv, causal=causal, dtype=str(dt).split(".")[-1],
                tiles="default" if cfg is None else "swept", err_o=errs[0], err_dq=errs[1], err_dk=errs[2],
@@ -102,22 +77,6 @@ def check_correctness(out, quick, path=None):
         if path is not None:
             path.write_text(json.dumps(out["correctness"], indent=1))
     return all(r["ok"] for r in out["correctness"])
-
-
-def bench_ms(fn, grads=()):
-    """Median milliseconds of fn(): `triton.testing.do_bench` (CUDA events, L2 flushed between runs; no timing loop of
-    our own)."""
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads), return_mode="median")
-
-
-def make_inputs(b, s, dqk, dv, seed=0):
-    """bf16 q, k, v (requiring grad) and a gradient dO, all (b, h, s, d)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda d: torch.randn(b, HEADS, s, d, device="cuda", generator=g, dtype=torch.bfloat16)  # noqa: E731
-    q, k, v = mk(dqk).requires_grad_(), mk(dqk).requires_grad_(), mk(dv).requires_grad_()
-    return q, k, v, mk(dv)
 
 
 # candidates chosen from ptxas's resource report (compiled here ahead of time: registers, spills, shared memory)
@@ -148,7 +107,7 @@ def sweep_shape(name, dqk, dv, quick, log_rows):
     q, k, v, do = make_inputs(b, s, dqk, dv)
     scale = dqk**-0.5
     base = default_config(dqk, dv, q.device)
-    f = flops_fwd(b, HEADS, s, dqk, dv)
+    f = attention_flops(b, HEADS, s, dqk, dv)
     res = {}
     for t in fwd_c:
         cfg = FlashConfig(t, base.bwd_dq, base.bwd_dkdv)
@@ -160,7 +119,7 @@ def sweep_shape(name, dqk, dv, quick, log_rows):
 
     def bwd(tq, tk):  # the two backward kernels are independent: tune dQ first, then dK/dV
         cfg = FlashConfig(best_f, tq, tk)
-        ms, info = try_config(partial(triton_flash_backward, do, q, k, v, o, lse, True, scale, cfg), 2.5 * f)
+        ms, info = try_config(partial(triton_flash_backward, do, q, k, v, o, lse, True, scale, cfg), (FWD_BWD_FLOPS - 1) * f)
         log_rows.append(dict(shape=name, kernel="bwd", tiles_dq=tq.__dict__, tiles_dkdv=tk.__dict__, ms=ms, **info))
         log(name, "bwd", tq, tk, f"{ms:.3f} ms", info)
         return ms
@@ -178,84 +137,6 @@ def sweep_configs(out, quick):
         log(name, "best", c)
     out["best_configs"] = {n: {k_: t.__dict__ for k_, t in c.__dict__.items()} for n, c in best.items()}
     return best
-
-
-def methods(dqk, dv, cfg):
-    """name -> fn(q, k, v) returning (b, h, s, dv); every method computes the same causal attention."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def sdpa(backend, pad_v=False):
-        def fn(q, k, v):
-            with sdpa_kernel(backend):
-                if pad_v and v.shape[-1] != q.shape[-1]:  # flash needs equal head dims: pad V, slice O (cost included)
-                    o = F.scaled_dot_product_attention(q, k, F.pad(v, (0, q.shape[-1] - v.shape[-1])), is_causal=True)
-                    return o[..., : v.shape[-1]]
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return fn
-
-    def naive(q, k, v):  # as transformers' eager path: bf16 matmuls, fp32 softmax, S x S materialised
-        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
-        p = s.masked_fill(mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
-        return p @ v
-
-    ms = {"ours (Triton)": lambda q, k, v: TritonFlashAttention.apply(q, k, v, True, dqk**-0.5, cfg),
-          "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
-          "SDPA flash" + (" (V padded)" if dqk != dv else ""): sdpa(SDPBackend.FLASH_ATTENTION, pad_v=True),
-          "SDPA mem-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
-    try:
-        ms[f"flash_attn package ({flash_attn_func()[0]})"] = lambda q, k, v: flash_attn_package(q, k, v, True)
-    except ImportError:
-        pass
-    ms["flex_attention"] = "flex"
-    ms["naive (eager)"] = naive
-    return ms
-
-
-def flex_fn(s):
-    """A compiled flex_attention with a causal block mask for sequence length s."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, s, s, device="cuda")
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: compiled(q, k, v, block_mask=mask)
-
-
-def time_method(fn, q, k, v, do, flops):
-    """Forward and forward+backward median ms and TFLOP/s of one method on the given inputs."""
-    ms_f = bench_ms(lambda: fn(q, k, v))
-    ms_fb = bench_ms(lambda: fn(q, k, v).backward(do), grads=(q, k, v))
-    return dict(ms_fwd=ms_f, ms_fwdbwd=ms_fb, tflops_fwd=flops / ms_f / 1e9, tflops_fwdbwd=3.5 * flops / ms_fb / 1e9)
-
-
-def bench_point(name, dqk, dv, s, cfg, budget_s):
-    """Every method at one (head shape, seq): same inputs, outputs checked against ours."""
-    b = TOKENS // s
-    q, k, v, do = make_inputs(b, s, dqk, dv, seed=s)
-    f = flops_fwd(b, HEADS, s, dqk, dv)
-    ref, rows = None, []
-    for mname, fn in methods(dqk, dv, cfg).items():
-        row = dict(shape=name, dqk=dqk, dv=dv, seq=s, batch=b, heads=HEADS, method=mname)
-        rows.append(row)
-        if time.time() - T0 > budget_s:
-            row["skipped"] = "time budget"
-            continue
-        if fn == "flex" and (s not in FLEX_SEQS or time.time() - T0 > 0.6 * budget_s):
-            row["skipped"] = "flex_attention compiles per length: timed at some lengths only"
-            continue
-        try:
-            fn = flex_fn(s) if fn == "flex" else fn
-            o = fn(q, k, v).detach().float()
-            ref = o if ref is None else ref  # ours comes first: every other method is checked against it
-            row["rel_err_vs_ours"] = rel_err(o, ref)
-            del o
-            row.update(time_method(fn, q, k, v, do, f))
-        except Exception as e:  # rejected shapes, out of memory
-            row["error"] = repr(e)[:300]
-        torch.cuda.empty_cache()
-        log(f"{name} S={s:5d} {mname:24s}", {k_: (round(v_, 3) if isinstance(v_, float) else v_)
-                                              for k_, v_ in row.items() if k_ not in ("shape", "method")})
-    return rows
 
 
 def run_bench(out, best, seqs, budget_s):
@@ -290,94 +171,6 @@ def plot(out, path):
     fig.savefig(path, dpi=110)
 
 
-def table(out):
-    """The short table printed last: TFLOP/s fwd / fwd+bwd per method at each (shape, seq)."""
-    lines = []
-    for name in SHAPES:
-        rows = [x for x in out["bench"] if x["shape"] == name]
-        seqs = sorted({x["seq"] for x in rows})
-        lines.append(f"{name}  TFLOP/s fwd/fwd+bwd  " + "  ".join(f"S={s:>5d}" for s in seqs))
-        for m in dict.fromkeys(x["method"] for x in rows):
-            cells = []
-            for s in seqs:
-                x = next((x for x in rows if x["method"] == m and x["seq"] == s), {})
-                cells.append(f"{x['tflops_fwd']:3.0f}/{x['tflops_fwdbwd']:3.0f}" if "tflops_fwd" in x else "   -   ")
-            lines.append(f"  {m:26s}" + "  ".join(f"{c:>7s}" for c in cells))
-    return "\n".join(lines)
-
-
-def package_check(b, h, sq, sk, dqk, dv, causal, seed):
-    """The flash_attn package through `flash_attn_package` vs fp32 eager attention: output and the three gradients."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k = (torch.randn(b, h, n, dqk, device="cuda", generator=g).bfloat16().requires_grad_() for n in (sq, sk))
-    v = torch.randn(b, h, sk, dv, device="cuda", generator=g).bfloat16().requires_grad_()
-    do = torch.randn(b, h, sq, dv, device="cuda", generator=g).bfloat16()
-    ref = attend(q.float(), k.float(), v.float(), causal)
-    ref_g = torch.autograd.grad(ref, (q, k, v), do.float())
-    o = flash_attn_package(q, k, v, causal)
-    errs = [rel_err(o, ref)] + [rel_err(x, r) for x, r in zip(torch.autograd.grad(o, (q, k, v), do), ref_g)]
-    row = dict(b=b, h=h, sq=sq, sk=sk, dqk=dqk, dv=dv, causal=causal, err_o=errs[0], err_dq=errs[1], err_dk=errs[2],
-               err_dv=errs[3], tol=1e-2, ok=max(errs) <= 1e-2)
-    log("package check", row)
-    return row
-
-
-def decode_point(b, h, t, dqk, dv):
-    """One decode step's attention (1 query row against t cached keys, bf16): the package, SDPA and eager, in us."""
-    g = torch.Generator(device="cuda").manual_seed(t)
-    q = torch.randn(b, h, 1, dqk, device="cuda", generator=g, dtype=torch.bfloat16)
-    k = torch.randn(b, h, t, dqk, device="cuda", generator=g, dtype=torch.bfloat16)
-    v = torch.randn(b, h, t, dv, device="cuda", generator=g, dtype=torch.bfloat16)
-    row = dict(batch=b, heads=h, cached=t, dqk=dqk, dv=dv, bytes_read=2 * b * h * t * (dqk + dv))
-    ref = attend(q.float(), k.float(), v.float(), False)  # one query row sees every cached key: no mask needed
-    for backend in ("flash_attn", "sdpa", "eager"):
-        fn = partial(attend, q, k, v, False, backend=backend)
-        row[f"err_{backend}"] = rel_err(fn().float(), ref)
-        row[f"us_{backend}"] = 1e3 * bench_ms(fn)
-        row[f"tb_s_{backend}"] = row["bytes_read"] / row[f"us_{backend}"] / 1e6
-    log("decode", row)
-    return row
-
-
-def package_main(a):
-    """--package: is the flash_attn package installed and right, and how fast, for training and decode shapes."""
-    out = dict(env=dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda))
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    save = lambda: (Path(a.out) / "attention_flash_attn.json").write_text(json.dumps(out, indent=1, default=str))  # noqa: E731
-    try:
-        out["package"] = flash_attn_func()[0]
-        import importlib.metadata as md
-
-        out["versions"] = {n: md.version(n) for n in ("flash-attn-4", "flash-attn", "nvidia-cutlass-dsl-libs-core")
-                           if n in {d.metadata["Name"] for d in md.distributions()}}
-    except ImportError as e:
-        out["error"] = str(e)
-    if "package" in out:
-        out["correctness"] = []
-        for i, (b, h, sq, sk, dqk, dv, causal) in enumerate([
-                (2, 4, 1000, 1000, 192, 128, True), (2, 4, 1000, 1000, 192, 128, False), (1, 8, 17, 17, 192, 128, True),
-                (1, 4, 2048, 2048, 128, 128, True), (2, 16, 1, 384, 96, 64, True), (2, 16, 7, 384, 96, 64, True)]):
-            try:
-                out["correctness"].append(package_check(b, h, sq, sk, dqk, dv, causal, i))
-            except Exception as e:  # a shape the package refuses
-                out["correctness"].append(dict(b=b, h=h, sq=sq, sk=sk, dqk=dqk, dv=dv, causal=causal, error=repr(e)[:300]))
-                log("package check failed", out["correctness"][-1])
-        save()  # after each section: a timeout keeps what was measured
-        out["bench"] = [r for name, (dqk, dv) in SHAPES.items() for s in (1024, 4096, 16384)
-                        for r in bench_point(name, dqk, dv, s, None, a.budget)]
-        save()
-        out["decode"] = []
-        for b, t in ((1, 384), (32, 384), (1, 4096), (32, 4096)):  # gpu-small's naive MLA decode: 16 heads, 96/64
-            try:
-                out["decode"].append(decode_point(b, 16, t, 96, 64))
-            except Exception as e:
-                out["decode"].append(dict(batch=b, cached=t, error=repr(e)[:300]))
-            save()
-    save()
-    if out.get("bench"):
-        print(table(out))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer sizes and configs")
@@ -393,6 +186,7 @@ def main():
     import triton
 
     if a.package:
+        from attention_package import package_main
         return package_main(a)
 
     if a.ncu:

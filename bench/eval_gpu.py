@@ -23,12 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 CARRY = ROOT / ".device_carry" / "eval"
 TRAIN_DIR = Path("/tmp/eval_gpu_train")   # outside $OUT: checkpoints must not travel back
 ALL_TASKS = ("hellaswag,arc_easy,arc_challenge,piqa,winogrande,openbookqa,boolq,sciq,social_iqa,commonsense_qa,copa,"
@@ -37,7 +34,7 @@ ALL_TASKS = ("hellaswag,arc_easy,arc_challenge,piqa,winogrande,openbookqa,boolq,
 
 def run(out: Path, budget: float, tasks: str, batch_size: int) -> None:
     "Train gpu-small for `budget` seconds on the gpu_runs data, then evaluate it on `tasks`."
-    import gpu_runs
+    import gpu_runs  # bench/, the script's folder, is first on sys.path
     import torch
 
     from dsv3_min.checkpoint import load_trained

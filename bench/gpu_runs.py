@@ -6,25 +6,22 @@
     python bench/gpu_runs.py run --out $OUT/gpu_train --steps main    # on the GPU (one call per --steps group)
     python bench/gpu_runs.py report --tar main.tar.gz abl.tar.gz      # here: unpack into results/gpu_train/
 
-Data: `prepare` is `dsv3_min.gpu_mix.prepare_mix` (notebook 03a): the Debian packages' documents, the mix
-`shakespeare+python-stdlib+gcide+python-docs+kernel-docs+python-packages+tool-docs`, its 16,384-id tokenizer and both
-splits packed, xz-compressed, into `.device_carry/gpu_mix/` (git-ignored, ~35 MB), which travels to the GPU machine;
-`run` reads it back with `gpu_mix.load_mix` and calls the same `dsv3_min.train.train` that `python -m dsv3_min train`
-calls, with the same presets and `--set` overrides (built by the CLI's own `_configs`). The plan of the runs (`MAIN`,
-`ABL`, `ABLATIONS`, the budgets), the readers of their metrics and the plots live in `dsv3_min.report` (notebook 16).
+Data: `prepare` is `dsv3_min.gpu_mix.prepare_mix` (notebook 03a): the mix of the Debian packages' documents with
+shakespeare and python-stdlib, its 16,384-id tokenizer and both splits packed, xz-compressed, into
+`.device_carry/gpu_mix/` (git-ignored, ~35 MB; carry it to the GPU machine); `run` reads it back with
+`gpu_mix.load_mix` and calls the `dsv3_min.train.train` of `python -m dsv3_min train`, with the CLI's presets and
+`--set` overrides (its own `_configs`). The plan of the runs (`MAIN`, `ABL`, `ABLATIONS`, the budgets), the readers
+of their metrics and the plots live in `dsv3_min.report` (notebook 16).
 
 Runs (H200, bf16 autocast, torch.compile, batch 16 x 1024 tokens, gpu-small with a 16,384-id vocabulary, seed 0 so
-every run sees the same batches; the cosine decay is laid out over each run's time budget, cold compile included):
-`main` (`MAIN_BUDGET` s, then samples), the `ablations` of `dsv3_min.report.ABLATIONS` (`ABL_BUDGET` s each: base,
-dense, aux, nobal, nomtp, seed1; notebook 16 says what each changes) and `bench` (bench/train_throughput.py, if ~95 s
-remain).
-
-`run` never starts work that could not end by `--deadline` (seconds after its start; default 595, inside the GPU
-machine's 10-minute limit per command): the main run's budget shrinks to leave `MAIN_OVERHEAD` for its evaluation
-and samples, and the ablations share what is left after it. SIGTERM (e.g. from `timeout`) ends the current run
-after its step (its last periodic evaluation stands) and starts nothing new; `report` rebuilds the summary of a run
-cut off before writing its own. One device call per group of steps (carry .device_carry/gpu_mix); on an
-`nvidia-h200-x2`, one process per GPU in the same call (CONTRIBUTING.md, "GPU work", has the command).
+every run sees the same batches; the cosine decay spans each run's time budget, cold compile included): `main`
+(`MAIN_BUDGET` s, then samples), the `ablations` of `ABLATIONS` (`ABL_BUDGET` s each; notebook 16 says what each
+changes) and `bench` (bench/train_throughput.py, if ~95 s remain). `run` starts no work that could not end by
+`--deadline` (seconds after its start; default 595, inside the 10-minute limit per device command): the main run's
+budget shrinks to leave `MAIN_OVERHEAD` for its evaluation and samples, the ablations share what is left. SIGTERM
+ends the current run after its step and starts nothing new; `report` rebuilds the summary of a run cut off before
+writing its own. One device call per group of steps; on an `nvidia-h200-x2`, one process per GPU in the same call
+(CONTRIBUTING.md, "GPU work", has the command).
 """
 from __future__ import annotations
 
@@ -65,9 +62,6 @@ CARRY = ROOT / ".device_carry" / "gpu_mix"
 MAIN_OVERHEAD = 75.0  # the main run's wall-clock beyond its budget, as measured on the H200: loading the data, the
 #                       whole-split evaluation and the checkpoint (~46 s), then the samples (~19 s)
 PROMPTS = ["ROMEO.\n", "def fibonacci(n):\n", "Love \\Love\\, n.", "The king"]
-
-
-# ---------------------------------------------------------------- prepare (CPU)
 DOCS = Path("/tmp/a2_docs")   # the extracted Debian documents, one folder per part (never committed)
 
 
@@ -78,8 +72,6 @@ def prepare(debs: list[str], max_chunks: int, rebuild: bool = False) -> None:
     write_json(ROOT / "results" / "gpu_train" / "data.json", meta)
     print(json.dumps(meta, indent=1), f"{time.time() - t0:.1f}s", flush=True)
 
-
-# ---------------------------------------------------------------- run (GPU)
 def load_data(carry: Path = CARRY, unzip_dir: Path = Path("/tmp/a2_tokens")):
     "The carried mix of `prepare` as (TrainData, meta)."
     tok, train_tokens, val_tokens, meta = load_mix(carry, unzip_dir)
@@ -134,9 +126,8 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
         cpu_smoke: bool = False, steps: tuple[str, ...] = STEPS, ablations: tuple[str, ...] = tuple(ABLATIONS)) -> None:
     """`steps` of: smoke test, main run, `ablations` (names in `ABLATIONS`), throughput bench; starts no work that
     could not end by `deadline_s`. One process per GPU: `CUDA_VISIBLE_DEVICES=1 ... --ablations base,dense`."""
-    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "0"     # every run compiles cold: equal budgets hold equal compile
-    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"     # work, whatever ran before it on the machine (read when
-    #                                                     inductor's config is first imported: at the first compile)
+    # every run compiles cold, so equal budgets hold equal compile work (read at inductor's first import)
+    os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "0"
     for sig in (signal.SIGTERM, signal.SIGINT):  # `train` handles them during a run; between runs they land here
         signal.signal(sig, _on_signal)
     preset, device = ("cpu-tiny", "cpu") if cpu_smoke else (PRESET, "cuda")
@@ -169,9 +160,8 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
 
     shape = {} if cpu_smoke else {"batch_size": 8, "seq_len": 256, "final_eval_batches": 4}
     if "smoke" in steps:
-        smoke = train_one("smoke", {**abl_cfg, "max_steps": 20, "eval_every": 10, "eval_batches": 2,
-                                    "time_budget": 0.0, **shape}, out, data, preset="cpu-tiny")
-        summary["smoke"] = smoke
+        summary["smoke"] = smoke = train_one("smoke", {**abl_cfg, "max_steps": 20, "eval_every": 10, "eval_batches": 2,
+                                                       "time_budget": 0.0, **shape}, out, data, preset="cpu-tiny")
         save()
         if "error" in smoke:
             print("smoke test failed: stopping", flush=True)
@@ -217,8 +207,8 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
                 return
 
     if bench and left() > 95 and not cpu_smoke and not _STOP:
-        cmd = [sys.executable, str(ROOT / "bench/train_throughput.py"), "--out", str(out / "tp"),
-               "--warmup", "4", "--rep-ms", "500"]
+        cmd = [sys.executable, str(ROOT / "bench/train_throughput.py"), "--out", str(out / "tp"), "--deadline",
+               str(left() - 15)]
         try:
             subprocess.run(cmd, check=True, timeout=left() - 5)
         except Exception as e:
@@ -227,13 +217,6 @@ def run(out: Path, deadline_s: float, main_budget: float = MAIN_BUDGET, abl_budg
         print(f"skipping the throughput bench ({left():.0f}s left)", flush=True)
     summary["total_wall_s"] = time.time() - t_start
     save()
-
-
-# ---------------------------------------------------------------- report (CPU)
-def report(tars: list[str], dest: Path) -> None:
-    "`dsv3_min.report.unpack_results` of the tarballs into `dest` (summary merged, plots drawn); lists the files."
-    unpack_results(tars, dest)
-    print(sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()))
 
 
 def main() -> None:
@@ -259,15 +242,14 @@ def main() -> None:
     if a.cmd == "prepare":
         prepare(a.deb, a.max_chunks, a.rebuild)
     elif a.cmd == "run":
-        steps = tuple(x for x in a.steps.split(",") if x)
-        if set(steps) - set(STEPS):
-            ap.error(f"--steps: unknown {sorted(set(steps) - set(STEPS))}; choose from {','.join(STEPS)}")
-        abl = tuple(x for x in a.ablations.split(",") if x)
-        if set(abl) - set(ABLATIONS):
-            ap.error(f"--ablations: unknown {sorted(set(abl) - set(ABLATIONS))}; choose from {','.join(ABLATIONS)}")
+        steps, abl = (tuple(x for x in v.split(",") if x) for v in (a.steps, a.ablations))
+        for flag, got, known in (("--steps", steps, STEPS), ("--ablations", abl, tuple(ABLATIONS))):
+            if set(got) - set(known):
+                ap.error(f"{flag}: unknown {sorted(set(got) - set(known))}; choose from {','.join(known)}")
         run(Path(a.out), a.deadline, a.main_budget, a.abl_budget, a.cpu_smoke, steps, abl)
-    else:
-        report(a.tar, Path(a.dest))
+    else:  # report: the tarballs unpacked into `dest`, summary merged, plots drawn
+        unpack_results(a.tar, Path(a.dest))
+        print(sorted(str(p.relative_to(a.dest)) for p in Path(a.dest).rglob("*") if p.is_file()))
 
 
 if __name__ == "__main__":

@@ -5,14 +5,51 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .config import ModelConfig, count_params
 from .model import DeepSeekV3, check_generate_args, filtered_logits, next_token, sample_from
 
 # %% auto #0
-__all__ = ['Decoder', 'verify_draft', 'MTPDecoder', 'left_padding_starts', 'generate', 'sample_text']
+__all__ = ['DecodeBytes', 'experts_touched', 'decode_step_bytes', 'Decoder', 'verify_draft', 'MTPDecoder', 'left_padding_starts',
+           'free_decoders', 'generate', 'sample_text']
+
+# %% ../notebooks/17_inference.ipynb #7c7fd53e
+class DecodeBytes(NamedTuple):
+    "Bytes one decode step reads: `weights` (those the batch touches) and `cache` (every sequence's context)."
+    weights: float
+    cache: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.cache
+
+
+def experts_touched(cfg: ModelConfig, batch: int) -> float:
+    "Expected routed experts per MoE layer hit by `batch` tokens routed uniformly to k of E: E (1 - (1 - k/E)^B)."
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    return E * (1 - (1 - k / E) ** batch) if E else 0.0
+
+
+def decode_step_bytes(cfg: ModelConfig, batch: int, context: float, mla_impl: str | None = None,
+                      w: int = 2) -> DecodeBytes:
+    "Bytes a decode step at `batch` reads with `context` cached tokens per sequence, `w` bytes per number (bf16: 2)."
+    b = count_params(cfg).breakdown
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    head = b["head"] or b["embedding"]  # tied: the embedding table is the head
+    weights = w * (b["attention"] + b["dense FFN"] + b["shared experts"] + b["norms"] + head
+                   + n_moe * experts_touched(cfg, batch) * expert) + 4 * b["router"]  # the router stays fp32
+    if cfg.attention != "mla":
+        per_token = 2 * cfg.kv_heads * cfg.head_dim
+    elif (mla_impl or cfg.mla_impl) == "absorb":
+        per_token = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    else:
+        per_token = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    return DecodeBytes(weights, w * batch * cfg.num_hidden_layers * context * per_token)
 
 # %% ../notebooks/17_inference.ipynb #4b17346f
 def _choose(sampling: tuple, logits: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -215,6 +252,11 @@ def _engine(model: DeepSeekV3, kind: type, batch: int, max_len: int, mla_impl, c
             engines.pop(next(iter(engines)))
         engines[key] = kind(model, batch, max_len, mla_impl=mla_impl, cuda_graph=cuda_graph, compile=compile)
     return engines[key]
+
+
+def free_decoders(model: DeepSeekV3) -> None:
+    "Drop the decoders `generate` keeps for `model` (their static caches and CUDA graphs), e.g. to free GPU memory."
+    model.__dict__.pop("_decoders", None)
 
 
 def _finish(out: Tensor, S: int, eos_token_id: int | None) -> Tensor:

@@ -271,3 +271,23 @@ def test_triton_kernel_cuda_bf16(case):
     ref = _fwd_bwd(attend, *(t.float().detach().requires_grad_() for t in (q, k, v)), do.float(), causal)
     for x, r in zip(got, ref):
         assert _rel(x, r) <= 1e-2
+
+
+def test_attention_flops_matches_counted_matmul_flops():
+    """`attention_flops` equals torch's FLOP counter on eager attention: the full square without `causal` (the causal
+    count is half of it), and forward + backward = 3.5 forwards for dqk = dv: the eager backward's four matmuls plus
+    the Q Kᵀ that the flash backward recomputes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dsv3_min.flash import attention_flops
+    b, h, s, d = 2, 3, 16, 8
+    q, k, v, do = _inputs(b, h, h, s, s, d, d)
+    with FlopCounterMode(display=False) as fwd:
+        o = attend(q, k, v, causal=False)
+    with FlopCounterMode(display=False) as bwd:
+        o.backward(do)
+    assert attention_flops(b, h, s, d, d, causal=False) == fwd.get_total_flops()
+    assert attention_flops(b, h, s, d, d) == fwd.get_total_flops() / 2
+    recompute = 2 * b * h * s * s * d
+    assert attention_flops(b, h, s, d, d, causal=False, backward=True) == (
+        fwd.get_total_flops() + bwd.get_total_flops() + recompute)

@@ -1,4 +1,10 @@
 """The decode engine (`dsv3_min.infer`): static caches, left padding, EOS, MTP self-speculation (TINY configs)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -167,3 +173,61 @@ def test_bad_inputs_raise_clear_errors():
         generate(DeepSeekV3(tiny_config(num_nextn_predict_layers=0)).eval(), ids, 3, draft="mtp")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(m, ids, m.config.max_position_embeddings)
+
+
+@pytest.mark.parametrize("kw", KINDS)
+def test_decode_step_bytes_matches_a_hand_count_of_model_and_cache(kw):
+    """`decode_step_bytes` at batch 1 equals a hand count over the model's own tensors: every parameter a step reads
+    once in bf16 (k of E routed experts, the router and its bias in fp32, no embedding table, no MTP), and the cache
+    term equals the bytes of the `model.new_cache` buffers that hold that context; at batch B the experts hit follow
+    E(1 - (1 - k/E)^B), from k at B=1 towards E."""
+    from dsv3_min.infer import decode_step_bytes, experts_touched
+    cfg = tiny_config(**kw)
+    m = DeepSeekV3(cfg)
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    hand = 0.0
+    for name, t in [*m.named_parameters(), *m.named_buffers()]:
+        if name.startswith("mtp.") or (name.startswith("embed_tokens.") and not cfg.tie_word_embeddings):
+            continue
+        if ".experts." in name:              # routed experts: k of E per token
+            hand += 2 * t.numel() * k / E
+        elif ".gate." in name and ".mlp." in name:  # the router: weight and correction bias, fp32
+            hand += 4 * t.numel()
+        elif t.is_floating_point() and "rotary" not in name:
+            hand += 2 * t.numel()
+    got = decode_step_bytes(cfg, 1, 10)
+    assert got.weights == pytest.approx(hand)
+    cache = m.new_cache(3, 10, static=True)
+    held = sum(buf.numel() * 2 for c in cache.layers for buf in c.buffers.values())
+    assert decode_step_bytes(cfg, 3, 10).cache == held
+    assert experts_touched(cfg, 1) == pytest.approx(k)
+    assert experts_touched(cfg, 2) == pytest.approx(2 * k - k * k / E)   # inclusion-exclusion for two tokens
+    assert k < experts_touched(cfg, 64) < E
+
+
+def test_free_decoders_drops_the_cached_engines_and_generate_rebuilds_them():
+    """`generate` keeps its decoder (static caches, graph) on the model; `free_decoders` drops it, and the next call
+    builds a fresh one that decodes the same tokens."""
+    from dsv3_min.infer import free_decoders
+    torch.manual_seed(0)
+    m = DeepSeekV3(tiny_config()).eval()
+    prompt = torch.randint(0, m.config.vocab_size, (1, 4))
+    first = generate(m, prompt, 5, temperature=0)
+    assert m.__dict__.get("_decoders")
+    free_decoders(m)
+    assert not m.__dict__.get("_decoders")
+    assert torch.equal(generate(m, prompt, 5, temperature=0), first)
+
+
+def test_decode_bench_runs_on_the_cpu_and_writes_its_sections(tmp_path):
+    """`bench/decode.py --cpu` (the lead's GPU benchmark, in its CPU mode) still runs against this package: it writes
+    decode.json with our engine, the reference decoder and transformers, each with tok/s, and decode.png."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    r = subprocess.run([sys.executable, str(script), "--cpu", "--new", "2", "--batches", "1", "--reps", "1",
+                        "--skip", "compile,hf_static", "--out", str(tmp_path)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads((tmp_path / "decode.json").read_text())
+    for name in ("ours_absorb", "ours_naive", "dsv3_plain", "hf_eager"):
+        assert out[name]["1"]["tok_s"] > 0, name
+    assert (tmp_path / "decode.png").exists()

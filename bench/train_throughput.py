@@ -43,7 +43,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dsv3_min.__main__ import split_overrides  # noqa: E402
+from dsv3_min.cli import split_overrides  # noqa: E402
 from dsv3_min.config import get_preset  # noqa: E402
 from dsv3_min.data import get_batch  # noqa: E402
 from dsv3_min.files import write_json  # noqa: E402

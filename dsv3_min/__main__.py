@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_trained
+from .cli import Parser, exit_code, number, one_line, split_overrides
 from .config import PRESETS, ModelConfig, count_params, get_preset
 from .dist import launched_by_torchrun
 from .distill import DistillConfig, distill, student_config, write_teacher_cache
@@ -35,86 +36,23 @@ from .tasks import GROUPS, TASKS, check_tasks, expand_tasks
 from .tokenizer import get_tokenizer, tokenizer_stats
 
 # %% auto #0
-__all__ = ['COMMANDS', 'UsageError', 'parse_value', 'split_overrides', 'build_parser', 'cmd_train', 'load_for_sample',
-           'cmd_sample', 'cmd_info', 'cmd_tokenizer', 'add_finetune_arguments', 'finetune_configs', 'cmd_finetune',
-           'add_distill_arguments', 'distill_configs', 'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval',
-           'exit_code', 'one_line', 'main']
-
-# %% ../notebooks/24_cli.ipynb #ee7f2e3b
-class UsageError(ValueError):
-    "A command line argparse rejects (unknown flag, missing or malformed value)."
-
-
-class _Parser(argparse.ArgumentParser):
-    "An ArgumentParser that raises `UsageError` instead of printing the usage and exiting; no abbreviated flags."
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **{"allow_abbrev": False, **kwargs})   # `--lim 5` is a typo, not `--limit 5`
-
-    def error(self, message):
-        raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-def _number(kind, lo=None, hi=None, lo_open=False):
-    "An argparse type: a finite `kind` (int or float) in [lo, hi] (or (lo, hi] with `lo_open`)."
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-            where = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number in {where}")
-        return v
-    return parse
-
-# %% ../notebooks/24_cli.ipynb #46fe34cd
-def parse_value(text: str) -> Any:
-    "A `--set` value: JSON if it parses, Python's True/False/None, else the plain string."
-    if text in ("True", "False", "None"):
-        return {"True": True, "False": False, "None": None}[text]
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _pair(item: str) -> tuple[str, Any]:
-    "'name=value' -> (name, parsed value)."
-    if "=" not in item:
-        raise ValueError(f"--set expects name=value, got {item!r}")
-    name, value = item.split("=", 1)
-    return name.strip(), parse_value(value.strip())
-
-
-def split_overrides(items: list[str] | dict[str, Any], *configs: type) -> list[dict[str, Any]]:
-    "`name=value` strings (or a dict) -> one dict of values per config class (default: ModelConfig, TrainConfig)."
-    configs = configs or (ModelConfig, TrainConfig)
-    names = [{f.name for f in fields(c)} for c in configs]
-    out = [{} for _ in configs]
-    for name, value in items.items() if isinstance(items, dict) else map(_pair, items):
-        i = next((i for i, n in enumerate(names) if name in n), None)
-        if i is None:
-            close = get_close_matches(name, sorted(set().union(*names)), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown field {name!r} in --set; {hint}"
-                             + "; ".join(f"{c.__name__} fields: {sorted(n)}" for c, n in zip(configs, names)))
-        out[i][name] = value
-    return out
+__all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_sample', 'cmd_info', 'cmd_tokenizer',
+           'add_finetune_arguments', 'finetune_configs', 'cmd_finetune', 'add_distill_arguments', 'distill_configs',
+           'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'main']
 
 # %% ../notebooks/24_cli.ipynb #808f7948
 def build_parser() -> argparse.ArgumentParser:
     "The `dsv3` argument parser with its subcommands."
-    p = _Parser(prog="dsv3", description="DeepSeek-V3 from scratch: train, sample, inspect.")
+    p = Parser(prog="dsv3", description="DeepSeek-V3 from scratch: train, sample, inspect.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (Shakespeare by default)")
     t.add_argument("--preset", default="cpu-tiny", help=f"one of {sorted(PRESETS)}")
     t.add_argument("--corpus", help="corpus name or path (default: shakespeare)")
     t.add_argument("--out", help="run directory (default: runs/<preset>)")
-    t.add_argument("--max-steps", type=_number(int, 1))
-    t.add_argument("--ckpt-every", type=_number(int, 0))
-    t.add_argument("--time-budget", type=_number(float, 0), help="stop after this many seconds of training (0 = none)")
+    t.add_argument("--max-steps", type=number(int, 1))
+    t.add_argument("--ckpt-every", type=number(int, 0))
+    t.add_argument("--time-budget", type=number(float, 0), help="stop after this many seconds of training (0 = none)")
     t.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
@@ -123,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate text from a checkpoint")
     s.add_argument("--ckpt", required=True, help="a run directory, a checkpoint directory or a Hugging Face model dir")
     s.add_argument("--prompt", default="")
-    s.add_argument("--max-new-tokens", type=_number(int, 0), default=200)
-    s.add_argument("--temperature", type=_number(float, 0), default=0.8, help="0 = greedy")
-    s.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True))
-    s.add_argument("--top-k", type=_number(int, 1))
-    s.add_argument("--seed", type=_number(int, 0), default=0)
+    s.add_argument("--max-new-tokens", type=number(int, 0), default=200)
+    s.add_argument("--temperature", type=number(float, 0), default=0.8, help="0 = greedy")
+    s.add_argument("--top-p", type=number(float, 0, 1, lo_open=True))
+    s.add_argument("--top-k", type=number(int, 1))
+    s.add_argument("--seed", type=number(int, 0), default=0)
     s.add_argument("--device", default="cpu")
     s.add_argument("--draft", choices=["mtp"], help="self-speculative decoding with the MTP module (notebook 17)")
     s.add_argument("--adapter", help="a LoRA adapter folder (peft format) to load on top of --ckpt (a fine-tuning run's "
@@ -139,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("tokenizer", help="train (or load the cached) tokenizer of a corpus and print its statistics")
     k.add_argument("--corpus", default="shakespeare")
-    k.add_argument("--vocab-size", type=_number(int, 1), default=4096)
+    k.add_argument("--vocab-size", type=number(int, 1), default=4096)
 
     add_eval_arguments(sub.add_parser("eval", help="score a checkpoint on benchmark tasks (notebook 18)"))
     add_finetune_arguments(sub.add_parser("finetune", help="LoRA / QLoRA / full fine-tuning (notebook 22)"))
@@ -400,34 +338,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
 # %% ../notebooks/24_cli.ipynb #6e79f859
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "tokenizer": cmd_tokenizer,
             "eval": cmd_eval, "finetune": cmd_finetune, "distill": cmd_distill}
-_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE, errno.ENFILE}
-_USER = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
-
-
-def _raised_by_package(e: BaseException) -> bool:
-    "Whether `e` comes from dsv3_min (its innermost frame outside the standard library), not from a library below it."
-    names, tb = [], e.__traceback__
-    while tb is not None:
-        names.append(tb.tb_frame.f_globals.get("__name__", ""))
-        tb = tb.tb_next
-    name = next((n for n in reversed(names) if n.split(".")[0] not in sys.stdlib_module_names), "")
-    return name in ("__main__", "dsv3_min") or name.startswith("dsv3_min.")
-
-
-def exit_code(e: BaseException) -> int | None:
-    "2: the user's input or file (a check of the package); 1: the environment (disk, permissions) or a failed run; None: a bug."
-    if isinstance(e, (NonFiniteLoss, SaveFailed)):
-        return 1
-    if isinstance(e, OSError) and (isinstance(e, PermissionError) or e.errno in _ENVIRONMENT):
-        return 1
-    if type(e).__name__ == "SafetensorError" and "os error" in str(e):   # safetensors' own error for a full disk
-        return 1
-    return 2 if isinstance(e, _USER) and _raised_by_package(e) else None
-
-
-def one_line(e: BaseException) -> str:
-    "The message of `e` on one line (multi-line messages joined with '; ')."
-    return "; ".join(ln.strip() for ln in str(e).splitlines() if ln.strip()) or type(e).__name__
 
 # %% ../notebooks/24_cli.ipynb #61f2b09b
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

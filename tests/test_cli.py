@@ -382,7 +382,7 @@ def test_exit_codes_user_environment_and_bugs():
     other exception, are bugs (None: main re-raises them with their traceback)."""
     import errno
 
-    from dsv3_min.__main__ import exit_code
+    from dsv3_min.cli import exit_code
     from dsv3_min.files import read_json
 
     def raised(f):

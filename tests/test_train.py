@@ -12,8 +12,9 @@ import pytest
 import torch
 from _tiny_run import TINY_SET, Child, freeze_at, losses, tiny_corpus_fixture, train_argv, wait_for_step  # noqa: F401
 
-from dsv3_min.__main__ import main, split_overrides
+from dsv3_min.__main__ import main
 from dsv3_min.checkpoint import load_checkpoint
+from dsv3_min.cli import split_overrides
 from dsv3_min.hf import list_checkpoints
 from dsv3_min.model import DeepSeekV3
 from dsv3_min.optim import make_optimizer

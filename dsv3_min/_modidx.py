@@ -264,6 +264,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'dsv3_min.hf._carry_over': ('hf.html#_carry_over', 'dsv3_min/hf.py'),
                              'dsv3_min.hf._is_checkpoint_file': ('hf.html#_is_checkpoint_file', 'dsv3_min/hf.py'),
                              'dsv3_min.hf._is_mtp_copy': ('hf.html#_is_mtp_copy', 'dsv3_min/hf.py'),
+                             'dsv3_min.hf._joined': ('hf.html#_joined', 'dsv3_min/hf.py'),
                              'dsv3_min.hf._link_or_copy': ('hf.html#_link_or_copy', 'dsv3_min/hf.py'),
                              'dsv3_min.hf._mistyped': ('hf.html#_mistyped', 'dsv3_min/hf.py'),
                              'dsv3_min.hf._our_name': ('hf.html#_our_name', 'dsv3_min/hf.py'),

@@ -235,9 +235,10 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu"):
         tok = Tokenizer.load(ckpt / "tokenizer")
     elif (path / "config.json").exists():
         model = from_pretrained(path)
-        found = [p for p in (path / "tokenizer.json", path / "tokenizer") if p.exists()]
+        found = [p for p in (path, path / "tokenizer")  # next to the model (as transformers saves it), or in tokenizer/
+                 if (p / "tokenizer.model").exists() or (p / "tokenizer.json").exists()]
         if not found:
-            raise FileNotFoundError(f"{path} has a config.json but no tokenizer.json (or tokenizer/) to read text with")
+            raise FileNotFoundError(f"{path} has a config.json but no tokenizer (tokenizer.model or tokenizer.json, there or in tokenizer/) to read text with")
         tok = Tokenizer.load(found[0])
     else:
         raise FileNotFoundError(f"{path}: not a checkpoint (no state.json), a run directory with {CKPT_PREFIX}* "

@@ -101,11 +101,17 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         if not complete:
             out[f"?{prefix}.* (incomplete per-expert set)"] = torch.empty(0)
             continue
-        gate = torch.stack([parts["gate_proj"][e] for e in ids])
-        up = torch.stack([parts["up_proj"][e] for e in ids])
-        out[base + ".gate_up_proj"] = torch.cat([gate, up], dim=1)  # [E, 2I, d]
-        out[base + ".down_proj"] = torch.stack([parts["down_proj"][e] for e in ids])  # [E, d, I]
+        gate = _joined(torch.stack, [parts["gate_proj"][e] for e in ids])
+        up = _joined(torch.stack, [parts["up_proj"][e] for e in ids])
+        out[base + ".gate_up_proj"] = _joined(torch.cat, [gate, up], dim=1)  # [E, 2I, d]
+        out[base + ".down_proj"] = _joined(torch.stack, [parts["down_proj"][e] for e in ids])  # [E, d, I]
     return out
+
+
+def _joined(join, ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    "`join(ts)`; one non-float tensor among them sets the dtype (no silent promotion), so `check_state_dict` names it."
+    odd = next((t.dtype for t in ts if not t.is_floating_point()), None)
+    return join([t.to(odd) for t in ts] if odd else ts, dim=dim)
 
 
 def _is_mtp_copy(name: str) -> bool:

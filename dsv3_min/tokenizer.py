@@ -198,7 +198,7 @@ class Tokenizer:
                 raise FileFormatError(f"{p}: not a tokenizer.json ({str(e).splitlines()[0][:200]})") from None
         try:
             return SentencePieceTokenizer(p.read_bytes())
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:   # a damaged model: sentencepiece raises either (bad UTF-8 pieces)
             raise FileFormatError(f"{p}: not a SentencePiece model ({str(e).splitlines()[0][:200]})") from None
 
 # %% ../notebooks/03_tokenizer.ipynb #acbf1c81

@@ -285,3 +285,14 @@ def test_safetensors_disk_error_is_an_oserror(tmp_path, monkeypatch):
         save_pretrained(_small_model(1), tmp_path / "m")
     assert e.value.errno == errno.ENOSPC and exit_code(e.value) == 1 and "\n" not in str(e.value)
     assert _hashes(tmp_path / "m") == first and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_errors_never_echo_file_contents(tmp_path):
+    """A file that is not safetensors (the first lines of a password file) is refused without its bytes in the error:
+    neither as text nor as the integer its first 8 bytes make as a header length."""
+    from dsv3_min.files import FileFormatError, check_safetensors
+    secret = b"root:x:0:0:secret-hash:/root:/bin/bash\n" * 4
+    (tmp_path / "model.safetensors").write_bytes(secret)
+    with pytest.raises(FileFormatError) as e:
+        check_safetensors(tmp_path / "model.safetensors")
+    assert str(int.from_bytes(secret[:8], "little")) not in str(e.value) and "secret" not in str(e.value)

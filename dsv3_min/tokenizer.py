@@ -299,7 +299,7 @@ class SentencePieceTokenizer(Tokenizer):
         return HFTokenizer(tok)
 
     def save(self, path: str | os.PathLike) -> Path:
-        "Write `tokenizer.model`, `tokenizer.json`, `tokenizer_config.json` as folder `path`, atomically (whole folder)."
+        "Write `tokenizer.model`, `tokenizer.json`, `tokenizer_config.json` into folder `path` atomically (other files kept)."
         with _tokenizer_dir(path) as tmp:
             (tmp / "tokenizer.model").write_bytes(self.sp.serialized_model_proto())
             self.to_hf().tok.save(str(tmp / "tokenizer.json"))
@@ -356,7 +356,7 @@ class HFTokenizer(Tokenizer):
         return self.tok.id_to_token(i)
 
     def save(self, path: str | os.PathLike) -> Path:
-        "Write `tokenizer.json` and `tokenizer_config.json` as folder `path`, atomically (whole folder)."
+        "Write `tokenizer.json` and `tokenizer_config.json` into folder `path` atomically (other files kept)."
         with _tokenizer_dir(path) as tmp:
             self.tok.save(str(tmp / "tokenizer.json"))
             _write_tokenizer_config(tmp, tokenizer_class="PreTrainedTokenizerFast")

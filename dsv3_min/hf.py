@@ -194,8 +194,11 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
     ckpt = Path(ckpt)
     try:
         if (ckpt / MANIFEST).exists():
+            root = ckpt.resolve()
             for rel, info in read_json(ckpt / MANIFEST)["files"].items():
                 p = ckpt / rel
+                if Path(rel).is_absolute() or not p.resolve().is_relative_to(root):   # never read outside
+                    return f"{MANIFEST} names a file outside the checkpoint ({rel!r})"
                 if not p.is_file():
                     return f"{rel} is missing"
                 if p.stat().st_size != info["bytes"]:

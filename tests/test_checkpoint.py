@@ -255,3 +255,18 @@ def test_renamed_or_retyped_optimizer_state_is_refused(tmp_path, change):
     with pytest.raises(CheckpointError, match="optimizer state .*; nothing was loaded") as e:
         load_checkpoint(ckpt, target, make_optimizer(target, tc, torch.device("cpu")), cfg)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("entry", ["../outside.bin", "/etc/passwd"])
+def test_manifest_entries_outside_the_checkpoint_are_refused(saved, entry):
+    """A manifest that names a file outside its checkpoint (`../x`, an absolute path) makes the checkpoint broken
+    (a fallback to the previous one with a warning) without reading or hashing that file."""
+    run, _, _ = saved
+    (run / "outside.bin").write_bytes(b"x")
+    m = run / "ckpt-0000003" / "manifest.json"
+    d = json.loads(m.read_text())
+    d["files"][entry] = {"bytes": 1, "sha256": "0" * 64}
+    m.write_text(json.dumps(d))
+    assert checkpoint_problem(run / "ckpt-0000003") == f"manifest.json names a file outside the checkpoint ({entry!r})"
+    with pytest.warns(CheckpointWarning, match="outside the checkpoint"):
+        assert latest_checkpoint(run) == run / "ckpt-0000002"

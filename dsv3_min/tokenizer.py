@@ -244,6 +244,8 @@ class SentencePieceTokenizer(Tokenizer):
     "A SentencePiece BPE model (byte fallback, identity normalization) behind the `Tokenizer` interface."
 
     def __init__(self, model_proto: bytes):
+        if not model_proto:   # sentencepiece accepts an empty proto and fails only at the first encode
+            raise ValueError("an empty model file")
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.vocab_size()
         self.fingerprint = "sp-" + hashlib.sha256(model_proto).hexdigest()[:24]

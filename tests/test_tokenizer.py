@@ -399,3 +399,33 @@ def test_too_small_vocabulary_says_what_to_set():
                                          r"`--set vocab_size=512`") as e:
         train_tokenizer(["abc"], vocab_size=97)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["empty", "flip"])
+def test_damaged_sentencepiece_file_is_one_format_error(tok, tmp_path, damage):
+    """An empty `tokenizer.model` (sentencepiece accepts it and fails only at the first encode) and one with flipped
+    bytes (sentencepiece may raise UnicodeDecodeError on a piece) are a FileFormatError naming the file when loaded
+    (found by the damage property tests of tests/test_damage.py)."""
+    from dsv3_min.files import FileFormatError
+    path = tok.save(tmp_path / "t") / "tokenizer.model"
+    b = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    else:   # the first flip of three bytes that makes a piece invalid UTF-8 (sentencepiece's UnicodeDecodeError)
+        import sentencepiece as spm
+
+        def flipped(at):
+            return b[:at] + bytes(x ^ 0xFF for x in b[at:at + 3]) + b[at + 3:]
+
+        def breaks(data):
+            try:
+                sp = spm.SentencePieceProcessor(model_proto=data)
+                [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+            except UnicodeDecodeError:
+                return True
+            except RuntimeError:
+                return False
+            return False
+        path.write_bytes(flipped(next(at for at in range(len(b) // 2, len(b) - 3) if breaks(flipped(at)))))
+    with pytest.raises(FileFormatError, match=f"{path}: not a SentencePiece model"):
+        Tokenizer.load(path)

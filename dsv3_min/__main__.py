@@ -27,7 +27,7 @@ from .files import read_json, write_json
 from .finetune import FINETUNE_TRAIN_DEFAULTS, METHOD_LR, METHODS, FinetuneConfig, finetune
 from .hf import from_pretrained
 from .infer import sample_text
-from .lora import ADAPTER_CONFIG, load_adapter
+from .lora import ADAPTER_CONFIG, adapter_base, load_adapter
 from .step import NonFiniteLoss
 from .train import (TRAIN_PRESETS, SaveFailed, TrainConfig, prepare_data, resolve_device, train,
                             train_config_for)
@@ -124,7 +124,7 @@ def load_for_sample(ckpt: str, adapter: str | None, device):
     found = next((p for p in (Path(ckpt), Path(ckpt) / "adapter") if (p / ADAPTER_CONFIG).exists()), None)
     if adapter is None and found is not None:  # `finetune --method lora` wrote it: its base model is named inside
         adapter = found
-        ckpt = read_json(found / ADAPTER_CONFIG, {"base_model_name_or_path": str}).get("base_model_name_or_path")
+        ckpt = adapter_base(found)  # absolute as recorded; a relative entry from the adapter's folder, never the cwd
     model, tok = load_trained(ckpt, device)
     if adapter is not None:
         load_adapter(model, adapter)

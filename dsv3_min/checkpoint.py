@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import os
 import random
 import secrets
@@ -18,14 +19,15 @@ from safetensors.torch import save_file, save_model
 from .config import ModelConfig
 from .files import atomic_dir, read_json, remove_stale_temps, write_json
 from .hf import (CKPT_PREFIX, MANIFEST, CheckpointError, from_pretrained, latest_checkpoint, list_checkpoints,
-                         load_weights, read_safetensors, sha256_file)
+                         load_weights, os_errors, read_safetensors, sha256_file)
 from .model import DeepSeekV3
 from .tokenizer import Tokenizer
+from .validate import check_json
 
 # %% auto #0
 __all__ = ['flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state', 'write_manifest',
-           'save_checkpoint', 'config_mismatch', 'check_config', 'read_state', 'load_model_file', 'load_checkpoint',
-           'load_trained']
+           'save_checkpoint', 'config_mismatch', 'check_config', 'check_optimizer_state', 'read_state',
+           'load_model_file', 'load_checkpoint', 'load_trained']
 
 # %% ../notebooks/13_checkpoint.ipynb #cad46209
 def flatten_optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -99,7 +101,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opt:
     remove_stale_temps(run_dir)
     final = run_dir / f"{CKPT_PREFIX}{step:07d}"
     state = _state_of(step, cfg, tc, extra)
-    with atomic_dir(final) as tmp:
+    with os_errors(final), atomic_dir(final) as tmp:  # a full disk: one OSError, older checkpoints intact
         save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
         if during_save is not None:
             during_save(tmp)
@@ -139,6 +141,50 @@ def check_config(ckpt: Path, state: dict, cfg: ModelConfig | None = None, tc=Non
         raise ValueError(f"checkpoint {ckpt} was made with a different config; mismatching fields: " + "; ".join(bad))
 
 # %% ../notebooks/13_checkpoint.ipynb #b77a3488
+def _state_names(opt: torch.optim.Optimizer) -> frozenset[str] | None:
+    "The state names `opt`'s class keeps per parameter (one step on a scalar), or None where it cannot be built so."
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.zeros(1)
+    accepted = inspect.signature(type(opt)).parameters   # AdamW's defaults hold a key its __init__ does not take
+    try:
+        probe = type(opt)([p], **{k: v for k, v in opt.defaults.items() if k in accepted})
+        probe.step()
+    except Exception:   # an optimizer that cannot be built from its defaults alone: its names are not checked
+        return None
+    return frozenset(probe.state[p])
+
+
+def check_optimizer_state(ckpt: Path, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta) -> None:
+    "One-line `CheckpointError` unless the saved state restores every moment of `opt` (ids, names, groups, dtypes)."
+    def bad(why):
+        raise CheckpointError(f"checkpoint {ckpt}: optimizer state {why}; nothing was loaded")
+    try:
+        check_json("state.json 'optimizer'", meta, {"state": dict, "param_groups": list})
+    except ValueError as e:
+        bad(f"is malformed ({e})")
+    groups = meta["param_groups"]
+    sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else -1 for g in groups]
+    if sizes != [len(g["params"]) for g in opt.param_groups]:
+        bad(f"has parameter groups of sizes {sizes}, the optimizer {[len(g['params']) for g in opt.param_groups]}")
+    ids = {str(i) for g in groups for i in g["params"]}
+    names: dict[str, set] = {pid: set(m) if isinstance(m, dict) else set() for pid, m in meta["state"].items()}
+    for key, t in tensors.items():
+        _, pid, name = (key.split(".", 2) + ["", ""])[:3]
+        if not key.startswith("state.") or pid not in ids or not name:
+            bad(f"names tensor {key!r}, which is not state.<parameter id>.<name> of this optimizer")
+        if name != "step" and not t.is_floating_point():
+            bad(f"tensor {key!r} is {str(t.dtype).removeprefix('torch.')}, not floating point")
+        names.setdefault(pid, set()).add(name)
+    if unknown := sorted(set(names) - ids):
+        bad(f"is for parameter ids {unknown[:3]} that no group holds")
+    kinds = {frozenset(v) for v in names.values()}
+    expected = _state_names(opt) if kinds else None
+    if len(kinds) > 1 or (expected is not None and kinds != {expected}):
+        got = sorted(map(sorted, kinds))
+        bad(f"has the names {got}" + (f" where {type(opt).__name__} keeps {sorted(expected)}" if expected else
+                                      " (they differ between parameters)"))
+
+# %% ../notebooks/13_checkpoint.ipynb #8611064f
 def read_state(ckpt: str | Path) -> dict:
     "`ckpt/state.json` with its model config validated; errors name the file."
     path = Path(ckpt) / "state.json"
@@ -170,6 +216,7 @@ def load_checkpoint(ckpt: str | Path, model: torch.nn.Module, opt: torch.optim.O
         if "optimizer" not in state:
             raise CheckpointError(f"checkpoint {ckpt} has no optimizer state")
         tensors = read_safetensors([ckpt / "optimizer.safetensors"])
+        check_optimizer_state(ckpt, opt, tensors, state["optimizer"])
         opt.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
     if restore_rng:
         set_rng_state(state["rng"])
@@ -188,9 +235,10 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu"):
         tok = Tokenizer.load(ckpt / "tokenizer")
     elif (path / "config.json").exists():
         model = from_pretrained(path)
-        found = [p for p in (path / "tokenizer.json", path / "tokenizer") if p.exists()]
+        found = [p for p in (path, path / "tokenizer")  # next to the model (as transformers saves it), or in tokenizer/
+                 if (p / "tokenizer.model").exists() or (p / "tokenizer.json").exists()]
         if not found:
-            raise FileNotFoundError(f"{path} has a config.json but no tokenizer.json (or tokenizer/) to read text with")
+            raise FileNotFoundError(f"{path} has a config.json but no tokenizer (tokenizer.model or tokenizer.json, there or in tokenizer/) to read text with")
         tok = Tokenizer.load(found[0])
     else:
         raise FileNotFoundError(f"{path}: not a checkpoint (no state.json), a run directory with {CKPT_PREFIX}* "

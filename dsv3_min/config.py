@@ -40,35 +40,42 @@ def _check_rope_scaling(rs: dict) -> str | None:
     return f"{bad[0]} must be a finite number, got {rs[bad[0]]!r}" if bad else None
 
 # %% ../notebooks/00_overview.ipynb #6e713a10
+# Upper bounds of the sizes: generous beyond every published model (deepseek-v3: vocabulary 129,280, width 7,168,
+# 61 layers, 128 heads, 256 experts, 163,840 positions), so that a typo such as 10**9 is one error, not a hang or an
+# allocation that fails deep inside torch.
+_MAX_VOCAB, _MAX_WIDTH, _MAX_FFN, _MAX_HEAD_DIM = 2**22, 2**16, 2**18, 2**12
+_MAX_LAYERS, _MAX_HEADS, _MAX_EXPERTS, _MAX_POSITIONS = 2**10, 2**10, 2**14, 2**24
+
+
 @dataclass
 class ModelConfig:
     "Every hyper-parameter of the model; names follow transformers' `DeepseekV3Config` where they overlap."
     # --- sizes (HF names) ---
-    vocab_size: int = rule(129280, gt=0)
-    hidden_size: int = rule(7168, gt=0)
-    intermediate_size: int = rule(18432, gt=0)        # width of the dense SwiGLU in the first `first_k_dense_replace` layers
-    moe_intermediate_size: int = rule(2048, gt=0)     # width of each routed / shared expert
-    num_hidden_layers: int = rule(61, gt=0)
-    num_attention_heads: int = rule(128, gt=0)
-    num_key_value_heads: int | None = rule(None, gt=0)  # GQA only; None means = num_attention_heads (MHA)
-    max_position_embeddings: int = rule(163840, gt=0)
+    vocab_size: int = rule(129280, gt=0, le=_MAX_VOCAB)
+    hidden_size: int = rule(7168, gt=0, le=_MAX_WIDTH)
+    intermediate_size: int = rule(18432, gt=0, le=_MAX_FFN)        # width of the dense SwiGLU in the first `first_k_dense_replace` layers
+    moe_intermediate_size: int = rule(2048, gt=0, le=_MAX_FFN)     # width of each routed / shared expert
+    num_hidden_layers: int = rule(61, gt=0, le=_MAX_LAYERS)
+    num_attention_heads: int = rule(128, gt=0, le=_MAX_HEADS)
+    num_key_value_heads: int | None = rule(None, gt=0, le=_MAX_HEADS)  # GQA only; None means = num_attention_heads (MHA)
+    max_position_embeddings: int = rule(163840, gt=0, le=_MAX_POSITIONS)
     # --- MLA (HF names) ---
-    q_lora_rank: int | None = rule(1536, ge=0)        # 0 or None: a plain W_q, no query compression
-    kv_lora_rank: int = rule(512, gt=0)
-    qk_nope_head_dim: int = rule(128, gt=0)
-    qk_rope_head_dim: int = rule(64, gt=0)
-    v_head_dim: int = rule(128, gt=0)
+    q_lora_rank: int | None = rule(1536, ge=0, le=_MAX_WIDTH)        # 0 or None: a plain W_q, no query compression
+    kv_lora_rank: int = rule(512, gt=0, le=_MAX_WIDTH)
+    qk_nope_head_dim: int = rule(128, gt=0, le=_MAX_HEAD_DIM)
+    qk_rope_head_dim: int = rule(64, gt=0, le=_MAX_HEAD_DIM)
+    v_head_dim: int = rule(128, gt=0, le=_MAX_HEAD_DIM)
     # --- MoE (HF names) ---
-    n_routed_experts: int = rule(256, gt=0)
-    n_shared_experts: int = rule(1, ge=0)
-    num_experts_per_tok: int = rule(8, gt=0)
-    n_group: int = rule(8, gt=0)
-    topk_group: int = rule(4, gt=0)
+    n_routed_experts: int = rule(256, gt=0, le=_MAX_EXPERTS)
+    n_shared_experts: int = rule(1, ge=0, le=_MAX_EXPERTS)
+    num_experts_per_tok: int = rule(8, gt=0, le=_MAX_EXPERTS)
+    n_group: int = rule(8, gt=0, le=_MAX_EXPERTS)
+    topk_group: int = rule(4, gt=0, le=_MAX_EXPERTS)
     routed_scaling_factor: float = rule(2.5, gt=0)
     norm_topk_prob: bool = True
-    first_k_dense_replace: int = rule(3, ge=0)
+    first_k_dense_replace: int = rule(3, ge=0, le=_MAX_LAYERS)
     # --- the rest (HF names) ---
-    num_nextn_predict_layers: int = rule(1, ge=0)     # MTP depth D
+    num_nextn_predict_layers: int = rule(1, ge=0, le=_MAX_LAYERS)     # MTP depth D
     rms_norm_eps: float = rule(1e-6, gt=0)
     rope_theta: float = rule(10000.0, gt=0)
     rope_scaling: dict | None = rule(None, check=_check_rope_scaling)  # DeepSeek form: {"type": "yarn", "factor", ...}
@@ -81,7 +88,7 @@ class ModelConfig:
     pad_token_id: int | None = rule(None, ge=0)
     # --- extensions (dsv3_min) ---
     attention: str = rule("mla", choices=ATTENTION_KINDS)
-    gqa_head_dim: int | None = rule(None, gt=0)       # GQA head dim; None means hidden_size // num_attention_heads
+    gqa_head_dim: int | None = rule(None, gt=0, le=_MAX_HEAD_DIM)       # GQA head dim; None means hidden_size // num_attention_heads
     gated_attention: bool = False                     # sigmoid head gate on attention outputs (notebook 07)
     norm_scheme: str = rule("prenorm", choices=NORM_SCHEMES)   # notebook 09
     attn_backend: str = rule("sdpa", choices=ATTN_BACKENDS)    # notebooks 05, 10

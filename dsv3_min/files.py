@@ -275,7 +275,7 @@ def check_safetensors(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int
                 raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", f.read(8))
             if n > min(size - 8, _ST_MAX_HEADER):
-                raise ValueError(f"header length {n} exceeds the file's {size - 8} remaining bytes")
+                raise ValueError(f"its header length exceeds the file's {size - 8} remaining bytes")  # never echo its bytes
             header = json.loads(f.read(n).decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")

@@ -3,11 +3,13 @@
 # %% ../notebooks/12_hf.ipynb #800e36da
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,11 +21,12 @@ from .config import ModelConfig
 from .files import FileFormatError, atomic_dir, check_safetensors, read_json, write_json
 from .model import DeepSeekV3
 from .rope import fp32_names
+from .tokenizer import Tokenizer
 
 # %% auto #0
 __all__ = ['CKPT_PREFIX', 'MANIFEST', 'to_hf_name', 'hf_state_dict', 'CheckpointError', 'from_hf_state_dict', 'check_state_dict',
            'load_weights', 'CheckpointWarning', 'sha256_file', 'list_checkpoints', 'checkpoint_problem',
-           'latest_checkpoint', 'read_safetensors', 'from_pretrained', 'save_pretrained']
+           'latest_checkpoint', 'read_safetensors', 'from_pretrained', 'os_errors', 'save_pretrained']
 
 # %% ../notebooks/12_hf.ipynb #ff5ff50c
 _EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -69,7 +72,7 @@ def hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
 
 # %% ../notebooks/12_hf.ipynb #0abdda29
 class CheckpointError(ValueError):
-    "A checkpoint that does not match the model: lists every missing, unexpected and mis-shaped key."
+    "A checkpoint that does not match the model: lists every missing, unexpected, mis-shaped and mis-typed key."
 
 
 def _our_name(key: str, cfg: ModelConfig) -> str:
@@ -98,11 +101,17 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         if not complete:
             out[f"?{prefix}.* (incomplete per-expert set)"] = torch.empty(0)
             continue
-        gate = torch.stack([parts["gate_proj"][e] for e in ids])
-        up = torch.stack([parts["up_proj"][e] for e in ids])
-        out[base + ".gate_up_proj"] = torch.cat([gate, up], dim=1)  # [E, 2I, d]
-        out[base + ".down_proj"] = torch.stack([parts["down_proj"][e] for e in ids])  # [E, d, I]
+        gate = _joined(torch.stack, [parts["gate_proj"][e] for e in ids])
+        up = _joined(torch.stack, [parts["up_proj"][e] for e in ids])
+        out[base + ".gate_up_proj"] = _joined(torch.cat, [gate, up], dim=1)  # [E, 2I, d]
+        out[base + ".down_proj"] = _joined(torch.stack, [parts["down_proj"][e] for e in ids])  # [E, d, I]
     return out
+
+
+def _joined(join, ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    "`join(ts)`; one non-float tensor among them sets the dtype (no silent promotion), so `check_state_dict` names it."
+    odd = next((t.dtype for t in ts if not t.is_floating_point()), None)
+    return join([t.to(odd) for t in ts] if odd else ts, dim=dim)
 
 
 def _is_mtp_copy(name: str) -> bool:
@@ -111,26 +120,38 @@ def _is_mtp_copy(name: str) -> bool:
     return len(parts) == 3 and parts[0] == "mtp" and parts[2] in _MTP_COPIES
 
 
+def _mistyped(stored: torch.Tensor, model: torch.Tensor) -> str | None:
+    "Why `stored` cannot be copied into `model` by value: another kind of dtype (integers for floats), or NaN/inf."
+    if stored.is_floating_point() != model.is_floating_point() or stored.is_complex() or stored.dtype == torch.bool:
+        return f"checkpoint {str(stored.dtype).removeprefix('torch.')}, model {str(model.dtype).removeprefix('torch.')}"
+    if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+        return "holds NaN or infinite values"
+    return None
+
+
 def check_state_dict(model: DeepSeekV3, sd: dict[str, torch.Tensor], hf_names: bool = True) -> None:
-    "Raise one `CheckpointError` listing every missing, unexpected and mis-shaped tensor of `sd` for `model`."
+    "Raise one `CheckpointError` listing every missing, unexpected, mis-shaped and mis-typed tensor of `sd` for `model`."
     cfg = model.config
-    want = {k: tuple(t.shape) for k, t in _tensors_of(model).items()}
+    tensors = _tensors_of(model)
+    want = {k: tuple(t.shape) for k, t in tensors.items()}
     want.update({k: (cfg.vocab_size, cfg.hidden_size) for k in sd if _is_mtp_copy(k)})  # checked, never loaded
     missing = sorted(set(want) - set(sd))
     name = (lambda k: to_hf_name(k, cfg)) if hf_names else (lambda k: k)  # as the checkpoint names them
     unexpected = sorted(k[1:] if k.startswith("?") else name(k) for k in set(sd) - set(want))
     shapes = sorted(f"{k}: checkpoint {tuple(sd[k].shape)}, model {want[k]}"
                     for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
-    if missing or unexpected or shapes:
+    types = sorted(f"{k}: {why}" for k in set(tensors) & set(sd) if (why := _mistyped(sd[k], tensors[k])))
+    if missing or unexpected or shapes or types:
         lines = [f"checkpoint does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                 f"{len(shapes)} mis-shaped); nothing was loaded"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+                 f"{len(shapes)} mis-shaped, {len(types)} mis-typed); nothing was loaded"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes),
+                             ("mis-typed", types)):
             lines += [f"  {title}: {k}" for k in items]
         raise CheckpointError("\n".join(lines))
 
 
 def load_weights(model: DeepSeekV3, sd: dict[str, torch.Tensor], hf_names: bool = False) -> DeepSeekV3:
-    "Copy `sd` (our names, e.g. `model.state_dict()`) into `model` after `check_state_dict`: all or nothing."
+    "Copy `sd` (our names) into `model` after `check_state_dict`, converting float dtypes by value: all or nothing."
     tensors = _tensors_of(model)
     if "lm_head.weight" in sd and "lm_head.weight" not in tensors:  # tied: the head is the embedding
         head, embed = sd["lm_head.weight"], sd.get("embed_tokens.weight")
@@ -173,8 +194,11 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
     ckpt = Path(ckpt)
     try:
         if (ckpt / MANIFEST).exists():
+            root = ckpt.resolve()
             for rel, info in read_json(ckpt / MANIFEST)["files"].items():
                 p = ckpt / rel
+                if Path(rel).is_absolute() or not p.resolve().is_relative_to(root):   # never read outside
+                    return f"{MANIFEST} names a file outside the checkpoint ({rel!r})"
                 if not p.is_file():
                     return f"{rel} is missing"
                 if p.stat().st_size != info["bytes"]:
@@ -188,7 +212,9 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
             read_json(p)
         for p in sorted(ckpt.glob("*.safetensors")):
             check_safetensors(p)
-    except (FileFormatError, OSError, KeyError, TypeError, AttributeError) as e:
+        if (ckpt / "tokenizer").exists():  # without a manifest, a damaged tokenizer shows only when it loads
+            Tokenizer.load(ckpt / "tokenizer")
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
         return " ".join(str(e).split()).replace(f"{ckpt}/", "")
     return None
 
@@ -245,17 +271,30 @@ def _read_ours(path: Path, overrides: dict) -> tuple[ModelConfig, dict[str, torc
     return cfg, read_safetensors([path / "model.safetensors"])
 
 
+def _shard_files(path: Path) -> list[Path]:
+    "The safetensors files of Hugging Face directory `path`: the index's entries, each confined to `path`, or `*.safetensors`."
+    index = path / _INDEX
+    if not index.exists():
+        return sorted(path.glob("*.safetensors"))
+    weight_map = read_json(index, {"weight_map": dict})["weight_map"]
+    if not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map each tensor name to a file name")
+    root = path.resolve()
+    outside = sorted(n for n in set(weight_map.values())  # `../x`, `/etc/passwd`, a symlink out: never opened
+                     if Path(n).is_absolute() or not (root / n).resolve().is_relative_to(root))
+    if outside:
+        raise CheckpointError(f"{index}: {len(outside)} weight_map entr{'y names a file' if len(outside) == 1 else 'ies name files'}"
+                              f" outside {path} ({outside[0]!r}); every shard must be inside the model directory")
+    return [path / n for n in sorted(set(weight_map.values()))]
+
+
 def _read_hf(path: Path, overrides: dict) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     "Config and tensors (renamed to ours) of a Hugging Face directory; a missing MTP layer is dropped with a warning."
     cfg = ModelConfig.from_hf(read_json(path / "config.json")).replace(**overrides)
-    index = path / _INDEX
-    weight_map = read_json(index).get("weight_map") if index.exists() else None
-    if index.exists() and not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
-        raise CheckpointError(f"{index}: no weight_map of tensor name -> file name")
-    names = sorted(set(weight_map.values())) if index.exists() else sorted(p.name for p in path.glob("*.safetensors"))
-    if not names:
+    files = _shard_files(path)
+    if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}")
-    raw = read_safetensors([path / n for n in names])
+    raw = read_safetensors(files)
     L = cfg.num_hidden_layers
     if cfg.num_nextn_predict_layers and not any(re.match(rf"^model\.layers\.{L + k}\.", key)
                                                 for key in raw for k in range(cfg.num_nextn_predict_layers)):
@@ -305,6 +344,18 @@ def _carry_over(old: Path, new: Path) -> None:
                 _link_or_copy(p, new / p.name)
 
 
+@contextlib.contextmanager
+def os_errors(path) -> Iterator[None]:
+    "Raise safetensors' own error for a failed write (a full disk: `... (os error 28)`) as the `OSError` it stands for."
+    try:
+        yield
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), f"cannot write {path}: {os.strerror(int(code[1]))}") from None
+
+
 def save_pretrained(model: DeepSeekV3, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3) -> None:
     "Write `model` as a transformers-loadable checkpoint directory: config.json + (sharded) safetensors."
     if model.config.gated_attention or model.config.attention != "mla" or model.config.norm_scheme != "prenorm":
@@ -318,7 +369,7 @@ def save_pretrained(model: DeepSeekV3, path, dtype: torch.dtype | None = None, m
                                                max_shard_size=max_shard_bytes)
     hf = model.config.to_hf()
     hf["dtype"] = str(dtype or model.embed_tokens.weight.dtype).removeprefix("torch.")
-    with atomic_dir(path) as tmp:
+    with os_errors(path), atomic_dir(path) as tmp:  # a full disk: one OSError, the old directory intact
         _carry_over(path, tmp)
         for name, keys in split.filename_to_tensors.items():
             save_file({k: sd[k] for k in keys}, str(tmp / name), metadata={"format": "pt"})

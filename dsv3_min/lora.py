@@ -6,22 +6,24 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .files import atomic_dir, read_json, write_json
-from .hf import to_hf_name
+from .files import FileFormatError, atomic_dir, read_json, write_json
+from .hf import os_errors, read_safetensors, to_hf_name
 from .moe import Experts
+from .validate import check_json, rule, validate_fields
 
 # %% auto #0
 __all__ = ['ATTENTION_TARGETS', 'MLP_TARGETS', 'ALL_TARGETS', 'EXPERT_TARGET', 'DEFAULT_TARGETS', 'ADAPTER_WEIGHTS',
            'ADAPTER_CONFIG', 'LoRALinear', 'parse_targets', 'LoRAExperts', 'apply_lora', 'lora_layers',
-           'trainable_parameters', 'merge_lora', 'unmerge_lora', 'merge_and_unload', 'adapter_config', 'save_adapter',
-           'load_adapter']
+           'trainable_parameters', 'merge_lora', 'unmerge_lora', 'merge_and_unload', 'adapter_config', 'AdapterFields',
+           'read_adapter_config', 'adapter_base', 'save_adapter', 'load_adapter']
 
 # %% ../notebooks/20_lora.ipynb #924c1072
 class LoRALinear(nn.Module):
@@ -278,34 +280,97 @@ def _our_metadata(model: nn.Module) -> dict[str, str]:
             "dsv3_min_include_mtp": str(any(n.startswith("mtp.") for n in layers))}
 
 # %% ../notebooks/20_lora.ipynb #1fe281b2
+@dataclass
+class AdapterFields:
+    "The numbers of `adapter_config.json` that dsv3_min uses, with their ranges (`validate_fields`)."
+    r: int = rule(8, gt=0, le=65536)
+    lora_alpha: float = rule(16.0, check=lambda v: None if v != 0 else "must not be 0 (the update would vanish)")
+    lora_dropout: float = rule(0.0, ge=0, lt=1)
+
+
+_ADAPTER_OPTIONAL = {"lora_dropout": float | None, "use_dora": bool | None, "use_rslora": bool | None,
+                     "base_model_name_or_path": str | None}
+
+
+def read_adapter_config(path) -> dict:
+    "`adapter_config.json` of adapter folder `path`, types and ranges checked; one-line `FileFormatError` otherwise."
+    f = Path(path) / ADAPTER_CONFIG
+    config = read_json(f, {"peft_type": str, "r": int, "lora_alpha": float})
+    try:
+        check_json(str(f), config, {k: tp for k, tp in _ADAPTER_OPTIONAL.items() if k in config})
+        validate_fields(AdapterFields(config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0))
+    except ValueError as e:
+        raise FileFormatError(f"{f}: {e}") from None
+    if config["peft_type"] != "LORA" or config.get("use_dora") or config.get("use_rslora"):
+        raise ValueError(f"{f}: only plain LoRA adapters are supported (peft_type LORA, no DoRA, no rsLoRA)")
+    return config
+
+
+def adapter_base(path) -> Path:
+    "The base model folder adapter `path` records: absolute as written, relative from the adapter's folder (never the cwd)."
+    path = Path(path)
+    base = read_adapter_config(path).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path / ADAPTER_CONFIG} names no base model: give it with `--ckpt BASE --adapter {path}`")
+    p = Path(base).expanduser()
+    p = p if p.is_absolute() else path.resolve() / p
+    if not p.exists():
+        raise FileNotFoundError(f"{path / ADAPTER_CONFIG}: its base model {base!r} is not there (moved or deleted?); "
+                                f"give the base with `--ckpt BASE --adapter {path}`")
+    return p
+
+
 def save_adapter(model: nn.Module, path, base_model_name_or_path: str | None = None) -> Path:
     "Write the adapters as peft does: `adapter_model.safetensors` + `adapter_config.json` in folder `path` (atomic)."
-    cfg, config = model.config, adapter_config(model, base_model_name_or_path)
+    base = base_model_name_or_path
+    if base is not None and Path(base).expanduser().exists():   # a local folder: recorded absolute
+        base = str(Path(base).expanduser().resolve())
+    cfg, config = model.config, adapter_config(model, base)
     if any(m.merged for m in lora_layers(model).values()):
         raise RuntimeError("save_adapter: unmerge the adapters first (a merged adapter is already in the base)")
     sd = {_peft_key(name, cfg, suffix): t.detach().contiguous().cpu()
           for name, m in lora_layers(model).items() for suffix, t in m.adapter_tensors().items()}
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    with os_errors(path), atomic_dir(path) as tmp:  # a full disk: one OSError, the old adapter intact
         save_file(sd, str(tmp / ADAPTER_WEIGHTS), metadata=_our_metadata(model))
         write_json(tmp / ADAPTER_CONFIG, config)
     return path
+
+# %% ../notebooks/20_lora.ipynb #9b112e8e
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<ab>lora_[AB])\.weight$")
+
+
+def _adapter_tensors(path: Path, r: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    "The checked tensors and header metadata of `path/adapter_model.safetensors`: finite floats of rank `r`."
+    f = path / ADAPTER_WEIGHTS
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} has no {ADAPTER_WEIGHTS}: not a LoRA adapter folder")
+    sd = read_safetensors([f])           # check_safetensors first: a damaged file is one line naming it
+    try:
+        with safe_open(str(f), "pt") as st:
+            meta = st.metadata() or {}
+    except SafetensorError as e:
+        raise FileFormatError(f"{f}: not a readable safetensors file: {e}") from None
+    for k, t in sd.items():
+        m = _KEY.match(k)
+        if m is None or not t.is_floating_point() or t.dim() < 2 or not bool(torch.isfinite(t).all()):
+            raise FileFormatError(f"{f}: tensor {k!r} ({str(t.dtype).removeprefix('torch.')}, {tuple(t.shape)}) is "
+                                  "not a finite float LoRA weight named base_model.model.<module>.lora_A/B.weight")
+        if t.shape[-2 if m["ab"] == "lora_A" else -1] != r:
+            raise FileFormatError(f"{f}: tensor {k!r} has shape {tuple(t.shape)}, not rank r={r} of {ADAPTER_CONFIG}")
+    return sd, meta
 
 
 def load_adapter(model: nn.Module, path, base_factory=None) -> nn.Module:
     "Load a peft LoRA adapter folder onto one of our models (wrapping the layers it names if not yet wrapped)."
     path = Path(path)
-    config = read_json(path / ADAPTER_CONFIG)
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
-        raise ValueError(f"{path / ADAPTER_CONFIG}: only plain LoRA adapters are supported (peft_type LORA, "
-                         "no DoRA, no rsLoRA)")
-    sd = load_file(str(path / ADAPTER_WEIGHTS))
-    with safe_open(str(path / ADAPTER_WEIGHTS), "pt") as f:
-        meta = f.metadata() or {}
+    config = read_adapter_config(path)
+    sd, meta = _adapter_tensors(path, config["r"])
     if not lora_layers(model):
         # ours: the header says; peft's: the module names in its keys (`...<leaf>.lora_A.weight`)
-        targets = meta.get("dsv3_min_targets") or ",".join(sorted({k.split(".")[-3] for k in sd}))
-        apply_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), targets,
+        targets = meta.get("dsv3_min_targets") or ",".join(sorted({_KEY.match(k)["module"].rsplit(".", 1)[-1]
+                                                                   for k in sd}))
+        apply_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout") or 0.0, targets,
                    include_mtp=meta.get("dsv3_min_include_mtp") == "True", base_factory=base_factory)
     want = {_peft_key(n, model.config, suffix): t
             for n, m in lora_layers(model).items() for suffix, t in m.adapter_tensors().items()}

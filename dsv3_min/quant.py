@@ -12,8 +12,9 @@ from einops import rearrange
 from torch import nn
 
 # %% auto #0
-__all__ = ['NF4_LEVELS', 'dynamic_levels_8bit', 'NF4Tensor', 'blockwise_quantize', 'blockwise_dequantize', 'pack_nibbles',
-           'unpack_nibbles', 'nf4_quantize', 'nf4_absmax', 'nf4_dequantize', 'NF4Linear']
+__all__ = ['NF4_LEVELS', 'MAX_BLOCK_SIZE', 'dynamic_levels_8bit', 'NF4Tensor', 'blockwise_quantize', 'blockwise_dequantize',
+           'pack_nibbles', 'unpack_nibbles', 'check_block_size', 'nf4_quantize', 'nf4_absmax', 'nf4_dequantize',
+           'NF4Linear']
 
 # %% ../notebooks/21_quant.ipynb #5c7baa2c
 NF4_LEVELS = torch.tensor([
@@ -95,12 +96,22 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return rearrange(torch.stack([packed >> 4, packed & 0xF]), "two m -> (m two)")[:n]
 
 # %% ../notebooks/21_quant.ipynb #919b3785
+MAX_BLOCK_SIZE = 4096   # bitsandbytes' largest block; a larger one pads every weight to it (1e9: a hang)
+
+
+def check_block_size(block_size) -> str | None:
+    "Why `block_size` is not a quantization block size (an even integer in [2, MAX_BLOCK_SIZE]), or None; a `rule` check."
+    if type(block_size) is not int or block_size < 2 or block_size % 2 or block_size > MAX_BLOCK_SIZE:
+        return f"must be an even integer in [2, {MAX_BLOCK_SIZE}] (bitsandbytes uses 64)"
+    return None
+
+
 def nf4_quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Tensor:
     "Quantize `w` to NF4 in blocks of `block_size`; with `double_quant` the absmax go to 8 bits in blocks of 256."
     if not w.is_floating_point():
         raise ValueError(f"nf4_quantize: expected a floating-point tensor, got {w.dtype}")
-    if block_size < 2 or block_size % 2:
-        raise ValueError(f"nf4_quantize: block_size={block_size} must be an even number >= 2")
+    if why := check_block_size(block_size):
+        raise ValueError(f"nf4_quantize: block_size={block_size}: {why}")
     codes, absmax = blockwise_quantize(w.detach(), NF4_LEVELS, block_size)
     q = NF4Tensor(pack_nibbles(codes), absmax, tuple(w.shape), w.dtype, block_size)
     if double_quant:

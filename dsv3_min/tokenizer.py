@@ -8,6 +8,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -197,7 +198,7 @@ class Tokenizer:
                 raise FileFormatError(f"{p}: not a tokenizer.json ({str(e).splitlines()[0][:200]})") from None
         try:
             return SentencePieceTokenizer(p.read_bytes())
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:   # a damaged model: sentencepiece raises either (bad UTF-8 pieces)
             raise FileFormatError(f"{p}: not a SentencePiece model ({str(e).splitlines()[0][:200]})") from None
 
 # %% ../notebooks/03_tokenizer.ipynb #acbf1c81
@@ -211,14 +212,31 @@ def _write_tokenizer_config(path: Path, **extra) -> None:
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 
 
+def _keep(src: Path, dst: Path) -> None:
+    "Put entry `src` at `dst` without copying data where possible: hard links (copies across file systems), symlinks as such."
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_keep)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
 @contextlib.contextmanager
 def _tokenizer_dir(path: str | os.PathLike) -> Iterator[Path]:
-    "A temp folder that replaces tokenizer folder `path` whole on success (`files.atomic_dir`); refuses other folders."
+    "A temp folder that replaces folder `path` on success (`files.atomic_dir`), keeping every entry that is not a tokenizer file."
     path = Path(path)
-    if path.is_dir() and (other := sorted(p.name for p in path.iterdir() if p.name not in _TOKENIZER_FILES)):
-        raise ValueError(f"{path} holds files that are not a tokenizer's ({', '.join(other[:3])}): "
-                         "save into a new folder or a folder holding only a tokenizer")
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    if clash := [p.name for p in entries if p.name in _TOKENIZER_FILES and (p.is_dir() or p.is_symlink())]:
+        raise ValueError(f"{path / clash[0]} is not a tokenizer file but has a tokenizer file's name: "
+                         "save the tokenizer into another folder")
     with atomic_dir(path) as tmp:
+        for p in entries:
+            if p.name not in _TOKENIZER_FILES:   # a model, a README...: kept as they are, next to the new tokenizer
+                _keep(p, tmp / p.name)
         yield tmp
 
 
@@ -226,6 +244,8 @@ class SentencePieceTokenizer(Tokenizer):
     "A SentencePiece BPE model (byte fallback, identity normalization) behind the `Tokenizer` interface."
 
     def __init__(self, model_proto: bytes):
+        if not model_proto:   # sentencepiece accepts an empty proto and fails only at the first encode
+            raise ValueError("an empty model file")
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.vocab_size()
         self.fingerprint = "sp-" + hashlib.sha256(model_proto).hexdigest()[:24]
@@ -281,7 +301,7 @@ class SentencePieceTokenizer(Tokenizer):
         return HFTokenizer(tok)
 
     def save(self, path: str | os.PathLike) -> Path:
-        "Write `tokenizer.model`, `tokenizer.json`, `tokenizer_config.json` as folder `path`, atomically (whole folder)."
+        "Write `tokenizer.model`, `tokenizer.json`, `tokenizer_config.json` into folder `path` atomically (other files kept)."
         with _tokenizer_dir(path) as tmp:
             (tmp / "tokenizer.model").write_bytes(self.sp.serialized_model_proto())
             self.to_hf().tok.save(str(tmp / "tokenizer.json"))
@@ -338,7 +358,7 @@ class HFTokenizer(Tokenizer):
         return self.tok.id_to_token(i)
 
     def save(self, path: str | os.PathLike) -> Path:
-        "Write `tokenizer.json` and `tokenizer_config.json` as folder `path`, atomically (whole folder)."
+        "Write `tokenizer.json` and `tokenizer_config.json` into folder `path` atomically (other files kept)."
         with _tokenizer_dir(path) as tmp:
             self.tok.save(str(tmp / "tokenizer.json"))
             _write_tokenizer_config(tmp, tokenizer_class="PreTrainedTokenizerFast")
@@ -376,7 +396,9 @@ def train_tokenizer(texts_or_corpus: Corpus | str | Iterable[str], vocab_size: i
         chunks = [chunks[i * len(chunks) // max_chunks] for i in range(max_chunks)]
     n_fixed = len(SPECIAL_TOKENS) + 1 + 256
     if vocab_size <= n_fixed:
-        raise ValueError(f"vocab_size={vocab_size} must exceed the {n_fixed} special, <unk> and byte tokens")
+        raise ValueError(f"vocab_size={vocab_size} must exceed the {n_fixed} special, <unk> and byte tokens of a trained "
+                         f"tokenizer; the model's vocab_size is the tokenizer's: set it above {n_fixed}, e.g. "
+                         f"`--set vocab_size=512` (preset test-tiny's 97 is for tests that feed token ids directly)")
     model = io.BytesIO()
     try:
         _train_bpe(chunks, model, vocab_size, chunk_chars, character_coverage)
@@ -385,7 +407,8 @@ def train_tokenizer(texts_or_corpus: Corpus | str | Iterable[str], vocab_size: i
         if need is None:
             raise
         raise ValueError(f"vocab_size={vocab_size} is too small for this text: its distinct characters, the special "
-                         f"and the byte tokens need {need[1]}; set vocab_size above {need[1]}") from None
+                         f"and the byte tokens need {need[1]}; set vocab_size above {need[1]} "
+                         f"(`--set vocab_size={-(-int(need[1]) // 64) * 64 + 64}` on the command line)") from None
     return SentencePieceTokenizer(model.getvalue())
 
 

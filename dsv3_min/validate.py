@@ -38,8 +38,9 @@ def _describe(tp, meta: dict) -> str:
         s = f"one of {tuple(meta.get('choices', typing.get_args(base)))}"
     elif base is bool:
         s = "true or false"
-    elif base is int and bounds in ({"gt": 0}, {"ge": 0}):
+    elif base is int and {k: v for k, v in bounds.items() if k != "le"} in ({"gt": 0}, {"ge": 0}):
         s = "a positive integer" if "gt" in bounds else "a non-negative integer"
+        s += f" <= {bounds['le']}" if "le" in bounds else ""
     elif bounds.keys() == {"ge", "le"}:
         s = f"{_TYPE_NAMES.get(base, base)} in [{bounds['ge']}, {bounds['le']}]"
     else:

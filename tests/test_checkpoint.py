@@ -184,3 +184,89 @@ def test_stale_temp_dirs_are_removed_on_the_next_save(saved):
         save_checkpoint(run, 5, model, None, cfg, keep_last=2, during_save=full_disk)
     assert sorted(p.name for p in run.iterdir()) == ["ckpt-0000003", "ckpt-0000004"]
     assert latest_checkpoint(run) == run / "ckpt-0000004"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "json-type", "garbage"])
+def test_damaged_tokenizer_without_manifest_falls_back(tmp_path, damage):
+    """A checkpoint with no manifest (an older writer, or a copy without it) whose tokenizer is damaged is a broken
+    checkpoint like any other: `load_trained` of the run falls back to the previous intact one with one warning, and
+    the checkpoint named directly is one `CheckpointError` line, never a traceback from the tokenizer library."""
+    from dsv3_min.tokenizer import train_tokenizer
+    tok = train_tokenizer(["To be, or not to be, that is the question. Whether 'tis nobler in the mind."] * 30,
+                          vocab_size=300)
+    cfg = tiny_config(vocab_size=tok.vocab_size)
+    model, run = DeepSeekV3(cfg), tmp_path / "run"
+    for step in (4, 5):
+        save_checkpoint(run, step, model, None, cfg, None, tok)
+    new = run / "ckpt-0000005"
+    (new / "manifest.json").unlink()
+    f = new / "tokenizer" / ("tokenizer.json" if damage == "json-type" else "tokenizer.model")
+    b = f.read_bytes()
+    f.write_bytes({"truncate": b[: len(b) // 3], "flip": b[:40] + bytes(x ^ 0xFF for x in b[40:60]) + b[60:],
+                   "json-type": json.dumps({"model": [1, 2], "version": 3}).encode(), "garbage": b"\x00" * 64}[damage])
+    if damage == "json-type":
+        (new / "tokenizer" / "tokenizer.model").unlink()
+    with pytest.warns(CheckpointWarning, match="skipping broken checkpoint .*ckpt-0000005: tokenizer") as rec:
+        _, loaded_tok = load_trained(run)
+    assert len(rec) == 1 and loaded_tok.fingerprint == tok.fingerprint
+    with pytest.raises(CheckpointError, match="ckpt-0000005 is broken: tokenizer") as e:
+        load_trained(new)
+    assert "\n" not in str(e.value)
+
+
+def _stepped(tmp_path):
+    """A tiny model, its AdamW after one step (so every parameter has moments), saved as `tmp_path/ckpt-0000001`."""
+    cfg, tc = tiny_config(), TrainConfig(lr=1e-2)
+    model = DeepSeekV3(cfg)
+    opt = make_optimizer(model, tc, torch.device("cpu"))
+    x = torch.randint(0, cfg.vocab_size, (2, 9))
+    model.loss(x[:, :-1], x[:, 1:]).loss.backward()
+    opt.step()
+    return cfg, tc, model, opt, save_checkpoint(tmp_path, 1, model, opt, cfg, tc)
+
+
+@pytest.mark.parametrize("change", ["id", "name", "all-names", "dtype", "groups"])
+def test_renamed_or_retyped_optimizer_state_is_refused(tmp_path, change):
+    """Optimizer state that `torch.optim` would accept but not use (a parameter id no group holds, a moment renamed
+    for one parameter or for all, an integer moment converted by value, groups of another size) is refused in one
+    line before anything is loaded, instead of restarting the Adam moments from zero; the intact state loads."""
+    from safetensors.torch import load_file
+
+    from dsv3_min.checkpoint import write_manifest
+    cfg, tc, model, opt, ckpt = _stepped(tmp_path)
+    fresh = DeepSeekV3(cfg)
+    load_checkpoint(ckpt, fresh, make_optimizer(fresh, tc, torch.device("cpu")), cfg)   # intact: loads
+    sd = load_file(str(ckpt / "optimizer.safetensors"))
+    if change == "id":
+        sd = {k.replace("state.0.", "state.999."): v for k, v in sd.items()}
+    elif change == "name":
+        sd["state.0.exp_avg_renamed"] = sd.pop("state.0.exp_avg")
+    elif change == "all-names":
+        sd = {k.replace(".exp_avg_sq", ".second"): v for k, v in sd.items()}
+    elif change == "dtype":
+        sd["state.0.exp_avg"] = sd["state.0.exp_avg"].to(torch.int32)
+    else:
+        state = json.loads((ckpt / "state.json").read_text())
+        state["optimizer"]["param_groups"][0]["params"].pop()
+        (ckpt / "state.json").write_text(json.dumps(state))
+    save_file(sd, str(ckpt / "optimizer.safetensors"))
+    write_manifest(ckpt)
+    target = DeepSeekV3(cfg)
+    with pytest.raises(CheckpointError, match="optimizer state .*; nothing was loaded") as e:
+        load_checkpoint(ckpt, target, make_optimizer(target, tc, torch.device("cpu")), cfg)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("entry", ["../outside.bin", "/etc/passwd"])
+def test_manifest_entries_outside_the_checkpoint_are_refused(saved, entry):
+    """A manifest that names a file outside its checkpoint (`../x`, an absolute path) makes the checkpoint broken
+    (a fallback to the previous one with a warning) without reading or hashing that file."""
+    run, _, _ = saved
+    (run / "outside.bin").write_bytes(b"x")
+    m = run / "ckpt-0000003" / "manifest.json"
+    d = json.loads(m.read_text())
+    d["files"][entry] = {"bytes": 1, "sha256": "0" * 64}
+    m.write_text(json.dumps(d))
+    assert checkpoint_problem(run / "ckpt-0000003") == f"manifest.json names a file outside the checkpoint ({entry!r})"
+    with pytest.warns(CheckpointWarning, match="outside the checkpoint"):
+        assert latest_checkpoint(run) == run / "ckpt-0000002"

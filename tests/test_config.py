@@ -48,8 +48,8 @@ def test_bad_values_raise_naming_the_field(kw, field):
     (dict(num_hidden_layers="4"), "ModelConfig.num_hidden_layers='4': must be a positive integer"),
     (dict(n_shared_experts=-1), "ModelConfig.n_shared_experts=-1: must be a non-negative integer"),
     (dict(eos_token_id="abc"), "ModelConfig.eos_token_id='abc': must be a non-negative integer or None"),
-    (dict(attention="gqa", num_key_value_heads="abc"), "ModelConfig.num_key_value_heads='abc': must be a positive integer or None"),
-    (dict(q_lora_rank=-3), "ModelConfig.q_lora_rank=-3: must be a non-negative integer or None"),
+    (dict(attention="gqa", num_key_value_heads="abc"), "ModelConfig.num_key_value_heads='abc': must be a positive integer <= 1024 or None"),
+    (dict(q_lora_rank=-3), "ModelConfig.q_lora_rank=-3: must be a non-negative integer <= 65536 or None"),
     (dict(hidden_act="gelu"), "ModelConfig.hidden_act='gelu': must be one of ('silu',)"),
     (dict(attn_backend=None), "ModelConfig.attn_backend=None: must be one of ('eager', 'sdpa', 'flash', 'flash_attn')"),
     (dict(rope_scaling="abc"), "ModelConfig.rope_scaling='abc': must be a dict or None"),
@@ -227,3 +227,21 @@ def test_no_query_compression_survives_config_json():
     cfg = tiny_config(q_lora_rank=None)
     assert ModelConfig.from_hf(DeepseekV3Config(**cfg.to_hf()).to_dict()) == cfg
     assert ModelConfig.from_hf(json.loads(DeepseekV3Config(**cfg.to_hf()).to_json_string())) == cfg
+
+
+@pytest.mark.parametrize("field,value,limit", [
+    ("hidden_size", 10**9, 65536), ("vocab_size", 10**12, 4194304), ("num_hidden_layers", 10**6, 1024),
+    ("n_routed_experts", 10**7, 16384), ("max_position_embeddings", 2**40, 16777216), ("v_head_dim", 10**5, 4096),
+    ("intermediate_size", 10**8, 262144), ("q_lora_rank", 10**6, 65536)])
+def test_absurd_sizes_are_one_line_errors_with_the_limit(field, value, limit):
+    """A size far beyond every published model (a typo such as 10**9) is refused by the config's validation in one
+    line that states the limit, instead of reaching the allocator (or hanging); the limits admit deepseek-v3 and
+    every preset, and a size at the limit itself is accepted."""
+    with pytest.raises(ValueError) as e:
+        ModelConfig(**{field: value})
+    assert str(e.value).startswith(f"ModelConfig.{field}={value}: must be a ") and f"<= {limit}" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert ModelConfig(**{field: limit}).to_dict()[field] == limit
+    for name in PRESETS:
+        get_preset(name)
+    assert PRESETS["deepseek-v3"].hidden_size == 7168 and PRESETS["deepseek-v3"].n_routed_experts == 256

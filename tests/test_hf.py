@@ -176,7 +176,7 @@ def test_bad_index_gives_one_line_error(tmp_path):
     with pytest.raises(FileFormatError, match=re.escape(str(index))):
         from_pretrained(tmp_path)
     index.write_text('{"metadata": {}}')
-    with pytest.raises(CheckpointError, match="no weight_map") as e:
+    with pytest.raises(FileFormatError, match=re.escape(str(index)) + ": missing key 'weight_map'") as e:
         from_pretrained(tmp_path)
     assert "\n" not in str(e.value)
 
@@ -279,7 +279,7 @@ def test_wrong_shape_in_our_checkpoint_lists_every_key(tmp_path):
     with pytest.raises(CheckpointError) as e:
         from_pretrained(ckpt)
     msg = str(e.value)
-    assert msg.splitlines()[0] == ("checkpoint does not match the model (1 missing, 0 unexpected, 1 mis-shaped); "
+    assert msg.splitlines()[0] == ("checkpoint does not match the model (1 missing, 0 unexpected, 1 mis-shaped, 0 mis-typed); "
                                    "nothing was loaded")
     assert "missing: norm.weight" in msg and "mis-shaped: layers.0.self_attn.o_proj.weight: checkpoint (3, 3)" in msg
     target = DeepSeekV3(cfg)
@@ -328,3 +328,60 @@ def test_no_pickle_anywhere_in_the_package():
     for f in root.glob("*.py"):
         src = f.read_text()
         assert not re.search(r"torch\.load\(|import pickle|pickle\.load", src), f.name
+
+
+def _forge_dtype(f: Path, key: str, dtype: str) -> None:
+    """Rewrite the header of safetensors file `f` so that tensor `key` claims `dtype` (same byte size: the bytes stay)."""
+    b = f.read_bytes()
+    n = int.from_bytes(b[:8], "little")
+    header = json.loads(b[8:8 + n])
+    header[key]["dtype"] = dtype
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    f.write_bytes(b[:8] + text + b[8 + n:])
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/etc/passwd", "link.safetensors"])
+def test_index_entries_outside_the_directory_are_refused_unread(tmp_path, entry):
+    """Every file `model.safetensors.index.json` names must resolve inside the model directory: `../x` (a valid
+    shard that would otherwise load), an absolute path and a symlink pointing out are refused in one line, before
+    the file is opened, and no byte of the named file appears in the error."""
+    model = DeepSeekV3(tiny_config())
+    save_pretrained(model, tmp_path / "m", max_shard_bytes=20_000)
+    index = tmp_path / "m" / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    first = sorted(set(d["weight_map"].values()))[0]
+    (tmp_path / "m" / first).rename(tmp_path / "outside.safetensors")   # the shard's tensors, outside the directory
+    (tmp_path / "m" / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    d["weight_map"] = {k: (entry if v == first else v) for k, v in d["weight_map"].items()}
+    index.write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match=r"weight_map entry names a file outside .* every shard must be inside") as e:
+        from_pretrained(tmp_path / "m")
+    assert "\n" not in str(e.value) and "root:" not in str(e.value) and "header length" not in str(e.value)
+
+
+def test_stored_dtype_converts_by_value_or_is_refused(tmp_path):
+    """A float tensor stored in another float dtype (fp16 into an fp32 model) is converted by value; a tensor whose
+    header claims another kind of dtype (F32 became I32: the same bytes, reinterpreted) or that holds NaN is refused
+    in a CheckpointError naming it, for Hugging Face directories and for our checkpoints alike."""
+    cfg = tiny_config()
+    model = DeepSeekV3(cfg)
+    save_pretrained(model, tmp_path / "half", dtype=torch.float16)
+    loaded = from_pretrained(tmp_path / "half")
+    assert loaded.embed_tokens.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.embed_tokens.weight, model.embed_tokens.weight.half().float(), rtol=0, atol=0)
+    save_pretrained(model, tmp_path / "int")
+    _forge_dtype(tmp_path / "int" / "model.safetensors", "model.embed_tokens.weight", "I32")
+    with pytest.raises(CheckpointError, match=r"0 mis-shaped, 1 mis-typed\).*\n  mis-typed: embed_tokens.weight: "
+                                              r"checkpoint int32, model float32"):
+        from_pretrained(tmp_path / "int")
+    sd = load_file(str(tmp_path / "half" / "model.safetensors"))
+    sd["model.norm.weight"] = torch.full_like(sd["model.norm.weight"], float("nan"))
+    save_file(sd, str(tmp_path / "half" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="mis-typed: norm.weight: holds NaN or infinite values"):
+        from_pretrained(tmp_path / "half")
+    _, ckpt = _trained_checkpoint(tmp_path / "run", 1, cfg, seed=0)
+    _forge_dtype(ckpt / "model.safetensors", "norm.weight", "I32")
+    write_manifest(ckpt)
+    with pytest.raises(CheckpointError, match="mis-typed: norm.weight: checkpoint int32, model float32"):
+        from_pretrained(ckpt)

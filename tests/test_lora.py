@@ -200,3 +200,83 @@ def test_adapter_written_by_peft_loads_into_ours(tmp_path):
         got = ours(ids)
     assert (got - base(ids)).abs().max() > 1e-2 * got.abs().max()
     assert (got - theirs).abs().max() <= 1e-5 * got.abs().max()
+
+
+def _forge(f, key, **change):
+    """Rewrite safetensors file `f`'s header entry `key` with `change` (dtype of the same size), bytes unchanged."""
+    import json
+    b = f.read_bytes()
+    n = int.from_bytes(b[:8], "little")
+    header = json.loads(b[8:8 + n])
+    header[key].update(change)
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    f.write_bytes(b[:8] + text + b[8 + n:])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "r-string", "alpha-list", "r-huge", "r-other", "dropout",
+                                    "dtype", "nan", "config-list", "no-weights"])
+def test_damaged_adapter_is_one_line_error(tmp_path, damage):
+    """An adapter is checked like a checkpoint before anything is built or loaded: a truncated file, a forged header
+    length, wrong types or ranges in adapter_config.json (r as a string, alpha as a list, dropout 1.5, a list for the
+    whole file), a rank that is not the tensors' (an absurd r never reaches the allocator), a tensor forged to int32 or
+    holding NaN, a missing weights file: each a one-line ValueError (FileNotFoundError) naming the file; the model is
+    left untouched."""
+    import json
+    model, base_sd, _ = _adapted()
+    save_adapter(model, tmp_path / "a")
+    w, c = tmp_path / "a" / ADAPTER_WEIGHTS, tmp_path / "a" / "adapter_config.json"
+    config = json.loads(c.read_text())
+    key = sorted(load_file(str(w)))[0]
+    if damage == "truncate":
+        w.write_bytes(w.read_bytes()[:-100])
+    elif damage == "header":
+        w.write_bytes((10**12).to_bytes(8, "little") + w.read_bytes()[8:])
+    elif damage in ("dtype", "nan"):
+        if damage == "dtype":
+            _forge(w, key, dtype="I32")
+        else:
+            from safetensors.torch import save_file
+            sd = load_file(str(w))
+            sd[key] = torch.full_like(sd[key], float("nan"))
+            save_file(sd, str(w), metadata={"format": "pt", "dsv3_min_targets": "q_a_proj"})
+    elif damage == "no-weights":
+        w.unlink()
+    elif damage == "config-list":
+        c.write_text("[1, 2]")
+    else:
+        config.update({"r-string": {"r": "4"}, "alpha-list": {"lora_alpha": [8]}, "r-huge": {"r": 10**9},
+                       "r-other": {"r": 8}, "dropout": {"lora_dropout": 1.5}}[damage])
+        c.write_text(json.dumps(config))
+    fresh = DeepSeekV3(model.config).eval()
+    fresh.load_state_dict(base_sd)
+    with pytest.raises((ValueError, FileNotFoundError)) as e:   # the command line's one-line errors (exit 2)
+        load_adapter(fresh, tmp_path / "a")
+    assert "\n" not in str(e.value) and str(tmp_path / "a") in str(e.value)
+    assert not lora_layers(fresh) and all(torch.equal(v, base_sd[k]) for k, v in fresh.state_dict().items())
+
+
+def test_adapter_base_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """`save_adapter` records a local base folder given relative to the working directory as an absolute path, so
+    `adapter_base` finds the same base from any directory; a relative entry (as peft may write) is taken from the
+    adapter's folder, never the working directory; a base that has moved is one line saying how to give it."""
+    import json
+
+    from dsv3_min.lora import adapter_base
+    model, _, _ = _adapted()
+    (tmp_path / "proj").mkdir()
+    save_pretrained(DeepSeekV3(tiny_config()), tmp_path / "proj" / "base")
+    monkeypatch.chdir(tmp_path / "proj")
+    save_adapter(model, "ft/adapter", base_model_name_or_path="base")
+    recorded = json.loads((tmp_path / "proj" / "ft" / "adapter" / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == str(tmp_path / "proj" / "base")
+    (tmp_path / "elsewhere" / "base").mkdir(parents=True)          # a decoy of the same name in another cwd
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert adapter_base(tmp_path / "proj" / "ft" / "adapter") == tmp_path / "proj" / "base"
+    recorded["base_model_name_or_path"] = "../../base"             # relative: from the adapter folder
+    (tmp_path / "proj" / "ft" / "adapter" / "adapter_config.json").write_text(json.dumps(recorded))
+    assert adapter_base(tmp_path / "proj" / "ft" / "adapter").resolve() == tmp_path / "proj" / "base"
+    (tmp_path / "proj" / "base").rename(tmp_path / "proj" / "moved")
+    with pytest.raises(FileNotFoundError, match=r"its base model '../../base' is not there \(moved or deleted\?\); "
+                                                r"give the base with `--ckpt BASE --adapter ") as e:
+        adapter_base(tmp_path / "proj" / "ft" / "adapter")
+    assert "\n" not in str(e.value)

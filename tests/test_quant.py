@@ -137,3 +137,18 @@ def test_nf4_linear_keeps_no_dequantized_weight_for_backward():
     x2 = x.detach().clone().requires_grad_(True)
     torch.nn.functional.linear(x2, layer.weight, layer.bias).backward(g)
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=0)
+
+
+def test_absurd_block_size_is_refused_at_once():
+    """A block size beyond bitsandbytes' largest (4096), e.g. `--set quant_block_size=1000000000`, which padded every
+    weight to 10**9 values (a hang), is refused in one line stating the limit, before any padding; `check_block_size`
+    is the rule a config field uses (None for a valid size)."""
+    import time
+
+    from dsv3_min.quant import MAX_BLOCK_SIZE, check_block_size
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"block_size=1000000000: must be an even integer in \[2, 4096\]") as e:
+        nf4_quantize(torch.randn(64, 64), block_size=10**9)
+    assert time.perf_counter() - t0 < 1 and "\n" not in str(e.value)
+    assert check_block_size(64) is None and check_block_size(MAX_BLOCK_SIZE) is None
+    assert check_block_size(MAX_BLOCK_SIZE + 2) and check_block_size(7) and check_block_size(True)

@@ -202,8 +202,8 @@ def test_save_load_roundtrip(tok, tmp_path):
 
 def test_save_is_atomic_and_replaces_whole_folder(tok, small_corpus, tmp_path, monkeypatch):
     """Saving over a tokenizer folder replaces it whole (no stale file of the old one); a save that crashes midway
-    (the HF export raising) leaves the previous tokenizer intact and no temporary; a folder holding other files is
-    refused with a one-line error instead of being replaced."""
+    (the HF export raising) leaves the previous tokenizer intact and no temporary (a folder holding other files:
+    `test_tokenizer_and_model_share_a_folder_in_either_order`)."""
     path = tok.save(tmp_path / "tok")
     (path / "tokenizer.json").unlink()                    # the old folder differs from what a save writes
     other = train_tokenizer(small_corpus, vocab_size=400)
@@ -214,11 +214,6 @@ def test_save_is_atomic_and_replaces_whole_folder(tok, small_corpus, tmp_path, m
     assert Tokenizer.load(path).fingerprint == tok.fingerprint and sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
     other.save(path)
     assert Tokenizer.load(path).fingerprint == other.fingerprint and (path / "tokenizer.json").exists()
-    (tmp_path / "run" / "model.safetensors").parent.mkdir()
-    (tmp_path / "run" / "model.safetensors").write_bytes(b"weights")
-    with pytest.raises(ValueError, match=r"run holds files that are not a tokenizer's \(model.safetensors\)"):
-        tok.save(tmp_path / "run")
-    assert (tmp_path / "run" / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_training_is_deterministic_and_checks_vocab(small_corpus, tok):
@@ -363,3 +358,74 @@ def test_a_damaged_tokenizer_file_is_a_file_format_error(tmp_path, name, content
     with pytest.raises(FileFormatError, match=message) as e:
         Tokenizer.load(tmp_path)
     assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_tokenizer_and_model_share_a_folder_in_either_order(tok, small_corpus, tmp_path):
+    """As transformers users do, a tokenizer saved into a folder that holds a model keeps every model file (same bytes,
+    same inode: nothing copied) and replaces only the tokenizer files (no stale `tokenizer.model` of another
+    tokenizer); `save_pretrained` after it keeps the tokenizer; both load back. An entry that takes a tokenizer file's
+    name but is not a file (a folder `tokenizer.json/`) is a collision: refused in one line, nothing changed."""
+    import torch
+
+    from conftest import tiny_config
+    from dsv3_min.hf import from_pretrained, save_pretrained
+    from dsv3_min.model import DeepSeekV3
+    model = DeepSeekV3(tiny_config(vocab_size=tok.vocab_size))
+    folder = tmp_path / "m"
+    save_pretrained(model, folder)
+    before = {p.name: (p.read_bytes(), p.stat().st_ino) for p in folder.iterdir()}
+    (folder / "README.md").write_text("mine")
+    tok.save(folder)
+    assert all((folder / n).read_bytes() == b and (folder / n).stat().st_ino == ino for n, (b, ino) in before.items())
+    assert (folder / "README.md").read_text() == "mine" and Tokenizer.load(folder).fingerprint == tok.fingerprint
+    tok.to_hf().save(folder)                                  # another tokenizer kind: the old .model goes
+    assert not (folder / "tokenizer.model").exists() and isinstance(Tokenizer.load(folder), HFTokenizer)
+    other = tmp_path / "other"
+    tok.save(other)
+    save_pretrained(model, other)                             # the other order
+    assert Tokenizer.load(other).fingerprint == tok.fingerprint
+    torch.testing.assert_close(from_pretrained(other).embed_tokens.weight, model.embed_tokens.weight, rtol=0, atol=0)
+    (tmp_path / "clash" / "tokenizer.json").mkdir(parents=True)
+    (tmp_path / "clash" / "tokenizer.json" / "keep").write_text("x")
+    with pytest.raises(ValueError, match="tokenizer.json is not a tokenizer file but has a tokenizer file's name") as e:
+        tok.save(tmp_path / "clash")
+    assert "\n" not in str(e.value) and (tmp_path / "clash" / "tokenizer.json" / "keep").read_text() == "x"
+
+
+def test_too_small_vocabulary_says_what_to_set():
+    """A vocabulary too small for the 262 fixed tokens (preset test-tiny's 97, the default tokenizer of `train`) is
+    one line that says which field to set and how (`--set vocab_size=512`)."""
+    with pytest.raises(ValueError, match=r"vocab_size=97 must exceed the 262 .*set it above 262, e.g. "
+                                         r"`--set vocab_size=512`") as e:
+        train_tokenizer(["abc"], vocab_size=97)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["empty", "flip"])
+def test_damaged_sentencepiece_file_is_one_format_error(tok, tmp_path, damage):
+    """An empty `tokenizer.model` (sentencepiece accepts it and fails only at the first encode) and one with flipped
+    bytes (sentencepiece may raise UnicodeDecodeError on a piece) are a FileFormatError naming the file when loaded
+    (found by the damage property tests of tests/test_damage.py)."""
+    from dsv3_min.files import FileFormatError
+    path = tok.save(tmp_path / "t") / "tokenizer.model"
+    b = path.read_bytes()
+    if damage == "empty":
+        path.write_bytes(b"")
+    else:   # the first flip of three bytes that makes a piece invalid UTF-8 (sentencepiece's UnicodeDecodeError)
+        import sentencepiece as spm
+
+        def flipped(at):
+            return b[:at] + bytes(x ^ 0xFF for x in b[at:at + 3]) + b[at + 3:]
+
+        def breaks(data):
+            try:
+                sp = spm.SentencePieceProcessor(model_proto=data)
+                [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+            except UnicodeDecodeError:
+                return True
+            except RuntimeError:
+                return False
+            return False
+        path.write_bytes(flipped(next(at for at in range(len(b) // 2, len(b) - 3) if breaks(flipped(at)))))
+    with pytest.raises(FileFormatError, match=f"{path}: not a SentencePiece model"):
+        Tokenizer.load(path)

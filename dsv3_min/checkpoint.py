@@ -95,7 +95,7 @@ def _state_of(step: int, cfg: ModelConfig, tc, extra: dict | None) -> dict:
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer | None,
                     cfg: ModelConfig, tc=None, tokenizer=None, keep_last: int = 0, extra: dict | None = None,
-                    during_save=None) -> Path:
+) -> Path:
     "Write `run_dir/ckpt-<step>/` atomically with a manifest; then keep only the newest `keep_last` (0 = all)."
     run_dir = Path(run_dir)
     remove_stale_temps(run_dir)
@@ -103,8 +103,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opt:
     state = _state_of(step, cfg, tc, extra)
     with os_errors(final), atomic_dir(final) as tmp:  # a full disk: one OSError, older checkpoints intact
         save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
-        if during_save is not None:
-            during_save(tmp)
         if opt is not None:
             tensors, state["optimizer"] = flatten_optimizer_state(opt)
             save_file(tensors, str(tmp / "optimizer.safetensors"))

@@ -20,7 +20,7 @@ from .files import append_jsonl, read_json, read_jsonl, write_json, write_jsonl
 from .lora import apply_lora, lora_layers, parse_targets, save_adapter, trainable_parameters
 from .optim import make_optimizer
 from .moe import Experts
-from .quant import NF4Linear, NF4Tensor, nf4_dequantize, nf4_quantize
+from .quant import NF4Linear, NF4Tensor, check_block_size, nf4_dequantize, nf4_quantize
 from .tokenizer import ASSISTANT, chat_segments
 from .step import lm_loss, val_loss
 from .train import RESUME_FIXED, TrainConfig, TrainData, autocast_for, resolve_device, train_loop
@@ -51,7 +51,7 @@ class FinetuneConfig(Validated):
     lora_dropout: float = rule(0.0, ge=0, lt=1)
     lora_targets: str = rule("attention", check=_targets_problem)  # 'attention', 'mlp', 'all' or module names
     base_corpus: str = ""   # the base model's corpus for the forgetting eval ("" = the base run's own corpus)
-    quant_block_size: int = rule(64, gt=0)
+    quant_block_size: int = rule(64, check=check_block_size)
     base_dtype: str = rule("fp32", choices=("fp32", "bf16"))  # lora/qlora: the frozen base's storage dtype
 
 

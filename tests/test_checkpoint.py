@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load, save, save_file
 
 from conftest import tiny_config
+from dsv3_min import checkpoint
 from dsv3_min.checkpoint import (
     flatten_optimizer_state,
     load_checkpoint,
@@ -168,7 +169,7 @@ def test_bad_state_json_names_the_file(saved):
         load_checkpoint(run / "ckpt-0000002", DeepSeekV3(cfg))
 
 
-def test_stale_temp_dirs_are_removed_on_the_next_save(saved):
+def test_stale_temp_dirs_are_removed_on_the_next_save(saved, monkeypatch):
     """A temp folder left by a writer that died (a dead pid in its name) and a half-deleted old checkpoint are
     removed by the next save; a failing save leaves the previous checkpoints as they were and no temp behind."""
     run, model, cfg = saved
@@ -180,8 +181,9 @@ def test_stale_temp_dirs_are_removed_on_the_next_save(saved):
 
     def full_disk(folder):
         raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "write_manifest", full_disk)  # fails inside the write, after the weights
     with pytest.raises(OSError, match="No space left"):
-        save_checkpoint(run, 5, model, None, cfg, keep_last=2, during_save=full_disk)
+        save_checkpoint(run, 5, model, None, cfg, keep_last=2)
     assert sorted(p.name for p in run.iterdir()) == ["ckpt-0000003", "ckpt-0000004"]
     assert latest_checkpoint(run) == run / "ckpt-0000004"
 

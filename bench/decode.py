@@ -6,7 +6,7 @@
 What runs (greedy, prompt 128 random tokens, 256 new tokens, batch 1, 8, 32, 128; random weights, seed 0):
   ours        dsv3_min.infer.generate: static caches, the decode step in a CUDA graph, MLA 'naive' and 'absorb',
               with and without torch.compile of the step (b1 and b32 only, if time allows)
-  dsv3_plain  the 'before': dsv3_min.model.reference_generate (notebook 11: dynamic cache, eager), b1 and b32
+  dsv3_plain  the 'before': dsv3_min.model.reference_generate (notebook 14: dynamic cache, eager), b1 and b32
   hf_eager    transformers DeepseekV3ForCausalLM.generate, sdpa, dynamic cache
   hf_static   the same with cache_implementation="static" (transformers compiles the forward itself); an error is
               recorded, not raised. The weights travel ours -> dsv3_min.hf.save_pretrained -> from_pretrained.
@@ -17,7 +17,7 @@ a CompileConfig whose _compile_all_devices is set, since generate compiles on ac
 tok/s = batch * new tokens / wall time of the whole generate call (prefill included); ttft_s = a generate call with
 max_new_tokens=1; peak_mem_gib = torch.cuda.max_memory_allocated (weights included).
 
-Memory-bandwidth limit: `bytes_per_step` is `dsv3_min.infer.decode_step_bytes(cfg, B, T)` (notebook 17: the weights
+Memory-bandwidth limit: `bytes_per_step` is `dsv3_min.infer.decode_step_bytes(cfg, B, T)` (notebook 23: the weights
 a step at batch B touches, E_touched(B) = E(1 - (1 - k/E)^B) routed experts per layer, and the caches) at the mean
 context T = prompt + new/2; limit_tok_s = B * bandwidth / bytes; fraction = measured decode tok/s / limit_tok_s,
 against the H200 datasheet (4.8 TB/s) and the copy bandwidth measured in this run.
@@ -65,7 +65,7 @@ def bench_ours(model, prompts: dict, new: int, reps: int, variants: list[dict], 
 
 
 def bench_plain(model, prompts: dict, new: int, batches: list[int], out: dict, left) -> None:
-    "The 'before': notebook 11's `dsv3_min.model.reference_generate` (dynamic cache, eager, one host sync per token)."
+    "The 'before': notebook 14's `dsv3_min.model.reference_generate` (dynamic cache, eager, one host sync per token)."
     for b in batches:
         if left() < 30:
             out.setdefault("dsv3_plain", {})[str(b)] = dict(skipped="time")

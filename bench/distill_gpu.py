@@ -1,4 +1,4 @@
-"""Distillation at gpu-small scale (issue 20, notebook 23): a MoE teacher trained in the same call, three dense
+"""Distillation at gpu-small scale (issue 20, notebook 31): a MoE teacher trained in the same call, three dense
 students on the same batches, seed noise, equal wall-clock, decode speed. One H200, one call of ~9 minutes:
 
     export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD; mkdir -p $OUT/distill

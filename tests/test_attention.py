@@ -110,7 +110,7 @@ def test_bad_mask_raises():
 @pytest.mark.parametrize("sq,sk", [(7, 7), (3, 7), (1, 7)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_backends_agree_with_eager(backend, hq, hkv, sq, sk, causal):
-    """sdpa and flash (notebook 10's kernel, SDPA for decode shapes) equal eager in fp32 (atol 1e-5),
+    """sdpa and flash (notebook 11's kernel, SDPA for decode shapes) equal eager in fp32 (atol 1e-5),
     for MHA/GQA/MQA, prefill and decode shapes, causal and not, with dv != dqk."""
     q, k, v = torch.randn(2, hq, sq, 16), torch.randn(2, hkv, sk, 16), torch.randn(2, hkv, sk, 8)
     with warnings.catch_warnings():

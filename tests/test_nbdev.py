@@ -59,3 +59,19 @@ def test_readme_test_command_is_ci():
     """The README's test command is what CI runs (.ci/run)."""
     readme = (ROOT / "README.md").read_text()
     assert "bash .ci/run" in readme
+
+
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_name_is_its_module(nb_path):
+    """`NN_<module>.ipynb` exports `<module>` (one name per notebook and module; `NN_main` exports `__main__`, the
+    index exports `__init__`), and the numbers form one sequence 00, 01, ... without gaps or repeats."""
+    nb = json.loads(nb_path.read_text())
+    exp = [ln.split()[-1] for c in nb["cells"] if c["cell_type"] == "code"
+           for ln in "".join(c["source"]).splitlines() if ln.startswith("#| default_exp")]
+    if nb_path.stem == "index":
+        assert exp == ["__init__"]
+        return
+    number, name = nb_path.stem.split("_", 1)
+    assert exp == ["__main__" if name == "main" else name], f"{nb_path.name} exports {exp}"
+    numbers = sorted(p.stem.split("_", 1)[0] for p in NOTEBOOKS if p.stem != "index")
+    assert numbers == [f"{i:02d}" for i in range(len(numbers))], numbers

@@ -316,6 +316,9 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, corpus: str | None 
         names = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
         raise FileExistsError(f"--out {run_dir} is not empty ({names}, ...) and holds no run of dsv3: choose a new or "
                               "empty folder (--resume continues a run of dsv3)")
+    if (pid := _lock_owner(run_dir / LOCK)) is not None and _alive(pid):  # early; `run_lock` decides
+        raise FileExistsError(f"{run_dir} is being written by another process (pid {pid}); wait for it or choose "
+                              "another --out")
     if not resume and list_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds a run ({list_checkpoints(run_dir)[-1].name}); add "
                               "--resume to continue it, or choose another --out for a new run")

@@ -12,7 +12,7 @@ import shlex
 import sys
 import time
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from .checkpoint import load_trained
 from .cli import Parser, exit_code, number, one_line, split_overrides
 from .config import PRESETS, ModelConfig, count_params, get_preset
 from .dist import launched_by_torchrun
-from .distill import DistillConfig, distill, student_config, write_teacher_cache
+from .distill import DistillConfig, check_cache_dir, distill, student_config, write_teacher_cache
 from .evaluate import compact_items, evaluate, format_table, quick_eval
 from .files import read_json, write_json
 from .finetune import FINETUNE_TRAIN_DEFAULTS, METHOD_LR, METHODS, FinetuneConfig, finetune
@@ -29,8 +29,8 @@ from .hf import from_pretrained
 from .infer import sample_text
 from .lora import ADAPTER_CONFIG, adapter_base, load_adapter
 from .step import NonFiniteLoss
-from .train import (TRAIN_PRESETS, SaveFailed, TrainConfig, prepare_data, resolve_device, train,
-                            train_config_for)
+from .train import (TRAIN_PRESETS, SaveFailed, TrainConfig, check_run_dir, prepare_data, resolve_device,
+                            train, train_config_for)
 from .data import load_corpus
 from .tasks import GROUPS, TASKS, check_tasks, expand_tasks
 from .tokenizer import get_tokenizer, tokenizer_stats
@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _configs(preset: str, overrides: list[str], **train_flags):
     "ModelConfig and TrainConfig of `preset` with `--set` overrides and the dedicated flags (flags win)."
     m, t = split_overrides(overrides)
-    t.update({k: v for k, v in train_flags.items() if v is not None})
-    return get_preset(preset, **m), train_config_for(preset, **t)
+    tc = train_config_for(preset, **t)  # the --set values are checked even where a flag replaces them
+    flags = {k: v for k, v in train_flags.items() if v is not None}
+    return get_preset(preset, **m), replace(tc, **flags)
 
 
 def cmd_train(a, on_step=None) -> int:
@@ -158,6 +159,7 @@ def cmd_tokenizer(a) -> int:
     return 0
 
 
+
 # %% ../notebooks/33_main.ipynb #d6095813
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     "Add the `finetune` subcommand's arguments to `parser`."
@@ -165,32 +167,43 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--corpus", required=True, help="the domain corpus (a name, a path, hf:..., or a mix a+b)")
     parser.add_argument("--method", choices=METHODS, default="lora")
     parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics, eval.jsonl, adapter)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="NAME=VALUE",
                         help="FinetuneConfig fields (lora_r, lora_alpha, lora_dropout, lora_targets, base_corpus) "
                              "and TrainConfig fields (lr, max_steps, batch_size, ...)")
-    parser.add_argument("--time-budget", type=float, default=None, help="seconds of training, then stop")
+    parser.add_argument("--max-steps", type=number(int, 1))
+    parser.add_argument("--time-budget", type=number(float, 0), help="seconds of training, then stop")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
+_ADAPTER_ONLY = {"full": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quant_block_size", "base_dtype"),
+                 "lora": ("quant_block_size",)}  # FinetuneConfig fields a method ignores
+
+
 def finetune_configs(a) -> tuple[FinetuneConfig, TrainConfig]:
     "FinetuneConfig and TrainConfig of the command line `a` (the model's shape comes from the base)."
-    ft, model_kw, train_kw = split_overrides(a.set or [], FinetuneConfig, ModelConfig, TrainConfig)
+    ft, model_kw, train_kw = split_overrides(a.overrides, FinetuneConfig, ModelConfig, TrainConfig)
     if model_kw:
         raise ValueError(f"finetune: the model's shape comes from --ckpt; cannot --set {sorted(model_kw)}")
     if isinstance(ft.get("lora_targets"), (list, tuple)):
         ft["lora_targets"] = ",".join(ft["lora_targets"])
+    if a.method != "qlora" and (unused := sorted(k for k in ft if k in _ADAPTER_ONLY[a.method])):
+        raise ValueError(f"--method {a.method} has no use for {', '.join(unused)} (--set): drop them or choose "
+                         f"--method {'lora' if a.method == 'full' else 'qlora'}")
     fc = FinetuneConfig(method=a.method, **ft)
-    if a.time_budget is not None:
-        train_kw["time_budget"] = a.time_budget
-    return fc, TrainConfig(**{**FINETUNE_TRAIN_DEFAULTS, "lr": METHOD_LR[fc.method], **train_kw})
+    tc = TrainConfig(**{**FINETUNE_TRAIN_DEFAULTS, "lr": METHOD_LR[fc.method], **train_kw})  # --set values checked
+    flags = {k: v for k, v in dict(max_steps=a.max_steps, time_budget=a.time_budget).items() if v is not None}
+    return fc, replace(tc, **flags)
 
 
 def cmd_finetune(a) -> int:
     "`finetune`: fine-tune `--ckpt` on `--corpus`, print one summary line; the exit code."
     fc, tc = finetune_configs(a)
     r = finetune(a.ckpt, a.corpus, a.out, fc, tc, resume=a.resume, progress=not a.no_progress)
+    if r["stopped"] in ("SIGINT", "SIGTERM"):
+        print(f"{r['stopped']} at step {r['steps']}; checkpoint {r['checkpoint']}; --resume continues the run")
+        return {"SIGINT": 130, "SIGTERM": 143}[r["stopped"]]
     b, e = r["before"], r["after"]
     print(f"{fc.method}: {r['trainable_params']:,} trainable ({100 * r['trainable_frac']:.2f}%), domain "
           f"{b['domain_val_bpb']:.3f} -> {e['domain_val_bpb']:.3f} bits/byte"
@@ -208,7 +221,7 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--cache", help="offline teacher: top-K cache folder (written first if absent)")
     p.add_argument("--init", choices=("random", "truncate"), default="random",
                    help="student start: random, or leading slices of the teacher's same-named tensors")
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-steps", type=number(int, 1))
     p.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
@@ -222,7 +235,7 @@ def distill_configs(a, teacher_cfg: ModelConfig):
     dc = DistillConfig.from_dict(kd)
     cfg = student_config(teacher_cfg, **m) if a.student_preset == "auto" else get_preset(a.student_preset, **m)
     extra = {k: v for k, v in dict(corpus=a.corpus, max_steps=a.max_steps).items() if v is not None}
-    tc = TrainConfig.from_dict({**TRAIN_PRESETS.get(a.student_preset, {}), **t, **extra})
+    tc = replace(TrainConfig.from_dict({**TRAIN_PRESETS.get(a.student_preset, {}), **t}), **extra)  # --set checked
     if a.cache and not dc.kd_topk:
         raise ValueError("--cache stores the teacher's top-K: set kd_topk (e.g. --set kd_topk=64)")
     return cfg, tc, dc
@@ -230,6 +243,9 @@ def distill_configs(a, teacher_cfg: ModelConfig):
 
 def cmd_distill(a) -> int:
     "`distill`: load the teacher, build the configs, write the cache if asked, run `distill`; the exit code."
+    check_run_dir(a.out, a.resume, a.corpus)  # before the teacher loads or the cache is written
+    if a.cache:
+        check_cache_dir(a.cache)
     teacher = from_pretrained(a.teacher)
     cfg, tc, dc = distill_configs(a, teacher.config)
     pt, ps = count_params(teacher.config).total, count_params(cfg).total

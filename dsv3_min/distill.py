@@ -26,8 +26,8 @@ from .train import _resume_point, prepare_data, resolve_device, resume_into, tra
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'kl_terms', 'kd_full', 'teacher_topk', 'student_buckets', 'kd_topk', 'KDParts', 'kd_loss',
-           'DistillConfig', 'student_config', 'init_from_teacher', 'OnlineTeacher', 'write_teacher_cache',
-           'TeacherCache', 'DistillLoss', 'distill']
+           'DistillConfig', 'student_config', 'init_from_teacher', 'OnlineTeacher', 'check_cache_dir',
+           'write_teacher_cache', 'TeacherCache', 'DistillLoss', 'distill']
 
 # %% ../notebooks/31_distill.ipynb #940dc241
 _NEG = torch.finfo(torch.float32).min  # fills excluded logits: exp() underflows to 0 but sums stay finite
@@ -151,11 +151,22 @@ class OnlineTeacher:
         return teacher_topk(logits, self.k, self.temperature) if self.k else logits
 
 
+def check_cache_dir(path: str | Path) -> None:
+    "Refuse a cache folder that is a file, or not empty without being a teacher cache (its files are the user's)."
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--cache {path} exists and is not a folder; choose another --cache")
+    if path.is_dir() and any(path.iterdir()) and not (path / "header.json").exists():
+        raise FileExistsError(f"--cache {path} is not empty and holds no teacher cache (no header.json): choose a new "
+                              "or empty folder")
+
+
 @torch.no_grad()
 def write_teacher_cache(teacher: torch.nn.Module, tokens, path: str | Path, n_batches: int, batch_size: int,
                         seq_len: int, seed: int, k: int, temperature: float = 1.0, logp_dtype: str = "float16",
                         name: str = "", progress: bool = True) -> Path:
     "Run `teacher` over batches 0..n_batches-1 of `get_batch(tokens, i, ...)` and store top-k log-probs at `path`."
+    check_cache_dir(path)  # a folder of the user's is never replaced
     if logp_dtype not in ("float16", "float32"):
         raise ValueError(f"logp_dtype={logp_dtype!r}: must be 'float16' or 'float32'")
     V = teacher.config.vocab_size
@@ -206,9 +217,13 @@ class TeacherCache:
             self.arrays[n] = np.memmap(f, dtype=dt, mode="r", shape=shape + extra)
         self.device = device
 
-    def check(self, dc: DistillConfig, batch_size: int, seq_len: int, seed: int, vocab_size: int) -> None:
-        "Raise `ValueError` naming the first setting this cache was not written for."
+    def check(self, dc: DistillConfig, batch_size: int, seq_len: int, seed: int, vocab_size: int,
+              micro_batches: int = 0) -> None:
+        "Raise `ValueError` naming the first setting this cache was not written for, or that it is too short."
         h = self.header
+        if h["n_batches"] < micro_batches:
+            raise ValueError(f"{self.path}: the teacher cache holds {h['n_batches']} micro-batches, this run needs "
+                             f"{micro_batches} (max_steps x grad_accum): write a longer one or lower max_steps")
         want = dict(k=dc.kd_topk, temperature=dc.kd_temperature, batch_size=batch_size, seq_len=seq_len, seed=seed,
                     vocab_size=vocab_size)
         for key, v in want.items():
@@ -283,7 +298,7 @@ def distill(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, out: s
     start, elapsed = resume_into(ckpt, student, opt, cfg, tc, log)
     if cache is not None:
         source = TeacherCache(cache)
-        source.check(dc, tc.batch_size, tc.seq_len, tc.seed, cfg.vocab_size)
+        source.check(dc, tc.batch_size, tc.seq_len, tc.seed, cfg.vocab_size, tc.max_steps * tc.grad_accum)
     else:
         teacher = teacher.to(device).eval()
         source = OnlineTeacher(teacher, dc.kd_topk, dc.kd_temperature,

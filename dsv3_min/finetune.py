@@ -23,7 +23,8 @@ from .moe import Experts
 from .quant import NF4Linear, NF4Tensor, check_block_size, nf4_dequantize, nf4_quantize
 from .tokenizer import ASSISTANT, chat_segments
 from .step import lm_loss, val_loss
-from .train import RESUME_FIXED, TrainConfig, TrainData, autocast_for, resolve_device, train_loop
+from .train import (RESUME_FIXED, TrainConfig, TrainData, autocast_for, check_run_dir, resolve_device,
+                            train_loop)
 
 # %% auto #0
 __all__ = ['METHODS', 'FINETUNE_TRAIN_DEFAULTS', 'METHOD_LR', 'SFT_MODULES', 'FinetuneConfig', 'NF4Weight', 'NF4Experts',
@@ -176,6 +177,15 @@ def _check_same_run(run_dir: Path, record: dict) -> None:
                          "choose another --out for a new run")
 
 
+def _check_split_sizes(data: TrainData, base: EvalSet | None, seq_len: int) -> None:
+    "Each split must hold one window of `seq_len + 1` tokens; the error names the split and what to set."
+    splits = [("domain corpus's validation split", data.val), ("domain corpus's training split", data.train)]
+    for name, tokens in splits + ([(f"base corpus {base.name!r}'s validation split", base.tokens)] if base else []):
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"the {name} has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}: give a "
+                             f"larger corpus or set a smaller window (--set seq_len={max(1, len(tokens) - 1)})")
+
+
 def _eval_record(model, step, data, base, tc, device, autocast, n_batches) -> dict:
     "Domain and base-corpus validation of `model` now (nats/token and bits/byte)."
     dl, db = EvalSet("domain", data.val, data.val_tokens_per_byte).bits_per_byte(model, tc, n_batches, device, autocast)
@@ -192,10 +202,7 @@ def finetune(base_path: str | Path, corpus: str | Corpus | TrainData, out: str |
     "Fine-tune the model at `base_path` on `corpus` (or SFT `TrainData`) with `fc.method`; results under `out`."
     fc, run_dir = fc or FinetuneConfig(), Path(out)
     tc = tc or TrainConfig(**FINETUNE_TRAIN_DEFAULTS, lr=METHOD_LR[fc.method])
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"{run_dir} exists and is not a directory; choose another --out")
-    if not resume and list_checkpoints(run_dir):
-        raise FileExistsError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --out")
+    check_run_dir(run_dir, resume, corpus if isinstance(corpus, str) else None)  # before the base model loads
     device = resolve_device(tc.device)
     model, tok = load_trained(base_path, device)
     base_corpus = base_corpus or fc.base_corpus or base_run_corpus(base_path)
@@ -204,6 +211,7 @@ def finetune(base_path: str | Path, corpus: str | Corpus | TrainData, out: str |
               "base_corpus": getattr(base_corpus, "name", base_corpus), **asdict(fc)}
     data = corpus if sft else domain_data(corpus, tok, cache_dir)
     base = base_eval_set(base_corpus, tok, cache_dir) if base_corpus else None
+    _check_split_sizes(data, base, tc.seq_len)
     if base is None:
         log("finetune: no base corpus known (set base_corpus=...): forgetting is not measured")
     torch.manual_seed(tc.seed)
@@ -239,6 +247,8 @@ def finetune(base_path: str | Path, corpus: str | Corpus | TrainData, out: str |
             on_step(step, rec)
 
     result = train_loop(model, opt, data, tc, run_dir, start, elapsed, progress, after_step, ckpt, loss_fn=loss_fn)
+    if result.stopped in ("SIGINT", "SIGTERM"):  # saved by the loop; no final report for an unfinished run
+        return dict(method=fc.method, stopped=result.stopped, steps=result.step, checkpoint=result.checkpoint)
     return _finish(model, fc, tc, run_dir, result, device, base_path)
 
 # %% ../notebooks/30_finetune.ipynb #aeed1c9b

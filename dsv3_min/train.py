@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,9 +32,9 @@ from .step import NonFiniteLoss, lm_loss, train_step, val_loss
 from .tokenizer import get_tokenizer
 
 # %% auto #0
-__all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for', 'TrainData', 'prepare_data',
-           'SaveFailed', 'resolve_device', 'autocast_for', 'read_metrics', 'TrainResult', 'train_loop', 'resume_into',
-           'train', 'write_summary']
+__all__ = ['TRAIN_PRESETS', 'LOCK', 'RUN_MARKERS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for',
+           'TrainData', 'prepare_data', 'SaveFailed', 'resolve_device', 'autocast_for', 'read_metrics', 'is_run_dir',
+           'check_run_dir', 'run_lock', 'TrainResult', 'train_loop', 'resume_into', 'train', 'write_summary']
 
 # %% ../notebooks/20_train.ipynb #009cc7f2
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -296,6 +297,81 @@ def _progress(enabled: bool, tc: TrainConfig, start: int, elapsed: float) -> tqd
                 unit="step")
 
 # %% ../notebooks/20_train.ipynb #d127b56c
+LOCK = "dsv3.lock"
+RUN_MARKERS = ("train_config.json", "finetune_config.json", "distill.json", LOCK)  # files only a run of ours writes
+
+
+def is_run_dir(path: str | Path) -> bool:
+    "Whether `path` is a run folder of this package (a run's config, a lock or a checkpoint in it)."
+    path = Path(path)
+    return any((path / m).exists() for m in RUN_MARKERS) or bool(list_checkpoints(path))
+
+
+def check_run_dir(run_dir: str | Path, resume: bool = False, corpus: str | None = None) -> None:
+    "Refuse a `run_dir` that is a file, not a run, a run (without `resume`) or inside the `corpus` folder."
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"{run_dir} exists and is not a directory; choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        names = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
+        raise FileExistsError(f"--out {run_dir} is not empty ({names}, ...) and holds no run of dsv3: choose a new or "
+                              "empty folder (--resume continues a run of dsv3)")
+    if (pid := _lock_owner(run_dir / LOCK)) is not None and _alive(pid):  # early; `run_lock` decides
+        raise FileExistsError(f"{run_dir} is being written by another process (pid {pid}); wait for it or choose "
+                              "another --out")
+    if not resume and list_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already holds a run ({list_checkpoints(run_dir)[-1].name}); add "
+                              "--resume to continue it, or choose another --out for a new run")
+    for part in (corpus or "").split("+"):
+        root = Path(part.strip()).expanduser()
+        if part.strip() and root.is_dir() and run_dir.resolve().is_relative_to(root.resolve()):
+            raise ValueError(f"--out {run_dir} is inside the corpus folder {root}: the run's files would become "
+                             "training data; choose an --out outside it")
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path):
+    "Hold `run_dir/dsv3.lock` while writing: another live writer is refused, a dead one's lock is taken over."
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            pid = _lock_owner(path)
+            if pid is not None and _alive(pid):
+                raise FileExistsError(f"{run_dir} is being written by another process (pid {pid}, {path}); wait "
+                                      "for it or choose another --out") from None
+            warnings.warn(f"{path}: the lock of process {pid}, which is not running: taking the run over",
+                          stacklevel=3)
+            path.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        return True
+    return True
+
+# %% ../notebooks/20_train.ipynb #f4940d3f
 @dataclass
 class TrainResult:
     "What a run reached: the run directory, steps done, per-step losses of this process, final validation."
@@ -318,51 +394,48 @@ def train_loop(model: DeepSeekV3, opt: torch.optim.Optimizer, data: TrainData, t
                  last_ckpt, tokens_per_step=tc.batch_size * tc.seq_len * tc.grad_accum,
                  flops_per_token=flops_per_token(model.config, tc.seq_len), peak=peak_flops(device, tc.peak_tflops))
     metrics, losses, stopped, rank0 = loop.run_dir / "metrics.jsonl", [], "done", dist.is_rank0()
-    if rank0:  # under torchrun only rank 0 writes files
-        loop.run_dir.mkdir(parents=True, exist_ok=True)
-        _reset_metrics(metrics, start)
-        write_json(loop.run_dir / "train_config.json", {"model": model.config.to_dict(), "train": asdict(tc)})
-    model.train()
-    with _Signals() as sigs, _threads(tc.threads), _progress(progress and rank0, tc, start, elapsed) as bar:
-        while loop.step < tc.max_steps:
-            rec, dt = _step(loop)
-            final = loop.step >= tc.max_steps or _budget_spent(loop)  # the last step: a full validation
-            if final or loop.step % tc.eval_every == 0:  # on every rank: evaluation is a collective under torchrun
-                _eval_into(loop, rec, final)
-                if on_eval is not None:  # extra numbers, e.g. benchmark accuracies (the CLI's `eval_tasks` hook)
-                    rec.update(on_eval(loop.model, loop.data.tokenizer))
-            if rank0:
-                append_jsonl(metrics, rec)
-            losses.append(rec["loss"])
-            bar.update(min(dt, max(0.0, bar.total - bar.n)) if tc.time_budget else 1)
-            bar.set_postfix(step=loop.step, loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}",
-                            **({"val_bpb": f"{rec['val_bits_per_byte']:.3f}"} if "val_loss" in rec else {}))
-            if on_step is not None:
-                on_step(loop.step, rec)
-            stopped = _stop_reason(loop, sigs)  # again: on_step may have sent a signal
-            if stopped or (tc.ckpt_every and loop.step % tc.ckpt_every == 0):
-                _save(loop)
-            if stopped:
-                break
-    val = _last_val(metrics) if rank0 else (None, None)
-    result = TrainResult(loop.run_dir, loop.step, losses, val[0], val[1], stopped or "done", loop.elapsed,
-                         loop.last_ckpt)
-    if rank0:
-        write_summary(result, tc, device)
-    return result
+    with run_lock(run_dir) if rank0 else contextlib.nullcontext():  # one writer per run folder
+        if rank0:  # under torchrun only rank 0 writes files
+            loop.run_dir.mkdir(parents=True, exist_ok=True)
+            _reset_metrics(metrics, start)
+            write_json(loop.run_dir / "train_config.json", {"model": model.config.to_dict(), "train": asdict(tc)})
+        model.train()
+        with _Signals() as sigs, _threads(tc.threads), _progress(progress and rank0, tc, start, elapsed) as bar:
+            while loop.step < tc.max_steps:
+                rec, dt = _step(loop)
+                final = loop.step >= tc.max_steps or _budget_spent(loop)  # the last step: a full validation
+                if final or loop.step % tc.eval_every == 0:  # on every rank: evaluation is a collective under torchrun
+                    _eval_into(loop, rec, final)
+                    if on_eval is not None:  # extra numbers, e.g. benchmark accuracies (the CLI's `eval_tasks` hook)
+                        rec.update(on_eval(loop.model, loop.data.tokenizer))
+                if rank0:
+                    append_jsonl(metrics, rec)
+                losses.append(rec["loss"])
+                bar.update(min(dt, max(0.0, bar.total - bar.n)) if tc.time_budget else 1)
+                bar.set_postfix(step=loop.step, loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}",
+                                **({"val_bpb": f"{rec['val_bits_per_byte']:.3f}"} if "val_loss" in rec else {}))
+                if on_step is not None:
+                    on_step(loop.step, rec)
+                stopped = _stop_reason(loop, sigs)  # again: on_step may have sent a signal
+                if stopped or (tc.ckpt_every and loop.step % tc.ckpt_every == 0):
+                    _save(loop)
+                if stopped:
+                    break
+        val = _last_val(metrics) if rank0 else (None, None)
+        result = TrainResult(loop.run_dir, loop.step, losses, val[0], val[1], stopped or "done", loop.elapsed,
+                             loop.last_ckpt)
+        if rank0:
+            write_summary(result, tc, device)
+        return result
 
-# %% ../notebooks/20_train.ipynb #f4940d3f
+# %% ../notebooks/20_train.ipynb #6e1ff180
 RESUME_FIXED = ("corpus", "batch_size", "seq_len", "grad_accum", "seed")  # train fields a resume cannot change
 
 
 def _resume_point(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, resume: bool) -> Path | None:
     "The checkpoint to resume from (checked against the configs), or None for a new run; errors say what to do."
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"{run_dir} exists and is not a directory; choose another --out")
+    check_run_dir(run_dir, resume, tc.corpus)
     if not resume:
-        if list_checkpoints(run_dir):
-            raise FileExistsError(f"{run_dir} already holds a run ({list_checkpoints(run_dir)[-1].name}); add "
-                                  "--resume to continue it, or choose another --out for a new run")
         return None
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:

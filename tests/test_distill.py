@@ -202,3 +202,35 @@ def test_command_line_configs():
         distill_configs(p.parse_args(["--teacher", "t", "--out", "o", "--cache", "c"]), t)
     with pytest.raises(ValueError, match="did you mean .kd_alpha."):
         distill_configs(p.parse_args(["--teacher", "t", "--out", "o", "--set", "kd_alhpa=1"]), t)
+
+
+def test_a_folder_that_is_not_a_cache_is_never_replaced(tmp_path, capsys):
+    """`write_teacher_cache` into a non-empty folder without a cache's header refuses and leaves its files; the
+    `distill --cache` command refuses it (and an --out that holds no run) before the teacher loads."""
+    from dsv3_min.__main__ import main
+    teacher, _, tokens = _pair()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds no teacher cache"):
+        write_teacher_cache(teacher, tokens, mine, 2, 2, 8, 0, 4, progress=False)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    no_teacher = str(tmp_path / "no-such-teacher")  # refused before this is looked at
+    argv = ["distill", "--teacher", no_teacher, "--out", str(tmp_path / "o"), "--cache", str(mine), "--set",
+            "kd_topk=4"]
+    assert main(argv) == 2 and "holds no teacher cache" in capsys.readouterr().err
+    assert main(["distill", "--teacher", no_teacher, "--out", str(mine)]) == 2
+    assert "holds no run" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_a_cache_shorter_than_the_run_is_one_line_before_training(tmp_path):
+    """A teacher cache of 2 micro-batches for a run of 4 steps x 2 micro-batches is a ValueError saying how many it
+    holds and needs, raised before the first step (no metrics written)."""
+    teacher, _, tokens = _pair()
+    write_teacher_cache(teacher, _data(tokens).train, tmp_path / "c", 2, 2, 16, 1, 8, 2.0, progress=False)
+    tc = TrainConfig(max_steps=4, batch_size=2, seq_len=16, grad_accum=2, warmup=1, threads=1, device="cpu", seed=1)
+    with pytest.raises(ValueError, match="holds 2 micro-batches, this run needs 8"):
+        distill(teacher, student_config(teacher.config), tc, DistillConfig(kd_topk=8, kd_temperature=2.0),
+                tmp_path / "run", data=_data(tokens), cache=tmp_path / "c", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

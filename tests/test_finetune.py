@@ -149,3 +149,68 @@ def test_sample_reads_a_lora_run_and_an_explicit_adapter(base_and_domain, tmp_pa
         args = ["sample", "--ckpt", str(ckpt), "--prompt", "the", "--max-new-tokens", "5", "--temperature", "0"]
         assert main(args + (["--adapter", str(adapter)] if adapter else [])) == 0
         assert capsys.readouterr().out.startswith("the")
+
+
+def _argv(base_and_domain, out, *more):
+    base, dom, base_corpus = base_and_domain
+    return ["finetune", "--ckpt", str(base), "--corpus", str(dom), "--out", str(out), "--no-progress", "--set",
+            "lora_r=2", f"base_corpus={base_corpus}", "batch_size=2", "seq_len=16", "eval_every=2", "eval_batches=1",
+            "final_eval_batches=1", "threads=1", "device=cpu", *more]
+
+
+def test_set_accumulates_and_max_steps_is_a_checked_flag():
+    """Every `--set` of `finetune` counts (a second does not drop the first); `--max-steps` sets max_steps like
+    `train`'s, `--set max_steps=` still works, and a bad `--set max_steps=` is refused even with the flag."""
+    p = add_finetune_arguments(argparse.ArgumentParser())
+    base = ["--ckpt", "b", "--corpus", "c", "--out", "o"]
+    fc, tc = finetune_configs(p.parse_args(base + ["--set", "lora_r=8", "--set", "lora_alpha=4", "--max-steps", "5"]))
+    assert (fc.lora_r, fc.lora_alpha, tc.max_steps) == (8, 4.0, 5)
+    assert finetune_configs(p.parse_args(base + ["--set", "max_steps=7"]))[1].max_steps == 7
+    with pytest.raises(ValueError, match="max_steps=0"):
+        finetune_configs(p.parse_args(base + ["--max-steps", "3", "--set", "max_steps=0"]))
+
+
+def test_lora_options_with_method_full_are_refused():
+    """`--method full` with LoRA (or QLoRA) options is one ValueError naming them, not options silently recorded."""
+    p = add_finetune_arguments(argparse.ArgumentParser())
+    a = p.parse_args(["--ckpt", "b", "--corpus", "c", "--out", "o", "--method", "full", "--set", "lora_r=4",
+                      "quant_block_size=32"])
+    with pytest.raises(ValueError, match="--method full has no use for lora_r, quant_block_size"):
+        finetune_configs(a)
+
+
+def test_sigterm_saves_exits_143_and_writes_no_final_report(base_and_domain, tmp_path, monkeypatch, capsys):
+    """A fine-tuning run stopped by SIGTERM at step 2 saves that step, exits 143 like `train` and writes no
+    finetune.json (no report of a finished run with step-0 numbers); --resume then finishes it."""
+    import os
+    import signal
+
+    import dsv3_min.__main__ as cli
+    stop = lambda step, rec: step == 2 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+    monkeypatch.setattr(cli, "finetune", lambda *a, **k: finetune(*a, **k, on_step=stop))
+    out = tmp_path / "ft"
+    assert main(_argv(base_and_domain, out, "--max-steps", "4")) == 143
+    assert "SIGTERM at step 2" in capsys.readouterr().out
+    assert latest_checkpoint(out).name.endswith("0000002") and not (out / "finetune.json").exists()
+    monkeypatch.undo()
+    assert main(_argv(base_and_domain, out, "--max-steps", "4", "--resume")) == 0
+    assert __import__("json").loads((out / "finetune.json").read_text())["steps"] == 4
+
+
+def test_out_that_is_not_a_run_is_refused_before_the_base_loads(base_and_domain, tmp_path, capsys):
+    """`finetune --out` into a non-empty folder that holds no run is one line (with --resume suggested) before the
+    base model loads: the folder's files stay as they were and no adapter/ appears."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text("{}")
+    argv = _argv(base_and_domain, mine, "--max-steps", "2")
+    argv[argv.index("--ckpt") + 1] = str(tmp_path / "no-such-base")  # refused before this is looked at
+    assert main(argv) == 2
+    assert "holds no run" in (err := capsys.readouterr().err) and "--resume" in err
+    assert [p.name for p in mine.iterdir()] == ["summary.json"] and (mine / "summary.json").read_text() == "{}"
+
+
+def test_a_too_small_validation_split_says_so_and_what_to_set(base_and_domain, tmp_path):
+    """A corpus whose validation split is shorter than one window names that split and the seq_len to set."""
+    with pytest.raises(ValueError, match=r"domain corpus's validation split has \d+ tokens.*--set seq_len="):
+        _run(base_and_domain, tmp_path / "small", seq_len=4000, max_steps=1)

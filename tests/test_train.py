@@ -166,3 +166,44 @@ def test_compile_compiles_the_loss_function(tiny_corpus, tmp_path, monkeypatch):
     compiled = tr.train(cfg, dataclasses.replace(tc, compile=True), tmp_path / "compiled", data=data, progress=False,
                         log=lambda *a: None).losses
     assert asked == [lm_loss] and len(calls) == 3 and compiled == plain
+
+
+def test_out_refuses_a_folder_that_is_not_a_run_and_one_inside_the_corpus(tiny_corpus, tmp_path, capsys):
+    """`train --out` into a non-empty folder that holds no run is one line suggesting --resume, and the user's file is
+    untouched; an --out inside the --corpus folder (its files would become training data) is refused before it exists."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("my own notes\n")
+    assert main(train_argv(tiny_corpus, "--out", str(mine), "--max-steps", "1")) == 2
+    assert "holds no run" in (err := capsys.readouterr().err) and "--resume" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.jsonl"]
+    assert (mine / "metrics.jsonl").read_text() == "my own notes\n"
+    inside = tiny_corpus / "runs" / "a"
+    assert main(train_argv(tiny_corpus, "--out", str(inside), "--max-steps", "1")) == 2
+    assert "inside the corpus folder" in capsys.readouterr().err and not (tiny_corpus / "runs").exists()
+
+
+def test_a_live_writers_lock_refuses_a_second_and_a_dead_ones_is_taken_over(tiny_corpus, tmp_path, capsys):
+    """A run folder whose dsv3.lock names a live process refuses a second `train` (one line, nothing written); the lock
+    of a process that died is taken over with a warning, and released when the run ends."""
+    from dsv3_min.train import LOCK
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text(str(os.getppid()))  # a live process that is not this one
+    assert main(train_argv(tiny_corpus, "--out", str(run), "--max-steps", "1")) == 2
+    assert "being written by another process" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [LOCK]
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)  # now a dead process id
+    (run / LOCK).write_text(str(pid))
+    assert main(train_argv(tiny_corpus, "--out", str(run), "--max-steps", "1")) == 0
+    assert "not running: taking the run over" in capsys.readouterr().err
+    assert not (run / LOCK).exists() and len(losses(run)) == 1
+
+
+def test_max_steps_flag_does_not_hide_a_bad_set_value(capsys):
+    """`--max-steps N` wins over `--set max_steps=...` only once that value passed its check."""
+    assert main(["train", "--max-steps", "3", "--set", "max_steps=0"]) == 2
+    assert "max_steps=0" in capsys.readouterr().err

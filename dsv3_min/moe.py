@@ -77,7 +77,8 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, exper
     if x.shape[0] <= w.shape[0]:  # few rows (a decode step): gather each row's matrix; no host sync, compiles whole
         return einsum(x, w[expert], "n k, n m k -> n m")
     # padded fallback: (E, C, K) buffer, one batched matmul, gather back; `expert`/`slot` locate each row
-    cap = int(counts.max()) if counts.numel() else 0
+    # the largest block, read on the host; inside a CUDA-graph capture (which cannot sync) its bound, all N rows
+    cap = x.shape[0] if x.is_cuda and torch.cuda.is_current_stream_capturing() else int(counts.max()) if counts.numel() else 0
     buf = x.new_zeros(w.shape[0], max(cap, 1), x.shape[-1])
     buf[expert, slot] = x
     out = einsum(buf, w, "e c k, e m k -> e c m")

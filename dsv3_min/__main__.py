@@ -17,7 +17,7 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_trained
+from .checkpoint import check_run_dir, load_trained
 from .cli import Parser, exit_code, number, one_line, split_overrides
 from .config import PRESETS, ModelConfig, count_params, get_preset
 from .dist import launched_by_torchrun
@@ -29,7 +29,7 @@ from .hf import from_pretrained
 from .infer import sample_text
 from .lora import ADAPTER_CONFIG, adapter_base, load_adapter
 from .step import NonFiniteLoss
-from .train import (TRAIN_PRESETS, SaveFailed, TrainConfig, check_run_dir, prepare_data, resolve_device,
+from .train import (TRAIN_PRESETS, SaveFailed, TrainConfig, prepare_data, resolve_device,
                             train, train_config_for)
 from .data import load_corpus
 from .tasks import GROUPS, TASKS, check_tasks, expand_tasks

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import inspect
 import os
 import random
 import secrets
 import shutil
+import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -25,9 +27,10 @@ from .tokenizer import Tokenizer
 from .validate import check_json
 
 # %% auto #0
-__all__ = ['flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state', 'write_manifest',
-           'save_checkpoint', 'config_mismatch', 'check_config', 'check_optimizer_state', 'read_state',
-           'load_model_file', 'load_checkpoint', 'load_trained']
+__all__ = ['LOCK', 'RUN_MARKERS', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state',
+           'write_manifest', 'save_checkpoint', 'config_mismatch', 'check_config', 'check_optimizer_state',
+           'read_state', 'load_model_file', 'load_checkpoint', 'load_trained', 'is_run_dir', 'check_run_dir',
+           'run_lock']
 
 # %% ../notebooks/16_checkpoint.ipynb #cad46209
 def flatten_optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -242,3 +245,78 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu"):
         raise FileNotFoundError(f"{path}: not a checkpoint (no state.json), a run directory with {CKPT_PREFIX}* "
                                 "checkpoints, or a Hugging Face model directory (no config.json)")
     return model.to(device).eval(), tok
+
+# %% ../notebooks/16_checkpoint.ipynb #d127b56c
+LOCK = "dsv3.lock"
+RUN_MARKERS = ("train_config.json", "finetune_config.json", "distill.json", LOCK)  # files only a run of ours writes
+
+
+def is_run_dir(path: str | Path) -> bool:
+    "Whether `path` is a run folder of this package (a run's config, a lock or a checkpoint in it)."
+    path = Path(path)
+    return any((path / m).exists() for m in RUN_MARKERS) or bool(list_checkpoints(path))
+
+
+def check_run_dir(run_dir: str | Path, resume: bool = False, corpus: str | None = None) -> None:
+    "Refuse a `run_dir` that is a file, not a run, a run (without `resume`) or inside the `corpus` folder."
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"{run_dir} exists and is not a directory; choose another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        names = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
+        raise FileExistsError(f"--out {run_dir} is not empty ({names}, ...) and holds no run of dsv3: choose a new or "
+                              "empty folder (--resume continues a run of dsv3)")
+    if (pid := _lock_owner(run_dir / LOCK)) is not None and _alive(pid):  # early; `run_lock` decides
+        raise FileExistsError(f"{run_dir} is being written by another process (pid {pid}); wait for it or choose "
+                              "another --out")
+    if not resume and list_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already holds a run ({list_checkpoints(run_dir)[-1].name}); add "
+                              "--resume to continue it, or choose another --out for a new run")
+    for part in (corpus or "").split("+"):
+        root = Path(part.strip()).expanduser()
+        if part.strip() and root.is_dir() and run_dir.resolve().is_relative_to(root.resolve()):
+            raise ValueError(f"--out {run_dir} is inside the corpus folder {root}: the run's files would become "
+                             "training data; choose an --out outside it")
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path):
+    "Hold `run_dir/dsv3.lock` while writing: another live writer is refused, a dead one's lock is taken over."
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            pid = _lock_owner(path)
+            if pid is not None and _alive(pid):
+                raise FileExistsError(f"{run_dir} is being written by another process (pid {pid}, {path}); wait "
+                                      "for it or choose another --out") from None
+            warnings.warn(f"{path}: the lock of process {pid}, which is not running: taking the run over",
+                          stacklevel=3)
+            path.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by another user
+        return True
+    return True

@@ -20,7 +20,7 @@ from .validate import check_json
 
 # %% auto #0
 __all__ = ['FileFormatError', 'atomic_write', 'write_json', 'read_json', 'append_jsonl', 'write_jsonl', 'read_jsonl',
-           'atomic_dir', 'remove_stale_temps', 'check_safetensors']
+           'atomic_dir', 'keep_entry', 'atomic_dir_keeping', 'remove_stale_temps', 'check_safetensors']
 
 # %% ../notebooks/02_files.ipynb #79a490a4
 class FileFormatError(ValueError):
@@ -202,6 +202,31 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)   # the failed write, or the old folder after an exchange
         _IN_FLIGHT.discard(tmp)
+
+# %% ../notebooks/02_files.ipynb #e5f0d552
+def keep_entry(src: Path, dst: Path) -> None:
+    "Put entry `src` at `dst` without copying data where possible: hard links (copies across file systems), symlinks as such."
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=keep_entry)
+    else:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def atomic_dir_keeping(path: str | os.PathLike, replaced) -> Iterator[Path]:
+    "`atomic_dir(path)` that starts with every entry of `path` whose name is not in `replaced`."
+    path = Path(path)
+    entries = sorted(path.iterdir()) if path.is_dir() else []
+    with atomic_dir(path) as tmp:
+        for p in entries:
+            if p.name not in replaced:
+                keep_entry(p, tmp / p.name)
+        yield tmp
 
 # %% ../notebooks/02_files.ipynb #a76ec2e5
 def _pid_alive(pid: int) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from .data import Corpus, default_cache_dir, load_corpus
-from .files import FileFormatError, atomic_dir, read_json, remove_stale_temps, write_json
+from .files import FileFormatError, atomic_dir, atomic_dir_keeping, read_json, remove_stale_temps, write_json
 
 # %% auto #0
 __all__ = ['BOS', 'EOS', 'PAD', 'USER', 'ASSISTANT', 'SPECIAL_TOKENS', 'DEEPSEEK_V3_CHAT_TEMPLATE', 'TOKENIZER_FORMAT',
@@ -212,19 +212,6 @@ def _write_tokenizer_config(path: Path, **extra) -> None:
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 
 
-def _keep(src: Path, dst: Path) -> None:
-    "Put entry `src` at `dst` without copying data where possible: hard links (copies across file systems), symlinks as such."
-    if src.is_symlink():
-        os.symlink(os.readlink(src), dst)
-    elif src.is_dir():
-        shutil.copytree(src, dst, symlinks=True, copy_function=_keep)
-    else:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-
 @contextlib.contextmanager
 def _tokenizer_dir(path: str | os.PathLike) -> Iterator[Path]:
     "A temp folder that replaces folder `path` on success (`files.atomic_dir`), keeping every entry that is not a tokenizer file."
@@ -233,10 +220,7 @@ def _tokenizer_dir(path: str | os.PathLike) -> Iterator[Path]:
     if clash := [p.name for p in entries if p.name in _TOKENIZER_FILES and (p.is_dir() or p.is_symlink())]:
         raise ValueError(f"{path / clash[0]} is not a tokenizer file but has a tokenizer file's name: "
                          "save the tokenizer into another folder")
-    with atomic_dir(path) as tmp:
-        for p in entries:
-            if p.name not in _TOKENIZER_FILES:   # a model, a README...: kept as they are, next to the new tokenizer
-                _keep(p, tmp / p.name)
+    with atomic_dir_keeping(path, _TOKENIZER_FILES) as tmp:  # a model, a README...: kept next to the new tokenizer
         yield tmp
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .checkpoint import check_config, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import check_config, check_run_dir, load_checkpoint, read_state, run_lock, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .data import get_batch, load_corpus, pack
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
@@ -32,9 +32,9 @@ from .step import NonFiniteLoss, lm_loss, train_step, val_loss
 from .tokenizer import get_tokenizer
 
 # %% auto #0
-__all__ = ['TRAIN_PRESETS', 'LOCK', 'RUN_MARKERS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for',
-           'TrainData', 'prepare_data', 'SaveFailed', 'resolve_device', 'autocast_for', 'read_metrics', 'is_run_dir',
-           'check_run_dir', 'run_lock', 'TrainResult', 'train_loop', 'resume_into', 'train', 'write_summary']
+__all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for', 'TrainData', 'prepare_data',
+           'SaveFailed', 'resolve_device', 'autocast_for', 'read_metrics', 'TrainResult', 'train_loop', 'resume_into',
+           'train', 'write_summary']
 
 # %% ../notebooks/20_train.ipynb #009cc7f2
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -295,81 +295,6 @@ def _progress(enabled: bool, tc: TrainConfig, start: int, elapsed: float) -> tqd
                     bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s of training [{elapsed}<{remaining}{postfix}]")
     return tqdm(total=tc.max_steps, initial=start, file=sys.stderr, disable=not enabled, dynamic_ncols=True,
                 unit="step")
-
-# %% ../notebooks/20_train.ipynb #d127b56c
-LOCK = "dsv3.lock"
-RUN_MARKERS = ("train_config.json", "finetune_config.json", "distill.json", LOCK)  # files only a run of ours writes
-
-
-def is_run_dir(path: str | Path) -> bool:
-    "Whether `path` is a run folder of this package (a run's config, a lock or a checkpoint in it)."
-    path = Path(path)
-    return any((path / m).exists() for m in RUN_MARKERS) or bool(list_checkpoints(path))
-
-
-def check_run_dir(run_dir: str | Path, resume: bool = False, corpus: str | None = None) -> None:
-    "Refuse a `run_dir` that is a file, not a run, a run (without `resume`) or inside the `corpus` folder."
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NotADirectoryError(f"{run_dir} exists and is not a directory; choose another --out")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
-        names = ", ".join(sorted(p.name for p in run_dir.iterdir())[:3])
-        raise FileExistsError(f"--out {run_dir} is not empty ({names}, ...) and holds no run of dsv3: choose a new or "
-                              "empty folder (--resume continues a run of dsv3)")
-    if (pid := _lock_owner(run_dir / LOCK)) is not None and _alive(pid):  # early; `run_lock` decides
-        raise FileExistsError(f"{run_dir} is being written by another process (pid {pid}); wait for it or choose "
-                              "another --out")
-    if not resume and list_checkpoints(run_dir):
-        raise FileExistsError(f"{run_dir} already holds a run ({list_checkpoints(run_dir)[-1].name}); add "
-                              "--resume to continue it, or choose another --out for a new run")
-    for part in (corpus or "").split("+"):
-        root = Path(part.strip()).expanduser()
-        if part.strip() and root.is_dir() and run_dir.resolve().is_relative_to(root.resolve()):
-            raise ValueError(f"--out {run_dir} is inside the corpus folder {root}: the run's files would become "
-                             "training data; choose an --out outside it")
-
-
-def _lock_owner(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str | Path):
-    "Hold `run_dir/dsv3.lock` while writing: another live writer is refused, a dead one's lock is taken over."
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            pid = _lock_owner(path)
-            if pid is not None and _alive(pid):
-                raise FileExistsError(f"{run_dir} is being written by another process (pid {pid}, {path}); wait "
-                                      "for it or choose another --out") from None
-            warnings.warn(f"{path}: the lock of process {pid}, which is not running: taking the run over",
-                          stacklevel=3)
-            path.unlink(missing_ok=True)
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # it exists, owned by another user
-        return True
-    return True
 
 # %% ../notebooks/20_train.ipynb #f4940d3f
 @dataclass

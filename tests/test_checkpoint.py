@@ -115,10 +115,9 @@ def test_latest_checkpoint_skips_a_damaged_one_with_one_warning(saved, damage):
     assert len(rec) == 1 and str(new) in str(rec[0].message) and "\n" not in str(rec[0].message)
 
 
-def test_load_trained_falls_back_and_errors_name_the_file(tmp_path):
-    """`load_trained` of a run whose newest checkpoint is truncated loads the previous one (with a warning); a
-    checkpoint directory given directly that is broken, or a run where every checkpoint is broken, is a
-    `CheckpointError` naming it."""
+
+def _run_with_two_checkpoints(tmp_path):
+    "A run folder with checkpoints 4 and 5 of a TINY model and its own tokenizer: (tok, cfg, model, run)."
     from dsv3_min.tokenizer import train_tokenizer
     tok = train_tokenizer(["To be, or not to be, that is the question. Whether 'tis nobler in the mind."] * 30,
                           vocab_size=300)
@@ -126,6 +125,13 @@ def test_load_trained_falls_back_and_errors_name_the_file(tmp_path):
     model, run = DeepSeekV3(cfg), tmp_path / "run"
     for step in (4, 5):
         save_checkpoint(run, step, model, None, cfg, None, tok)
+    return tok, cfg, model, run
+
+def test_load_trained_falls_back_and_errors_name_the_file(tmp_path):
+    """`load_trained` of a run whose newest checkpoint is truncated loads the previous one (with a warning); a
+    checkpoint directory given directly that is broken, or a run where every checkpoint is broken, is a
+    `CheckpointError` naming it."""
+    tok, cfg, model, run = _run_with_two_checkpoints(tmp_path)
     w = run / "ckpt-0000005" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-8])
     with pytest.warns(CheckpointWarning, match="ckpt-0000005"):
@@ -193,13 +199,7 @@ def test_damaged_tokenizer_without_manifest_falls_back(tmp_path, damage):
     """A checkpoint with no manifest (an older writer, or a copy without it) whose tokenizer is damaged is a broken
     checkpoint like any other: `load_trained` of the run falls back to the previous intact one with one warning, and
     the checkpoint named directly is one `CheckpointError` line, never a traceback from the tokenizer library."""
-    from dsv3_min.tokenizer import train_tokenizer
-    tok = train_tokenizer(["To be, or not to be, that is the question. Whether 'tis nobler in the mind."] * 30,
-                          vocab_size=300)
-    cfg = tiny_config(vocab_size=tok.vocab_size)
-    model, run = DeepSeekV3(cfg), tmp_path / "run"
-    for step in (4, 5):
-        save_checkpoint(run, step, model, None, cfg, None, tok)
+    tok, cfg, model, run = _run_with_two_checkpoints(tmp_path)
     new = run / "ckpt-0000005"
     (new / "manifest.json").unlink()
     f = new / "tokenizer" / ("tokenizer.json" if damage == "json-type" else "tokenizer.model")

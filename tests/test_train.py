@@ -186,7 +186,7 @@ def test_out_refuses_a_folder_that_is_not_a_run_and_one_inside_the_corpus(tiny_c
 def test_a_live_writers_lock_refuses_a_second_and_a_dead_ones_is_taken_over(tiny_corpus, tmp_path, capsys):
     """A run folder whose dsv3.lock names a live process refuses a second `train` (one line, nothing written); the lock
     of a process that died is taken over with a warning, and released when the run ends."""
-    from dsv3_min.train import LOCK
+    from dsv3_min.checkpoint import LOCK
     run = tmp_path / "run"
     run.mkdir()
     (run / LOCK).write_text(str(os.getppid()))  # a live process that is not this one

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from .checkpoint import check_config, check_run_dir, load_checkpoint, read_state, run_lock, save_checkpoint
@@ -275,7 +276,8 @@ def _stop_reason(loop: _Loop, sigs: _Signals) -> str | None:
 def _save(loop: _Loop) -> None:
     "Checkpoint the current step; a failed write raises `SaveFailed` naming the previous, intact checkpoint."
     model, opt = loop.model, loop.opt
-    if dist.world_size() > 1:  # the checkpoint is the single-process one: gathered, written by rank 0
+    if any(isinstance(p, DTensor) for p in model.parameters()):  # sharded (torchrun, any world size, 1 too): the
+        # checkpoint is the single-process one, gathered, written by rank 0
         model, opt = dist.single_process_copy(model, opt, loop.tc)
     if model is None:
         return

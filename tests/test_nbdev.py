@@ -75,3 +75,55 @@ def test_notebook_name_is_its_module(nb_path):
     assert exp == ["__main__" if name == "main" else name], f"{nb_path.name} exports {exp}"
     numbers = sorted(p.stem.split("_", 1)[0] for p in NOTEBOOKS if p.stem != "index")
     assert numbers == [f"{i:02d}" for i in range(len(numbers))], numbers
+
+
+EXPORT_CELL_LIMIT = 50  # lines of an exported cell's source, its `#| export` line included: it must stay below this
+MACHINE_MARKERS = ("/tmp/", "/work/", "/root/", "/home/", ".venv")
+ENV_WARNINGS = ("TqdmWarning", "FutureWarning", "DeprecationWarning")
+
+
+def _code_cells(nb_path):
+    return [c for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+def _is_exported(source):
+    """nbdev exports a cell whose directives include `#| export` (or `exporti` / `exports`), with or without the space."""
+    return any(ln.replace(" ", "").startswith(("#|export", "#|exporti", "#|exports")) for ln in source.splitlines())
+
+
+def _output_texts(cell):
+    """The text a reader sees in a cell's saved outputs: streams and the text forms of rich outputs (images skipped)."""
+    for o in cell.get("outputs", []):
+        if "text" in o:
+            yield "".join(o["text"])
+        for mime, data in o.get("data", {}).items():
+            if mime.startswith("text/") or mime == "application/json":
+                yield data if isinstance(data, str) else "".join(data) if isinstance(data, list) else json.dumps(data)
+
+
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.name)
+def test_exported_cells_are_under_50_lines(nb_path):
+    """Every exported cell is shorter than 50 lines (its `#| export` line included): long definitions are split into
+    smaller functions or with `@patch`, so that each cell of the lesson can be read at once."""
+    long = []
+    for c in _code_cells(nb_path):
+        src = "".join(c["source"])
+        if _is_exported(src) and len(src.splitlines()) >= EXPORT_CELL_LIMIT:
+            long.append(f"cell {c.get('id')} ({len(src.splitlines())} lines): {src.splitlines()[1:2]}")
+    assert not long, f"{nb_path.name} has exported cells of {EXPORT_CELL_LIMIT} lines or more: {long}"
+
+
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.name)
+def test_saved_outputs_hold_no_machine_detail(nb_path):
+    """Saved outputs hold no path of the machine that ran them (/tmp/, /work/, /root/, /home/, .venv), no warning
+    about the environment (TqdmWarning, FutureWarning, DeprecationWarning lines) and no progress-bar debris
+    (carriage-return redraws): a reader sees the lesson, not the lab."""
+    found = []
+    for c in _code_cells(nb_path):
+        for text in _output_texts(c):
+            found += [f"cell {c.get('id')}: {m!r}" for m in MACHINE_MARKERS if m in text]
+            found += [f"cell {c.get('id')}: {w}" for w in ENV_WARNINGS
+                      if any(w in ln for ln in text.splitlines())]
+            if "\r" in text.replace("\r\n", "\n"):
+                found.append(f"cell {c.get('id')}: carriage-return progress bar")
+    assert not found, f"{nb_path.name} saved machine details in its outputs: {found}"

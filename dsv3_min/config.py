@@ -24,6 +24,11 @@ MOE_IMPLS = ("grouped", "loop")
 _YARN_DEFAULTS = dict(beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0)
 _ROPE_NUMBERS = ("factor", "original_max_position_embeddings", "rope_theta", *_YARN_DEFAULTS)
 ROPE_SCALING_KEYS = ("type", "rope_type", *_ROPE_NUMBERS)
+# Upper bounds of the sizes: generous beyond every published model (deepseek-v3: vocabulary 129,280, width 7,168,
+# 61 layers, 128 heads, 256 experts, 163,840 positions), so that a typo such as 10**9 is one error, not a hang or an
+# allocation that fails deep inside torch.
+_MAX_VOCAB, _MAX_WIDTH, _MAX_FFN, _MAX_HEAD_DIM = 2**22, 2**16, 2**18, 2**12
+_MAX_LAYERS, _MAX_HEADS, _MAX_EXPERTS, _MAX_POSITIONS = 2**10, 2**10, 2**14, 2**24
 
 
 def _check_rope_scaling(rs: dict) -> str | None:
@@ -40,63 +45,8 @@ def _check_rope_scaling(rs: dict) -> str | None:
     return f"{bad[0]} must be a finite number, got {rs[bad[0]]!r}" if bad else None
 
 # %% ../notebooks/01_config.ipynb #6e713a10
-# Upper bounds of the sizes: generous beyond every published model (deepseek-v3: vocabulary 129,280, width 7,168,
-# 61 layers, 128 heads, 256 experts, 163,840 positions), so that a typo such as 10**9 is one error, not a hang or an
-# allocation that fails deep inside torch.
-_MAX_VOCAB, _MAX_WIDTH, _MAX_FFN, _MAX_HEAD_DIM = 2**22, 2**16, 2**18, 2**12
-_MAX_LAYERS, _MAX_HEADS, _MAX_EXPERTS, _MAX_POSITIONS = 2**10, 2**10, 2**14, 2**24
-
-
-@dataclass
-class ModelConfig:
-    "Every hyper-parameter of the model; names follow transformers' `DeepseekV3Config` where they overlap."
-    # --- sizes (HF names) ---
-    vocab_size: int = rule(129280, gt=0, le=_MAX_VOCAB)
-    hidden_size: int = rule(7168, gt=0, le=_MAX_WIDTH)
-    intermediate_size: int = rule(18432, gt=0, le=_MAX_FFN)        # width of the dense SwiGLU in the first `first_k_dense_replace` layers
-    moe_intermediate_size: int = rule(2048, gt=0, le=_MAX_FFN)     # width of each routed / shared expert
-    num_hidden_layers: int = rule(61, gt=0, le=_MAX_LAYERS)
-    num_attention_heads: int = rule(128, gt=0, le=_MAX_HEADS)
-    num_key_value_heads: int | None = rule(None, gt=0, le=_MAX_HEADS)  # GQA only; None means = num_attention_heads (MHA)
-    max_position_embeddings: int = rule(163840, gt=0, le=_MAX_POSITIONS)
-    # --- MLA (HF names) ---
-    q_lora_rank: int | None = rule(1536, ge=0, le=_MAX_WIDTH)        # 0 or None: a plain W_q, no query compression
-    kv_lora_rank: int = rule(512, gt=0, le=_MAX_WIDTH)
-    qk_nope_head_dim: int = rule(128, gt=0, le=_MAX_HEAD_DIM)
-    qk_rope_head_dim: int = rule(64, gt=0, le=_MAX_HEAD_DIM)
-    v_head_dim: int = rule(128, gt=0, le=_MAX_HEAD_DIM)
-    # --- MoE (HF names) ---
-    n_routed_experts: int = rule(256, gt=0, le=_MAX_EXPERTS)
-    n_shared_experts: int = rule(1, ge=0, le=_MAX_EXPERTS)
-    num_experts_per_tok: int = rule(8, gt=0, le=_MAX_EXPERTS)
-    n_group: int = rule(8, gt=0, le=_MAX_EXPERTS)
-    topk_group: int = rule(4, gt=0, le=_MAX_EXPERTS)
-    routed_scaling_factor: float = rule(2.5, gt=0)
-    norm_topk_prob: bool = True
-    first_k_dense_replace: int = rule(3, ge=0, le=_MAX_LAYERS)
-    # --- the rest (HF names) ---
-    num_nextn_predict_layers: int = rule(1, ge=0, le=_MAX_LAYERS)     # MTP depth D
-    rms_norm_eps: float = rule(1e-6, gt=0)
-    rope_theta: float = rule(10000.0, gt=0)
-    rope_scaling: dict | None = rule(None, check=_check_rope_scaling)  # DeepSeek form: {"type": "yarn", "factor", ...}
-    initializer_range: float = rule(0.02, gt=0)
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    hidden_act: str = rule("silu", choices=("silu",))  # only SwiGLU is implemented
-    bos_token_id: int | None = rule(0, ge=0)
-    eos_token_id: int | None = rule(1, ge=0)
-    pad_token_id: int | None = rule(None, ge=0)
-    # --- extensions (dsv3_min) ---
-    attention: str = rule("mla", choices=ATTENTION_KINDS)
-    gqa_head_dim: int | None = rule(None, gt=0, le=_MAX_HEAD_DIM)       # GQA head dim; None means hidden_size // num_attention_heads
-    gated_attention: bool = False                     # sigmoid head gate on attention outputs (notebook 08)
-    norm_scheme: str = rule("prenorm", choices=NORM_SCHEMES)   # notebook 10
-    attn_backend: str = rule("sdpa", choices=ATTN_BACKENDS)    # notebooks 06, 11
-    mla_impl: str = rule("naive", choices=MLA_IMPLS)           # notebook 07
-    moe_impl: str = rule("grouped", choices=MOE_IMPLS)         # notebook 09
-    aux_loss_alpha: float = rule(1e-4, ge=0)          # α of the sequence-wise balance loss; 0 disables it
-    bias_update_speed: float = rule(1e-3, ge=0)       # γ of aux-loss-free balancing; 0 disables it
-    mtp_loss_weight: float = rule(0.3, ge=0)          # λ in L_main + (λ/D) Σ_k CE_k
+class _ConfigBase:
+    "What every `ModelConfig` does besides holding fields: the checks after construction and the derived sizes."
 
     def __post_init__(self):
         validate_fields(self)             # types first: the normalization below assumes them
@@ -106,7 +56,6 @@ class ModelConfig:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
         self.validate()
 
-    # --- derived sizes, so no caller recomputes them ---
     @property
     def qk_head_dim(self) -> int:
         "Per-head query/key width of MLA: the no-position part plus the rotary part."
@@ -125,6 +74,58 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         "Layer `i` (MTP blocks are numbered from num_hidden_layers on) uses DeepSeekMoE (True) or the dense SwiGLU."
         return self.first_k_dense_replace <= i and self.first_k_dense_replace < self.num_hidden_layers
+
+# %% ../notebooks/01_config.ipynb #bef42aa9
+@dataclass
+class _HFFields(_ConfigBase):
+    "The fields shared with transformers' `DeepseekV3Config` (same names), DeepSeek-V3's values as defaults."
+    vocab_size: int = rule(129280, gt=0, le=_MAX_VOCAB)
+    hidden_size: int = rule(7168, gt=0, le=_MAX_WIDTH)
+    intermediate_size: int = rule(18432, gt=0, le=_MAX_FFN)        # width of the dense SwiGLU in the first `first_k_dense_replace` layers
+    moe_intermediate_size: int = rule(2048, gt=0, le=_MAX_FFN)     # width of each routed / shared expert
+    num_hidden_layers: int = rule(61, gt=0, le=_MAX_LAYERS)
+    num_attention_heads: int = rule(128, gt=0, le=_MAX_HEADS)
+    num_key_value_heads: int | None = rule(None, gt=0, le=_MAX_HEADS)  # GQA only; None means = num_attention_heads (MHA)
+    max_position_embeddings: int = rule(163840, gt=0, le=_MAX_POSITIONS)
+    q_lora_rank: int | None = rule(1536, ge=0, le=_MAX_WIDTH)        # 0 or None: a plain W_q, no query compression
+    kv_lora_rank: int = rule(512, gt=0, le=_MAX_WIDTH)
+    qk_nope_head_dim: int = rule(128, gt=0, le=_MAX_HEAD_DIM)
+    qk_rope_head_dim: int = rule(64, gt=0, le=_MAX_HEAD_DIM)
+    v_head_dim: int = rule(128, gt=0, le=_MAX_HEAD_DIM)
+    n_routed_experts: int = rule(256, gt=0, le=_MAX_EXPERTS)
+    n_shared_experts: int = rule(1, ge=0, le=_MAX_EXPERTS)
+    num_experts_per_tok: int = rule(8, gt=0, le=_MAX_EXPERTS)
+    n_group: int = rule(8, gt=0, le=_MAX_EXPERTS)
+    topk_group: int = rule(4, gt=0, le=_MAX_EXPERTS)
+    routed_scaling_factor: float = rule(2.5, gt=0)
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = rule(3, ge=0, le=_MAX_LAYERS)
+    num_nextn_predict_layers: int = rule(1, ge=0, le=_MAX_LAYERS)     # MTP depth D
+    rms_norm_eps: float = rule(1e-6, gt=0)
+    rope_theta: float = rule(10000.0, gt=0)
+    rope_scaling: dict | None = rule(None, check=_check_rope_scaling)  # DeepSeek form: {"type": "yarn", "factor", ...}
+    initializer_range: float = rule(0.02, gt=0)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    hidden_act: str = rule("silu", choices=("silu",))  # only SwiGLU is implemented
+    bos_token_id: int | None = rule(0, ge=0)
+    eos_token_id: int | None = rule(1, ge=0)
+    pad_token_id: int | None = rule(None, ge=0)
+
+# %% ../notebooks/01_config.ipynb #bf8ef104
+@dataclass
+class ModelConfig(_HFFields):
+    "Every hyper-parameter of the model: transformers' `DeepseekV3Config` fields, then dsv3_min's extensions."
+    attention: str = rule("mla", choices=ATTENTION_KINDS)
+    gqa_head_dim: int | None = rule(None, gt=0, le=_MAX_HEAD_DIM)       # GQA head dim; None means hidden_size // num_attention_heads
+    gated_attention: bool = False                     # sigmoid head gate on attention outputs (notebook 08)
+    norm_scheme: str = rule("prenorm", choices=NORM_SCHEMES)   # notebook 10
+    attn_backend: str = rule("sdpa", choices=ATTN_BACKENDS)    # notebooks 06, 11
+    mla_impl: str = rule("naive", choices=MLA_IMPLS)           # notebook 07
+    moe_impl: str = rule("grouped", choices=MOE_IMPLS)         # notebook 09
+    aux_loss_alpha: float = rule(1e-4, ge=0)          # α of the sequence-wise balance loss; 0 disables it
+    bias_update_speed: float = rule(1e-3, ge=0)       # γ of aux-loss-free balancing; 0 disables it
+    mtp_loss_weight: float = rule(0.3, ge=0)          # λ in L_main + (λ/D) Σ_k CE_k
 
     def replace(self, **changes) -> ModelConfig:
         "A copy with `changes` applied (validated, unknown names rejected)."
@@ -234,7 +235,7 @@ def _hf_dict(hf) -> dict:
     generic = set(base().to_dict()) - set(_HF_NAMES) if base is not None else set()
     return {k: v for k, v in d.items() if k not in generic}
 
-
+# %% ../notebooks/01_config.ipynb #1127109c
 def _config_from_hf(cls, hf) -> ModelConfig:
     "Build a `ModelConfig` from a `DeepseekV3Config` or a `config.json` dict; unknown keys raise, naming them."
     d = _hf_dict(hf)
@@ -262,7 +263,7 @@ def _config_from_hf(cls, hf) -> ModelConfig:
     kw.update(ext)
     return cls(**kw)
 
-
+# %% ../notebooks/01_config.ipynb #7c9c33db
 def _config_to_hf(self: ModelConfig) -> dict:
     "Keyword arguments for `transformers.DeepseekV3Config` (and the body of a `config.json`)."
     d = {k: getattr(self, k) for k in _HF_NAMES}
@@ -350,7 +351,7 @@ def _attn_params(c: ModelConfig) -> int:
         p += d * H * (c.v_head_dim if c.attention == "mla" else c.head_dim)
     return p
 
-
+# %% ../notebooks/01_config.ipynb #1314c64a
 def count_params(c: ModelConfig) -> ParamCount:
     "Total, active (per token) and MTP parameter counts of `c`, with a per-component breakdown."
     d, L = c.hidden_size, c.num_hidden_layers

@@ -22,7 +22,7 @@ def rule(default, *, gt=None, ge=None, lt=None, le=None, choices=None, pattern=N
             if v is not None}
     return dataclasses.field(default=default, metadata=meta)
 
-
+# %% ../notebooks/00_validate.ipynb #0cb62657
 _TYPE_NAMES = {int: "an integer", float: "a float", str: "a string", dict: "a dict", list: "a list"}
 
 
@@ -50,7 +50,7 @@ def _describe(tp, meta: dict) -> str:
         s += f" matching '{meta['pattern']}'" if "pattern" in meta else ""
     return s + (" or None" if optional else "")
 
-
+# %% ../notebooks/00_validate.ipynb #d482fbb7
 def type_ok(v, tp) -> bool:
     "Whether `v` has type `tp` (an annotation: int, float, bool, str, dict, list, `X | None`) under the strict rules."
     args = typing.get_args(tp)
@@ -70,7 +70,7 @@ def type_ok(v, tp) -> bool:
     except TypeError:      # an annotation isinstance cannot check (e.g. Callable[..., X]): leave it to `check`
         return True
 
-# %% ../notebooks/00_validate.ipynb #0cb62657
+# %% ../notebooks/00_validate.ipynb #de3a8f35
 def _rule_ok(v, meta: dict) -> bool:
     "Whether a value of the right type satisfies the field's range, choices and pattern."
     if v is None:
@@ -94,7 +94,7 @@ def validate_fields(obj) -> None:
         if v is not None and "check" in f.metadata and (why := f.metadata["check"](v)):
             raise ValueError(f"{cls.__name__}.{f.name}={v!r}: {why}")
 
-
+# %% ../notebooks/00_validate.ipynb #99956ed1
 def check_names(owner: str, given, valid) -> None:
     "Raise a one-line `ValueError` naming every key of `given` that is not in `valid`, with the closest valid name."
     valid = list(valid)

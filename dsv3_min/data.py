@@ -290,7 +290,7 @@ class Packed:
         "Convert a mean cross-entropy (nats per token) on `split` into bits per UTF-8 byte."
         return loss_nats / np.log(2) / self.bytes_per_token(split)
 
-
+# %% ../notebooks/03_data.ipynb #d44c90d6
 def _write_split(path: Path, tokenizer, texts: list[str], dtype: np.dtype, batch: int = 64) -> int:
     "Tokenize `texts` (each BOS-prefixed) and append the ids to `path`; returns the token count."
     encode_batch = getattr(tokenizer, "encode_batch", None)
@@ -311,7 +311,7 @@ def _open_tokens(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
     "A read-only memmap of `n` ids (an empty array when n == 0: numpy cannot map an empty file)."
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
 
-
+# %% ../notebooks/03_data.ipynb #5d8d42ef
 def _cached_meta(final: Path) -> dict | None:
     "The sidecar of an intact packed cache in `final`; None when it is missing or broken (with a warning saying why)."
     if not (final / "meta.json").exists():
@@ -328,7 +328,7 @@ def _cached_meta(final: Path) -> dict | None:
         return None
     return meta
 
-
+# %% ../notebooks/03_data.ipynb #10a57160
 def pack(corpus: Corpus, tokenizer, cache_dir: str | os.PathLike | None = None) -> Packed:
     "Tokenize both splits once (BOS before each document) into cached uint16/uint32 memmaps with a JSON sidecar."
     fp = getattr(tokenizer, "fingerprint", None)

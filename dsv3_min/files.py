@@ -168,7 +168,7 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
         _fsync_dir(Path(dirpath))
 
-
+# %% ../notebooks/02_files.ipynb #34d3edb3
 def _swap_in(tmp: Path, final: Path) -> None:
     "Make folder `tmp` become `final`; an existing `final` ends up at path `tmp` (exchange) or is deleted."
     if final.exists() and not final.is_dir():
@@ -289,7 +289,7 @@ def _st_entries(header: dict) -> dict[str, tuple[str, tuple[int, ...], int, int]
         out[name] = (dtype, tuple(shape), offs[0], offs[1])
     return out
 
-
+# %% ../notebooks/02_files.ipynb #e86a9a8c
 def check_safetensors(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
     "tensor name -> (dtype, shape) of safetensors file `path`, after checking header and size; else `FileFormatError`."
     path = Path(path)

@@ -105,19 +105,6 @@ class Tokenizer:
         "Whether id `i` is a byte-fallback token `<0x..>`."
         return False
 
-    def _decode_text(self, ids: list[int]) -> str:
-        "Text of ordinary ids; a run of byte-fallback tokens that is not whole UTF-8 (a character cut) drops its bytes."
-        out, k = [], 0
-        while k < len(ids):
-            j, byte = k, self.is_byte(ids[k])
-            while j < len(ids) and self.is_byte(ids[j]) == byte:
-                j += 1
-            run = ids[k:j]
-            out.append(bytes(int(self.id_to_piece(i)[3:5], 16) for i in run).decode("utf-8", "ignore") if byte
-                       else self._decode_pieces(run))
-            k = j
-        return "".join(out)
-
     def _special(self, text: str) -> int | None:
         return self.special_ids.get(text)
 
@@ -146,60 +133,86 @@ class Tokenizer:
         "Ids of each text with the special tokens the tokenizer adds by itself (BOS), as transformers' `encode` gives them."
         return self.encode_batch(texts, bos=self.bos_id is not None)
 
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        "Text of `ids`; special tokens are spelled out (or dropped with `skip_special`)."
-        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-        for i in ids:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
-        names = {v: k for k, v in self.special_ids.items()}
-        out, run = [], []
-        for i in ids + [None]:
-            if i is None or i in names:
-                if run:
-                    out.append(self._decode_text(run))
-                    run = []
-                if i is not None and not skip_special:
-                    out.append(names[i])
-            else:
-                run.append(i)
-        return "".join(out)
-
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = False) -> str | list[int]:
-        "DeepSeek-V3's chat format as a string, or as ids (`tokenize=True`) with message text encoded as text."
-        segments = chat_segments(messages, add_generation_prompt)
-        if not tokenize:
-            return "".join(text for text, _ in segments)
-        return [i for text, special in segments if text
-                for i in ([self.special_ids[text]] if special else self.encode(text))]
-
     def save(self, path: str | os.PathLike) -> Path:
         raise NotImplementedError
 
-    @staticmethod
-    def load(path: str | os.PathLike) -> Tokenizer:
-        "A saved SentencePiece tokenizer (folder or `.model`) or a Hugging Face `tokenizer.json` (file or folder)."
-        p = Path(path).expanduser()
-        if p.is_dir():
-            if (p / "tokenizer.model").exists():
-                p = p / "tokenizer.model"
-            elif (p / "tokenizer.json").exists():
-                p = p / "tokenizer.json"
-            else:
-                raise ValueError(f"{p} has neither tokenizer.model (SentencePiece) nor tokenizer.json (Hugging Face)")
-        if not p.is_file():
-            raise ValueError(f"no tokenizer at {p}")
-        if p.suffix == ".json":
-            read_json(p)   # not JSON, or not an object: one line naming the file
-            try:
-                return HFTokenizer.from_file(p)
-            except Exception as e:   # the tokenizers library raises a bare Exception for a file it cannot read
-                raise FileFormatError(f"{p}: not a tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+# %% ../notebooks/04_tokenizer.ipynb #0be07898
+def _decode_text(self: Tokenizer, ids: list[int]) -> str:
+    "Text of ordinary ids; a run of byte-fallback tokens that is not whole UTF-8 (a character cut) drops its bytes."
+    out, k = [], 0
+    while k < len(ids):
+        j, byte = k, self.is_byte(ids[k])
+        while j < len(ids) and self.is_byte(ids[j]) == byte:
+            j += 1
+        run = ids[k:j]
+        out.append(bytes(int(self.id_to_piece(i)[3:5], 16) for i in run).decode("utf-8", "ignore") if byte
+                   else self._decode_pieces(run))
+        k = j
+    return "".join(out)
+
+
+def _decode(self: Tokenizer, ids: Iterable[int], skip_special: bool = False) -> str:
+    "Text of `ids`; special tokens are spelled out (or dropped with `skip_special`)."
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    for i in ids:
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+    names = {v: k for k, v in self.special_ids.items()}
+    out, run = [], []
+    for i in ids + [None]:
+        if i is None or i in names:
+            if run:
+                out.append(self._decode_text(run))
+                run = []
+            if i is not None and not skip_special:
+                out.append(names[i])
+        else:
+            run.append(i)
+    return "".join(out)
+
+
+Tokenizer._decode_text = _decode_text
+Tokenizer.decode = _decode
+
+# %% ../notebooks/04_tokenizer.ipynb #04a7b332
+def _apply_chat_template(self: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
+                        tokenize: bool = False) -> str | list[int]:
+    "DeepSeek-V3's chat format as a string, or as ids (`tokenize=True`) with message text encoded as text."
+    segments = chat_segments(messages, add_generation_prompt)
+    if not tokenize:
+        return "".join(text for text, _ in segments)
+    return [i for text, special in segments if text
+            for i in ([self.special_ids[text]] if special else self.encode(text))]
+
+
+def _load(path: str | os.PathLike) -> Tokenizer:
+    "A saved SentencePiece tokenizer (folder or `.model`) or a Hugging Face `tokenizer.json` (file or folder)."
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / "tokenizer.model").exists():
+            p = p / "tokenizer.model"
+        elif (p / "tokenizer.json").exists():
+            p = p / "tokenizer.json"
+        else:
+            raise ValueError(f"{p} has neither tokenizer.model (SentencePiece) nor tokenizer.json (Hugging Face)")
+    if not p.is_file():
+        raise ValueError(f"no tokenizer at {p}")
+    if p.suffix == ".json":
+        read_json(p)   # not JSON, or not an object: one line naming the file
         try:
-            return SentencePieceTokenizer(p.read_bytes())
-        except (RuntimeError, ValueError) as e:   # a damaged model: sentencepiece raises either (bad UTF-8 pieces)
-            raise FileFormatError(f"{p}: not a SentencePiece model ({str(e).splitlines()[0][:200]})") from None
+            return HFTokenizer.from_file(p)
+        except Exception as e:   # the tokenizers library raises a bare Exception for a file it cannot read
+            raise FileFormatError(f"{p}: not a tokenizer.json ({str(e).splitlines()[0][:200]})") from None
+    try:
+        return SentencePieceTokenizer(p.read_bytes())
+    except (RuntimeError, ValueError) as e:   # a damaged model: sentencepiece raises either (bad UTF-8 pieces)
+        raise FileFormatError(f"{p}: not a SentencePiece model ({str(e).splitlines()[0][:200]})") from None
+
+
+Tokenizer.apply_chat_template = _apply_chat_template
+Tokenizer.load = staticmethod(_load)
+
+
 
 # %% ../notebooks/04_tokenizer.ipynb #acbf1c81
 def _write_tokenizer_config(path: Path, **extra) -> None:
@@ -223,7 +236,7 @@ def _tokenizer_dir(path: str | os.PathLike) -> Iterator[Path]:
     with atomic_dir_keeping(path, _TOKENIZER_FILES) as tmp:  # a model, a README...: kept next to the new tokenizer
         yield tmp
 
-
+# %% ../notebooks/04_tokenizer.ipynb #184ae939
 class SentencePieceTokenizer(Tokenizer):
     "A SentencePiece BPE model (byte fallback, identity normalization) behind the `Tokenizer` interface."
 
@@ -265,25 +278,6 @@ class SentencePieceTokenizer(Tokenizer):
         "The piece (subword string, `▁` for space) of id `i`."
         return self.sp.id_to_piece(i)
 
-    def to_hf(self) -> HFTokenizer:
-        "The same BPE as a Hugging Face `tokenizers` model (same ids, except that a literal `▁` encodes as a space)."
-        from tokenizers import AddedToken, decoders, models, normalizers, processors
-        from tokenizers import Tokenizer as _HFTok
-
-        sp = self.sp
-        vocab = {sp.id_to_piece(i): i for i in range(self.vocab_size)}
-        learned = {p for p, i in vocab.items() if not (sp.is_unknown(i) or sp.is_control(i) or sp.is_byte(i))}
-        merges = sorted(((p[:k], p[k:]) for p in learned for k in range(1, len(p))   # every split of a piece into
-                         if p[:k] in learned and p[k:] in learned),                   # two pieces, ranked by the
-                        key=lambda lr: (vocab[lr[0] + lr[1]], len(lr[0])))            # merged piece's id
-        tok = _HFTok(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-        tok.normalizer = normalizers.Replace(" ", "▁")
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-        tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in self.special_ids])
-        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
-                                                           special_tokens=[(BOS, self.bos_id)])
-        return HFTokenizer(tok)
-
     def save(self, path: str | os.PathLike) -> Path:
         "Write `tokenizer.model`, `tokenizer.json`, `tokenizer_config.json` into folder `path` atomically (other files kept)."
         with _tokenizer_dir(path) as tmp:
@@ -291,6 +285,29 @@ class SentencePieceTokenizer(Tokenizer):
             self.to_hf().tok.save(str(tmp / "tokenizer.json"))
             _write_tokenizer_config(tmp, tokenizer_class="PreTrainedTokenizerFast")
         return Path(path)
+
+# %% ../notebooks/04_tokenizer.ipynb #b7e5ae04
+def _sp_to_hf(self: SentencePieceTokenizer) -> HFTokenizer:
+    "The same BPE as a Hugging Face `tokenizers` model (same ids, except that a literal `▁` encodes as a space)."
+    from tokenizers import AddedToken, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer as _HFTok
+
+    sp = self.sp
+    vocab = {sp.id_to_piece(i): i for i in range(self.vocab_size)}
+    learned = {p for p, i in vocab.items() if not (sp.is_unknown(i) or sp.is_control(i) or sp.is_byte(i))}
+    merges = sorted(((p[:k], p[k:]) for p in learned for k in range(1, len(p))   # every split of a piece into
+                     if p[:k] in learned and p[k:] in learned),                   # two pieces, ranked by the
+                    key=lambda lr: (vocab[lr[0] + lr[1]], len(lr[0])))            # merged piece's id
+    tok = _HFTok(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in self.special_ids])
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, self.bos_id)])
+    return HFTokenizer(tok)
+
+
+SentencePieceTokenizer.to_hf = _sp_to_hf
 
 # %% ../notebooks/04_tokenizer.ipynb #f5cf0a06
 class HFTokenizer(Tokenizer):
@@ -328,15 +345,6 @@ class HFTokenizer(Tokenizer):
     def is_byte(self, i: int) -> bool:
         return self._byte_fallback and re.fullmatch(r"<0x[0-9A-F]{2}>", self.tok.id_to_token(i) or "") is not None
 
-    def _decode_pieces(self, ids: list[int]) -> str:
-        "The decoder's text; a byte-level multi-byte character cut at the end of `ids` is left out (no U+FFFD)."
-        text = self.tok.decode(ids, skip_special_tokens=False)
-        for k in range(1, min(4, len(ids)) + 1 if text.endswith("\ufffd") else 0):
-            whole = self.tok.decode(ids[:-k], skip_special_tokens=False)
-            if not whole.endswith("\ufffd") and text.startswith(whole):
-                return whole
-        return text
-
     def id_to_piece(self, i: int) -> str:
         "The token string of id `i`."
         return self.tok.id_to_token(i)
@@ -347,6 +355,19 @@ class HFTokenizer(Tokenizer):
             self.tok.save(str(tmp / "tokenizer.json"))
             _write_tokenizer_config(tmp, tokenizer_class="PreTrainedTokenizerFast")
         return Path(path)
+
+# %% ../notebooks/04_tokenizer.ipynb #46384510
+def _hf_decode_pieces(self: HFTokenizer, ids: list[int]) -> str:
+    "The decoder's text; a byte-level multi-byte character cut at the end of `ids` is left out (no U+FFFD)."
+    text = self.tok.decode(ids, skip_special_tokens=False)
+    for k in range(1, min(4, len(ids)) + 1 if text.endswith("\ufffd") else 0):
+        whole = self.tok.decode(ids[:-k], skip_special_tokens=False)
+        if not whole.endswith("\ufffd") and text.startswith(whole):
+            return whole
+    return text
+
+
+HFTokenizer._decode_pieces = _hf_decode_pieces
 
 # %% ../notebooks/04_tokenizer.ipynb #ab1846c1
 def _chunks(text: str, max_chars: int) -> Iterable[str]:
@@ -360,7 +381,7 @@ def _chunks(text: str, max_chars: int) -> Iterable[str]:
         yield text[start:end]
         start = end
 
-
+# %% ../notebooks/04_tokenizer.ipynb #934ba376
 def train_tokenizer(texts_or_corpus: Corpus | str | Iterable[str], vocab_size: int = 4096, *,
                     chunk_chars: int = 4096, max_chunks: int | None = None,
                     character_coverage: float = 1.0) -> SentencePieceTokenizer:
@@ -395,7 +416,7 @@ def train_tokenizer(texts_or_corpus: Corpus | str | Iterable[str], vocab_size: i
                          f"(`--set vocab_size={-(-int(need[1]) // 64) * 64 + 64}` on the command line)") from None
     return SentencePieceTokenizer(model.getvalue())
 
-
+# %% ../notebooks/04_tokenizer.ipynb #8000e832
 def _train_bpe(chunks: list[str], model: io.BytesIO, vocab_size: int, chunk_chars: int, coverage: float) -> None:
     "SentencePiece's BPE trainer with this package's settings, writing the model into `model`."
     spm.SentencePieceTrainer.train(

@@ -19,7 +19,7 @@ from .rope import apply_rope
 __all__ = ['causal_mask', 'check_attention_inputs', 'attention_probs', 'warn_once', 'flash_attn_func', 'flash_attn_package',
            'register_backend', 'attend', 'LayerCache', 'KVCache', 'GroupedQueryAttention']
 
-# %% ../notebooks/06_attention.ipynb #4917002f
+# %% ../notebooks/06_attention.ipynb #fddb9887
 def causal_mask(sq: int, sk: int, device=None, rows: range | None = None, cols: range | None = None) -> Tensor:
     "Bool mask, True where query `i` may see key `j`: `j <= i + sk - sq` (bottom-right); only tile `(rows, cols)` if given."
     rows = range(sq) if rows is None else rows
@@ -53,7 +53,7 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
                          f"True = visible; got {mask.dtype} {tuple(mask.shape)}")
     return b, hq, hkv, sq, sk, dqk, dv
 
-
+# %% ../notebooks/06_attention.ipynb #cc7df131
 def attention_probs(q: Tensor, k: Tensor, causal: bool = True, softmax_scale: float | None = None,
                     mask: Tensor | None = None) -> Tensor:
     "Softmax weights `(b, hkv, g, sq, sk)` for `q (b, hkv*g, sq, d)`, `k (b, hkv, sk, d)`; fp32 (or fp64) softmax."
@@ -94,7 +94,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float | 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
 
-
+# %% ../notebooks/06_attention.ipynb #ed2deae7
 def flash_attn_func() -> tuple[str, Callable]:
     "The installed FlashAttention package: FlashAttention-4 (`flash_attn.cute`, Hopper and Blackwell) first, else 2."
     try:  # optional (CUDA only) packages: imported where they are used
@@ -132,7 +132,7 @@ def _flash_attn(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: fl
         return _sdpa(q, k, v, causal, softmax_scale, mask)
     return flash_attn_package(q, k, v, causal, softmax_scale)
 
-
+# %% ../notebooks/06_attention.ipynb #4516209d
 _BACKENDS: dict[str, Callable] = {}
 
 
@@ -205,24 +205,33 @@ class LayerCache:
         first = self.pos if self.static else self._length  # static: device arithmetic, no host sync
         return (first + torch.arange(s, device=self.start.device) - self.start[:, None]).clamp(min=0)
 
-    def mask(self, q_len: int) -> Tensor | None:
-        "Static: bool `(batch, 1, q_len, max_len)`, True where `start_b <= j <= pos + i` (or `j == pos + i`); dynamic: None."
-        if not self.static:
-            return None
-        i, j = self.pos + self._slots[:q_len], self._slots  # the queries' slots, every key slot
-        visible = (j <= i[:, None]) & (j >= self.start[:, None, None])  # (b, q, t)
-        return rearrange(visible | (j == i[:, None]), "b q t -> b 1 q t")
+# %% ../notebooks/06_attention.ipynb #e79bc947
+def _cache_mask(self: LayerCache, q_len: int) -> Tensor | None:
+    "Static: bool `(batch, 1, q_len, max_len)`, True where `start_b <= j <= pos + i` (or `j == pos + i`); dynamic: None."
+    if not self.static:
+        return None
+    i, j = self.pos + self._slots[:q_len], self._slots  # the queries' slots, every key slot
+    visible = (j <= i[:, None]) & (j >= self.start[:, None, None])  # (b, q, t)
+    return rearrange(visible | (j == i[:, None]), "b q t -> b 1 q t")
 
-    def reset(self) -> None:
-        "Forget the cached tokens (the buffers are reused): length 0, or `pos` and `start` 0."
-        self._length = 0
-        self.pos.zero_()
-        self.start.zero_()
+def _cache_reset(self: LayerCache) -> None:
+    "Forget the cached tokens (the buffers are reused): length 0, or `pos` and `start` 0."
+    self._length = 0
+    self.pos.zero_()
+    self.start.zero_()
 
-    def __repr__(self) -> str:
-        mode = f"static, pos={int(self.pos)}" if self.static else f"length={self._length}"
-        bufs = ", ".join(f"{n}={tuple(b.shape)}" for n, b in self.buffers.items())
-        return f"{type(self).__name__}({mode}, {bufs}, dtype={next(iter(self.buffers.values())).dtype})"
+def _cache_repr(self: LayerCache) -> str:
+    "`KVCache(length=3, k=(1, 8, 2, 4), v=(1, 8, 2, 4), dtype=torch.float32)`."
+    mode = f"static, pos={int(self.pos)}" if self.static else f"length={self._length}"
+    bufs = ", ".join(f"{n}={tuple(b.shape)}" for n, b in self.buffers.items())
+    return f"{type(self).__name__}({mode}, {bufs}, dtype={next(iter(self.buffers.values())).dtype})"
+
+
+LayerCache.mask = _cache_mask
+LayerCache.reset = _cache_reset
+LayerCache.__repr__ = _cache_repr
+
+
 
 # %% ../notebooks/06_attention.ipynb #dcbb3ddc
 class KVCache(LayerCache):

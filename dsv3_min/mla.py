@@ -74,42 +74,60 @@ class MultiHeadLatentAttention(nn.Module):
             o = self.gate(x, o)
         return self.o_proj(rearrange(o, "b s h d -> b s (h d)"))
 
-    def _queries(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        "Per-head query parts `q_nope (b, s, h, nope_dim)` and (not yet rotated) `q_pe (b, s, h, rope_dim)`."
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.cfg.q_lora_rank else self.q_proj(x)
-        q = rearrange(q, "b s (h d) -> b s h d", h=self.n_heads)
-        return q.split([self.nope_dim, self.rope_dim], dim=-1)
+# %% ../notebooks/07_mla.ipynb #6d68b6a6
+def _mla_queries(self: MultiHeadLatentAttention, x: Tensor) -> tuple[Tensor, Tensor]:
+    "Per-head query parts `q_nope (b, s, h, nope_dim)` and (not yet rotated) `q_pe (b, s, h, rope_dim)`."
+    q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.cfg.q_lora_rank else self.q_proj(x)
+    q = rearrange(q, "b s (h d) -> b s h d", h=self.n_heads)
+    return q.split([self.nope_dim, self.rope_dim], dim=-1)
 
-    def _naive(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor, cache: KVCache | None,
-               mask: Tensor | None) -> Tensor:
-        "Decompress per-head keys/values, optionally cache them, attend through `attend`; returns `(b, s, h, v_dim)`."
-        kv = rearrange(self.kv_b_proj(latent), "b s (h d) -> b s h d", h=self.n_heads)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k_pe = rearrange(k_pe, "b s r -> b s 1 r").expand(-1, -1, self.n_heads, -1)
-        k, q = torch.cat([k_nope, k_pe], dim=-1), torch.cat([q_nope, q_pe], dim=-1)  # (b, s, h, nope + rope)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        q, k, v = (rearrange(t, "b s h d -> b h s d") for t in (q, k, v))
-        o = attend(q, k, v, causal=True, softmax_scale=self.softmax_scale, backend=self.cfg.attn_backend, mask=mask)
-        return rearrange(o, "b h s d -> b s h d")
 
-    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor, mask: Tensor | None) -> Tensor:
-        "Attention straight on the latents `(b, t, c)` and shared rotary keys `(b, t, r)`; returns `(b, s, h, v_dim)`."
-        w = rearrange(self.kv_b_proj.weight, "(h d) c -> h d c", h=self.n_heads)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (h, nope_dim, c), (h, v_dim, c)
-        q_lat = einsum(q_nope, w_uk, "b s h d, h d c -> b s h c")  # W_UK folded into the query
-        scores = einsum(q_lat, latent, "b s h c, b t c -> b h s t") + einsum(q_pe, k_pe, "b s h r, b t r -> b h s t")
-        scores = scores * self.softmax_scale
-        visible = causal_mask(scores.shape[-2], scores.shape[-1], scores.device) if mask is None else mask
-        scores = scores.masked_fill(~visible, float("-inf"))  # mask: (b, 1, s, t) from a static cache
-        probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(latent.dtype)
-        o_lat = einsum(probs, latent, "b h s t, b t c -> b s h c")  # average the latents first ...
-        return einsum(o_lat, w_uv, "b s h c, h d c -> b s h d")  # ... then decompress once: W_UV folded into the output
+MultiHeadLatentAttention._queries = _mla_queries
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device=None, static: bool = False,
-                  pos: Tensor | None = None, start: Tensor | None = None, mla_impl: str | None = None):
-        "`LatentCache` (kv_lora_rank + rope_dim per token) for `mla_impl='absorb'`, else a per-head `KVCache`."
-        if (mla_impl or self.cfg.mla_impl) == "absorb":  # the cache type then picks the decoding path in `forward`
-            return LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype, device, static, pos, start)
-        return KVCache(batch, max_len, self.n_heads, self.nope_dim + self.rope_dim, self.v_dim, dtype, device, static,
-                       pos, start)
+# %% ../notebooks/07_mla.ipynb #09955a99
+def _mla_naive(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor, cache: KVCache | None,
+           mask: Tensor | None) -> Tensor:
+    "Decompress per-head keys/values, optionally cache them, attend through `attend`; returns `(b, s, h, v_dim)`."
+    kv = rearrange(self.kv_b_proj(latent), "b s (h d) -> b s h d", h=self.n_heads)
+    k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+    k_pe = rearrange(k_pe, "b s r -> b s 1 r").expand(-1, -1, self.n_heads, -1)
+    k, q = torch.cat([k_nope, k_pe], dim=-1), torch.cat([q_nope, q_pe], dim=-1)  # (b, s, h, nope + rope)
+    if cache is not None:
+        k, v = cache.update(k, v)
+    q, k, v = (rearrange(t, "b s h d -> b h s d") for t in (q, k, v))
+    o = attend(q, k, v, causal=True, softmax_scale=self.softmax_scale, backend=self.cfg.attn_backend, mask=mask)
+    return rearrange(o, "b h s d -> b s h d")
+
+
+MultiHeadLatentAttention._naive = _mla_naive
+
+# %% ../notebooks/07_mla.ipynb #48ec682d
+def _mla_absorbed(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor, mask: Tensor | None) -> Tensor:
+    "Attention straight on the latents `(b, t, c)` and shared rotary keys `(b, t, r)`; returns `(b, s, h, v_dim)`."
+    w = rearrange(self.kv_b_proj.weight, "(h d) c -> h d c", h=self.n_heads)
+    w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (h, nope_dim, c), (h, v_dim, c)
+    q_lat = einsum(q_nope, w_uk, "b s h d, h d c -> b s h c")  # W_UK folded into the query
+    scores = einsum(q_lat, latent, "b s h c, b t c -> b h s t") + einsum(q_pe, k_pe, "b s h r, b t r -> b h s t")
+    scores = scores * self.softmax_scale
+    visible = causal_mask(scores.shape[-2], scores.shape[-1], scores.device) if mask is None else mask
+    scores = scores.masked_fill(~visible, float("-inf"))  # mask: (b, 1, s, t) from a static cache
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(latent.dtype)
+    o_lat = einsum(probs, latent, "b h s t, b t c -> b s h c")  # average the latents first ...
+    return einsum(o_lat, w_uv, "b s h c, h d c -> b s h d")  # ... then decompress once: W_UV folded into the output
+
+
+MultiHeadLatentAttention._absorbed = _mla_absorbed
+
+# %% ../notebooks/07_mla.ipynb #752ff1af
+def _mla_new_cache(self: MultiHeadLatentAttention, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device=None, static: bool = False,
+              pos: Tensor | None = None, start: Tensor | None = None, mla_impl: str | None = None):
+    "`LatentCache` (kv_lora_rank + rope_dim per token) for `mla_impl='absorb'`, else a per-head `KVCache`."
+    if (mla_impl or self.cfg.mla_impl) == "absorb":  # the cache type then picks the decoding path in `forward`
+        return LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype, device, static, pos, start)
+    return KVCache(batch, max_len, self.n_heads, self.nope_dim + self.rope_dim, self.v_dim, dtype, device, static,
+                   pos, start)
+
+
+MultiHeadLatentAttention.new_cache = _mla_new_cache
+
+

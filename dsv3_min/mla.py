@@ -85,8 +85,8 @@ def _mla_queries(self: MultiHeadLatentAttention, x: Tensor) -> tuple[Tensor, Ten
 MultiHeadLatentAttention._queries = _mla_queries
 
 # %% ../notebooks/07_mla.ipynb #09955a99
-def _mla_naive(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor, cache: KVCache | None,
-           mask: Tensor | None) -> Tensor:
+def _mla_naive(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor,
+               cache: KVCache | None, mask: Tensor | None) -> Tensor:
     "Decompress per-head keys/values, optionally cache them, attend through `attend`; returns `(b, s, h, v_dim)`."
     kv = rearrange(self.kv_b_proj(latent), "b s (h d) -> b s h d", h=self.n_heads)
     k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
@@ -102,7 +102,8 @@ def _mla_naive(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, lat
 MultiHeadLatentAttention._naive = _mla_naive
 
 # %% ../notebooks/07_mla.ipynb #48ec682d
-def _mla_absorbed(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor, mask: Tensor | None) -> Tensor:
+def _mla_absorbed(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor,
+                  mask: Tensor | None) -> Tensor:
     "Attention straight on the latents `(b, t, c)` and shared rotary keys `(b, t, r)`; returns `(b, s, h, v_dim)`."
     w = rearrange(self.kv_b_proj.weight, "(h d) c -> h d c", h=self.n_heads)
     w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (h, nope_dim, c), (h, v_dim, c)
@@ -119,8 +120,9 @@ def _mla_absorbed(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, 
 MultiHeadLatentAttention._absorbed = _mla_absorbed
 
 # %% ../notebooks/07_mla.ipynb #752ff1af
-def _mla_new_cache(self: MultiHeadLatentAttention, batch: int, max_len: int, dtype: torch.dtype = torch.float32, device=None, static: bool = False,
-              pos: Tensor | None = None, start: Tensor | None = None, mla_impl: str | None = None):
+def _mla_new_cache(self: MultiHeadLatentAttention, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
+                   device=None, static: bool = False, pos: Tensor | None = None, start: Tensor | None = None,
+                   mla_impl: str | None = None):
     "`LatentCache` (kv_lora_rank + rope_dim per token) for `mla_impl='absorb'`, else a per-head `KVCache`."
     if (mla_impl or self.cfg.mla_impl) == "absorb":  # the cache type then picks the decoding path in `forward`
         return LatentCache(batch, max_len, self.kv_lora_rank, self.rope_dim, dtype, device, static, pos, start)

@@ -176,7 +176,7 @@ Tokenizer.decode = _decode
 
 # %% ../notebooks/04_tokenizer.ipynb #04a7b332
 def _apply_chat_template(self: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
-                        tokenize: bool = False) -> str | list[int]:
+                         tokenize: bool = False) -> str | list[int]:
     "DeepSeek-V3's chat format as a string, or as ids (`tokenize=True`) with message text encoded as text."
     segments = chat_segments(messages, add_generation_prompt)
     if not tokenize:

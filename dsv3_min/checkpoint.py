@@ -278,7 +278,7 @@ def check_run_dir(run_dir: str | Path, resume: bool = False, corpus: str | None 
             raise ValueError(f"--out {run_dir} is inside the corpus folder {root}: the run's files would become "
                              "training data; choose an --out outside it")
 
-
+# %% ../notebooks/16_checkpoint.ipynb #48e48729
 def _lock_owner(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())

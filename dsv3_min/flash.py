@@ -95,7 +95,7 @@ def tiled_attention_backward(do, q, k, v, o, lse, causal: bool = True, softmax_s
             dk[:, :, j0:j1] += softmax_scale * einsum(ds, qg[..., i0:i1, :], "b h g i j, b h g i d -> b h j d")
     return rearrange(dq, "b h g s d -> b (h g) s d").to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
-
+# %% ../notebooks/11_flash.ipynb #4a9ec0b3
 class TiledAttention(torch.autograd.Function):
     """Autograd wrapper: the tiled forward saves only `o` and `lse`, the backward recomputes the rest."""
 
@@ -141,7 +141,7 @@ def default_config(dqk: int, dv: int, device: torch.device) -> FlashConfig:
         return FlashConfig(Tiles(128, 64, 8, 3), Tiles(64, 32, 4, 3), Tiles(64, 128, 8, 2))
     return FlashConfig(Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 2), Tiles(64, 64, 4, 2))
 
-
+# %% ../notebooks/11_flash.ipynb #8f8ac0b6
 def _pow2(d: int) -> int:
     """The smallest power of two >= d, and at least 32: tl.dot needs 16, and Triton 3.6 miscompiled a 16-wide
     V tile on the H200 (an out-of-bounds shared-memory read; bench/NOTES_attention.md)."""

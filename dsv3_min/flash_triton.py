@@ -84,6 +84,26 @@ def _scores(q1, q2, k_ptr, cols, s_k, s_d, SK, DIM_QK, D1: tl.constexpr, D2: tl.
         s = tl.dot(q2, tl.trans(k2), s, input_precision=PREC)
     return s, k1, k2
 
+# %% ../notebooks/12_flash_triton.ipynb #c57834c0
+@triton.jit
+def _load_split(base, rows, s_r, s_d, n_rows, DIM, D1: tl.constexpr, D2: tl.constexpr, CHECK: tl.constexpr,
+                PAD1: tl.constexpr, PAD2: tl.constexpr):
+    """Rows of a head-dim-split tensor as the tiles `(rows, D1)` and `(rows, D2)` (the first again when D2 = 0)."""
+    x1 = _load_tile(base, rows, tl.arange(0, D1), s_r, s_d, n_rows, DIM, CHECK, PAD1)
+    x2 = x1  # only read when D2 > 0
+    if D2 > 0:
+        x2 = _load_tile(base, rows, D1 + tl.arange(0, D2), s_r, s_d, n_rows, DIM, CHECK, PAD2)
+    return x1, x2
+
+
+@triton.jit
+def _store_split(base, x1, x2, rows, s_r, s_d, n_rows, DIM, D1: tl.constexpr, D2: tl.constexpr, CHECK: tl.constexpr,
+                 PAD1: tl.constexpr, PAD2: tl.constexpr):
+    """Store the head-dim-split tiles `x1 (rows, D1)` and, when D2 > 0, `x2 (rows, D2)` at `base`."""
+    _store_tile(base, x1, rows, tl.arange(0, D1), s_r, s_d, n_rows, DIM, CHECK, PAD1)
+    if D2 > 0:
+        _store_tile(base, x2, rows, D1 + tl.arange(0, D2), s_r, s_d, n_rows, DIM, CHECK, PAD2)
+
 # %% ../notebooks/12_flash_triton.ipynb #dc396294
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q1, q2, k_ptr, v_ptr, s_kn, s_kd, s_vn, s_vd, rows, lo, hi, off, SK, DIM_QK, DIM_V, scale_log2,
@@ -109,7 +129,7 @@ def _fwd_tiles(acc, m_i, l_i, q1, q2, k_ptr, v_ptr, s_kn, s_kd, s_vn, s_vd, rows
         m_i = m_new
     return acc, m_i, l_i
 
-
+# %% ../notebooks/12_flash_triton.ipynb #eec74ddb
 @triton.jit
 def _flash_fwd_kernel(Q, K, V, O, LSE, scale_log2, SQ, SK,
                       s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
@@ -131,10 +151,7 @@ def _flash_fwd_kernel(Q, K, V, O, LSE, scale_log2, SQ, SK,
     o_ptr = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
-    q1 = _load_tile(q_ptr, rows, tl.arange(0, D1), s_qm, s_qd, SQ, DIM_QK, RAGGED_M, PAD1)
-    q2 = q1
-    if D2 > 0:
-        q2 = _load_tile(q_ptr, rows, D1 + tl.arange(0, D2), s_qm, s_qd, SQ, DIM_QK, RAGGED_M, PAD2)
+    q1, q2 = _load_split(q_ptr, rows, s_qm, s_qd, SQ, DIM_QK, D1, D2, RAGGED_M, PAD1, PAD2)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DVP], dtype=tl.float32)
@@ -184,12 +201,27 @@ def _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_ptr, v_ptr, s_kn, s_kd, s_vn, 
 
 
 @triton.jit
-def _flash_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, scale_log2, softmax_scale, SQ, SK,
-                         s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                         s_ob, s_oh, s_om, s_od, s_db, s_dh, s_dm, s_dd, HQ, GROUP, DIM_QK, DIM_V,
-                         D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr,
-                         PAD2: tl.constexpr, PADV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         CAUSAL: tl.constexpr, RAGGED_M: tl.constexpr, PREC: tl.constexpr):
+def _delta_and_lse(DO, O, LSE, DELTA, o_off, bh, rows, s_om, s_od, SQ, DIM_V, DVP: tl.constexpr, RAGGED_M: tl.constexpr,
+                   PADV: tl.constexpr):
+    """One query tile's dO, its saved LSE, and δ = rowsum(dO ∘ O), which is also stored for part 2."""
+    do = _load_tile(DO + o_off, rows, tl.arange(0, DVP), s_om, s_od, SQ, DIM_V, RAGGED_M, PADV)
+    o = _load_tile(O + o_off, rows, tl.arange(0, DVP), s_om, s_od, SQ, DIM_V, RAGGED_M, PADV)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if RAGGED_M:
+        lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=0.0)
+        tl.store(DELTA + bh.to(tl.int64) * SQ + rows, delta, mask=rows < SQ)
+    else:
+        lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows)
+        tl.store(DELTA + bh.to(tl.int64) * SQ + rows, delta)
+    return do, lse, delta
+
+# %% ../notebooks/12_flash_triton.ipynb #dd4fd577
+@triton.jit
+def _flash_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, scale_log2, softmax_scale, SQ, SK, s_qb, s_qh, s_qm, s_qd,
+                         s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_db, s_dh, s_dm, s_dd,
+                         HQ, GROUP, DIM_QK, DIM_V, D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr,
+                         PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, RAGGED_M: tl.constexpr, PREC: tl.constexpr):
     """Backward, part 1: one program = one query tile; writes dQ and delta = rowsum(dO ∘ O) for part 2.
 
     O, dO and dQ share one layout (strides s_o*); dQ has the query head dim."""
@@ -207,20 +239,8 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, scale_log2, softmax_sca
     dq_ptr = DQ + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh
     start_m = pid_m * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
-    d1 = tl.arange(0, D1)
-    q1 = _load_tile(q_ptr, rows, d1, s_qm, s_qd, SQ, DIM_QK, RAGGED_M, PAD1)
-    q2 = q1
-    if D2 > 0:
-        q2 = _load_tile(q_ptr, rows, D1 + tl.arange(0, D2), s_qm, s_qd, SQ, DIM_QK, RAGGED_M, PAD2)
-    do = _load_tile(DO + o_off, rows, tl.arange(0, DVP), s_om, s_od, SQ, DIM_V, RAGGED_M, PADV)
-    o = _load_tile(O + o_off, rows, tl.arange(0, DVP), s_om, s_od, SQ, DIM_V, RAGGED_M, PADV)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    if RAGGED_M:
-        lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows, mask=rows < SQ, other=0.0)
-        tl.store(DELTA + bh.to(tl.int64) * SQ + rows, delta, mask=rows < SQ)
-    else:
-        lse = tl.load(LSE + bh.to(tl.int64) * SQ + rows)
-        tl.store(DELTA + bh.to(tl.int64) * SQ + rows, delta)
+    q1, q2 = _load_split(q_ptr, rows, s_qm, s_qd, SQ, DIM_QK, D1, D2, RAGGED_M, PAD1, PAD2)
+    do, lse, delta = _delta_and_lse(DO, O, LSE, DELTA, o_off, bh, rows, s_om, s_od, SQ, DIM_V, DVP, RAGGED_M, PADV)
     dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     dq2 = dq1  # only used when D2 > 0
     if D2 > 0:
@@ -237,11 +257,9 @@ def _flash_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, scale_log2, softmax_sca
                          SK, DIM_QK, DIM_V, scale_log2, D1, D2, DVP, PAD1, PAD2, PADV, BLOCK_N, CAUSAL, False, PREC)
     dq1, dq2 = _dq_tiles(dq1, dq2, q1, q2, do, lse, delta, k_ptr, v_ptr, s_kn, s_kd, s_vn, s_vd, rows, mid, hi, off,
                          SK, DIM_QK, DIM_V, scale_log2, D1, D2, DVP, PAD1, PAD2, PADV, BLOCK_N, CAUSAL, True, PREC)
-    _store_tile(dq_ptr, (dq1 * softmax_scale).to(DQ.dtype.element_ty), rows, d1, s_dm, s_dd, SQ, DIM_QK, RAGGED_M, PAD1)
-    if D2 > 0:
-        _store_tile(dq_ptr, (dq2 * softmax_scale).to(DQ.dtype.element_ty), rows, D1 + tl.arange(0, D2), s_dm, s_dd, SQ,
-                    DIM_QK,
-                    RAGGED_M, PAD2)
+    ty = DQ.dtype.element_ty
+    _store_split(dq_ptr, (dq1 * softmax_scale).to(ty), (dq2 * softmax_scale).to(ty), rows, s_dm, s_dd, SQ, DIM_QK, D1, D2,
+                 RAGGED_M, PAD1, PAD2)
 
 # %% ../notebooks/12_flash_triton.ipynb #5ad9033c
 @triton.jit
@@ -276,15 +294,33 @@ def _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qm
             dk2 = tl.dot(dsT, q2, dk2, input_precision=PREC)
     return dk1, dk2, dv
 
-
+# %% ../notebooks/12_flash_triton.ipynb #5abb7f6c
 @triton.jit
-def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, scale_log2, softmax_scale, SQ, SK,
-                           s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd,
-                           s_ob, s_oh, s_om, s_od, s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
-                           HQ, HKV, GROUP, DIM_QK, DIM_V,
-                           D1: tl.constexpr, D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr,
-                           PAD2: tl.constexpr, PADV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           CAUSAL: tl.constexpr, RAGGED_M: tl.constexpr, RAGGED_N: tl.constexpr, PREC: tl.constexpr):
+def _dkdv_head(dk1, dk2, dv, k1, k2, v, Q, DO, LSE, DELTA, b, h, HQ, s_qb, s_qh, s_qm, s_qd, s_ob, s_oh, s_om, s_od,
+               cols, lo, mid, off, SQ, DIM_QK, DIM_V, scale_log2, D1: tl.constexpr, D2: tl.constexpr,
+               DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr, PADV: tl.constexpr, BLOCK_M: tl.constexpr,
+               CAUSAL: tl.constexpr, RAGGED_M: tl.constexpr, PREC: tl.constexpr):
+    """One query head's contribution to a key tile's dK, dV: the masked diagonal tiles `lo..mid`, then `mid..SQ`."""
+    q_ptr = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    do_ptr = DO + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
+    lse_ptr = LSE + (b * HQ + h).to(tl.int64) * SQ
+    delta_ptr = DELTA + (b * HQ + h).to(tl.int64) * SQ
+    if CAUSAL:
+        dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qm, s_qd, s_om,
+                                   s_od, cols, lo, mid, off, SQ, DIM_QK, DIM_V, scale_log2, D1, D2, DVP, PAD1, PAD2, PADV,
+                                   BLOCK_M, True, RAGGED_M, PREC)
+    return _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qm, s_qd, s_om, s_od,
+                       cols, mid, SQ, off, SQ, DIM_QK, DIM_V, scale_log2, D1, D2, DVP, PAD1, PAD2, PADV,
+                       BLOCK_M, False, RAGGED_M, PREC)
+
+# %% ../notebooks/12_flash_triton.ipynb #ecd478e5
+@triton.jit
+def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, scale_log2, softmax_scale, SQ, SK, s_qb, s_qh, s_qm, s_qd,
+                           s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od, s_dkb, s_dkh, s_dkn,
+                           s_dkd, s_dvb, s_dvh, s_dvn, s_dvd, HQ, HKV, GROUP, DIM_QK, DIM_V, D1: tl.constexpr,
+                           D2: tl.constexpr, DVP: tl.constexpr, PAD1: tl.constexpr, PAD2: tl.constexpr,
+                           PADV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                           RAGGED_M: tl.constexpr, RAGGED_N: tl.constexpr, PREC: tl.constexpr):
     """Backward, part 2: one program = one (batch, kv head, key tile); loops over every query head of its group
     and every query tile that sees it, so dK and dV are summed in registers (no atomics, deterministic)."""
     pid_n = tl.program_id(0)
@@ -295,12 +331,8 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, scale_log2, softmax_
     v_ptr = V + b.to(tl.int64) * s_vb + hk.to(tl.int64) * s_vh
     start_n = pid_n * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
-    d1 = tl.arange(0, D1)
     dvr = tl.arange(0, DVP)
-    k1 = _load_tile(k_ptr, cols, d1, s_kn, s_kd, SK, DIM_QK, RAGGED_N, PAD1)
-    k2 = k1
-    if D2 > 0:
-        k2 = _load_tile(k_ptr, cols, D1 + tl.arange(0, D2), s_kn, s_kd, SK, DIM_QK, RAGGED_N, PAD2)
+    k1, k2 = _load_split(k_ptr, cols, s_kn, s_kd, SK, DIM_QK, D1, D2, RAGGED_N, PAD1, PAD2)
     v = _load_tile(v_ptr, cols, dvr, s_vn, s_vd, SK, DIM_V, RAGGED_N, PADV)
     dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     dk2 = dk1  # only used when D2 > 0
@@ -315,26 +347,15 @@ def _flash_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, scale_log2, softmax_
     else:
         lo = 0
         mid = 0
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        q_ptr = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
-        do_ptr = DO + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh
-        lse_ptr = LSE + (b * HQ + h).to(tl.int64) * SQ
-        delta_ptr = DELTA + (b * HQ + h).to(tl.int64) * SQ
-        if CAUSAL:
-            dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qm, s_qd, s_om,
-                                       s_od, cols, lo, mid, off, SQ, DIM_QK, DIM_V, scale_log2, D1, D2, DVP, PAD1, PAD2, PADV,
-                                       BLOCK_M, True, RAGGED_M, PREC)
-        dk1, dk2, dv = _dkdv_tiles(dk1, dk2, dv, k1, k2, v, q_ptr, do_ptr, lse_ptr, delta_ptr, s_qm, s_qd, s_om, s_od,
-                                   cols, mid, SQ, off, SQ, DIM_QK, DIM_V, scale_log2, D1, D2, DVP, PAD1, PAD2, PADV,
-                                   BLOCK_M, False, RAGGED_M, PREC)
+    for g in range(GROUP):  # every query head of this kv head's group
+        dk1, dk2, dv = _dkdv_head(dk1, dk2, dv, k1, k2, v, Q, DO, LSE, DELTA, b, hk * GROUP + g, HQ, s_qb, s_qh, s_qm,
+                                  s_qd, s_ob, s_oh, s_om, s_od, cols, lo, mid, off, SQ, DIM_QK, DIM_V, scale_log2, D1,
+                                  D2, DVP, PAD1, PAD2, PADV, BLOCK_M, CAUSAL, RAGGED_M, PREC)
     dk_ptr = DK + b.to(tl.int64) * s_dkb + hk.to(tl.int64) * s_dkh
     dv_ptr = DV + b.to(tl.int64) * s_dvb + hk.to(tl.int64) * s_dvh
-    _store_tile(dk_ptr, (dk1 * softmax_scale).to(DK.dtype.element_ty), cols, d1, s_dkn, s_dkd, SK, DIM_QK, RAGGED_N, PAD1)
-    if D2 > 0:
-        _store_tile(dk_ptr, (dk2 * softmax_scale).to(DK.dtype.element_ty), cols, D1 + tl.arange(0, D2), s_dkn, s_dkd, SK,
-                    DIM_QK,
-                    RAGGED_N, PAD2)
+    ty = DK.dtype.element_ty
+    _store_split(dk_ptr, (dk1 * softmax_scale).to(ty), (dk2 * softmax_scale).to(ty), cols, s_dkn, s_dkd, SK, DIM_QK, D1,
+                 D2, RAGGED_N, PAD1, PAD2)
     _store_tile(dv_ptr, dv.to(DV.dtype.element_ty), cols, dvr, s_dvn, s_dvd, SK, DIM_V, RAGGED_N, PADV)
 
 # %% ../notebooks/12_flash_triton.ipynb #92e59ba7
@@ -373,7 +394,7 @@ def triton_flash_backward(do, q, k, v, o, lse2, causal: bool, softmax_scale: flo
         num_warps=t.num_warps, num_stages=t.num_stages)
     return dq, dk, dv, (kdq, kkv)
 
-
+# %% ../notebooks/12_flash_triton.ipynb #94ee7112
 class TritonFlashAttention(torch.autograd.Function):
     """Autograd wrapper around the Triton kernels: saves q, k, v, o and the log-sum-exp, nothing of size S²."""
 

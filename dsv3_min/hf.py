@@ -113,7 +113,7 @@ def _joined(join, ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     odd = next((t.dtype for t in ts if not t.is_floating_point()), None)
     return join([t.to(odd) for t in ts] if odd else ts, dim=dim)
 
-
+# %% ../notebooks/15_hf.ipynb #fc8572e5
 def _is_mtp_copy(name: str) -> bool:
     "Whether our name `name` is an MTP layer's copy of the shared embedding or head (`mtp.K.embed_tokens.weight`)."
     parts = name.split(".", 2)
@@ -149,7 +149,7 @@ def check_state_dict(model: DeepSeekV3, sd: dict[str, torch.Tensor], hf_names: b
             lines += [f"  {title}: {k}" for k in items]
         raise CheckpointError("\n".join(lines))
 
-
+# %% ../notebooks/15_hf.ipynb #89c213d8
 def load_weights(model: DeepSeekV3, sd: dict[str, torch.Tensor], hf_names: bool = False) -> DeepSeekV3:
     "Copy `sd` (our names) into `model` after `check_state_dict`, converting float dtypes by value: all or nothing."
     tensors = _tensors_of(model)
@@ -188,7 +188,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
 
-
+# %% ../notebooks/15_hf.ipynb #11b42b19
 def checkpoint_problem(ckpt: str | Path) -> str | None:
     "What is wrong with checkpoint folder `ckpt` (one line), or None when it is intact."
     ckpt = Path(ckpt)
@@ -270,7 +270,7 @@ def _read_ours(path: Path, overrides: dict) -> tuple[ModelConfig, dict[str, torc
     cfg = ModelConfig.from_dict(state["model_config"]).replace(**overrides)
     return cfg, read_safetensors([path / "model.safetensors"])
 
-
+# %% ../notebooks/15_hf.ipynb #6028e4c8
 def _shard_files(path: Path) -> list[Path]:
     "The safetensors files of Hugging Face directory `path`: the index's entries, each confined to `path`, or `*.safetensors`."
     index = path / _INDEX
@@ -302,7 +302,7 @@ def _read_hf(path: Path, overrides: dict) -> tuple[ModelConfig, dict[str, torch.
         cfg = cfg.replace(num_nextn_predict_layers=0)
     return cfg, from_hf_state_dict(raw, cfg)
 
-
+# %% ../notebooks/15_hf.ipynb #5942ab1e
 def from_pretrained(path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     **overrides) -> DeepSeekV3:
     "Load a Hugging Face directory, one of our training checkpoints, or a run's newest checkpoint into `DeepSeekV3`."
@@ -355,7 +355,7 @@ def os_errors(path) -> Iterator[None]:
             raise
         raise OSError(int(code[1]), f"cannot write {path}: {os.strerror(int(code[1]))}") from None
 
-
+# %% ../notebooks/15_hf.ipynb #49df7beb
 def save_pretrained(model: DeepSeekV3, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 2 * 1024**3) -> None:
     "Write `model` as a transformers-loadable checkpoint directory: config.json + (sharded) safetensors."
     if model.config.gated_attention or model.config.attention != "mla" or model.config.norm_scheme != "prenorm":

@@ -121,39 +121,37 @@ class ModelCache:
         return f"ModelCache({len(self.layers)} layers, {len(self.mtp)} MTP; {self.layers[0]!r})"
 
 # %% ../notebooks/14_model.ipynb #ce41e6ce
-class DeepSeekV3(nn.Module):
-    "DeepSeek-V3: embedding, dense then MoE blocks, final RMSNorm, LM head (tied or not), and MTP modules."
+def _init_weights(model: nn.Module) -> None:
+    "normal(0, initializer_range) for matrices, ones for norms, zeros for biases; DeepNorm's β where selected."
+    std = model.config.initializer_range
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+            continue
+        for p in module.parameters(recurse=False):
+            if p.ndim >= 2:
+                nn.init.normal_(p, mean=0.0, std=std)
+            else:
+                nn.init.zeros_(p)
+    if model.config.norm_scheme == "deepnorm":
+        beta = deepnorm_beta(model.config.num_hidden_layers)
+        for block in [*model.layers, *model.mtp]:
+            deepnorm_init_(block, beta)
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        block, mtp = (DeepNormBlock, DeepNormMTPLayer) if cfg.norm_scheme == "deepnorm" else (Block, MTPLayer)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(mtp(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
-        self.rotary = RotaryEmbedding.from_config(cfg)
-        self.reset_parameters()
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+# %% ../notebooks/14_model.ipynb #37d3e5cc
+class _InputsAndCache:
+    "`DeepSeekV3`'s input checks, rotary positions (explicit, after the cache, or 0..S-1) and caches."
 
-    def reset_parameters(self) -> None:
-        "normal(0, initializer_range) for matrices, ones for norms, zeros for biases; DeepNorm's β where selected."
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-                continue
-            for p in module.parameters(recurse=False):
-                if p.ndim >= 2:
-                    nn.init.normal_(p, mean=0.0, std=std)
-                else:
-                    nn.init.zeros_(p)
-        if self.config.norm_scheme == "deepnorm":
-            beta = deepnorm_beta(self.config.num_hidden_layers)
-            for block in [*self.layers, *self.mtp]:
-                deepnorm_init_(block, beta)
+    def _check_ids(self, input_ids: Tensor) -> None:
+        "Refuse `input_ids` that are not an integer `(batch, seq)` tensor, or (on the CPU) hold ids outside the vocabulary."
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq); got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        if _host_checks(input_ids):
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token id {hi if hi >= self.config.vocab_size else lo} is outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
 
     def _rope(self, s: int, positions: Tensor | None, cache: LayerCache | None, device) -> tuple[Tensor, Tensor]:
         "cos, sin of `positions` `(s,)`/`(b, s)`; by default those after what `cache` holds, else 0..s-1."
@@ -169,41 +167,6 @@ class DeepSeekV3(nn.Module):
             raise ValueError(f"sequence of positions up to {last} exceeds max_position_embeddings={limit}")
         return self.rotary(positions)
 
-    def _check_ids(self, input_ids: Tensor) -> None:
-        if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq); got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
-        if _host_checks(input_ids):
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                raise ValueError(f"token id {hi if hi >= self.config.vocab_size else lo} is outside the vocabulary "
-                                 f"[0, {self.config.vocab_size})")
-
-    def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None,
-                      cache: ModelCache | None = None) -> Tensor:
-        "The last block's output (b, s, d), before the final norm; `positions`/`cache` as in `forward`."
-        self._check_ids(input_ids)
-        cos, sin = self._rope(input_ids.shape[1], positions, cache.layers[0] if cache else None, input_ids.device)
-        h = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, cache.layers[i] if cache else None)
-        return h
-
-    def mtp_hidden_states(self, depth: int, h_prev: Tensor, next_ids: Tensor, positions: Tensor | None = None,
-                          cache: ModelCache | None = None) -> Tensor:
-        "MTP depth `depth` (1..D) on the previous depth's `h_prev (b, s, d)` and the tokens one ahead `next_ids (b, s)`."
-        layer, layer_cache = self.mtp[depth - 1], cache.mtp[depth - 1] if cache else None
-        cos, sin = self._rope(next_ids.shape[1], positions, layer_cache, next_ids.device)
-        return layer(h_prev, self.embed_tokens(next_ids), cos, sin, layer_cache)
-
-    def head(self, h: Tensor, depth: int = 0) -> Tensor:
-        "Logits of the shared LM head on hidden states `h`, after the final norm (depth 0) or MTP depth k's norm."
-        return self.lm_head((self.mtp[depth - 1].shared_head.norm if depth else self.norm)(h))
-
-    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: ModelCache | None = None) -> Tensor:
-        "input_ids (B, S) at `positions` ((S,) or (B, S), default: after the cache, else 0..S-1) -> logits (B, S, vocab)."
-        return self.head(self.hidden_states(input_ids, positions, cache))
-
     def new_cache(self, batch_size: int, max_len: int, static: bool = False, mla_impl: str | None = None,
                   mtp: bool = False, dtype=None, device=None) -> ModelCache:
         "Empty caches of every main layer (and MTP depth when `mtp`); MLA: latent ('absorb') or K/V ('naive')."
@@ -215,6 +178,10 @@ class DeepSeekV3(nn.Module):
             kw["mla_impl"] = mla_impl or self.config.mla_impl
         make = lambda blk: blk.self_attn.new_cache(batch_size, max_len, dtype, device, **kw)
         return ModelCache([make(b) for b in self.layers], [make(b) for b in self.mtp] if mtp else [])
+
+# %% ../notebooks/14_model.ipynb #0d64a3ef
+class _LossAndBalance:
+    "`DeepSeekV3`'s training side: the loss with its MTP and balance terms, and the routers' balancing."
 
     def moe_layers(self) -> list[MoE]:
         "Every DeepSeekMoE module, main layers then MTP blocks."
@@ -252,6 +219,53 @@ class DeepSeekV3(nn.Module):
         "Per MoE layer (main, then MTP) the `expert_load` of the last `update_router_biases` and its `max_vio`."
         loads = [m.last_load for m in self.moe_layers()]  # host sync: call it when logging, not every step
         return {"max_vio": [max_vio(ld) for ld in loads], "expert_load": [ld.tolist() for ld in loads]} if loads else {}
+
+# %% ../notebooks/14_model.ipynb #832a908c
+class DeepSeekV3(_LossAndBalance, _InputsAndCache, nn.Module):
+    "DeepSeek-V3: embedding, dense then MoE blocks, final RMSNorm, LM head (tied or not), and MTP modules."
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        block, mtp = (DeepNormBlock, DeepNormMTPLayer) if cfg.norm_scheme == "deepnorm" else (Block, MTPLayer)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(mtp(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding.from_config(cfg)
+        self.reset_parameters()
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_parameters(self) -> None:
+        "normal(0, initializer_range) for matrices, ones for norms, zeros for biases; DeepNorm's β where selected."
+        _init_weights(self)
+
+    def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None,
+                      cache: ModelCache | None = None) -> Tensor:
+        "The last block's output (b, s, d), before the final norm; `positions`/`cache` as in `forward`."
+        self._check_ids(input_ids)
+        cos, sin = self._rope(input_ids.shape[1], positions, cache.layers[0] if cache else None, input_ids.device)
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache.layers[i] if cache else None)
+        return h
+
+    def mtp_hidden_states(self, depth: int, h_prev: Tensor, next_ids: Tensor, positions: Tensor | None = None,
+                          cache: ModelCache | None = None) -> Tensor:
+        "MTP depth `depth` (1..D) on the previous depth's `h_prev (b, s, d)` and the tokens one ahead `next_ids (b, s)`."
+        layer, layer_cache = self.mtp[depth - 1], cache.mtp[depth - 1] if cache else None
+        cos, sin = self._rope(next_ids.shape[1], positions, layer_cache, next_ids.device)
+        return layer(h_prev, self.embed_tokens(next_ids), cos, sin, layer_cache)
+
+    def head(self, h: Tensor, depth: int = 0) -> Tensor:
+        "Logits of the shared LM head on hidden states `h`, after the final norm (depth 0) or MTP depth k's norm."
+        return self.lm_head((self.mtp[depth - 1].shared_head.norm if depth else self.norm)(h))
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: ModelCache | None = None) -> Tensor:
+        "input_ids (B, S) at `positions` ((S,) or (B, S), default: after the cache, else 0..S-1) -> logits (B, S, vocab)."
+        return self.head(self.hidden_states(input_ids, positions, cache))
 
 # %% ../notebooks/14_model.ipynb #88ffbb32
 class DeepSeekV3ForSequenceClassification(nn.Module):

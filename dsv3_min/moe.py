@@ -12,7 +12,8 @@ from .gating import SwiGLU
 from .rope import KeepsFP32
 
 # %% auto #0
-__all__ = ['Router', 'expert_counts', 'grouped_linear', 'gather_rows', 'Experts', 'MoE', 'max_vio', 'sequence_balance_loss']
+__all__ = ['Router', 'expert_counts', 'grouped_linear', 'gather_rows', 'sort_by_expert', 'Experts', 'MoE', 'max_vio',
+           'sequence_balance_loss']
 
 # %% ../notebooks/09_moe.ipynb #a29b6dbb
 class Router(KeepsFP32):
@@ -66,7 +67,7 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> bool
     return (x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and torch.cuda.get_device_capability(x.device)[0] >= 9 and x.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0)
 
-
+# %% ../notebooks/09_moe.ipynb #942ddfe0
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor,
                    slot: torch.Tensor) -> torch.Tensor:
     "Rows `x (N, K)` sorted by expert times their expert's `w (E, M, K)` transposed -> `(N, M)`, loop-free."
@@ -84,7 +85,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, exper
     out = einsum(buf, w, "e c k, e m k -> e c m")
     return out[expert, slot]
 
-
+# %% ../notebooks/09_moe.ipynb #76cc7dd3
 class _GatherRows(torch.autograd.Function):
     "`src[index // fanout]` for a permutation `index` of the output rows; the backward gathers by `inverse` too."
 
@@ -107,6 +108,18 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, f
     return _GatherRows.apply(src, index, inverse, fanout)
 
 
+def sort_by_expert(idx: torch.Tensor, n_experts: int):
+    "The `T·k` assignments of `idx (T, k)` sorted by expert: `order`, `inv`, each row's `expert`, `counts (E,)`, `slot`."
+    flat = rearrange(idx, "t k -> (t k)")  # (N,) assignment t*k + j -> its expert, N = T*k
+    order = torch.argsort(flat, stable=True)  # sorted row i holds assignment order[i]
+    arange = torch.arange(order.numel(), device=idx.device)
+    inv = torch.empty_like(order).scatter_(0, order, arange)  # assignment a sits in sorted row inv[a]
+    expert = flat[order]  # expert of each sorted row
+    counts = expert_counts(flat, n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    return order, inv, expert, counts, arange - starts[expert]  # slot: row position inside its expert block
+
+# %% ../notebooks/09_moe.ipynb #c5849019
 class Experts(nn.Module):
     "The routed experts, SwiGLUs stacked as `gate_up_proj (E, 2I, d)` and `down_proj (E, d, I)`."
 
@@ -123,15 +136,8 @@ class Experts(nn.Module):
         "`x (T, d)`, gating `weights (T, k)`, `idx (T, k)` -> `Σ_k weight · expert(x)`, `(T, d)` in `x.dtype`."
         if impl == "loop":  # `cfg.moe_impl`, validated by ModelConfig: "grouped" or "loop"
             return self.forward_loop(x, weights, idx)
-        T, k = idx.shape
-        flat = rearrange(idx, "t k -> (t k)")  # (N,) assignment t*k + j -> its expert, N = T*k
-        order = torch.argsort(flat, stable=True)  # sorted row i holds assignment order[i]
-        arange = torch.arange(order.numel(), device=x.device)
-        inv = torch.empty_like(order).scatter_(0, order, arange)  # assignment a sits in sorted row inv[a]
-        expert = flat[order]  # expert of each sorted row
-        counts = expert_counts(flat, self.n_experts)
-        starts = torch.cumsum(counts, 0) - counts
-        slot = arange - starts[expert]  # row position inside its expert block (padded fallback only)
+        k = idx.shape[1]
+        order, inv, expert, counts, slot = sort_by_expert(idx, self.n_experts)
         xs = gather_rows(x, order, inv, fanout=k)  # (N, d): token order[i] // k, blocks by expert
         gate, up = grouped_linear(xs, self.gate_up_proj, counts, expert, slot).split(self.intermediate, dim=-1)
         y = grouped_linear(F.silu(gate) * up, self.down_proj, counts, expert, slot)  # (N, d), sorted by expert

@@ -74,36 +74,46 @@ def _find_cfg(module: nn.Module):
     return None
 
 
+def _init_kv_b_(w: torch.Tensor, cfg, beta: float) -> None:
+    "MLA's `kv_b_proj` weight: Xavier gain 1, then the value rows of every head times `beta`."
+    if cfg is None:
+        raise ValueError("deepnorm_init_: kv_b_proj found but no cfg with MLA head sizes; pass cfg=")
+    _xavier_(w, 1.0)
+    H, dn, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    if w.shape[0] != H * (dn + dv):
+        raise ValueError(f"deepnorm_init_: kv_b_proj has {w.shape[0]} rows, expected "
+                         f"num_attention_heads*(qk_nope_head_dim+v_head_dim)={H * (dn + dv)}")
+    w.view(H, dn + dv, -1)[:, dn:] *= beta  # the value rows of every head
+
+
+def _init_stacked_experts_(m: nn.Module, beta: float) -> None:
+    "Routed experts stored as stacked 3-D tensors `gate_up_proj (E, 2I, d)` and `down_proj (E, d, I)`: gain `beta`."
+    gu, dp = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+    if isinstance(gu, nn.Parameter) and gu.dim() == 3:
+        inter = gu.shape[1] // 2
+        _xavier_(gu[:, :inter], beta)  # gate matrices (I, d) of every expert
+        _xavier_(gu[:, inter:], beta)  # up matrices (I, d)
+    if isinstance(dp, nn.Parameter) and dp.dim() == 3:
+        _xavier_(dp, beta)
+
+# %% ../notebooks/10_norm.ipynb #2b0c51b9
 @torch.no_grad()
 def deepnorm_init_(module: nn.Module, beta: float, cfg=None) -> nn.Module:
     "Re-initialise `module`'s FFN, value and output projections with Xavier-normal gain `beta`, queries/keys gain 1."
     cfg = cfg if cfg is not None else _find_cfg(module)
     for name, m in module.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(m, nn.Linear):
-            if leaf in _BETA_LINEARS:
-                _xavier_(m.weight, beta)
-            elif leaf in _UNIT_LINEARS:
-                _xavier_(m.weight, 1.0)
-            elif leaf == "kv_b_proj":
-                if cfg is None:
-                    raise ValueError("deepnorm_init_: kv_b_proj found but no cfg with MLA head sizes; pass cfg=")
-                _xavier_(m.weight, 1.0)
-                H, dn, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-                if m.weight.shape[0] != H * (dn + dv):
-                    raise ValueError(f"deepnorm_init_: kv_b_proj has {m.weight.shape[0]} rows, expected "
-                                     f"num_attention_heads*(qk_nope_head_dim+v_head_dim)={H * (dn + dv)}")
-                m.weight.view(H, dn + dv, -1)[:, dn:] *= beta  # the value rows of every head
-            else:
-                continue
-            if m.bias is not None:
-                m.bias.zero_()
-        else:  # routed experts stored as stacked 3-D tensors (E, 2I, d) and (E, d, I)
-            gu, dp = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
-            if isinstance(gu, nn.Parameter) and gu.dim() == 3:
-                inter = gu.shape[1] // 2
-                _xavier_(gu[:, :inter], beta)  # gate matrices (I, d) of every expert
-                _xavier_(gu[:, inter:], beta)  # up matrices (I, d)
-            if isinstance(dp, nn.Parameter) and dp.dim() == 3:
-                _xavier_(dp, beta)
+        if not isinstance(m, nn.Linear):
+            _init_stacked_experts_(m, beta)
+            continue
+        if leaf in _BETA_LINEARS:
+            _xavier_(m.weight, beta)
+        elif leaf in _UNIT_LINEARS:
+            _xavier_(m.weight, 1.0)
+        elif leaf == "kv_b_proj":
+            _init_kv_b_(m.weight, cfg, beta)
+        else:
+            continue
+        if m.bias is not None:
+            m.bias.zero_()
     return module

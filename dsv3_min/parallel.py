@@ -19,7 +19,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from .config import ModelConfig
 from .dist import launched_by_torchrun
-from .moe import Experts, expert_counts, gather_rows
+from .moe import Experts, gather_rows, sort_by_expert
 from .model import DeepSeekV3
 from .train import TrainConfig, resolve_device
 
@@ -109,6 +109,13 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     "Differentiable all-to-all of the rows of `x`: `in_splits[r]` rows go to rank r, `out_splits[r]` come from it."
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
+
+def _exchange_counts(counts: torch.Tensor, ep: int, group) -> tuple[torch.Tensor, list[int], list[int]]:
+    "Per-expert row counts `(E,)` all-to-all -> `recv (ep·E/ep,)`, rows sent to and received from each rank."
+    recv = torch.empty_like(counts)  # (ep·n,) rows each source rank has for each of my experts
+    dist.all_to_all_single(recv, counts, group=group)  # fixed size: n counts to each rank
+    return recv, reduce(counts, "(r e) -> r", "sum", r=ep).tolist(), reduce(recv, "(r e) -> r", "sum", r=ep).tolist()
+
 # %% ../notebooks/26_parallel.ipynb #9f6fb39f
 class EPExperts(Experts):
     "The routed experts under EP: DTensors `Shard(0)` over the `ep` mesh; `forward` dispatches rows to their experts' ranks."
@@ -141,14 +148,8 @@ class EPExperts(Experts):
     def dispatch(self, x: torch.Tensor, idx: torch.Tensor):
         "Send each (token, choice) row to its expert's rank -> received rows, their local expert, and the plan back."
         n, ep = self.n_experts, self.ep
-        flat = rearrange(idx, "t k -> (t k)")
-        order = torch.argsort(flat, stable=True)  # by expert, hence by destination rank
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        counts = expert_counts(flat, self.n_total)  # (E,) rows for each expert, this rank's tokens
-        recv = torch.empty_like(counts)  # (ep·n,) rows each source rank has for each of my experts
-        dist.all_to_all_single(recv, counts, group=self.group)  # fixed size: n counts to each rank
-        send_rows = reduce(counts, "(r e) -> r", "sum", r=ep).tolist()
-        recv_rows = reduce(recv, "(r e) -> r", "sum", r=ep).tolist()
+        order, inv, _, counts, _ = sort_by_expert(idx, self.n_total)  # by expert, hence by destination rank
+        recv, send_rows, recv_rows = _exchange_counts(counts, ep, self.group)
         xs = all_to_all(gather_rows(x, order, inv, fanout=idx.shape[1]), recv_rows, send_rows, self.group)
         local = torch.arange(n, device=x.device).repeat(ep).repeat_interleave(recv)  # local expert of each row
         return xs, local, (order, inv, send_rows, recv_rows)

@@ -71,7 +71,7 @@ class _DualPipeDevice:
         self.ops.append(Op("FB", p0 ^ self.flip, self.nf[p0], p1 ^ self.flip, self.nb[p1]))
         self.nf[p0], self.nb[p1] = self.nf[p0] + 1, self.nb[p1] + 1
 
-
+# %% ../notebooks/27_pipeline.ipynb #d51bfc19
 def schedule_dualpipe(P: int, M: int) -> list[list[Op]]:
     "DualPipe's per-device order (the 8 steps of deepseek-ai/DualPipe's `step`); M/2 micro-batches enter at each end."
     if P % 2 or M % 2 or M < 2 * P:

@@ -195,7 +195,7 @@ NOT_SUPPORTED = {"allenai/basic_arithmetic": "AI2's own task, no lm-eval v0.4 de
                  "nq_open": "generative (exact match), not multiple choice",
                  "trivia_qa/rc.wikipedia.nocontext": "generative (exact match), not multiple choice"}
 
-
+# %% ../notebooks/24_tasks.ipynb #277e4fc7
 def expand_tasks(names: str | Sequence[str]) -> list[str]:
     "Task names from a comma list (or a list), groups (`mmlu`, `mmlu_stem`...) expanded; unknown names raise."
     given, names = names, [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)

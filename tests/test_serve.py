@@ -17,9 +17,9 @@ import torch
 from _tiny_run import TINY_SET, tiny_corpus_fixture  # noqa: F401 (the module-scoped corpus fixture)
 
 from dsv3_min.__main__ import build_parser, main
+from dsv3_min.batching import RoutingRecorder
 from dsv3_min.checkpoint import load_trained
 from dsv3_min.infer import generate
-from dsv3_min.serve import RoutingRecorder
 
 CTX = 512  # the TINY model's context here: an ARC-Easy item fits whole (no truncation rule involved)
 

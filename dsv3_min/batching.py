@@ -3,15 +3,16 @@
 # %% ../notebooks/31a_batching.ipynb #24aef24d
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .model import DeepSeekV3, next_token
+from .model import DeepSeekV3, ModelCache, next_token
 from .moe import MoE
 
 # %% auto #0
@@ -71,13 +72,17 @@ class Seq:
     cancelled: bool = False
     generated: int = 0
     last: int = 0
-    gen: torch.Generator = field(default_factory=torch.Generator)
+    gen: torch.Generator | None = None  # made on the model's device when the request joins
 
-    def __post_init__(self):
-        if self.seed is None:
-            self.gen.seed()
-        else:
-            self.gen.manual_seed(self.seed)
+    def sampler(self, device) -> torch.Generator:
+        "This request's own random stream on `device`: seeded by `seed`, else fresh."
+        if self.gen is None:
+            self.gen = torch.Generator(device=device)
+            if self.seed is None:
+                self.gen.seed()
+            else:
+                self.gen.manual_seed(self.seed)
+        return self.gen
 
 
 def _top(lp: Tensor, n: int) -> list[tuple[int, float]]:
@@ -103,6 +108,7 @@ class Engine:
         self.model, self.eos_id, self.ctx = model.eval(), eos_id, model.config.max_position_embeddings
         self.device = model.embed_tokens.weight.device
         self.cache = model.new_cache(max_batch, 2 * self.ctx, static=True)
+        self.views: dict[int, ModelCache] = {}  # the first rows of `cache` (a step runs the rows in use only)
         self.rows: list[Seq | None] = [None] * max_batch
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
         self.routing = RoutingRecorder(model)
@@ -199,7 +205,7 @@ def _admit(eng: Engine) -> None:
 # %% ../notebooks/31a_batching.ipynb #83603552
 def _choose(eng: Engine, seq: Seq, logits: Tensor, idx: Tensor, w: Tensor) -> bool:
     "Pick `seq`'s next token from `logits (vocab,)`, emit it with its routing; False once `seq` is done."
-    tok = int(next_token(logits[None], seq.temperature, None, seq.top_p, seq.gen)[0])
+    tok = int(next_token(logits[None], seq.temperature, None, seq.top_p, seq.sampler(eng.device))[0])
     if tok == eng.eos_id:
         eng._end(seq, "stop")
         return False
@@ -210,6 +216,19 @@ def _choose(eng: Engine, seq: Seq, logits: Tensor, idx: Tensor, w: Tensor) -> bo
         eng._end(seq, "length")
         return False
     return True
+
+
+def _rows(eng: Engine, width: int) -> ModelCache:
+    "The cache's first `width` rows: views of the same buffers, `start` and `pos` (kept, one per width)."
+    if width == len(eng.rows):
+        return eng.cache
+    if width not in eng.views:
+        def view(c):
+            v = copy.copy(c)
+            v.buffers, v.start = {n: b[:width] for n, b in c.buffers.items()}, c.start[:width]
+            return v
+        eng.views[width] = ModelCache([view(c) for c in eng.cache.layers], [])
+    return eng.views[width]
 
 
 def _step(eng: Engine) -> None:
@@ -225,9 +244,10 @@ def _step(eng: Engine) -> None:
         _shift(eng, -int(eng.cache.start[active].min()))
     free = [r for r, s in enumerate(eng.rows) if s is None]
     eng.cache.start[free] = eng.cache.pos  # a free row sees only its own slot
-    tok = torch.zeros(len(eng.rows), 1, dtype=torch.long)
+    width = active[-1] + 1  # rows are taken lowest first: the step runs rows 0..width-1 only
+    tok = torch.zeros(width, 1, dtype=torch.long)
     tok[active, 0] = torch.tensor([eng.rows[r].last for r in active])
-    logits = eng.model(tok.to(eng.device), cache=eng.cache)[:, -1]
+    logits = eng.model(tok.to(eng.device), cache=_rows(eng, width))[:, -1]
     eng.cache.pos.add_(1)
     idx, w = eng.routing.take()
     for r in active:

@@ -73,10 +73,11 @@ def health(server) -> dict:
     return httpx.get(server["url"] + "/health").json()
 
 
-def greedy_ids(model, ids, n):
-    """The package's own decoder (`infer.generate`), greedy, stopping at EOS: the new token ids."""
+def greedy_ids(model, ids, n, **sampling):
+    """The package's own decoder (`infer.generate`), greedy unless `sampling` says, stopping at EOS: the new ids."""
     m, tok = model
-    out = generate(m, torch.tensor(ids), n, temperature=0, eos_token_id=tok.eos_id)[len(ids):].tolist()
+    kw = {"temperature": 0, **sampling}
+    out = generate(m, torch.tensor(ids), n, eos_token_id=tok.eos_id, **kw)[len(ids):].tolist()
     return out[: out.index(tok.eos_id)] if tok.eos_id in out else out
 
 
@@ -89,14 +90,22 @@ def test_cli_binds_loopback_and_lists_the_model(server):
     assert health(server)["status"] == "ok"
 
 
-def test_completion_is_the_package_decoder(server, model):
-    """A greedy completion's tokens (and text) are exactly `infer.generate`'s for the same prompt."""
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "top_p": 0.9, "seed": 3}],
+                         ids=["greedy", "seeded sample"])
+def test_completion_is_the_package_decoder(server, model, sampling):
+    """A completion's tokens (and text) are exactly `infer.generate`'s for the same prompt: greedy, and sampled
+    with the same seed (the request's own generator draws as `generate`'s does)."""
     m, tok = model
     prompt = "the king and the queen"
-    r = client(server).completions.create(model=server["name"], prompt=prompt, max_tokens=20, temperature=0,
-                                          extra_body={"x_routing": True})
-    want = greedy_ids(model, tok.encode(prompt, bos=True), 20)
+    r = client(server).completions.create(model=server["name"], prompt=prompt, max_tokens=20, logprobs=1,
+                                          extra_body={"x_routing": True}, **sampling)
+    ids = tok.encode(prompt, bos=True)
+    want = greedy_ids(model, ids, 20, **sampling)
     assert [t["id"] for t in r.choices[0].model_extra["x_routing"]] == want
+    with torch.no_grad():  # each token's log p from one full forward of prompt + output (measured gap 5e-7)
+        lp = m(torch.tensor([ids + want]))[0].float().log_softmax(-1)
+    full = lp[torch.arange(len(ids) - 1, len(ids) + len(want) - 1), torch.tensor(want)]
+    torch.testing.assert_close(torch.tensor(r.choices[0].logprobs.token_logprobs), full, atol=5e-6, rtol=0)
     assert r.choices[0].text == tok.decode(want, skip_special=True)
     assert r.usage.completion_tokens == len(want) and r.usage.prompt_tokens == len(tok.encode(prompt, bos=True))
     assert r.choices[0].finish_reason == ("length" if len(want) == 20 else "stop")
@@ -231,25 +240,30 @@ def test_max_tokens_is_capped_by_the_context_left(server):
 
 def test_eight_concurrent_clients_equal_single_clients(server, model):
     """8 clients at once (arriving while others are mid-generation) all finish, share decode steps, and each gets
-    exactly the greedy tokens it gets alone."""
+    exactly the tokens it gets alone: greedy (even clients) and seeded samples (odd clients)."""
     words = "the king queen lord lady sword crown night".split()
     prompts = [" ".join(words[i:] + words[:i][: i % 3]) for i in range(8)]
     c = client(server)
 
     def ask(i, delay=0.0):
         time.sleep(delay)
-        r = c.completions.create(model=server["name"], prompt=prompts[i], max_tokens=24 + 4 * i, temperature=0,
-                                 extra_body={"x_routing": True})
-        return [t["id"] for t in r.choices[0].model_extra["x_routing"]], r.choices[0].text
+        sampling = {"temperature": 0} if i % 2 == 0 else {"temperature": 1.0, "seed": i}
+        r = c.completions.create(model=server["name"], prompt=prompts[i], max_tokens=24 + 4 * i, logprobs=1,
+                                 extra_body={"x_routing": True}, **sampling)
+        ch = r.choices[0]
+        return [t["id"] for t in ch.model_extra["x_routing"]], ch.text, ch.logprobs.token_logprobs
 
     alone = [ask(i) for i in range(8)]
     steps0 = health(server)["steps"]
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(ask, range(8), [0.03 * i for i in range(8)]))
-    assert together == alone
-    assert health(server)["steps"] - steps0 < sum(len(ids) for ids, _ in alone)  # rows really shared steps
-    m, tok = model
-    assert alone[3][0] == greedy_ids(model, tok.encode(prompts[3], bos=True), 36)
+    assert [x[:2] for x in together] == [x[:2] for x in alone]
+    for (_, _, a), (_, _, b) in zip(alone, together):  # the same numbers whatever else shares the batch
+        torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=5e-6, rtol=0)
+    assert health(server)["steps"] - steps0 < sum(len(x[0]) for x in alone)  # rows really shared steps
+    tok = model[1]
+    assert alone[2][0] == greedy_ids(model, tok.encode(prompts[2], bos=True), 32)
+    assert alone[3][0] == greedy_ids(model, tok.encode(prompts[3], bos=True), 36, temperature=1.0, seed=3)
 
 
 def test_client_disconnect_frees_the_slot(server):
@@ -344,7 +358,7 @@ def test_browser_page_streams_and_shows_the_routing_of_a_token(server, tmp_path)
         wait = WebDriverWait(drv, 60)
         drv.get(server["url"] + "/")
         wait.until(lambda d: "MoE layers" in d.find_element(By.ID, "status").text)
-        settings = {"prompt": "the king", "max_tokens": "24", "temperature": "0", "seed": "0"}
+        settings = {"prompt": "the king", "max_tokens": "24", "temperature": "1", "seed": "5"}
         for k, v in settings.items():
             el = drv.find_element(By.ID, k)
             el.clear()
@@ -352,17 +366,19 @@ def test_browser_page_streams_and_shows_the_routing_of_a_token(server, tmp_path)
         drv.find_element(By.ID, "go").click()
         wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "1")
         spans = drv.find_elements(By.CSS_SELECTOR, "#out .tok")
-        api = httpx.post(server["url"] + "/v1/completions", json={"prompt": "the king", "max_tokens": 24,
-                                                                  "temperature": 0, "x_routing": True}).json()
+        api = httpx.post(server["url"] + "/v1/completions", json={"prompt": "the king", "max_tokens": 24, "seed": 5,
+                                                                  "temperature": 1, "x_routing": True}).json()
         routes = api["choices"][0]["x_routing"]
         assert len(spans) == len(routes) >= 4
-        ActionChains(drv).move_to_element(spans[3]).perform()
-        wait.until(lambda d: str(routes[3]["id"]) in d.find_element(By.ID, "gridtitle").text)
+        key = lambda j: (routes[j]["id"], routes[j]["experts"])
+        k = next(j for j in range(1, len(routes) - 1) if key(j) not in (key(j - 1), key(j + 1)))  # unlike its neighbours
+        ActionChains(drv).move_to_element(spans[k]).perform()
+        wait.until(lambda d: f"(id {routes[k]['id']})" in d.find_element(By.ID, "gridtitle").text)
         cells = drv.find_elements(By.CSS_SELECTOR, "#grid td.on")
         shown = {(int(c.get_attribute("data-layer")), int(c.get_attribute("data-expert"))): float(
             c.get_attribute("data-weight")) for c in cells}
         layers = json.loads(httpx.get(server["url"] + "/v1/models").text)["data"][0]["x_moe"]["layers"]
-        want = {(layer, e): w for layer, es, ws in zip(layers, routes[3]["experts"], routes[3]["weights"])
+        want = {(layer, e): w for layer, es, ws in zip(layers, routes[k]["experts"], routes[k]["weights"])
                 for e, w in zip(es, ws)}
         assert shown.keys() == want.keys()
         assert all(abs(shown[k] - want[k]) < 1e-3 for k in want)

@@ -114,7 +114,7 @@ class Engine:
         self.routing = RoutingRecorder(model)
         self.stats = {"steps": 0, "shifts": 0, "stop": 0, "length": 0, "cancelled": 0, "error": 0}
         self._wake, self._stopping = threading.Event(), False
-        self.thread = threading.Thread(target=self._run, name="dsv3-engine", daemon=True)
+        self.thread = threading.Thread(target=_loop, args=(self,), name="dsv3-engine", daemon=True)
         self.thread.start()
 
     @property
@@ -135,24 +135,27 @@ class Engine:
         self.routing.remove()
 
     def _end(self, seq: Seq, reason: str, message: str = "") -> None:
+        "Count and announce the end of `seq` (stop, length, cancelled or error)."
         self.stats[reason] += 1
         seq.emit(("end", reason, message))
 
-    def _run(self) -> None:
-        with torch.no_grad():
-            while not self._stopping:
-                _admit(self)
-                if not self.busy:
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-                    continue
-                try:
-                    _step(self)
-                except Exception as e:  # a bug or the device: fail the requests in the batch, keep serving
-                    for r, s in enumerate(self.rows):
-                        if s is not None:
-                            self.rows[r] = None
-                            self._end(s, "error", f"{type(e).__name__}: {e}")
+# %% ../notebooks/31a_batching.ipynb #7792b403
+def _loop(eng: Engine) -> None:
+    "The engine's thread: admit waiting requests, run a decode step while any row is busy, else wait."
+    with torch.no_grad():
+        while not eng._stopping:
+            _admit(eng)
+            if not eng.busy:
+                eng._wake.wait(0.05)
+                eng._wake.clear()
+                continue
+            try:
+                _step(eng)
+            except Exception as e:  # a bug or the device: fail the requests in the batch, keep serving
+                for r, s in enumerate(eng.rows):
+                    if s is not None:
+                        eng.rows[r] = None
+                        eng._end(s, "error", f"{type(e).__name__}: {e}")
 
 # %% ../notebooks/31a_batching.ipynb #50d328b2
 def _shift(eng: Engine, d: int) -> None:
@@ -217,13 +220,13 @@ def _choose(eng: Engine, seq: Seq, logits: Tensor, idx: Tensor, w: Tensor) -> bo
         return False
     return True
 
-
+# %% ../notebooks/31a_batching.ipynb #f73d1ce7
 def _rows(eng: Engine, width: int) -> ModelCache:
     "The cache's first `width` rows: views of the same buffers, `start` and `pos` (kept, one per width)."
     if width == len(eng.rows):
         return eng.cache
     if width not in eng.views:
-        def view(c):
+        def view(c):  # the same LayerCache with its buffers and `start` cut to `width` rows
             v = copy.copy(c)
             v.buffers, v.start = {n: b[:width] for n, b in c.buffers.items()}, c.start[:width]
             return v

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Literal
 
@@ -26,11 +27,13 @@ __all__ = ['StreamOptions', 'CompletionRequest', 'ChatMessage', 'ChatRequest', '
 
 # %% ../notebooks/31b_serve.ipynb #3ebcbaa9
 class StreamOptions(BaseModel):
+    "`stream_options`: `include_usage` adds a last chunk with the usage counts."
     model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
+    "The fields both endpoints share."
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
@@ -52,6 +55,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
+    "One message of a chat: a role and its text."
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "user", "assistant"]
     content: str
@@ -61,7 +65,7 @@ class ChatRequest(_Sampling):
     "`POST /v1/chat/completions`: messages through DeepSeek-V3's chat template."
     messages: list[ChatMessage] = Field(min_length=1)
 
-
+# %% ../notebooks/31b_serve.ipynb #333c9e40
 class RequestError(ValueError):
     "A request the server refuses: a 4xx with OpenAI's error body."
 
@@ -162,6 +166,7 @@ async def _events(request, seqs: list[Seq], q: asyncio.Queue, choices: list[Choi
 
 
 def _usage(seqs, choices) -> dict:
+    "OpenAI's `usage`: prompt, completion and total token counts of a request."
     p, c = sum(len(s.ids) for s in seqs), sum(len(x.ids) for x in choices)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
@@ -185,7 +190,7 @@ def _chunk(base: dict, choices: list, **extra) -> str:
     "One server-sent event: `data: {json}` and a blank line."
     return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
 
-
+# %% ../notebooks/31b_serve.ipynb #2a38c053
 async def _stream(request, body, seqs, q, choices, base: dict, chat: bool):
     "Server-sent events as vLLM sends them: a chunk per token, a final chunk, the usage chunk if asked, `[DONE]`."
     key = "delta" if chat else "text"
@@ -211,7 +216,7 @@ async def _stream(request, body, seqs, q, choices, base: dict, chat: bool):
         for s in seqs:
             s.cancelled = True
 
-
+# %% ../notebooks/31b_serve.ipynb #6c2fefdb
 async def _respond(request, body, seqs, q, choices, base: dict, chat: bool, tok, echo: list[str] | None):
     "The whole response as one JSON body."
     try:
@@ -237,10 +242,12 @@ async def _respond(request, body, seqs, q, choices, base: dict, chat: bool, tok,
 
 # %% ../notebooks/31b_serve.ipynb #040f83e3
 def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
+    "OpenAI's error object."
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
+    "A refusal: `status` with OpenAI's error body."
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse(_error_body(message, kind, param, status), status_code=status)
 
@@ -268,7 +275,7 @@ class BodyLimit:
             return message
         await self.app(scope, counted, send)
 
-
+# %% ../notebooks/31b_serve.ipynb #e812f98f
 def _install_errors(app: FastAPI) -> None:
     "Every refusal in OpenAI's error format."
     @app.exception_handler(RequestValidationError)
@@ -314,18 +321,20 @@ def _start(app, request: Request, body, prompts: list[list[int]], chat: bool, ec
     return _respond(request, body, seqs, q, choices, base, chat, st.tok, echo)
 
 # %% ../notebooks/31b_serve.ipynb #f1b4b499
+def _lifespan(model: DeepSeekV3, max_batch: int, eos_id: int | None):
+    "The engine starts with the server and stops (its hooks removed) with it."
+    @asynccontextmanager
+    async def lifespan(app):
+        app.state.engine = Engine(model, max_batch, eos_id)
+        yield
+        app.state.engine.close()
+    return lifespan
+
+# %% ../notebooks/31b_serve.ipynb #dedcb24b
 def build_app(model: DeepSeekV3, tok, name: str = "dsv3_min", max_batch: int = 8,
               max_body_bytes: int = 1 << 20) -> FastAPI:
     "The FastAPI app: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/health`, the page at `/`."
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(app):
-        app.state.engine = Engine(model, max_batch, tok.eos_id)
-        yield
-        app.state.engine.close()
-
-    app = FastAPI(title="dsv3_min", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="dsv3_min", lifespan=_lifespan(model, max_batch, tok.eos_id), docs_url=None, redoc_url=None, openapi_url=None)
     app.state.name, app.state.tok = name, tok
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     _install_errors(app)

@@ -364,7 +364,10 @@ def add_serve_arguments(v: argparse.ArgumentParser) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     "`serve`: load `--ckpt` and serve the OpenAI-compatible API and the routing page until interrupted."
-    from dsv3_min.serve import serve  # the `serve` extra (fastapi, uvicorn) is needed by this command only
+    try:
+        from dsv3_min.serve import serve  # the `serve` extra (fastapi, uvicorn) is needed by this command only
+    except ImportError as e:
+        raise ValueError(f"serve needs the serve extra (pip install -e '.[serve]'): {e}") from None
     model, tok = load_for_sample(a.ckpt, None, resolve_device(a.device))
     serve(model, tok, a.host, a.port, a.max_batch, name=Path(a.ckpt).resolve().name)
     return 0

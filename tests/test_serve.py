@@ -90,6 +90,14 @@ def test_cli_binds_loopback_and_lists_the_model(server):
     assert health(server)["status"] == "ok"
 
 
+def test_cli_mistakes_are_one_error_line(run, tmp_path, capsys):
+    """`serve` with a missing checkpoint or a port out of range: one `dsv3: error:` line, exit 2, no server."""
+    assert main(["serve", "--ckpt", str(tmp_path / "nope")]) == 2
+    assert main(["serve", "--ckpt", str(run), "--port", "70000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("dsv3: error:") for line in err), err
+
+
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "top_p": 0.9, "seed": 3}],
                          ids=["greedy", "seeded sample"])
 def test_completion_is_the_package_decoder(server, model, sampling):

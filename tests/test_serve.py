@@ -83,7 +83,11 @@ def greedy_ids(model, ids, n, **sampling):
 
 def test_cli_binds_loopback_and_lists_the_model(server):
     """Without --host the server binds 127.0.0.1; /v1/models names the checkpoint and its MoE layout; /health is ok."""
+    import psutil
     assert build_parser().parse_args(["serve", "--ckpt", "x"]).host == "127.0.0.1"
+    listening = [c.laddr for c in psutil.Process(server["proc"].pid).net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN]
+    assert listening and all(a.ip == "127.0.0.1" for a in listening), listening
     models = client(server).models.list().data
     assert [m.id for m in models] == [server["name"]]
     assert models[0].model_extra["x_moe"]["n_experts"] == 4

@@ -38,7 +38,7 @@ from .tokenizer import get_tokenizer, tokenizer_stats
 # %% auto #0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_sample', 'cmd_info', 'cmd_tokenizer',
            'add_finetune_arguments', 'finetune_configs', 'cmd_finetune', 'add_distill_arguments', 'distill_configs',
-           'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'main']
+           'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'add_serve_arguments', 'cmd_serve', 'main']
 
 # %% ../notebooks/33_main.ipynb #808f7948
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(sub.add_parser("eval", help="score a checkpoint on benchmark tasks (notebook 25)"))
     add_finetune_arguments(sub.add_parser("finetune", help="LoRA / QLoRA / full fine-tuning (notebook 30)"))
     add_distill_arguments(sub.add_parser("distill", help="distill a teacher into a smaller student (notebook 31)"))
+    add_serve_arguments(sub.add_parser("serve", help="an OpenAI-compatible server and demo page (notebook 31a)"))
     return p
 
 # %% ../notebooks/33_main.ipynb #6e37866c
@@ -351,9 +352,30 @@ def cmd_eval(a: argparse.Namespace) -> int:
         write_json(a.out, out)
     return 0
 
+# %% ../notebooks/33_main.ipynb #fe038123
+def add_serve_arguments(v: argparse.ArgumentParser) -> None:
+    "The flags of `serve`."
+    v.add_argument("--ckpt", required=True, help="a run directory, a checkpoint directory or a Hugging Face model dir")
+    v.add_argument("--host", default="127.0.0.1", help="the address to bind (default: loopback only)")
+    v.add_argument("--port", type=number(int, 0, 65535), default=8000)
+    v.add_argument("--max-batch", type=number(int, 1, 1024), default=8, help="decode slots shared by concurrent requests")
+    v.add_argument("--device", default="cpu")
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    "`serve`: load `--ckpt` and serve the OpenAI-compatible API and the routing page until interrupted."
+    try:
+        from dsv3_min.serve import serve  # the `serve` extra (fastapi, uvicorn) is needed by this command only
+    except ImportError as e:
+        raise ValueError(f"serve needs the serve extra (pip install -e '.[serve]'): {e}") from None
+    model, tok = load_for_sample(a.ckpt, None, resolve_device(a.device))
+    serve(model, tok, a.host, a.port, a.max_batch, name=Path(a.ckpt).resolve().name)
+    return 0
+
 # %% ../notebooks/33_main.ipynb #6e79f859
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "tokenizer": cmd_tokenizer,
-            "eval": cmd_eval, "finetune": cmd_finetune, "distill": cmd_distill}
+            "eval": cmd_eval, "finetune": cmd_finetune, "distill": cmd_distill,
+            "serve": cmd_serve}
 
 # %% ../notebooks/33_main.ipynb #61f2b09b
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -147,6 +147,7 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = Tru
 
 # %% ../notebooks/29_quant.ipynb #3fa07682
 IMPLS = ("auto", "torch", "triton")
+_TRITON_FOUND = find_spec("triton") is not None  # looked up once: the lookup touches the file system
 
 
 @functools.cache
@@ -167,7 +168,7 @@ def nf4_dequantize(q: NF4Tensor, impl: str = "auto") -> torch.Tensor:
     if impl not in IMPLS:
         raise ValueError(f"nf4_dequantize: impl={impl!r}, expected one of {IMPLS}")
     n = math.prod(q.shape)
-    if impl == "triton" or (impl == "auto" and q.packed.is_cuda and find_spec("triton") is not None):
+    if impl == "triton" or (impl == "auto" and q.packed.is_cuda and _TRITON_FOUND):
         from .quant_triton import triton_nf4_dequantize
         levels, levels2 = _tables(q.packed.device)
         return triton_nf4_dequantize(q.packed, q.absmax, levels, q.block_size, n, q.dtype, q.absmax2, q.offset,

@@ -188,13 +188,18 @@ def main(a) -> None:
                                            cache=work / "cache", progress=False, log=quiet))
     n_distilled = len(done) + 2  # every student that learned from this teacher's logits: the sweep, offline, online
     share = (res["stages"]["teacher_s"] + sweep_cache_s) / n_distilled + main_cache_s
-    if off is not None:
+    s0 = res["students"].get("scratch_s0", {})
+    if off is not None and s0.get("steps"):
         budget = off.seconds + share
+        # the schedule (warmup, decay) is laid out over the steps that fit in the budget at scratch_s0's speed, so
+        # that the run ends decayed like the others; the time budget stops it if the estimate runs long
+        est = max(steps, int(budget / (s0["seconds"] / s0["steps"])))
         res.update(equal_time_budget_s=round(budget, 1), equal_time_share=dict(
             student_s=round(off.seconds, 1), teacher_train_s=res["stages"]["teacher_s"], sweep_cache_s=round(
-                sweep_cache_s, 1), main_cache_s=round(main_cache_s, 1), distilled_students=n_distilled))
-        stage("equal_time", lambda: train(scfg, replace(s_tc, max_steps=100 * steps, time_budget=budget),
-                                          work / "equal_time", data=final, progress=False, log=quiet),
+                sweep_cache_s, 1), main_cache_s=round(main_cache_s, 1), distilled_students=n_distilled,
+            planned_steps=est))
+        et_tc = replace(s_tc, max_steps=est, warmup=max(1, est // 16), eval_every=max(1, est // 8), time_budget=budget)
+        stage("equal_time", lambda: train(scfg, et_tc, work / "equal_time", data=final, progress=False, log=quiet),
               need=budget + 30)
     for s in ("scratch_s1", "scratch_s2"):
         stage(s, lambda s=s: train(scfg, seeds[s], work / s, data=final, progress=False, log=quiet),

@@ -25,24 +25,50 @@ __all__ = ['ATTENTION_TARGETS', 'MLP_TARGETS', 'ALL_TARGETS', 'EXPERT_TARGET', '
            'trainable_parameters', 'merge_lora', 'unmerge_lora', 'merge_and_unload', 'adapter_config', 'AdapterFields',
            'read_adapter_config', 'adapter_base', 'save_adapter', 'load_adapter']
 
-# %% ../notebooks/28_lora.ipynb #924c1072
-class LoRALinear(nn.Module):
+# %% ../notebooks/28_lora.ipynb #c60721df
+def _check_lora(r: int, dropout: float) -> None:
+    "A rank of at least 1 and a dropout in [0, 1), or a one-line `ValueError`."
+    if r < 1:
+        raise ValueError(f"LoRA rank r={r}: must be at least 1")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora_dropout={dropout}: must be in [0, 1)")
+
+
+class _Mergeable:
+    "`merge()` / `unmerge()` of an adapter layer that implements `_shift(sign)`: `W ← W ± (α/r)·B·A`, in fp32."
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        "`W ← W + (α/r)·B·A` (added in fp32); the forward then costs what the base costs."
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__}.merge: already merged")
+        self._shift(1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        "`W ← W − (α/r)·B·A`: the base back, up to fp32 rounding of the add and subtract."
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: not merged")
+        self._shift(-1.0)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+# %% ../notebooks/28_lora.ipynb #449fa9d3
+class LoRALinear(_Mergeable, nn.Module):
     "A frozen linear layer plus a trainable low-rank update: `y = base(x) + (α/r)·B(A(dropout(x)))`."
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if r < 1:
-            raise ValueError(f"LoRA rank r={r}: must be at least 1")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"lora_dropout={dropout}: must be in [0, 1)")
+        _check_lora(r, dropout)
         self.base_layer = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        dev = base.weight.device
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        self.r, self.alpha, self.scaling, self.merged = r, alpha, alpha / r, False
+        self.lora_A, self.lora_B = (nn.Linear(i, o, bias=False, device=base.weight.device, dtype=torch.float32)
+                                    for i, o in ((self.in_features, r), (r, self.out_features)))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
         self.reset_lora()
 
     def reset_lora(self) -> None:
@@ -66,39 +92,20 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "`x (..., in)` -> `(..., out)`; after `merge()` only the base runs."
-        y = self.base_layer(x)
-        if self.merged:
-            return y
-        a = self.lora_A.weight
-        return y + (self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling).to(y.dtype)
+        y, a = self.base_layer(x), self.lora_A.weight
+        return y if self.merged else \
+            y + (self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))) * self.scaling).to(y.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        "`W ← W + (α/r)·B·A` (added in fp32); the forward then costs what the base costs."
-        if self.merged:
-            raise RuntimeError("LoRALinear.merge: already merged")
+    def _shift(self, sign: float) -> None:
         if not isinstance(self.base_layer, nn.Linear):
             raise TypeError(f"LoRALinear.merge: cannot merge into a {type(self.base_layer).__name__} base "
                             "(dequantize it first)")
         w = self.base_layer.weight
-        w.copy_((w.float() + self.delta_weight().float()).to(w.dtype))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        "`W ← W − (α/r)·B·A`: the base back, up to fp32 rounding of the add and subtract."
-        if not self.merged:
-            raise RuntimeError("LoRALinear.unmerge: not merged")
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight().float()).to(w.dtype))
-        self.merged = False
+        w.copy_((w.float() + sign * self.delta_weight().float()).to(w.dtype))
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         "The trainable tensors by their file-key suffix."
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 # %% ../notebooks/28_lora.ipynb #3f3792aa
 ATTENTION_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "k_proj", "v_proj")
@@ -133,13 +140,12 @@ def _targeted(name: str, module: nn.Module, targets: tuple[str, ...], include_mt
             and ".experts." not in name)
 
 # %% ../notebooks/28_lora.ipynb #7a169f42
-class LoRAExperts(Experts):
+class LoRAExperts(_Mergeable, Experts):
     "Routed experts with one low-rank adapter per expert on each stacked weight, fed to the grouped matmul."
 
     def __init__(self, base: Experts, r: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
-        if r < 1:
-            raise ValueError(f"LoRA rank r={r}: must be at least 1")
+        _check_lora(r, dropout)
         self.base_layer = base.requires_grad_(False)
         self.n_experts, self.intermediate = base.n_experts, base.intermediate
         self.r, self.alpha, self.scaling, self.merged = r, alpha, alpha / r, False
@@ -168,27 +174,12 @@ class LoRAExperts(Experts):
     def down_proj(self) -> torch.Tensor:
         return self._effective("down_proj")
 
-    @torch.no_grad()
     def _shift(self, sign: float) -> None:
         for name in ("gate_up_proj", "down_proj"):
             w = getattr(self.base_layer, name)
             if not isinstance(w, nn.Parameter):
                 raise TypeError("LoRAExperts: cannot merge into a quantized base (dequantize it first)")
             w.copy_((w.float() + sign * self.delta(name).float()).to(w.dtype))
-
-    def merge(self) -> None:
-        "Add every expert's update into its stacked weight."
-        if self.merged:
-            raise RuntimeError("LoRAExperts.merge: already merged")
-        self._shift(1.0)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        "Subtract it again (exact up to fp32 rounding)."
-        if not self.merged:
-            raise RuntimeError("LoRAExperts.unmerge: not merged")
-        self._shift(-1.0)
-        self.merged = False
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{n}.lora_{p}.weight": getattr(self, f"{n}_lora_{p}") for n in ("gate_up_proj", "down_proj")
@@ -305,7 +296,7 @@ def read_adapter_config(path) -> dict:
         raise ValueError(f"{f}: only plain LoRA adapters are supported (peft_type LORA, no DoRA, no rsLoRA)")
     return config
 
-
+# %% ../notebooks/28_lora.ipynb #da7ad3bd
 def adapter_base(path) -> Path:
     "The base model folder adapter `path` records: absolute as written, relative from the adapter's folder (never the cwd)."
     path = Path(path)

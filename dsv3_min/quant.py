@@ -3,8 +3,10 @@
 # %% ../notebooks/29_quant.ipynb #6548358e
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from importlib.util import find_spec
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +14,9 @@ from einops import rearrange
 from torch import nn
 
 # %% auto #0
-__all__ = ['NF4_LEVELS', 'MAX_BLOCK_SIZE', 'dynamic_levels_8bit', 'NF4Tensor', 'blockwise_quantize', 'blockwise_dequantize',
-           'pack_nibbles', 'unpack_nibbles', 'check_block_size', 'nf4_quantize', 'nf4_absmax', 'nf4_dequantize',
-           'NF4Linear']
+__all__ = ['NF4_LEVELS', 'DYNAMIC_GRID', 'MAX_BLOCK_SIZE', 'IMPLS', 'dynamic_levels_8bit', 'dynamic_lookup', 'dynamic_codes',
+           'NF4Tensor', 'blockwise_scale', 'blockwise_quantize', 'blockwise_dequantize', 'pack_nibbles',
+           'unpack_nibbles', 'check_block_size', 'nf4_quantize', 'nf4_absmax', 'nf4_dequantize', 'NF4Linear']
 
 # %% ../notebooks/29_quant.ipynb #5c7baa2c
 NF4_LEVELS = torch.tensor([
@@ -33,6 +35,22 @@ def dynamic_levels_8bit() -> torch.Tensor:
         data += ((10 ** (-6 + i)) * means).tolist() + (-(10 ** (-6 + i)) * means).tolist()
     data += [0.0, 1.0]
     return torch.tensor(sorted(data), dtype=torch.float32)
+
+# %% ../notebooks/29_quant.ipynb #17c3e8c2
+DYNAMIC_GRID = 65536  # bitsandbytes' CPU 8-bit quantizer rounds through a table over this many points of [-1, 1]
+
+
+@functools.cache
+def dynamic_lookup() -> torch.Tensor:
+    "Code of the nearest dynamic level to each grid point `-1 + 2k/65535`, k = 0 … 65535 (int64, 65536)."
+    grid = torch.arange(DYNAMIC_GRID, dtype=torch.float32) * (2 / (DYNAMIC_GRID - 1)) - 1
+    return _nearest(grid, dynamic_levels_8bit())
+
+
+def dynamic_codes(scaled: torch.Tensor) -> torch.Tensor:
+    "bitsandbytes' 8-bit code of values in [-1, 1]: the table entry of the nearest grid point (fp32 arithmetic)."
+    k = torch.floor((scaled + 1) * ((DYNAMIC_GRID - 1) / 2) + 0.5).long().clamp(0, DYNAMIC_GRID - 1)
+    return dynamic_lookup().to(scaled.device)[k]
 
 # %% ../notebooks/29_quant.ipynb #5071f6e2
 @dataclass
@@ -69,12 +87,18 @@ def _nearest(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2)
 
 
-def blockwise_quantize(x: torch.Tensor, levels: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "Absmax-scale `x` block by block and map to the nearest level: (codes (n,) int64, absmax (blocks,) fp32)."
+def blockwise_scale(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "`x` divided by its block's absmax (as `x · (1/absmax)`, bitsandbytes' rounding): (scaled (n,), absmax (blocks,))."
     b = _blocks(x, block_size)
     absmax = b.abs().amax(dim=1)
     scaled = (b * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1)
-    return _nearest(rearrange(scaled, "nb k -> (nb k)"), levels.to(x.device))[: x.numel()], absmax
+    return rearrange(scaled, "nb k -> (nb k)")[: x.numel()], absmax
+
+
+def blockwise_quantize(x: torch.Tensor, levels: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "Absmax-scale `x` block by block and map to the nearest level: (codes (n,) int64, absmax (blocks,) fp32)."
+    scaled, absmax = blockwise_scale(x, block_size)
+    return _nearest(scaled, levels.to(x.device)), absmax
 
 
 def blockwise_dequantize(codes: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -114,23 +138,41 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = Tru
         raise ValueError(f"nf4_quantize: block_size={block_size}: {why}")
     codes, absmax = blockwise_quantize(w.detach(), NF4_LEVELS, block_size)
     q = NF4Tensor(pack_nibbles(codes), absmax, tuple(w.shape), w.dtype, block_size)
-    if double_quant:
+    if double_quant:  # the scales, centred by their mean, to bitsandbytes' 8-bit code in blocks of 256
         q.offset = absmax.mean()
-        codes2, q.absmax2 = blockwise_quantize(absmax - q.offset, dynamic_levels_8bit(), q.block_size2)
-        q.absmax = codes2.to(torch.uint8)
+        scaled2, q.absmax2 = blockwise_scale(absmax - q.offset, q.block_size2)
+        flat = (q.absmax2 == 0).repeat_interleave(q.block_size2)[: absmax.numel()]  # all scales equal (one block):
+        q.absmax = dynamic_codes(scaled2).masked_fill(flat, 0).to(torch.uint8)      # bnb's 0/0 gives code 0
     return q
+
+# %% ../notebooks/29_quant.ipynb #3fa07682
+IMPLS = ("auto", "torch", "triton")
+_TRITON_FOUND = find_spec("triton") is not None  # looked up once: the lookup touches the file system
+
+
+@functools.cache
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    "The NF4 and dynamic levels on `device` (copied once, not at every dequantization)."
+    return NF4_LEVELS.to(device), dynamic_levels_8bit().to(device)
 
 
 def nf4_absmax(q: NF4Tensor) -> torch.Tensor:
     "The fp32 absmax of each block (undoing the double quantization where there is one)."
     if q.absmax2 is None:
         return q.absmax
-    return blockwise_dequantize(q.absmax, q.absmax2, dynamic_levels_8bit(), q.block_size2) + q.offset
+    return blockwise_dequantize(q.absmax, q.absmax2, _tables(q.absmax.device)[1], q.block_size2) + q.offset
 
 
-def nf4_dequantize(q: NF4Tensor) -> torch.Tensor:
-    "The tensor back from its NF4 storage, in its original shape and dtype."
+def nf4_dequantize(q: NF4Tensor, impl: str = "auto") -> torch.Tensor:
+    "The tensor back in its shape and dtype: the fused Triton kernel (notebook 28a; CUDA under 'auto') or PyTorch."
+    if impl not in IMPLS:
+        raise ValueError(f"nf4_dequantize: impl={impl!r}, expected one of {IMPLS}")
     n = math.prod(q.shape)
+    if impl == "triton" or (impl == "auto" and q.packed.is_cuda and _TRITON_FOUND):
+        from .quant_triton import triton_nf4_dequantize
+        levels, levels2 = _tables(q.packed.device)
+        return triton_nf4_dequantize(q.packed, q.absmax, levels, q.block_size, n, q.dtype, q.absmax2, q.offset,
+                                     levels2, q.block_size2).reshape(q.shape)
     flat = blockwise_dequantize(unpack_nibbles(q.packed, n), nf4_absmax(q), NF4_LEVELS, q.block_size)
     return flat.reshape(q.shape).to(q.dtype)
 

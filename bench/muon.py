@@ -8,6 +8,12 @@ first one: (deadline - data preparation - reserve) / runs - `--overhead` (build,
 
     python bench/muon.py --corpus .device_carry/plays --out $OUT            # GPU, <= 9.5 min (--deadline 560)
     python bench/muon.py --quick --out /tmp/muon                            # CPU smoke run, seconds
+    python bench/muon.py --cpu-steps 300 --out results                      # the CPU main job's model (item 7)
+
+`--cpu-steps N` (item 7, CPU): the README's main job (`cpu-tiny` on shakespeare) with each optimizer for N steps
+(the schedule laid over the N steps, no time budget: the result does not depend on the machine's load), and the
+time of one optimizer step of each (the median of interleaved repetitions on the same gradients), which turns
+equal steps into equal wall clock; writes `muon_cpu.json` with the load averages of the machine.
 
 Writes `muon.json` (top level: `adamw_bpb`, `muon_bpb` = the mean over seeds of the final validation bits/byte on
 the whole validation split, `seed_noise_bpb` = the larger of the two optimizers' standard deviations over seeds
@@ -22,6 +28,7 @@ import statistics
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +38,8 @@ sys.path.insert(0, str(ROOT))
 from dsv3_min.__main__ import _configs  # noqa: E402
 from dsv3_min.config import count_params  # noqa: E402
 from dsv3_min.files import atomic_write, write_json  # noqa: E402
+from dsv3_min.model import DeepSeekV3  # noqa: E402
+from dsv3_min.optim import make_optimizer  # noqa: E402
 from dsv3_min.train import prepare_data, read_metrics, train  # noqa: E402
 
 # gpu-small's model on the plays (a small corpus: an 8,192-id vocabulary, 512-token windows, eager so that no run
@@ -105,6 +114,43 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def optimizer_step_seconds(preset: str, reps: int = 15) -> dict:
+    "Median seconds of one `opt.step()` of each optimizer on `preset`'s model, interleaved, the same gradients."
+    cfg, tc = _configs(preset, [])
+    torch.set_num_threads(1)  # as the runs below (threads=1): two threads spin badly on a shared machine
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg)
+    opts = {o: make_optimizer(model, replace(tc, optimizer=o), torch.device("cpu")) for o in ("adamw", "muon")}
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    times: dict = {o: [] for o in opts}
+    for _ in range(reps):
+        for o, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[o].append(time.perf_counter() - t0)
+    return {o: statistics.median(v) for o, v in times.items()}
+
+
+def cpu_main_job(steps: int, out: Path) -> None:
+    "Item 7: cpu-tiny on shakespeare, AdamW and Muon for `steps` steps each, and their optimizer-step times."
+    load = [os.getloadavg()]
+    sets = [f"max_steps={steps}", "time_budget=0", "ckpt_every=0", "eval_every=40", "final_eval_batches=16", "threads=1"]
+    cfg, tc = _configs("cpu-tiny", sets)
+    data = prepare_data(tc.corpus, cfg.vocab_size, log=lambda *a: None)
+    res = dict(preset="cpu-tiny", sets=sets, steps=steps, machine=dict(torch=torch.__version__, cores=os.cpu_count()),
+               opt_step_s=optimizer_step_seconds("cpu-tiny"), runs=[])
+    for opt in ("adamw", "muon"):
+        r = one_run(opt, "cpu-tiny", [*sets, f"optimizer={opt}"], out / "muon_cpu_runs", data)
+        res["runs"].append({"opt": opt, "seed": 0, **r})
+        res[f"{opt}_bpb"] = r.get("final_bpb")
+        load.append(os.getloadavg())
+    res["load_averages"] = load
+    shutil.rmtree(out / "muon_cpu_runs", ignore_errors=True)
+    write_json(out / "muon_cpu.json", res)
+    print({k: v for k, v in res.items() if k != "runs"}, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "results"))
@@ -116,7 +162,10 @@ def main() -> None:
     ap.add_argument("--reserve", type=float, default=15.0, help="seconds kept for the summary and the plot")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="more --set for every run")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: a tiny model on shakespeare, about 5 s per run")
+    ap.add_argument("--cpu-steps", type=int, default=0, help="item 7 instead: cpu-tiny, N steps per optimizer")
     a = ap.parse_args()
+    if a.cpu_steps:
+        return cpu_main_job(a.cpu_steps, Path(a.out))
     t_start = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -220,3 +220,36 @@ def test_muon_resume_reproduces_losses_exactly(tiny_corpus, tmp_path, capsys):
     assert err.startswith("dsv3: error:") and err.count("\n") == 1, err
     assert main(train_argv(tiny_corpus, "--out", str(cut), *muon, "--resume")) == 0
     assert losses(full) == losses(cut) and len(losses(full)) == 8
+
+
+def test_muon_checkpoint_with_a_renamed_momentum_is_refused(tmp_path):
+    """A Muon checkpoint whose momentum buffer is renamed for one parameter is refused in one line before anything is
+    loaded (the names a parameter may keep are AdamW's or Muon's); the intact one loads and steps on identically."""
+    from safetensors.torch import load_file, save_file
+
+    from dsv3_min.checkpoint import load_checkpoint, save_checkpoint, write_manifest
+    from dsv3_min.hf import CheckpointError
+    cfg, tc = tiny_config(), TrainConfig(lr=1e-2, optimizer="muon")
+    model = DeepSeekV3(cfg)
+    opt = make_optimizer(model, tc, torch.device("cpu"))
+    x = torch.randint(0, cfg.vocab_size, (2, 9))
+    model.loss(x[:, :-1], x[:, 1:]).loss.backward()
+    opt.step()
+    ckpt = save_checkpoint(tmp_path, 1, model, opt, cfg, tc)
+    fresh = DeepSeekV3(cfg)
+    fresh_opt = make_optimizer(fresh, tc, torch.device("cpu"))
+    load_checkpoint(ckpt, fresh, fresh_opt, cfg)
+    for m, o in ((model, opt), (fresh, fresh_opt)):
+        m.zero_grad()
+        m.loss(x[:, :-1], x[:, 1:]).loss.backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    sd = load_file(str(ckpt / "optimizer.safetensors"))
+    key = next(k for k in sd if k.endswith(".momentum_buffer"))
+    sd[key.replace("momentum_buffer", "momentum")] = sd.pop(key)
+    save_file(sd, str(ckpt / "optimizer.safetensors"))
+    write_manifest(ckpt)
+    target = DeepSeekV3(cfg)
+    with pytest.raises(CheckpointError, match="optimizer state .*; nothing was loaded") as e:
+        load_checkpoint(ckpt, target, make_optimizer(target, tc, torch.device("cpu")), cfg)
+    assert "\n" not in str(e.value)

@@ -12,8 +12,9 @@ first one: (deadline - data preparation - reserve) / runs - `--overhead` (build,
 
 `--cpu-steps N` (item 7, CPU): the README's main job (`cpu-tiny` on shakespeare) with each optimizer for N steps
 (the schedule laid over the N steps, no time budget: the result does not depend on the machine's load), and the
-time of one optimizer step of each (the median of interleaved repetitions on the same gradients), which turns
-equal steps into equal wall clock; writes `muon_cpu.json` with the load averages of the machine.
+medians of interleaved repetitions (both optimizers under the same load) of one optimizer step and one whole
+training step of each; `muon_step_time_ratio` (Muon's whole step over AdamW's) turns equal steps into equal wall
+clock. Writes `muon_cpu.json` with the load averages of the machine.
 
 Writes `muon.json` (top level: `adamw_bpb`, `muon_bpb` = the mean over seeds of the final validation bits/byte on
 the whole validation split, `seed_noise_bpb` = the larger of the two optimizers' standard deviations over seeds
@@ -40,6 +41,7 @@ from dsv3_min.config import count_params  # noqa: E402
 from dsv3_min.files import atomic_write, write_json  # noqa: E402
 from dsv3_min.model import DeepSeekV3  # noqa: E402
 from dsv3_min.optim import make_optimizer  # noqa: E402
+from dsv3_min.step import train_step  # noqa: E402
 from dsv3_min.train import prepare_data, read_metrics, train  # noqa: E402
 
 # gpu-small's model on the plays (a small corpus: an 8,192-id vocabulary, 512-token windows, eager so that no run
@@ -114,22 +116,32 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def optimizer_step_seconds(preset: str, reps: int = 15) -> dict:
-    "Median seconds of one `opt.step()` of each optimizer on `preset`'s model, interleaved, the same gradients."
-    cfg, tc = _configs(preset, [])
+def step_seconds(preset: str, reps: int = 8) -> dict:
+    """Median seconds of one `opt.step()` and of one whole `train_step` (forward, backward, clip, optimizer) of each
+    optimizer on `preset`'s model and batch shape, interleaved (the same load for both), one thread."""
+    cfg, tc = _configs(preset, ["threads=1"])
     torch.set_num_threads(1)  # as the runs below (threads=1): two threads spin badly on a shared machine
-    torch.manual_seed(0)
-    model = DeepSeekV3(cfg)
-    opts = {o: make_optimizer(model, replace(tc, optimizer=o), torch.device("cpu")) for o in ("adamw", "muon")}
-    for p in model.parameters():
-        p.grad = torch.randn_like(p) * 1e-3
-    times: dict = {o: [] for o in opts}
+    x = torch.randint(0, cfg.vocab_size, (tc.batch_size, tc.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for o in ("adamw", "muon"):
+        torch.manual_seed(0)
+        model = DeepSeekV3(cfg)
+        runs[o] = model, make_optimizer(model, replace(tc, optimizer=o), torch.device("cpu"))
+    opt_s: dict = {o: [] for o in runs}
+    step_s: dict = {o: [] for o in runs}
     for _ in range(reps):
-        for o, opt in opts.items():
+        for o, (model, opt) in runs.items():
+            t0 = time.perf_counter()
+            train_step(model, opt, [(x[:, :-1], x[:, 1:])], lr=tc.lr, grad_clip=tc.grad_clip)
+            step_s[o].append(time.perf_counter() - t0)
+            for p in model.parameters():
+                p.grad = torch.randn_like(p) * 1e-3
             t0 = time.perf_counter()
             opt.step()
-            times[o].append(time.perf_counter() - t0)
-    return {o: statistics.median(v) for o, v in times.items()}
+            opt_s[o].append(time.perf_counter() - t0)
+            opt.zero_grad(set_to_none=True)
+    med = lambda v: statistics.median(v[1:])  # noqa: E731 (the first repetition warms up)
+    return dict(opt_step_s={o: med(v) for o, v in opt_s.items()}, train_step_s={o: med(v) for o, v in step_s.items()})
 
 
 def cpu_main_job(steps: int, out: Path) -> None:
@@ -139,13 +151,15 @@ def cpu_main_job(steps: int, out: Path) -> None:
     cfg, tc = _configs("cpu-tiny", sets)
     data = prepare_data(tc.corpus, cfg.vocab_size, log=lambda *a: None)
     res = dict(preset="cpu-tiny", sets=sets, steps=steps, machine=dict(torch=torch.__version__, cores=os.cpu_count()),
-               opt_step_s=optimizer_step_seconds("cpu-tiny"), runs=[])
+               **step_seconds("cpu-tiny"), runs=[])
     for opt in ("adamw", "muon"):
         r = one_run(opt, "cpu-tiny", [*sets, f"optimizer={opt}"], out / "muon_cpu_runs", data)
         res["runs"].append({"opt": opt, "seed": 0, **r})
         res[f"{opt}_bpb"] = r.get("final_bpb")
         load.append(os.getloadavg())
     res["load_averages"] = load
+    t = res["train_step_s"]
+    res["muon_step_time_ratio"] = t["muon"] / t["adamw"]  # Muon's steps in AdamW's wall clock: steps / this ratio
     shutil.rmtree(out / "muon_cpu_runs", ignore_errors=True)
     write_json(out / "muon_cpu.json", res)
     print({k: v for k, v in res.items() if k != "runs"}, flush=True)

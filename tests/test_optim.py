@@ -253,3 +253,24 @@ def test_muon_checkpoint_with_a_renamed_momentum_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="optimizer state .*; nothing was loaded") as e:
         load_checkpoint(ckpt, target, make_optimizer(target, tc, torch.device("cpu")), cfg)
     assert "\n" not in str(e.value)
+
+
+def test_muon_under_torchrun_ep2_matches_single_process(tiny_corpus, tmp_path):
+    """`torchrun --nproc-per-node 2 ... --set ep=2 optimizer=muon` on CPU (gloo): the parameters are DTensors (FSDP2
+    shards, experts over the (dp, ep) mesh), so each update is orthogonalised on the whole matrix (gathered) and every
+    rank keeps its shard. Per-step losses equal the single-process Muon run within 7e-6 relative (measured 7.0e-7)."""
+    import os
+    import subprocess
+    import sys
+    args = lambda out, *x: train_argv(tiny_corpus, "--out", str(out), "--max-steps", "6", "--set", "device=cpu",  # noqa: E731
+                                      "optimizer=muon", *x)
+    assert main(args(tmp_path / "one")) == 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                        "dsv3_min", *args(tmp_path / "ep2", "ep=2")], cwd=root, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    one, ep2 = losses(tmp_path / "one"), losses(tmp_path / "ep2")
+    assert [s for s, _ in one] == [s for s, _ in ep2] == list(range(1, 7))
+    for (_, a), (_, b) in zip(one, ep2):
+        assert abs(a - b) <= 7e-6 * abs(a)

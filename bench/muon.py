@@ -23,6 +23,7 @@ the whole validation split, `seed_noise_bpb` = the larger of the two optimizers'
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shutil
 import statistics
@@ -72,6 +73,9 @@ def one_run(name: str, preset: str, sets: list[str], out: Path, data) -> dict:
         traceback.print_exc()
         s = dict(name=name, error=f"{type(e).__name__}: {e}")
     s["wall_s"] = time.time() - t0
+    gc.collect()  # the run's model and optimizer go before the next run builds its own
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     for ck in (out / name).glob("ckpt-*"):
         shutil.rmtree(ck)
     print({k: v for k, v in s.items() if k not in ("curve", "train_loss")}, flush=True)

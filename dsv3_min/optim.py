@@ -6,11 +6,15 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import pack, rearrange, unpack
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .config import ModelConfig, count_params
 
 # %% auto #0
-__all__ = ['lr_at', 'param_groups', 'make_optimizer', 'flops_per_token', 'peak_flops', 'mfu']
+__all__ = ['NS_COEFFICIENTS', 'NS_STEPS', 'lr_at', 'param_groups', 'make_optimizer', 'newton_schulz', 'match_rms_adamw',
+           'muon_param_groups', 'orthogonalised', 'muon_step', 'adamw_step', 'Muon', 'flops_per_token', 'peak_flops',
+           'mfu']
 
 # %% ../notebooks/17_optim.ipynb #612d26da
 def lr_at(step: int, tc, elapsed: float = 0.0) -> float:
@@ -38,10 +42,146 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups if meshes == [None] else [g for g in groups if g["params"]]  # one process: always the two
 
 
-def make_optimizer(model: torch.nn.Module, tc, device: torch.device) -> torch.optim.AdamW:
-    "AdamW with tc.lr, β=(tc.beta1, tc.beta2), tc.weight_decay on matrices only; fused on CUDA."
+def make_optimizer(model: torch.nn.Module, tc, device: torch.device) -> torch.optim.Optimizer:
+    "tc.optimizer: AdamW (fused on CUDA) or `Muon` (below); tc.lr, β=(tc.beta1, tc.beta2), tc.weight_decay on matrices."
+    if tc.optimizer == "muon":
+        return Muon(muon_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2))
     return torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
                              fused=device.type == "cuda")
+
+# %% ../notebooks/17_optim.ipynb #1232655b
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as torch.optim.Muon
+NS_STEPS = 5
+
+
+def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
+    "≈ U Vᵀ of every matrix of `g` (..., m, n) by `steps` quintic Newton–Schulz steps in bf16 (singular values ≈ 1)."
+    a, b, c = NS_COEFFICIENTS
+    x, packed = pack([g.bfloat16()], "* m n")            # (batch, m, n): one iteration for every matrix
+    tall = g.size(-2) > g.size(-1)
+    if tall:                                             # the Gram matrix x xᵀ on the short side
+        x = rearrange(x, "b m n -> b n m")
+    x = x / torch.linalg.matrix_norm(x, keepdim=True).clamp(min=eps)  # Frobenius ≥ spectral: σ ≤ 1
+    for _ in range(steps):
+        gram = x @ rearrange(x, "b m n -> b n m")
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if tall:
+        x = rearrange(x, "b n m -> b m n")
+    return unpack(x, packed, "* m n")[0]
+
+# %% ../notebooks/17_optim.ipynb #0be9cf4e
+def match_rms_adamw(lr: float, shape) -> float:
+    "Muon's learning rate for one (m, n) matrix: lr · 0.2 · √max(m, n), an update RMS of 0.2 like AdamW's (Moonlight)."
+    return lr * 0.2 * math.sqrt(max(shape[-2], shape[-1]))
+
+# %% ../notebooks/17_optim.ipynb #3fed6671
+def _is_muon(name: str, p: torch.Tensor) -> bool:
+    "Hidden matrices: ≥ 2-D, not the embedding or the output head."
+    return p.ndim >= 2 and "embed_tokens" not in name and "lm_head" not in name
+
+
+def muon_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    "Muon groups (hidden matrices; `blocks=2` for experts' gate_up_proj) and AdamW groups; per DTensor device mesh."
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    keys = {}
+    for n, p in named:  # (muon, blocks, decays, mesh)
+        blocks = 2 if n.endswith("experts.gate_up_proj") else 1
+        decays = p.ndim >= 2 and "embed_tokens" not in n
+        keys[n] = (_is_muon(n, p), blocks, decays, getattr(p, "device_mesh", None))
+    groups = []
+    for key in dict.fromkeys(keys.values()):
+        muon, blocks, decays, _ = key
+        groups.append(dict(params=[p for n, p in named if keys[n] == key], muon=muon, blocks=blocks,
+                           weight_decay=weight_decay if decays else 0.0))
+    return groups
+
+# %% ../notebooks/17_optim.ipynb #a9d706c4
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    "A DTensor's whole tensor (an all-gather); a plain tensor as it is."
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(o: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    "The whole update `o` laid out as `p`: this rank's shard of it for a DTensor (no communication)."
+    return distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None) if isinstance(p, DTensor) else o
+
+
+def orthogonalised(updates: list[torch.Tensor], blocks: int) -> list[torch.Tensor]:
+    "Newton–Schulz of each (.., m, n) update, each matrix split into `blocks` row blocks; one batch per shape."
+    packed = [pack([u], "* r n") for u in updates]
+    mats = [rearrange(x, "b (k m) n -> (b k) m n", k=blocks) for x, _ in packed]
+    by_shape: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mats):
+        by_shape.setdefault(tuple(m.shape[1:]), []).append(i)
+    out: list = [None] * len(mats)
+    for idx in by_shape.values():
+        done = newton_schulz(torch.cat([mats[i] for i in idx]))
+        for i, o in zip(idx, done.split([mats[i].size(0) for i in idx])):
+            out[i] = o
+    return [unpack(rearrange(o, "(b k) m n -> b (k m) n", k=blocks), ps, "* r n")[0]
+            for o, (_, ps) in zip(out, packed)]
+
+# %% ../notebooks/17_optim.ipynb #bc9db1f8
+@torch.no_grad()
+def muon_step(state: dict, params: list[torch.Tensor], group: dict) -> None:
+    "Nesterov momentum, orthogonalise (per matrix, per block), decoupled decay, step scaled by match_rms_adamw."
+    mu, lr, blocks = group["momentum"], group["lr"], group["blocks"]
+    updates = []
+    for p in params:
+        buf = state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+        buf.lerp_(p.grad, 1 - mu)
+        updates.append(_whole(p.grad.lerp(buf, mu) if group["nesterov"] else buf))
+    for p, o in zip(params, orthogonalised(updates, blocks) if params else []):
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(_like(o, p), alpha=-match_rms_adamw(lr, (p.shape[-2] // blocks, p.shape[-1])))
+
+
+@torch.no_grad()
+def adamw_step(state: dict, params: list[torch.Tensor], group: dict) -> None:
+    "AdamW (decoupled decay, bias-corrected moments) on foreach kernels, with torch.optim.AdamW's state names."
+    if not params:
+        return
+    (b1, b2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
+    sts = [state[p] for p in params]
+    for p, st in zip(params, sts):
+        if "step" not in st:
+            st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        st["step"] += 1
+    grads, m, v = [p.grad for p in params], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts]
+    steps = [float(s["step"]) for s in sts]
+    torch._foreach_mul_(params, 1 - lr * wd)
+    torch._foreach_lerp_(m, grads, 1 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, grads, grads, 1 - b2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, [math.sqrt(1 - b2**t) for t in steps])
+    torch._foreach_add_(denom, group["eps"])
+    torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1**t) for t in steps])
+
+# %% ../notebooks/17_optim.ipynb #1d0a64ea
+class Muon(torch.optim.Optimizer):
+    "Muon (Nesterov momentum, Newton–Schulz, match_rms_adamw) on groups with muon=True, AdamW on muon=False ones."
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 muon: bool | None = None, blocks: int = 1):
+        "`muon=None`: Muon for ≥ 2-D parameters, AdamW for the rest (groups built by `muon_param_groups` say which)."
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      betas=betas, eps=eps, muon=muon, blocks=blocks))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        "One step of every group; `closure` as in torch.optim."
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            use = [p.ndim >= 2 if group["muon"] is None else group["muon"] for p in ps]
+            muon_step(self.state, [p for p, u in zip(ps, use) if u], group)
+            adamw_step(self.state, [p for p, u in zip(ps, use) if not u], group)
+        return loss
 
 # %% ../notebooks/17_optim.ipynb #52d0446a
 _PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}

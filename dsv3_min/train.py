@@ -63,6 +63,7 @@ class TrainConfig(Validated):
     warmup: int = rule(100, ge=0)            # linear warm-up steps
     decay_frac: float = rule(0.8, ge=0, le=1)    # the cosine covers the last decay_frac of the steps; constant before
     weight_decay: float = rule(0.1, ge=0)    # on matrices only (see `optim.param_groups`)
+    optimizer: str = rule("adamw", choices=("adamw", "muon"))  # "muon": Muon on hidden matrices (notebook 17)
     beta1: float = rule(0.9, ge=0, le=1)
     beta2: float = rule(0.95, ge=0, le=1)
     grad_clip: float = rule(1.0, ge=0)       # max global gradient norm; 0 disables clipping

@@ -1,6 +1,7 @@
 """Tests of the command line (dsv3_min.__main__): parsing, errors, info, sampling from ours and HF checkpoints."""
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -290,7 +291,7 @@ def test_new_subcommands_bad_input_is_one_line(argv, expected, tmp_path, capsys)
 
 def test_sample_with_mtp_drafts_matches_plain_greedy(tiny_ckpt, capsys, monkeypatch):
     """`sample` decodes through the fast engine (infer.generate), `--draft mtp` with draft='mtp', and, greedy, both
-    give the same text."""
+    give the same text; with `--draft mtp` the acceptance rate is reported on stderr (and only there)."""
     import dsv3_min.infer as infer
     seen = []
     real = infer.generate
@@ -298,9 +299,12 @@ def test_sample_with_mtp_drafts_matches_plain_greedy(tiny_ckpt, capsys, monkeypa
     run, _, _ = tiny_ckpt
     args = ["sample", "--ckpt", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"]
     assert main(args) == 0
-    plain = capsys.readouterr().out
+    plain, err = capsys.readouterr()
+    assert "mtp drafts" not in err
     assert main([*args, "--draft", "mtp"]) == 0
-    assert seen == [None, "mtp"] and capsys.readouterr().out == plain and plain.startswith("To be")
+    out, err = capsys.readouterr()
+    assert seen == [None, "mtp"] and out == plain and plain.startswith("To be")
+    assert re.fullmatch(r"mtp drafts: \d+\.\d% accepted, [12]\.\d\d tokens per forward over \d+ forwards\n", err), err
 
 
 def test_train_eval_tasks_hook_logs_benchmark_numbers(tmp_path, monkeypatch, capsys):

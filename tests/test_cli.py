@@ -517,3 +517,44 @@ def test_finetune_and_distill_options_property_one_line_or_a_run(user_files, tmp
     if code == 0:
         assert (new / "summary.json").exists(), argv
     RUN_OUTCOMES[command, code] = RUN_OUTCOMES.get((command, code), 0) + 1
+
+
+_SAMPLE_INFO_TOKENIZER = {
+    "sample": {"--ckpt": _PATHS, "--prompt": ["", "To be", "\x00", "é" * 300, "<|end▁of▁sentence|>"],
+               "--max-new-tokens": ["0", "-1", "x", "5", "100000"], "--temperature": ["0", "-1", "nan", "inf", "1"],
+               "--top-p": ["0", "1.5", "0.5", "nan"], "--top-k": ["0", "-2", "3", "1000000"],
+               "--seed": ["-1", "x", "7"], "--device": ["cpu", "cuda", "cuda:7", "tpu", ""], "--draft": ["mtp", "x"],
+               "--adapter": _PATHS},
+    "info": {"--preset": ["cpu-tiny", "x", "", "deepseek-v3"], "--set": _SETS},
+    "tokenizer": {"--corpus": _PATHS, "--vocab-size": ["0", "-1", "x", "3", "1000000000", "300"]},
+}
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(command=st.sampled_from(sorted(_SAMPLE_INFO_TOKENIZER)),
+       picks=st.lists(st.tuples(st.sampled_from(sorted({f for o in _SAMPLE_INFO_TOKENIZER.values() for f in o})),
+                                st.integers(0, 99)), min_size=1, max_size=3))
+def test_sample_info_tokenizer_options_property_one_line_or_a_result(user_files, tmp_path_factory, capsys, command,
+                                                                     picks):
+    """Random values for every option of `sample`, `info` and `tokenizer` (on the tiny run and corpus): exit 0 or one
+    `dsv3: error:` line with exit 2; never a traceback or a hang; no file of the user's changed."""
+    root, corpus = user_files
+    fill = lambda s: s.format(root=root, corpus=corpus, new=tmp_path_factory.mktemp("new") / "x")   # noqa: E731
+    base = {"sample": ["--ckpt", f"{root}/run", "--max-new-tokens", "4"], "info": [],
+            "tokenizer": ["--corpus", str(corpus), "--vocab-size", "300"]}[command]
+    argv = [command, *base]
+    for flag, i in picks:
+        if flag in _SAMPLE_INFO_TOKENIZER[command]:
+            values = _SAMPLE_INFO_TOKENIZER[command][flag]
+            argv += [flag, fill(values[i % len(values)])]
+    before = _hashes(root, corpus)
+    capsys.readouterr()
+    with time_limit(CASE_SECONDS):
+        code = main(argv)
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("dsv3: error: ")]
+    assert "Traceback" not in err and code in (0, 2) and (code == 2) == (len(errors) == 1), (argv, code, err)
+    after = _hashes(root, corpus)
+    assert {f: after.get(f) for f in before} == before, f"a user file changed: {argv}"
+    RUN_OUTCOMES[command, code] = RUN_OUTCOMES.get((command, code), 0) + 1

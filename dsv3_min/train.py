@@ -81,7 +81,7 @@ class TrainConfig(Validated):
     compile: bool = False                    # torch.compile the loss function (GPU)
     time_budget: float = rule(0.0, ge=0)     # seconds of training after which the run stops early (0 = none)
     stop_at: int = rule(0, ge=0)             # checkpoint and stop after this step, schedule unchanged (0 = never)
-    threads: int = rule(0, ge=0)             # torch CPU threads (0 = auto: `threads.Threads` probes, notebook 19a)
+    threads: int = rule(0, ge=0)             # torch CPU threads (0 = auto: `threads.Threads` probes, notebook 19b)
     peak_tflops: float = rule(0.0, ge=0)     # accelerator peak for MFU (0 = look it up from the device name)
 
 # %% ../notebooks/20_train.ipynb #73e01800

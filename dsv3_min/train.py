@@ -30,6 +30,7 @@ from .model import DeepSeekV3
 from .validate import Validated, check_names, rule, validate_fields
 from .optim import flops_per_token, lr_at, make_optimizer, peak_flops
 from .step import NonFiniteLoss, lm_loss, train_step, val_loss
+from .threads import Threads
 from .tokenizer import get_tokenizer
 
 # %% auto #0
@@ -81,7 +82,7 @@ class TrainConfig(Validated):
     compile: bool = False                    # torch.compile the loss function (GPU)
     time_budget: float = rule(0.0, ge=0)     # seconds of training after which the run stops early (0 = none)
     stop_at: int = rule(0, ge=0)             # checkpoint and stop after this step, schedule unchanged (0 = never)
-    threads: int = rule(0, ge=0)             # torch CPU threads (0 = leave torch's default)
+    threads: int = rule(0, ge=0)             # torch CPU threads (0 = auto: `threads.Threads` probes, notebook 19b)
     peak_tflops: float = rule(0.0, ge=0)     # accelerator peak for MFU (0 = look it up from the device name)
 
 # %% ../notebooks/20_train.ipynb #73e01800
@@ -123,6 +124,8 @@ def prepare_data(corpus: str, vocab_size: int, cache_dir: str | Path | None = No
     "Load `corpus`, get (train or load) its tokenizer of `vocab_size`, pack the splits (cached)."
     c = load_corpus(corpus)
     t0 = time.perf_counter()
+    log(f"data: {c.name}: the tokenizer ({vocab_size} ids) and the packed tokens (trained and packed on first use, "
+        "then cached) ...")
     tok = get_tokenizer(c, vocab_size=vocab_size, cache_dir=cache_dir)
     packed = pack(c, tok, cache_dir=cache_dir)
     log(f"data: {c.name}: {len(packed.train):,} train / {len(packed.val):,} val tokens, vocab {tok.vocab_size}, "
@@ -175,18 +178,6 @@ class _Signals:
     def __exit__(self, *exc):
         for sig, h in self.old.items():
             signal.signal(sig, h)
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    "Use `n` torch CPU threads inside the block (0: leave the setting alone), then restore the previous count."
-    prev = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -273,7 +264,7 @@ def _stop_reason(loop: _Loop, sigs: _Signals) -> str | None:
         return "stop_at"
     return "done" if loop.step >= tc.max_steps else None
 
-
+# %% ../notebooks/20_train.ipynb #6e0f098c
 def _save(loop: _Loop) -> None:
     "Checkpoint the current step; a failed write raises `SaveFailed` naming the previous, intact checkpoint."
     model, opt = loop.model, loop.opt
@@ -299,6 +290,25 @@ def _progress(enabled: bool, tc: TrainConfig, start: int, elapsed: float) -> tqd
     return tqdm(total=tc.max_steps, initial=start, file=sys.stderr, disable=not enabled, dynamic_ncols=True,
                 unit="step")
 
+
+@contextlib.contextmanager
+def _phase(bar: tqdm, text: str):
+    "Name a long phase on the bar while it runs (a bar at rest says nothing of a final validation), then clear it."
+    bar.set_description_str(text, refresh=True)
+    try:
+        yield
+    finally:
+        bar.set_description_str("", refresh=True)
+
+
+def _eval_phase(loop: _Loop, final: bool) -> str:
+    "What an evaluation is about to do, for the bar."
+    tc = loop.tc
+    if not final:
+        return "validation"
+    n = (len(loop.data.val) - 1) // tc.seq_len if not tc.final_eval_batches else tc.final_eval_batches * tc.batch_size
+    return f"final validation: {n:,} windows of {tc.seq_len} tokens"
+
 # %% ../notebooks/20_train.ipynb #f4940d3f
 @dataclass
 class TrainResult:
@@ -315,46 +325,61 @@ class TrainResult:
 
 def train_loop(model: DeepSeekV3, opt: torch.optim.Optimizer, data: TrainData, tc: TrainConfig, run_dir: str | Path,
                start: int = 0, elapsed: float = 0.0, progress: bool = True, on_step=None,
-               last_ckpt: Path | None = None, on_eval=None, loss_fn: Callable = lm_loss) -> TrainResult:
-    "Train `model` with `loss_fn` from step `start` to `tc.max_steps` (or a stop), logging and checkpointing."
+               last_ckpt: Path | None = None, on_eval=None, loss_fn: Callable = lm_loss, lock: bool = True
+               ) -> TrainResult:
+    """Train `model` with `loss_fn` from step `start` to `tc.max_steps` (or a stop), logging and checkpointing; it
+    holds the run folder's lock (`lock=False`: the caller holds it, having written into the folder before)."""
     device = next(model.parameters()).device
     loop = _Loop(model, opt, data, tc, Path(run_dir), device, autocast_for(tc, device), loss_fn, start, elapsed,
                  last_ckpt, tokens_per_step=tc.batch_size * tc.seq_len * tc.grad_accum,
                  flops_per_token=flops_per_token(model.config, tc.seq_len), peak=peak_flops(device, tc.peak_tflops))
-    metrics, losses, stopped, rank0 = loop.run_dir / "metrics.jsonl", [], "done", dist.is_rank0()
-    with run_lock(run_dir) if rank0 else contextlib.nullcontext():  # one writer per run folder
+    rank0 = dist.is_rank0()
+    with run_lock(run_dir) if rank0 and lock else contextlib.nullcontext():  # one writer per run folder
         if rank0:  # under torchrun only rank 0 writes files
             loop.run_dir.mkdir(parents=True, exist_ok=True)
-            _reset_metrics(metrics, start)
+            _reset_metrics(loop.run_dir / "metrics.jsonl", start)
             write_json(loop.run_dir / "train_config.json", {"model": model.config.to_dict(), "train": asdict(tc)})
         model.train()
-        with _Signals() as sigs, _threads(tc.threads), _progress(progress and rank0, tc, start, elapsed) as bar:
-            while loop.step < tc.max_steps:
-                rec, dt = _step(loop)
-                final = loop.step >= tc.max_steps or _budget_spent(loop)  # the last step: a full validation
-                if final or loop.step % tc.eval_every == 0:  # on every rank: evaluation is a collective under torchrun
-                    _eval_into(loop, rec, final)
-                    if on_eval is not None:  # extra numbers, e.g. benchmark accuracies (the CLI's `eval_tasks` hook)
-                        rec.update(on_eval(loop.model, loop.data.tokenizer))
-                if rank0:
-                    append_jsonl(metrics, rec)
-                losses.append(rec["loss"])
-                bar.update(min(dt, max(0.0, bar.total - bar.n)) if tc.time_budget else 1)
-                bar.set_postfix(step=loop.step, loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}",
-                                **({"val_bpb": f"{rec['val_bits_per_byte']:.3f}"} if "val_loss" in rec else {}))
-                if on_step is not None:
-                    on_step(loop.step, rec)
-                stopped = _stop_reason(loop, sigs)  # again: on_step may have sent a signal
-                if stopped or (tc.ckpt_every and loop.step % tc.ckpt_every == 0):
-                    _save(loop)
-                if stopped:
-                    break
-        val = _last_val(metrics) if rank0 else (None, None)
+        with _Signals() as sigs, Threads(tc.threads, device) as threads, \
+                _progress(progress and rank0, tc, start, elapsed) as bar:
+            losses, stopped = _run(loop, sigs, threads, bar, on_step, on_eval)
+        val = _last_val(loop.run_dir / "metrics.jsonl") if rank0 else (None, None)
         result = TrainResult(loop.run_dir, loop.step, losses, val[0], val[1], stopped or "done", loop.elapsed,
                              loop.last_ckpt)
         if rank0:
             write_summary(result, tc, device)
         return result
+
+# %% ../notebooks/20_train.ipynb #7c32d853
+def _run(loop: _Loop, sigs: _Signals, threads: Threads, bar: tqdm, on_step, on_eval) -> tuple[list[float], str | None]:
+    "The steps until a stop: step, evaluate, log, show, checkpoint; (the losses of this process, why it stopped)."
+    tc, losses, stopped = loop.tc, [], None
+    while loop.step < tc.max_steps:
+        rec, dt = _step(loop)
+        final = loop.step >= tc.max_steps or _budget_spent(loop)  # the last step: a full validation
+        if final or loop.step % tc.eval_every == 0:  # on every rank: evaluation is a collective under torchrun
+            with _phase(bar, _eval_phase(loop, final)):
+                _eval_into(loop, rec, final)
+                if on_eval is not None:  # extra numbers, e.g. benchmark accuracies (the CLI's `eval_tasks` hook)
+                    rec.update(on_eval(loop.model, loop.data.tokenizer))
+        if threads.auto:
+            rec["threads"] = torch.get_num_threads()
+        if dist.is_rank0():
+            append_jsonl(loop.run_dir / "metrics.jsonl", rec)
+        losses.append(rec["loss"])
+        bar.update(min(dt, max(0.0, bar.total - bar.n)) if tc.time_budget else 1)
+        bar.set_postfix(step=loop.step, loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}",
+                        **({"val_bpb": f"{rec['val_bits_per_byte']:.3f}"} if "val_loss" in rec else {}))
+        if on_step is not None:
+            on_step(loop.step, rec)
+        stopped = _stop_reason(loop, sigs)  # again: on_step may have sent a signal
+        if stopped or (tc.ckpt_every and loop.step % tc.ckpt_every == 0):
+            with _phase(bar, f"writing checkpoint {loop.step}"):
+                _save(loop)
+        if stopped:
+            return losses, stopped
+        threads.check()
+    return losses, stopped
 
 # %% ../notebooks/20_train.ipynb #6e1ff180
 RESUME_FIXED = ("corpus", "batch_size", "seq_len", "grad_accum", "seed")  # train fields a resume cannot change
@@ -394,7 +419,7 @@ def _parallelized(model, opt, tc: TrainConfig, device, parallelize: Callable):
     dist.load_optimizer_state(model, opt, state)
     return model, opt
 
-
+# %% ../notebooks/20_train.ipynb #eb093435
 def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = False, data: TrainData | None = None,
           progress: bool = True, log=print, on_step=None, on_eval=None,
           parallelize: Callable | None = None) -> TrainResult:
@@ -412,8 +437,6 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = Fal
     if parallelize is not None:  # it compiles the blocks itself with tc.compile: FSDP2's hooks stay outside
         model, opt = _parallelized(model, opt, tc, device, parallelize)
         loss_fn = lm_loss
-    if dist.is_rank0():
-        run_dir.mkdir(parents=True, exist_ok=True)
     return train_loop(model, opt, data, tc, run_dir, start, elapsed, progress, on_step, ckpt, on_eval, loss_fn)
 
 # %% ../notebooks/20_train.ipynb #a0572af0

@@ -1,6 +1,7 @@
 """Tests of the command line (dsv3_min.__main__): parsing, errors, info, sampling from ours and HF checkpoints."""
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,8 @@ def _one_line_error(capsys) -> str:
     (["sample", "--ckpt", ".", "--device", "banana"], "device 'banana': must be 'auto', 'cpu'"),
     (["sample", "--ckpt", "/nonexistent/run"], "/nonexistent/run: no such directory"),
     (["sample"], "the following arguments are required: --ckpt"),
+    (["tokenizer", "--vocab-size", "1000000000"], "argument --vocab-size: '1000000000' is not a finite number in [1, "
+                                                  "4194304]"),   # found by the property test: trained for 36 s, exit 0
     (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_is_a_one_line_error(argv, expected, capsys):
@@ -290,7 +293,7 @@ def test_new_subcommands_bad_input_is_one_line(argv, expected, tmp_path, capsys)
 
 def test_sample_with_mtp_drafts_matches_plain_greedy(tiny_ckpt, capsys, monkeypatch):
     """`sample` decodes through the fast engine (infer.generate), `--draft mtp` with draft='mtp', and, greedy, both
-    give the same text."""
+    give the same text; with `--draft mtp` the acceptance rate is reported on stderr (and only there)."""
     import dsv3_min.infer as infer
     seen = []
     real = infer.generate
@@ -298,9 +301,12 @@ def test_sample_with_mtp_drafts_matches_plain_greedy(tiny_ckpt, capsys, monkeypa
     run, _, _ = tiny_ckpt
     args = ["sample", "--ckpt", str(run), "--prompt", "To be", "--max-new-tokens", "12", "--temperature", "0"]
     assert main(args) == 0
-    plain = capsys.readouterr().out
+    plain, err = capsys.readouterr()
+    assert "mtp drafts" not in err
     assert main([*args, "--draft", "mtp"]) == 0
-    assert seen == [None, "mtp"] and capsys.readouterr().out == plain and plain.startswith("To be")
+    out, err = capsys.readouterr()
+    assert seen == [None, "mtp"] and out == plain and plain.startswith("To be")
+    assert re.fullmatch(r"mtp drafts: \d+\.\d% accepted, [12]\.\d\d tokens per forward over \d+ forwards\n", err), err
 
 
 def test_train_eval_tasks_hook_logs_benchmark_numbers(tmp_path, monkeypatch, capsys):
@@ -427,3 +433,130 @@ def test_eval_options_property_one_line_never_a_traceback(tmp_path, capsys, flag
     assert main(argv) == 2
     _one_line_error(capsys)
     assert not [p for p in tmp_path.rglob("*")]
+
+
+# ---- property tests: random bad values for every option of finetune and distill ----------------------------------
+
+from _tiny_run import TINY_SET, tiny_corpus_fixture, train_argv  # noqa: E402, F401 (fixture)
+from test_damage import CASE_SECONDS, _hashes, time_limit  # noqa: E402
+
+RUN_OUTCOMES: dict = {}   # (command, exit code) -> cases, printed at the end of the module (pytest -s)
+
+
+@pytest.fixture(scope="module")
+def user_files(tiny_corpus, tmp_path_factory):
+    """A user's folder: a tiny trained run (NOT a real model size) on the word-salad corpus, a second corpus, a
+    non-empty folder of notes, a plain file; and a place for new outputs."""
+    root = tmp_path_factory.mktemp("user")
+    assert main(train_argv(tiny_corpus, "--out", str(root / "run"), "--max-steps", "2")) == 0
+    (root / "domain").mkdir()
+    (root / "domain" / "a.txt").write_text("def f(x):\n    return x + 1\n" * 80)
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("keep me")
+    (root / "file.txt").write_text("a plain file")
+    yield root, tiny_corpus
+    print("\nfinetune/distill option outcomes:", dict(sorted(RUN_OUTCOMES.items())))
+
+
+_SMALL = ["batch_size=2", "seq_len=16", "eval_every=2", "eval_batches=1", "final_eval_batches=1", "threads=1",
+          "device=cpu", "max_steps=2", "warmup=1"]
+_PATHS = ["{root}/run", "{root}/nope", "{root}/file.txt", "{root}/notes", "{corpus}", "{root}/domain", "", "{new}"]
+_SETS = ["lora_r=0", "lora_r=-1", "lora_r=[1]", "lora_alpha=nan", "lora_dropout=2", "lora_targets=foo",
+         "lora_targets=", "quant_block_size=1000000000", "quant_block_size=3", "base_dtype=int8", "lr=-1", "lr=1e9",
+         "seq_len=100000", "batch_size=0", "hidden_size=8", "max_steps=0", "base_corpus={root}/nope", "x", "=",
+         "threads=-1", "eval_every=0", "device=cuda:9", "kd_topk=-1", "kd_topk=100000", "kd_temperature=0",
+         "kd_alpha=2", "kd_alpha=0.5", "num_hidden_layers=0", "vocab_size=3", "time_budget=-1", "grad_accum=0",
+         "seed=-1", "corpus={root}/nope", "compile=maybe", "lora_r=2", "kd_topk=4"]
+_OPTIONS = {
+    "finetune": {"--ckpt": _PATHS, "--corpus": _PATHS, "--method": ["lora", "qlora", "full", "x", ""],
+                 "--out": _PATHS, "--set": _SETS, "--max-steps": ["0", "-3", "x", "", "nan", "2"],
+                 "--time-budget": ["-1", "nan", "inf", "x", "0"], "--resume": None, "--no-progress": None},
+    "distill": {"--teacher": _PATHS, "--student-preset": ["auto", "x", "test-tiny", ""], "--corpus": _PATHS,
+                "--out": _PATHS, "--cache": _PATHS, "--init": ["random", "truncate", "x"], "--set": _SETS,
+                "--max-steps": ["0", "-3", "x", "", "nan", "2"], "--resume": None, "--no-progress": None},
+}
+
+
+def _option_argv(command: str, picks, root: Path, corpus: Path, new: Path) -> list[str]:
+    "The base command line (a tiny valid run) followed by the random options (a later value wins)."
+    fill = lambda s: s.format(root=root, corpus=corpus, new=new)   # noqa: E731
+    base = {"finetune": ["--ckpt", f"{root}/run", "--corpus", f"{root}/domain", "--method", "lora"],
+            "distill": ["--teacher", f"{root}/run", "--corpus", str(corpus), "--student-preset", "auto"]}[command]
+    argv = [command, *base, "--out", str(new), "--no-progress", "--set", *_SMALL]
+    for flag, i in picks:
+        values = _OPTIONS[command][flag]
+        argv += [flag] if values is None else [flag, fill(values[i % len(values)])]
+    return argv
+
+
+@settings(max_examples=24, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(command=st.sampled_from(sorted(_OPTIONS)),
+       picks=st.lists(st.tuples(st.sampled_from(sorted({f for o in _OPTIONS.values() for f in o})),
+                                st.integers(0, 99)), min_size=1, max_size=3))
+def test_finetune_and_distill_options_property_one_line_or_a_run(user_files, tmp_path_factory, capsys, command,
+                                                                 picks):
+    """Random values for every option of `finetune` and `distill` (paths that do not exist, are files, are the
+    corpus or a folder of the user's; bad `--set` values of every config; bad numbers) on top of a tiny valid run:
+    exit 0 (a run that then holds its results) or one `dsv3: error:` line with exit 2, never a traceback or a hang,
+    and no file of the user's changed or removed."""
+    root, corpus = user_files
+    picks = [(f, i) for f, i in picks if f in _OPTIONS[command]]
+    new = tmp_path_factory.mktemp("out") / "run"
+    argv = _option_argv(command, picks, root, corpus, new)
+    before, top = _hashes(root, corpus), set(root.iterdir())
+    capsys.readouterr()
+    with time_limit(CASE_SECONDS):
+        code = main(argv)
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("dsv3: error: ")]
+    assert "Traceback" not in err and code in (0, 2), (argv, code, err)
+    assert (code == 2) == (len(errors) == 1) and len(errors) <= 1, (argv, err)
+    after = _hashes(root, corpus)
+    assert {f: after.get(f) for f in before} == before, f"a user file changed: {argv}"
+    for entry in set(root.iterdir()) - top:   # a run this case made in the user's folder (--out nope): gone for the next
+        shutil.rmtree(entry)
+    if code == 0:
+        assert (new / "summary.json").exists(), argv
+    RUN_OUTCOMES[command, code] = RUN_OUTCOMES.get((command, code), 0) + 1
+
+
+_SAMPLE_INFO_TOKENIZER = {
+    "sample": {"--ckpt": _PATHS, "--prompt": ["", "To be", "\x00", "é" * 300, "<|end▁of▁sentence|>"],
+               "--max-new-tokens": ["0", "-1", "x", "5", "100000"], "--temperature": ["0", "-1", "nan", "inf", "1"],
+               "--top-p": ["0", "1.5", "0.5", "nan"], "--top-k": ["0", "-2", "3", "1000000"],
+               "--seed": ["-1", "x", "7"], "--device": ["cpu", "cuda", "cuda:7", "tpu", ""], "--draft": ["mtp", "x"],
+               "--adapter": _PATHS},
+    "info": {"--preset": ["cpu-tiny", "x", "", "deepseek-v3"], "--set": _SETS},
+    "tokenizer": {"--corpus": _PATHS, "--vocab-size": ["0", "-1", "x", "3", "1000000000", "300"]},
+}
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(command=st.sampled_from(sorted(_SAMPLE_INFO_TOKENIZER)),
+       picks=st.lists(st.tuples(st.sampled_from(sorted({f for o in _SAMPLE_INFO_TOKENIZER.values() for f in o})),
+                                st.integers(0, 99)), min_size=1, max_size=3))
+def test_sample_info_tokenizer_options_property_one_line_or_a_result(user_files, tmp_path_factory, capsys, command,
+                                                                     picks):
+    """Random values for every option of `sample`, `info` and `tokenizer` (on the tiny run and corpus): exit 0 or one
+    `dsv3: error:` line with exit 2; never a traceback or a hang; no file of the user's changed."""
+    root, corpus = user_files
+    fill = lambda s: s.format(root=root, corpus=corpus, new=tmp_path_factory.mktemp("new") / "x")   # noqa: E731
+    base = {"sample": ["--ckpt", f"{root}/run", "--max-new-tokens", "4"], "info": [],
+            "tokenizer": ["--corpus", str(corpus), "--vocab-size", "300"]}[command]
+    argv = [command, *base]
+    for flag, i in picks:
+        if flag in _SAMPLE_INFO_TOKENIZER[command]:
+            values = _SAMPLE_INFO_TOKENIZER[command][flag]
+            argv += [flag, fill(values[i % len(values)])]
+    before = _hashes(root, corpus)
+    capsys.readouterr()
+    with time_limit(CASE_SECONDS):
+        code = main(argv)
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("dsv3: error: ")]
+    assert "Traceback" not in err and code in (0, 2) and (code == 2) == (len(errors) == 1), (argv, code, err)
+    after = _hashes(root, corpus)
+    assert {f: after.get(f) for f in before} == before, f"a user file changed: {argv}"
+    RUN_OUTCOMES[command, code] = RUN_OUTCOMES.get((command, code), 0) + 1

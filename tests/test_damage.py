@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -296,3 +297,81 @@ def test_errors_never_echo_file_contents(tmp_path):
     with pytest.raises(FileFormatError) as e:
         check_safetensors(tmp_path / "model.safetensors")
     assert str(int.from_bytes(secret[:8], "little")) not in str(e.value) and "secret" not in str(e.value)
+
+
+# ---- a teacher cache ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory):
+    """A tiny teacher (NOT a real model size), its offline top-8 cache of 4 micro-batches, the tokens it was written
+    from, and what an intact cache's 2-step distillation logs."""
+    import numpy as np
+
+    from dsv3_min.distill import write_teacher_cache
+    from dsv3_min.train import TrainData
+    root = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    teacher = DeepSeekV3(tiny_config(vocab_size=64)).eval()
+    tokens = np.random.default_rng(0).integers(0, 64, 3000).astype(np.uint16)
+    data = TrainData(None, tokens[:2500], tokens[2500:], 0.5)
+    write_teacher_cache(teacher, data.train, root / "cache", 4, 2, 16, 1, 8, 2.0, "float16", progress=False)
+    yield teacher, data, root / "cache"
+    print("\nteacher-cache outcomes:", dict(sorted(CACHE_OUTCOMES.items())))
+
+
+CACHE_OUTCOMES: Counter = Counter()
+
+
+def _damage_cache_header(f: Path, how: str, where: float, value, dtype: str) -> None:
+    "Forge a field of header.json: a size (n_batches, batch_size, seq_len, k), a dtype, or any field's value."
+    h = json.loads(f.read_bytes())
+    keys = sorted(h)
+    if how == "sizes":
+        h[["n_batches", "batch_size", "seq_len", "k"][int(where * 4)]] = int(10 ** (12 * where)) - 1
+    elif how == "dtypes":
+        h[["ids_dtype", "logp_dtype"][int(where * 2)]] = dtype
+    else:
+        h[keys[int(where * len(keys))]] = value
+    f.write_text(json.dumps(h))
+
+
+@settings(max_examples=22, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from([("header.json", k) for k in ("truncate", "flip", "sizes", "dtypes", "json")]
+                            + [(f, k) for f in ("ids.bin", "inputs.bin", "logp.bin") for k in ("truncate", "flip")]),
+       where=st.floats(0, 1, exclude_max=True),
+       value=st.sampled_from([[1, 2], "x", None, 3.5, {"a": 1}, -1, True, 10**12, "", 0]),
+       dtype=st.sampled_from(["float64", "int8", "object", "<U4", "uint16", "int32", "float16", "float32", "bool"]))
+def test_damaged_teacher_cache_fails_in_one_line_or_trains(teacher_cache, tmp_path_factory, capsys, case, where, value,
+                                                            dtype):
+    """Random damage to one file of a teacher cache (cut, three bytes flipped, a size or dtype of the header forged,
+    a header value of another type), then a 2-step offline distillation from it: a one-line error (what the command
+    line prints with exit 2) or a run with finite losses (a flip inside the stored log-probs trains on them as stored);
+    never a traceback, a hang, or a change to the cache's files."""
+    from dsv3_min.distill import DistillConfig, distill, student_config
+    from dsv3_min.train import TrainConfig
+    teacher, data, cache = teacher_cache
+    work = tmp_path_factory.mktemp("cache") / "cache"
+    shutil.copytree(cache, work)
+    target, how = work / case[0], case[1]
+    if how in ("truncate", "flip"):
+        _damage(target, how, where, value, dtype)
+    else:
+        _damage_cache_header(target, how, where, value, dtype)
+    before = _hashes(work)
+    tc = TrainConfig(max_steps=2, batch_size=2, seq_len=16, warmup=1, eval_every=2, eval_batches=1,
+                     final_eval_batches=1, threads=1, device="cpu", seed=1)
+    run = tmp_path_factory.mktemp("run") / "run"
+    outcome = "trained"
+    with time_limit(CASE_SECONDS):
+        try:
+            r = distill(teacher, student_config(teacher.config), tc, DistillConfig(kd_topk=8, kd_temperature=2.0),
+                        run, data=data, cache=work, progress=False, log=lambda *a: None)
+            assert r.step == 2 and all(math.isfinite(x) for x in r.losses), (target.name, how, r.losses)
+        except Exception as e:
+            if exit_code(e) != 2:
+                raise
+            assert "\n" not in str(e)
+            outcome = "error"
+    assert _hashes(work) == before, "the cache changed"
+    CACHE_OUTCOMES[target.name, how, outcome] += 1

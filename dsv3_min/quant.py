@@ -147,7 +147,10 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = Tru
 
 # %% ../notebooks/29_quant.ipynb #3fa07682
 IMPLS = ("auto", "torch", "triton")
-_TRITON_FOUND = find_spec("triton") is not None  # looked up once: the lookup touches the file system
+try:  # looked up once: the lookup touches the file system
+    _TRITON_FOUND = find_spec("triton") is not None
+except ImportError:  # a broken (or, in tests/test_package, blocked) installation counts as none
+    _TRITON_FOUND = False
 
 
 @functools.cache

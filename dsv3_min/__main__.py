@@ -44,7 +44,7 @@ __all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_samp
 # %% ../notebooks/33_main.ipynb #808f7948
 _MAX_VOCAB = next(f.metadata["le"] for f in fields(ModelConfig) if f.name == "vocab_size")  # the config's own bound
 
-
+# %% ../notebooks/33_main.ipynb #2e09cc13
 def build_parser() -> argparse.ArgumentParser:
     "The `dsv3` argument parser with its subcommands."
     p = Parser(prog="dsv3", description="DeepSeek-V3 from scratch: train, sample, inspect.")
@@ -193,7 +193,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
-
+# %% ../notebooks/33_main.ipynb #446aa933
 _ADAPTER_ONLY = {"full": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quant_block_size", "base_dtype"),
                  "lora": ("quant_block_size",)}  # FinetuneConfig fields a method ignores
 

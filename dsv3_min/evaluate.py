@@ -176,7 +176,7 @@ def evaluate(model, tok, tasks: str | Sequence[str], limit: int | Mapping[str, i
                          "split": {n: TASKS[n].split for n in names},
                          "harness_split": {n: TASKS[n].harness_split for n in names}, "items": detail}}
 
-
+# %% ../notebooks/25_evaluate.ipynb #27ddb8ef
 def compact_items(detail: dict) -> dict:
     "Per-item detail reduced to gold and predicted indices (acc and acc_norm), for the confusion plots."
     arg = lambda xs: int(np.argmax(np.asarray(xs, dtype=np.float64)))

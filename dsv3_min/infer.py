@@ -162,8 +162,41 @@ def verify_draft(logits: Tensor, draft: Tensor, draft_probs: Tensor, temperature
     second = sample_from(p[:, 1], generator)  # the bonus token, from the target after the (accepted) draft
     return ok, torch.stack([first, second], dim=1)
 
+# %% ../notebooks/23_infer.ipynb #4b90858a
+class _Drafting:
+    "The draft-and-verify iteration of `MTPDecoder` (its state: `last`, `draft`, `draft_probs`, `out`, `count`, ...)."
+
+    def _draft_from(self, h: Tensor, next_ids: Tensor, row: Tensor) -> None:
+        "Run MTP on `h`/`next_ids` at slots `pos..`, draw the draft from its output at `row` (a device index)."
+        g = self.model.mtp_hidden_states(1, h, next_ids, cache=self.cache).index_select(1, row.reshape(1))[:, 0]
+        tok, probs = _choose(self.sampling, self.model.head(g, depth=1))
+        self.draft.copy_(tok[:, None])
+        if probs is not None:
+            self.draft_probs.copy_(probs)
+
+    def _verify(self) -> Tensor:
+        "One iteration: verify `[last, draft]`, keep 1 or 2 tokens, draft the next; advances `pos` and `count`."
+        h = self.model.hidden_states(torch.cat([self.last, self.draft], dim=1), cache=self.cache)  # slots pos, pos+1
+        ok, new = verify_draft(self.model.head(h), self.draft[:, 0], self.draft_probs, *self.sampling)
+        n = ok.all().long()  # the rows share one write slot: keep the second token only if every row accepted
+        self.out.index_copy_(1, self.count + torch.arange(2, device=self.device), new)
+        self.ok_log.index_copy_(0, self.iters.reshape(1), ok[None])
+        self._draft_from(h, new, n)  # MTP rows at the same slots: (h at last, new[0]), (h at draft, new[1])
+        self.last.copy_(new.gather(1, n.expand(self.batch, 1)))
+        self.count += n + 1
+        self.pos += n + 1
+        self.iters += 1
+        return n
+
+    def iterate(self) -> None:
+        "Run one speculative iteration (a CUDA-graph replay when greedy on CUDA)."
+        if self.sampling[0] == 0:
+            self._iter()
+        else:
+            self._verify()
+
 # %% ../notebooks/23_infer.ipynb #40121fec
-class MTPDecoder(Decoder):
+class MTPDecoder(_Drafting, Decoder):
     "A `Decoder` that also drafts with MTP depth 1 and verifies [last, draft] in one forward (self-speculation)."
 
     def __init__(self, model: DeepSeekV3, batch: int, max_len: int, mla_impl: str | None = None,
@@ -196,35 +229,6 @@ class MTPDecoder(Decoder):
         self.count.fill_(S + 1)
         self.iters.zero_()
         self.pos.fill_(S)
-
-    def _draft_from(self, h: Tensor, next_ids: Tensor, row: Tensor) -> None:
-        "Run MTP on `h`/`next_ids` at slots `pos..`, draw the draft from its output at `row` (a device index)."
-        g = self.model.mtp_hidden_states(1, h, next_ids, cache=self.cache).index_select(1, row.reshape(1))[:, 0]
-        tok, probs = _choose(self.sampling, self.model.head(g, depth=1))
-        self.draft.copy_(tok[:, None])
-        if probs is not None:
-            self.draft_probs.copy_(probs)
-
-    def _verify(self) -> Tensor:
-        "One iteration: verify `[last, draft]`, keep 1 or 2 tokens, draft the next; advances `pos` and `count`."
-        h = self.model.hidden_states(torch.cat([self.last, self.draft], dim=1), cache=self.cache)  # slots pos, pos+1
-        ok, new = verify_draft(self.model.head(h), self.draft[:, 0], self.draft_probs, *self.sampling)
-        n = ok.all().long()  # the rows share one write slot: keep the second token only if every row accepted
-        self.out.index_copy_(1, self.count + torch.arange(2, device=self.device), new)
-        self.ok_log.index_copy_(0, self.iters.reshape(1), ok[None])
-        self._draft_from(h, new, n)  # MTP rows at the same slots: (h at last, new[0]), (h at draft, new[1])
-        self.last.copy_(new.gather(1, n.expand(self.batch, 1)))
-        self.count += n + 1
-        self.pos += n + 1
-        self.iters += 1
-        return n
-
-    def iterate(self) -> None:
-        "Run one speculative iteration (a CUDA-graph replay when greedy on CUDA)."
-        if self.sampling[0] == 0:
-            self._iter()
-        else:
-            self._verify()
 
 # %% ../notebooks/23_infer.ipynb #08a63d50
 def left_padding_starts(attention_mask: Tensor | None, ids: Tensor) -> Tensor:

@@ -82,9 +82,7 @@ class LoRALinear(_Mergeable, nn.Module):
         w = self.base_layer.weight
         return w if self.merged else w + self.delta_weight().to(w.dtype)
 
-    @property
-    def bias(self):
-        return getattr(self.base_layer, "bias", None)
+    bias = property(lambda self: getattr(self.base_layer, "bias", None), doc="The base layer's bias (or None).")
 
     def delta_weight(self) -> torch.Tensor:
         "`(α/r)·B·A`, shape (out, in), in the adapter's dtype."

@@ -325,7 +325,7 @@ def load_split(source: str, split: str) -> list[dict]:
         raise FileNotFoundError(f"no {split!r} split at {p} (expected {p / split}/*.arrow)")
     return [r for f in files for r in _read_arrow(f)]
 
-
+# %% ../notebooks/24_tasks.ipynb #1b493ba2
 def check_tasks(tasks: str | Sequence[str], sources: Mapping[str, str] | None = None) -> list[str]:
     "The expanded task names, after checking that each is known and its data is there (one-line errors, no loading)."
     names = expand_tasks(tasks)

@@ -12,7 +12,8 @@ from .gating import SwiGLU
 from .rope import KeepsFP32
 
 # %% auto #0
-__all__ = ['Router', 'expert_counts', 'grouped_linear', 'gather_rows', 'Experts', 'MoE', 'max_vio', 'sequence_balance_loss']
+__all__ = ['Router', 'expert_counts', 'grouped_linear', 'gather_rows', 'Experts', 'dense_experts', 'MoE', 'max_vio',
+           'sequence_balance_loss']
 
 # %% ../notebooks/09_moe.ipynb #a29b6dbb
 class Router(KeepsFP32):
@@ -121,8 +122,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
         "`x (T, d)`, gating `weights (T, k)`, `idx (T, k)` -> `Σ_k weight · expert(x)`, `(T, d)` in `x.dtype`."
-        if impl == "loop":  # `cfg.moe_impl`, validated by ModelConfig: "grouped" or "loop"
+        if impl == "loop":  # `cfg.moe_impl`, validated by ModelConfig: "grouped", "loop" or "dense"
             return self.forward_loop(x, weights, idx)
+        if impl == "dense":
+            return dense_experts(self, x, weights, idx)
         T, k = idx.shape
         flat = rearrange(idx, "t k -> (t k)")  # (N,) assignment t*k + j -> its expert, N = T*k
         order = torch.argsort(flat, stable=True)  # sorted row i holds assignment order[i]
@@ -150,6 +153,15 @@ class Experts(nn.Module):
             y = F.linear(F.silu(gate) * up, self.down_proj[e])
             out.index_add_(0, token, y.float() * weights[token, which, None].float())
         return out.to(x.dtype)
+
+# %% ../notebooks/09_moe.ipynb #6cb1f6e4
+def dense_experts(ex: Experts, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    "`ex`'s routed output computed for all experts on all tokens, weighted densely: `(T, d)`, no data-dependent shape."
+    chosen = idx[..., None] == torch.arange(ex.n_experts, device=idx.device)  # (T, k, E) one-hot of each choice
+    dense = reduce(chosen * weights.float()[..., None], "t k e -> t e", "sum")  # zero for unchosen experts
+    gate, up = einsum(x, ex.gate_up_proj, "t d, e m d -> t e m").split(ex.intermediate, dim=-1)
+    y = einsum(F.silu(gate) * up, ex.down_proj, "t e i, e d i -> t e d")
+    return einsum(y.float(), dense, "t e d, t e -> t d").to(x.dtype)
 
 # %% ../notebooks/09_moe.ipynb #bbaee3a3
 class MoE(nn.Module):

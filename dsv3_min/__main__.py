@@ -22,6 +22,7 @@ from .cli import Parser, exit_code, number, one_line, split_overrides
 from .config import PRESETS, ModelConfig, count_params, get_preset
 from .dist import launched_by_torchrun
 from .distill import DistillConfig, check_cache_dir, distill, student_config, write_teacher_cache
+from .export import EXPORT_FORMATS, GGUF_DTYPES, export
 from .evaluate import compact_items, evaluate, format_table, quick_eval
 from .files import read_json, write_json
 from .finetune import FINETUNE_TRAIN_DEFAULTS, METHOD_LR, METHODS, FinetuneConfig, finetune
@@ -38,7 +39,8 @@ from .tokenizer import get_tokenizer, tokenizer_stats
 # %% auto #0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_sample', 'cmd_info', 'cmd_tokenizer',
            'add_finetune_arguments', 'finetune_configs', 'cmd_finetune', 'add_distill_arguments', 'distill_configs',
-           'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'main']
+           'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'add_export_arguments', 'cmd_export',
+           'main']
 
 # %% ../notebooks/33_main.ipynb #808f7948
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(sub.add_parser("eval", help="score a checkpoint on benchmark tasks (notebook 25)"))
     add_finetune_arguments(sub.add_parser("finetune", help="LoRA / QLoRA / full fine-tuning (notebook 30)"))
     add_distill_arguments(sub.add_parser("distill", help="distill a teacher into a smaller student (notebook 31)"))
+    add_export_arguments(sub.add_parser("export", help="write a checkpoint as GGUF (llama.cpp) or ONNX (notebook 31b)"))
     return p
 
 # %% ../notebooks/33_main.ipynb #6e37866c
@@ -351,9 +354,26 @@ def cmd_eval(a: argparse.Namespace) -> int:
         write_json(a.out, out)
     return 0
 
+# %% ../notebooks/33_main.ipynb #fd2eba11
+def add_export_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "The `export` subcommand's flags."
+    p.add_argument("--ckpt", required=True, help="run dir, ckpt-* dir or Hugging Face model dir (with its tokenizer)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="fmt")
+    p.add_argument("--out", required=True, help="the file to write (ONNX: also <stem>.decode.onnx); never overwritten")
+    p.add_argument("--dtype", choices=GGUF_DTYPES, default="f32", help="GGUF weight type (ONNX: f32 only)")
+    return p
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    "`export`: the checkpoint as a llama.cpp GGUF or an onnxruntime graph pair (notebook 31b)."
+    for path in export(a.ckpt, a.fmt, a.out, a.dtype):
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
 # %% ../notebooks/33_main.ipynb #6e79f859
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "tokenizer": cmd_tokenizer,
-            "eval": cmd_eval, "finetune": cmd_finetune, "distill": cmd_distill}
+            "eval": cmd_eval, "finetune": cmd_finetune, "distill": cmd_distill,
+            "export": cmd_export}
 
 # %% ../notebooks/33_main.ipynb #61f2b09b
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -22,15 +22,13 @@ import torch
 from dsv3_min.__main__ import main as dsv3
 from dsv3_min.checkpoint import load_trained
 from dsv3_min.data import load_corpus
-from dsv3_min.export import export_copy, export_onnx, onnx_generate, write_gguf
+from dsv3_min.export import export_copy, export_onnx, load_llama, onnx_generate, write_gguf
 from dsv3_min.files import write_json
 from dsv3_min.infer import generate
 
 
 def llama(path: Path, n_ctx: int, logits_all: bool = False):
-    import llama_cpp
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, n_threads=2, verbose=False,
-                           type_k=0, type_v=0)
+    return load_llama(path, n_ctx, logits_all)  # f32 cache, no weight repacking (crashes on tiny q8_0 here)
 
 
 def tok_s(fn, new: int, reps: int = 3) -> float:

@@ -198,6 +198,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'dsv3_min.export.export_onnx': ('export.html#export_onnx', 'dsv3_min/export.py'),
                                  'dsv3_min.export.gguf_problem': ('export.html#gguf_problem', 'dsv3_min/export.py'),
                                  'dsv3_min.export.gguf_tensors': ('export.html#gguf_tensors', 'dsv3_min/export.py'),
+                                 'dsv3_min.export.load_llama': ('export.html#load_llama', 'dsv3_min/export.py'),
                                  'dsv3_min.export.onnx_generate': ('export.html#onnx_generate', 'dsv3_min/export.py'),
                                  'dsv3_min.export.split_kv_b': ('export.html#split_kv_b', 'dsv3_min/export.py'),
                                  'dsv3_min.export.write_gguf': ('export.html#write_gguf', 'dsv3_min/export.py')},

@@ -20,7 +20,8 @@ from .tokenizer import DEEPSEEK_V3_CHAT_TEMPLATE, SentencePieceTokenizer, Tokeni
 
 # %% auto #0
 __all__ = ['GGUF_DTYPES', 'EXPORT_FORMATS', 'gguf_problem', 'check_exportable', 'split_kv_b', 'gguf_tensors', 'write_gguf',
-           'export_copy', 'DecodeStep', 'empty_latents', 'decode_path', 'export_onnx', 'onnx_generate', 'export']
+           'load_llama', 'export_copy', 'DecodeStep', 'empty_latents', 'decode_path', 'export_onnx', 'onnx_generate',
+           'export']
 
 # %% ../notebooks/31b_export.ipynb #3fe770dd
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -42,6 +43,9 @@ def gguf_problem(cfg) -> str | None:
                 "layers for DeepSeek-V2-Lite and ignores q_lora_rank")
     if cfg.first_k_dense_replace < cfg.num_hidden_layers and cfg.n_shared_experts == 0:
         return "MoE without a shared expert: llama.cpp's deepseek2 requires the shared-expert tensors"
+    if (rs := cfg.rope_scaling) and rs["mscale"] != rs["mscale_all_dim"]:
+        return ("YaRN with mscale != mscale_all_dim: llama.cpp's single attention factor scales the whole score, "
+                "ours only its rotary part")
     return None
 
 
@@ -185,6 +189,22 @@ def write_gguf(model: DeepSeekV3, tok: Tokenizer, path: str | Path, dtype: str =
         w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
         w.close()
         return atomic_write(path, (Path(tmp) / "model.gguf").read_bytes())
+
+# %% ../notebooks/31b_export.ipynb #7e9d96c5
+def load_llama(path: str | Path, n_ctx: int = 512, logits_all: bool = False, threads: int = 2):
+    "llama.cpp (llama-cpp-python) on GGUF `path`: f32 KV cache, no CPU weight repacking, quiet."
+    from unittest import mock
+
+    import llama_cpp
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False  # the repacked (AMX) q8_0 kernels crash on tiny matrices
+        return p
+    with mock.patch.object(llama_cpp.llama_cpp, "llama_model_default_params", params):
+        return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=logits_all, n_threads=threads,
+                               verbose=False, type_k=0, type_v=0)  # GGML type 0: f32
 
 # %% ../notebooks/31b_export.ipynb #ff3feadb
 def export_copy(model: DeepSeekV3) -> DeepSeekV3:

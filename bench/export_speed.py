@@ -23,7 +23,7 @@ from dsv3_min.__main__ import main as dsv3
 from dsv3_min.checkpoint import load_trained
 from dsv3_min.data import load_corpus
 from dsv3_min.export import export_copy, export_onnx, load_llama, onnx_generate, write_gguf
-from dsv3_min.files import write_json
+from dsv3_min.files import read_jsonl, write_json
 from dsv3_min.infer import generate
 
 
@@ -90,9 +90,12 @@ def run(a) -> None:
     work = Path(tempfile.mkdtemp(prefix="export_bench_"))
     load = [os.getloadavg()[0]]
     t0 = time.time()
-    assert dsv3(["train", "--preset", "cpu-tiny", "--out", str(work / "run"), "--time-budget", str(a.train_seconds),
-                 "--no-progress"]) == 0
-    model, tok = load_trained(work / "run")
+    run_dir = a.run or work / "run"  # --run: a cpu-tiny run trained earlier by this script
+    if not a.run:
+        assert dsv3(["train", "--preset", "cpu-tiny", "--out", str(run_dir), "--time-budget", str(a.train_seconds),
+                     "--no-progress"]) == 0
+    model, tok = load_trained(run_dir)
+    steps = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
     model.eval()
     files = {d: write_gguf(model, tok, work / f"m-{d}.gguf", d) for d in ("f32", "f16", "q8_0")}
     t_onnx = time.time()
@@ -117,7 +120,7 @@ def run(a) -> None:
         quality[f"llama_cpp_{d}"] = {"bits_per_byte": bpb, "file_mib": f.stat().st_size / 2**20}
     onnx_mib = (pre.stat().st_size + step.stat().st_size) / 2**20
     load.append(os.getloadavg()[0])
-    common = {"model": "cpu-tiny", "train_seconds": a.train_seconds, "threads": 2, "batch": 1,
+    common = {"model": "cpu-tiny", "train_seconds": a.train_seconds, "train_steps": steps, "threads": 2, "batch": 1,
               "load_average_1min": load, "cpu_count": os.cpu_count(), "torch": torch.__version__}
     base = speeds["torch_eager_generate"]
     write_json(a.out / "export_speed.json", {
@@ -138,4 +141,5 @@ if __name__ == "__main__":
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--run", type=Path, help="reuse this cpu-tiny run folder instead of training one")
     run(p.parse_args())

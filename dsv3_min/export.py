@@ -128,7 +128,8 @@ def _add_hparams(w, cfg) -> None:
     w.add_expert_used_count(cfg.num_experts_per_tok), w.add_expert_shared_count(cfg.n_shared_experts)
     w.add_expert_weights_scale(cfg.routed_scaling_factor), w.add_expert_weights_norm(cfg.norm_topk_prob)
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-    w.add_expert_group_count(cfg.n_group), w.add_expert_group_used_count(cfg.topk_group)
+    limited = cfg.topk_group < cfg.n_group  # keeping every group is no limit; llama.cpp asserts used < count
+    w.add_expert_group_count(cfg.n_group if limited else 1), w.add_expert_group_used_count(cfg.topk_group if limited else 1)
     if rs := cfg.rope_scaling:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(rs["factor"])
         w.add_rope_scaling_orig_ctx_len(rs["original_max_position_embeddings"])

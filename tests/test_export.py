@@ -71,7 +71,8 @@ def _model(seed: int, **over) -> DeepSeekV3:
 
 
 YARN = dict(type="yarn", factor=4.0, mscale=1.0, mscale_all_dim=1.0, original_max_position_embeddings=32)
-CONFIGS = {"q_lora+groups": dict(), "no_q_lora+yarn": dict(q_lora_rank=None, n_group=1, topk_group=1, rope_scaling=YARN)}
+CONFIGS = {"q_lora+groups": dict(), "no_q_lora+yarn": dict(q_lora_rank=None, n_group=1, topk_group=1, rope_scaling=YARN),
+           "every_group_kept": dict(n_group=2, topk_group=2)}  # cpu-tiny's routing: llama.cpp aborted on it
 
 
 def _llama(llama_cpp, path, n_ctx=96):

@@ -27,6 +27,7 @@ from .files import read_json, write_json
 from .finetune import FINETUNE_TRAIN_DEFAULTS, METHOD_LR, METHODS, FinetuneConfig, finetune
 from .hf import from_pretrained
 from .infer import sample_text
+from .export import EXPORT_FORMATS, GGUF_DTYPES, export
 from .lora import ADAPTER_CONFIG, adapter_base, load_adapter, lora_layers, read_adapter_config
 from .step import NonFiniteLoss
 from .train import (TRAIN_PRESETS, SaveFailed, TrainConfig, prepare_data, resolve_device,
@@ -38,8 +39,8 @@ from .tokenizer import get_tokenizer, tokenizer_stats
 # %% auto #0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_sample', 'cmd_info', 'cmd_tokenizer',
            'add_finetune_arguments', 'finetune_configs', 'cmd_finetune', 'add_distill_arguments', 'distill_configs',
-           'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'add_serve_arguments', 'cmd_serve',
-           'cmd_eval_data', 'main']
+           'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'add_export_arguments', 'cmd_export',
+           'add_serve_arguments', 'cmd_serve', 'cmd_eval_data', 'main']
 
 # %% ../notebooks/33_main.ipynb #808f7948
 _MAX_VOCAB = next(f.metadata["le"] for f in fields(ModelConfig) if f.name == "vocab_size")  # the config's own bound
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(sub.add_parser("eval", help="score a checkpoint on benchmark tasks (notebook 25)"))
     add_finetune_arguments(sub.add_parser("finetune", help="LoRA / QLoRA / full fine-tuning (notebook 30)"))
     add_distill_arguments(sub.add_parser("distill", help="distill a teacher into a smaller student (notebook 31)"))
-    add_serve_arguments(sub.add_parser("serve", help="an OpenAI-compatible server and demo page (notebook 31a)"))
+    add_serve_arguments(sub.add_parser("serve", help="an OpenAI-compatible server and demo page (notebook 31b)"))
+    add_export_arguments(sub.add_parser("export", help="write a checkpoint as GGUF (llama.cpp) or ONNX (notebook 31c)"))
     return p
 
 # %% ../notebooks/33_main.ipynb #6e37866c
@@ -372,6 +374,22 @@ def cmd_eval(a: argparse.Namespace) -> int:
         write_json(a.out, out)
     return 0
 
+# %% ../notebooks/33_main.ipynb #fd2eba11
+def add_export_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "The `export` subcommand's flags."
+    p.add_argument("--ckpt", required=True, help="run dir, ckpt-* dir or Hugging Face model dir (with its tokenizer)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS, dest="fmt")
+    p.add_argument("--out", required=True, help="the file to write (ONNX: also <stem>.decode.onnx); never overwritten")
+    p.add_argument("--dtype", choices=GGUF_DTYPES, default="f32", help="GGUF weight type (ONNX: f32 only)")
+    return p
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    "`export`: the checkpoint as a llama.cpp GGUF or an onnxruntime graph pair (notebook 31b)."
+    for path in export(a.ckpt, a.fmt, a.out, a.dtype):
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
 # %% ../notebooks/33_main.ipynb #fe038123
 def add_serve_arguments(v: argparse.ArgumentParser) -> None:
     "The flags of `serve`."
@@ -401,7 +419,7 @@ def cmd_eval_data(a) -> int:
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "info": cmd_info, "tokenizer": cmd_tokenizer,
             "eval": cmd_eval, "finetune": cmd_finetune, "distill": cmd_distill, "eval-data": cmd_eval_data,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "export": cmd_export}
 
 # %% ../notebooks/33_main.ipynb #61f2b09b
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

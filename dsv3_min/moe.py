@@ -12,8 +12,8 @@ from .gating import SwiGLU
 from .rope import KeepsFP32
 
 # %% auto #0
-__all__ = ['Router', 'expert_counts', 'grouped_linear', 'gather_rows', 'sort_by_expert', 'Experts', 'MoE', 'max_vio',
-           'sequence_balance_loss']
+__all__ = ['Router', 'expert_counts', 'dense_experts', 'grouped_linear', 'gather_rows', 'sort_by_expert', 'Experts', 'MoE',
+           'max_vio', 'sequence_balance_loss']
 
 # %% ../notebooks/09_moe.ipynb #a29b6dbb
 class Router(KeepsFP32):
@@ -66,6 +66,15 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> bool
     "Whether `torch._grouped_mm` applies: CUDA sm90+, bf16 (given or by autocast), rows of 16-byte multiples."
     return (x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and torch.cuda.get_device_capability(x.device)[0] >= 9 and x.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0)
+
+# %% ../notebooks/09_moe.ipynb #6cb1f6e4
+def dense_experts(ex: Experts, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    "`ex`'s routed output computed for all experts on all tokens, weighted densely: `(T, d)`, no data-dependent shape."
+    chosen = idx[..., None] == torch.arange(ex.n_experts, device=idx.device)  # (T, k, E) one-hot of each choice
+    dense = reduce(chosen * weights.float()[..., None], "t k e -> t e", "sum")  # zero for unchosen experts
+    gate, up = einsum(x, ex.gate_up_proj, "t d, e m d -> t e m").split(ex.intermediate, dim=-1)
+    y = einsum(F.silu(gate) * up, ex.down_proj, "t e i, e d i -> t e d")
+    return einsum(y.float(), dense, "t e d, t e -> t d").to(x.dtype)
 
 # %% ../notebooks/09_moe.ipynb #942ddfe0
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, expert: torch.Tensor,
@@ -134,8 +143,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
         "`x (T, d)`, gating `weights (T, k)`, `idx (T, k)` -> `Σ_k weight · expert(x)`, `(T, d)` in `x.dtype`."
-        if impl == "loop":  # `cfg.moe_impl`, validated by ModelConfig: "grouped" or "loop"
+        if impl == "loop":  # `cfg.moe_impl`, validated by ModelConfig: "grouped", "loop" or "dense"
             return self.forward_loop(x, weights, idx)
+        if impl == "dense":
+            return dense_experts(self, x, weights, idx)
         k = idx.shape[1]
         order, inv, expert, counts, slot = sort_by_expert(idx, self.n_experts)
         xs = gather_rows(x, order, inv, fanout=k)  # (N, d): token order[i] // k, blocks by expert

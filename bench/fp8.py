@@ -10,7 +10,8 @@ Writes `fp8.json`, `fp8_gemm.png` and `fp8_loss.png` under --out:
                      gpu-small model's `down_proj` input)
   train              the package's `step.train_step` on what `train` builds (fp32 master weights, bf16 autocast,
                      AdamW; eager unless --compile), `fp8.convert(model)` for FP8: tokens/s (median step after
-                     --skip) for gpu-small and a wider model (`--wide`), BF16 against FP8 (`train_speedup_widest`)
+                     --skip) for gpu-small and a wider model (`--wide`), BF16 against FP8 (`train_speedup_widest`);
+                     torchao's float8 training (rowwise recipe, nn.Linear only) as the peer where torchao imports
   loss_curves        gpu-small on the carried corpus, the same batches for every run (data seed 0): BF16 and FP8 at
                      model seed 0, BF16 at seed 1 for the seed noise; `loss_rel_diff` = (FP8 - BF16) / BF16 of the
                      mean training loss over the last 20% of steps (and of a validation loss), `seed_rel_diff` likewise
@@ -21,6 +22,7 @@ Writes `fp8.json`, `fp8_gemm.png` and `fp8_loss.png` under --out:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -37,6 +39,15 @@ from fp8_gemm import gemm_section, kernel_error, outlier_errors  # noqa: E402
 from fp8_train import loss_section, plot, throughput_section  # noqa: E402
 
 from dsv3_min.files import write_json  # noqa: E402
+
+
+def finite(obj):
+    "`obj` with every NaN or infinite float replaced by None (write_json refuses them; a diverged run is a result)."
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def guarded(name: str, fn) -> dict:
@@ -71,7 +82,7 @@ def main() -> None:
     def save(part: dict) -> None:
         res.update(part)
         res["wall_s"] = time.time() - t0
-        write_json(out / "fp8.json", res)
+        write_json(out / "fp8.json", finite(res))
 
     save(guarded("gemm", lambda: gemm_section(a.quick, device, left)))
     save(guarded("kernel_error", lambda: {"kernel_error": kernel_error(a.quick, device)}))

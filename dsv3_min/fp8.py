@@ -98,6 +98,7 @@ def emulated_mm(a: FP8, b: FP8, out_dtype: torch.dtype = torch.float32) -> torch
     return out[: a.shape[0], : b.shape[0]].to(out_dtype)
 
 
+# %% ../notebooks/19a_fp8.ipynb #f83c7717
 def scaled_mm_ok(a: FP8, b: FP8) -> bool:
     "Whether `torch._scaled_mm`'s DeepSeek blockwise path applies: CUDA sm90 (cuBLAS, CUDA >= 12.9), A in 1x128 tiles."
     return (a.q.is_cuda and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(a.q.device) == (9, 0)

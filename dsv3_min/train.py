@@ -80,6 +80,7 @@ class TrainConfig(Validated):
     ep: int = rule(1, gt=0)                  # expert-parallel degree under torchrun: n_routed_experts/ep experts per rank
     dtype: str = rule("auto", choices=("auto", "bf16", "fp32"))  # "auto": bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False                    # torch.compile the loss function (GPU)
+    fp8: bool = False                        # FP8 E4M3 GEMMs, 1x128 / 128x128 scaling (notebook 19a; sm90)
     time_budget: float = rule(0.0, ge=0)     # seconds of training after which the run stops early (0 = none)
     stop_at: int = rule(0, ge=0)             # checkpoint and stop after this step, schedule unchanged (0 = never)
     threads: int = rule(0, ge=0)             # torch CPU threads (0 = auto: `threads.Threads` probes, notebook 19b)
@@ -431,6 +432,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = Fal
     data = data or dist.rank0_first(lambda: prepare_data(tc.corpus, cfg.vocab_size, log=log))
     torch.manual_seed(tc.seed)  # every rank builds the same initial model
     model = DeepSeekV3(cfg).to(device)
+    if tc.fp8:  # FP8 GEMMs with DeepSeek-V3's scaling, a module transform (notebook 19a); before the optimizer
+        from dsv3_min.fp8 import convert
+        convert(model)
     opt = make_optimizer(model, tc, device)
     start, elapsed = resume_into(ckpt, model, opt, cfg, tc, log)  # the whole checkpoint, on every rank
     loss_fn = torch.compile(lm_loss) if tc.compile else lm_loss

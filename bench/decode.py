@@ -17,7 +17,7 @@ a CompileConfig whose _compile_all_devices is set, since generate compiles on ac
 tok/s = batch * new tokens / wall time of the whole generate call (prefill included); ttft_s = a generate call with
 max_new_tokens=1; peak_mem_gib = torch.cuda.max_memory_allocated (weights included).
 
-Memory-bandwidth limit: `bytes_per_step` is `dsv3_min.infer.decode_step_bytes(cfg, B, T)` (notebook 23: the weights
+Memory-bandwidth limit: `bytes_per_step` is `dsv3_min.infer.decode_step_bytes(cfg, B, T)` (notebook 25: the weights
 a step at batch B touches, E_touched(B) = E(1 - (1 - k/E)^B) routed experts per layer, and the caches) at the mean
 context T = prompt + new/2; limit_tok_s = B * bandwidth / bytes; fraction = measured decode tok/s / limit_tok_s,
 against the H200 datasheet (4.8 TB/s) and the copy bandwidth measured in this run.

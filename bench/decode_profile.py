@@ -8,7 +8,7 @@ the `torch.compile`d step (fewer, fused kernels). For each, `torch.profiler` rec
 we count the kernels per step, their summed GPU time ("busy") and the wall time per step, so
     idle fraction = 1 - busy / wall      (the GPU waiting for the host)
 Each profiled step ends with a synchronize, so every kernel falls inside its own step's marker (the committed
-results/decode_profile.json predates this: its graph rows count part of the dropped first step, see notebook 23;
+results/decode_profile.json predates this: its graph rows count part of the dropped first step, see notebook 25;
 results/decode_profile_synced.json is the re-run with it).
 Writes DIR/decode_profile.json (per variant: wall, busy, kernels per step, the top kernels, and the kernel
 timeline of two steps for the notebook's plot) and DIR/decode_profile.png.

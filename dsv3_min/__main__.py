@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import math
 import os
-import shlex
 import sys
 import time
 import warnings
@@ -18,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import check_run_dir, load_trained
-from .cli import Parser, exit_code, number, one_line, split_overrides
+from .cli import (Parser, check_out_file, eval_command, exit_code, limit_arg, number, one_line, sources_arg,
+                          split_overrides)
 from .config import PRESETS, ModelConfig, count_params, get_preset
 from .dist import launched_by_torchrun
 from .distill import DistillConfig, check_cache_dir, distill, student_config, write_teacher_cache
 from .evaluate import compact_items, evaluate, format_table, quick_eval
-from .files import read_json, write_json
+from .files import write_json
 from .finetune import FINETUNE_TRAIN_DEFAULTS, METHOD_LR, METHODS, FinetuneConfig, finetune
 from .hf import from_pretrained
 from .infer import sample_text
@@ -39,8 +38,8 @@ from .tokenizer import get_tokenizer, tokenizer_stats
 # %% auto #0
 __all__ = ['COMMANDS', 'build_parser', 'cmd_train', 'load_for_sample', 'cmd_sample', 'cmd_info', 'cmd_tokenizer',
            'add_finetune_arguments', 'finetune_configs', 'cmd_finetune', 'add_distill_arguments', 'distill_configs',
-           'cmd_distill', 'add_eval_arguments', 'eval_command', 'cmd_eval', 'add_export_arguments', 'cmd_export',
-           'add_serve_arguments', 'cmd_serve', 'cmd_eval_data', 'main']
+           'cmd_distill', 'add_eval_arguments', 'cmd_eval', 'add_export_arguments', 'cmd_export', 'add_serve_arguments',
+           'cmd_serve', 'cmd_eval_data', 'main']
 
 # %% ../notebooks/39_main.ipynb #808f7948
 _MAX_VOCAB = next(f.metadata["le"] for f in fields(ModelConfig) if f.name == "vocab_size")  # the config's own bound
@@ -304,63 +303,17 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _limit_arg(a: argparse.Namespace, names: list[str]) -> int | dict[str, int] | None:
-    "`--limit` and `--limit-task TASK=N` as `evaluate`'s limit; bad values, unknown tasks and tasks not asked for raise."
-    if a.limit is not None and a.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {a.limit}")
-    per = {}
-    for s in a.limit_task:
-        name, _, n = s.partition("=")
-        if not name.strip() or not n.strip().isdigit() or int(n) < 1:
-            raise ValueError(f"--limit-task expects TASK=N with N >= 1, got {s!r}")
-        if not set(expand_tasks(name)) & set(names):   # an unknown task raises in expand_tasks
-            raise ValueError(f"--limit-task {s!r}: {name.strip()!r} is not among --tasks {a.tasks!r}")
-        per[name.strip()] = int(n)
-    return {"*": a.limit, **per} if per else a.limit
-
-
-def _sources_arg(a: argparse.Namespace, names: list[str]) -> dict[str, str]:
-    "`--data TASK=SOURCE` as `{task: source}`; a malformed entry or a task not asked for raises."
-    if bad := [s for s in a.data if "=" not in s]:
-        raise ValueError(f"--data expects TASK=SOURCE, got {bad[0]!r}")
-    sources = dict(s.split("=", 1) for s in a.data)
-    if extra := [t for t in sources if t not in names]:
-        raise ValueError(f"--data {extra[0]}=...: {extra[0]!r} is not among the tasks of --tasks {a.tasks!r}")
-    return sources
-
 # %% ../notebooks/39_main.ipynb #5e129aa6
-def eval_command(a: argparse.Namespace) -> str:
-    "The `python -m dsv3_min eval ...` line equivalent to `a` (recorded in the results JSON)."
-    argv = ["python", "-m", "dsv3_min", "eval", "--ckpt", str(a.ckpt), "--tasks", a.tasks]
-    argv += ["--limit", str(a.limit)] if a.limit is not None else []
-    argv += ["--limit-task", *a.limit_task] if a.limit_task else []
-    argv += ["--batch-size", str(a.batch_size), "--device", a.device, "--dtype", a.dtype]
-    argv += ["--data", *a.data] if a.data else []
-    return shlex.join(argv + (["--out", str(a.out)] if a.out else []))
-
-
-def _check_out_file(path: str) -> None:
-    "Before any work: `--out` must be a new file or an earlier results JSON, in a folder that can be written."
-    p = Path(path)
-    if p.is_dir():
-        raise IsADirectoryError(f"--out {p} is a folder: give the results file's name, e.g. {p / 'results.json'}")
-    if p.exists() and "results" not in read_json(p):
-        raise FileExistsError(f"--out {p} exists and is not a results JSON of `eval`: choose another name")
-    parent = next(q for q in [p.parent, *p.parent.parents] if q.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, f"--out {p}: cannot write in {parent}")
-
-
 def cmd_eval(a: argparse.Namespace) -> int:
     "`eval`: check every flag, the tasks' data and `--out`; load `--ckpt` (a LoRA run with its adapter); score; write."
     t0 = time.perf_counter()
     names = expand_tasks(a.tasks)  # unknown tasks, no task at all: before the checkpoint loads
-    limit, sources = _limit_arg(a, names), _sources_arg(a, names)
+    limit, sources = limit_arg(a, names), sources_arg(a, names)
     if a.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {a.batch_size}")
     check_tasks(names, sources)    # missing data, with the --data sources
     if a.out:
-        _check_out_file(a.out)
+        check_out_file(a.out)
     device = resolve_device(a.device)
     print(f"eval: loading {a.ckpt}, then scoring {len(names)} task{'s' * (len(names) > 1)}", flush=True)
     model, tok = load_for_sample(a.ckpt, None, device)

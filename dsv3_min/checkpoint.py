@@ -27,10 +27,10 @@ from .tokenizer import Tokenizer
 from .validate import check_json
 
 # %% auto #0
-__all__ = ['LOCK', 'RUN_MARKERS', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state', 'set_rng_state',
-           'write_manifest', 'save_checkpoint', 'config_mismatch', 'check_config', 'check_optimizer_state',
-           'read_state', 'load_model_file', 'load_checkpoint', 'load_trained', 'is_run_dir', 'check_run_dir',
-           'run_lock']
+__all__ = ['LOCK', 'RUN_MARKERS', 'RESUME_FIXED', 'flatten_optimizer_state', 'unflatten_optimizer_state', 'rng_state',
+           'set_rng_state', 'write_manifest', 'save_checkpoint', 'config_mismatch', 'check_config',
+           'check_optimizer_state', 'read_state', 'load_model_file', 'load_checkpoint', 'load_trained', 'is_run_dir',
+           'check_run_dir', 'run_lock', 'resume_point', 'resume_into']
 
 # %% ../notebooks/16_checkpoint.ipynb #cad46209
 def flatten_optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -322,3 +322,33 @@ def _alive(pid: int) -> bool:
     except OSError:  # it exists, owned by another user
         return True
     return True
+
+# %% ../notebooks/16_checkpoint.ipynb #41fdea94
+RESUME_FIXED = ("corpus", "batch_size", "seq_len", "grad_accum", "seed")  # train fields a resume cannot change
+
+
+def resume_point(run_dir: Path, cfg: ModelConfig, tc, resume: bool) -> Path | None:
+    "The checkpoint of `run_dir` to resume from, checked against `cfg` and the train config `tc`; None for a new run."
+    check_run_dir(run_dir, resume, tc.corpus)
+    if not resume:
+        return None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no intact checkpoint under {run_dir} (looked for {CKPT_PREFIX}*)")
+    state = read_state(ckpt)
+    try:
+        type(tc).from_dict(state.get("train_config") or {})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'}: bad train_config: {e}") from None
+    check_config(ckpt, state, cfg, tc, RESUME_FIXED)
+    return ckpt
+
+
+def resume_into(ckpt, model, opt, cfg, tc, log=print) -> tuple[int, float]:
+    "Load checkpoint `ckpt` (or nothing when None) into `model` and `opt`: the (step, elapsed seconds) to continue from."
+    if ckpt is None:
+        return 0, 0.0
+    state = load_checkpoint(ckpt, model, opt, cfg, tc=tc, train_keys=RESUME_FIXED)
+    log(f"resumed from {ckpt} at step {state['step']}")
+    return state["step"], state.get("elapsed_s", 0.0)
+

@@ -7,17 +7,23 @@ import argparse
 import errno
 import json
 import math
+import os
+import shlex
 import sys
 from dataclasses import fields
 from difflib import get_close_matches
+from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
+from .files import read_json
 from .step import NonFiniteLoss
+from .tasks import expand_tasks
 from .train import SaveFailed, TrainConfig
 
 # %% auto #0
-__all__ = ['UsageError', 'Parser', 'number', 'parse_value', 'split_overrides', 'exit_code', 'one_line']
+__all__ = ['UsageError', 'Parser', 'number', 'parse_value', 'split_overrides', 'limit_arg', 'sources_arg', 'eval_command',
+           'check_out_file', 'exit_code', 'one_line']
 
 # %% ../notebooks/38_cli.ipynb #ee7f2e3b
 class UsageError(ValueError):
@@ -80,6 +86,55 @@ def split_overrides(items: list[str] | dict[str, Any], *configs: type) -> list[d
                              + "; ".join(f"{c.__name__} fields: {sorted(n)}" for c, n in zip(configs, names)))
         out[i][name] = value
     return out
+
+# %% ../notebooks/38_cli.ipynb #34c44f4a
+def limit_arg(a: argparse.Namespace, names: list[str]) -> int | dict[str, int] | None:
+    "`--limit` and `--limit-task TASK=N` as `evaluate`'s limit; bad values, unknown tasks and tasks not asked for raise."
+    if a.limit is not None and a.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {a.limit}")
+    per = {}
+    for s in a.limit_task:
+        name, _, n = s.partition("=")
+        if not name.strip() or not n.strip().isdigit() or int(n) < 1:
+            raise ValueError(f"--limit-task expects TASK=N with N >= 1, got {s!r}")
+        if not set(expand_tasks(name)) & set(names):   # an unknown task raises in expand_tasks
+            raise ValueError(f"--limit-task {s!r}: {name.strip()!r} is not among --tasks {a.tasks!r}")
+        per[name.strip()] = int(n)
+    return {"*": a.limit, **per} if per else a.limit
+
+
+def sources_arg(a: argparse.Namespace, names: list[str]) -> dict[str, str]:
+    "`--data TASK=SOURCE` as `{task: source}`; a malformed entry or a task not asked for raises."
+    if bad := [s for s in a.data if "=" not in s]:
+        raise ValueError(f"--data expects TASK=SOURCE, got {bad[0]!r}")
+    sources = dict(s.split("=", 1) for s in a.data)
+    if extra := [t for t in sources if t not in names]:
+        raise ValueError(f"--data {extra[0]}=...: {extra[0]!r} is not among the tasks of --tasks {a.tasks!r}")
+    return sources
+
+
+# %% ../notebooks/38_cli.ipynb #73327e26
+def eval_command(a: argparse.Namespace) -> str:
+    "The `python -m dsv3_min eval ...` line equivalent to `a` (recorded in the results JSON)."
+    argv = ["python", "-m", "dsv3_min", "eval", "--ckpt", str(a.ckpt), "--tasks", a.tasks]
+    argv += ["--limit", str(a.limit)] if a.limit is not None else []
+    argv += ["--limit-task", *a.limit_task] if a.limit_task else []
+    argv += ["--batch-size", str(a.batch_size), "--device", a.device, "--dtype", a.dtype]
+    argv += ["--data", *a.data] if a.data else []
+    return shlex.join(argv + (["--out", str(a.out)] if a.out else []))
+
+
+def check_out_file(path: str) -> None:
+    "Before any work: `--out` must be a new file or an earlier results JSON, in a folder that can be written."
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"--out {p} is a folder: give the results file's name, e.g. {p / 'results.json'}")
+    if p.exists() and "results" not in read_json(p):
+        raise FileExistsError(f"--out {p} exists and is not a results JSON of `eval`: choose another name")
+    parent = next(q for q in [p.parent, *p.parent.parents] if q.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"--out {p}: cannot write in {parent}")
+
 
 # %% ../notebooks/38_cli.ipynb #6e79f859
 _ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE, errno.ENFILE}

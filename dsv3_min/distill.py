@@ -19,11 +19,11 @@ from tqdm import tqdm
 from .config import ModelConfig, count_params
 from .validate import Validated, rule
 from .data import get_batch
-from .checkpoint import run_lock
+from .checkpoint import resume_into, resume_point, run_lock
 from .files import FileFormatError, atomic_dir, read_json, write_json
 from .model import DeepSeekV3, LossParts
 from .optim import make_optimizer
-from .train import _resume_point, prepare_data, resolve_device, resume_into, train_loop
+from .train import prepare_data, resolve_device, train_loop
 
 # %% auto #0
 __all__ = ['CACHE_FORMAT', 'kl_terms', 'kd_full', 'teacher_topk', 'student_buckets', 'kd_topk', 'KDParts', 'kd_loss',
@@ -322,7 +322,7 @@ def distill(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, out: s
     if init not in ("random", "truncate"):
         raise ValueError(f"init={init!r}: must be 'random' or 'truncate'")
     run_dir = Path(out)
-    ckpt = _resume_point(run_dir, cfg, tc, resume)
+    ckpt = resume_point(run_dir, cfg, tc, resume)
     record = dict(distill=asdict(dc), init=init, cache=str(cache) if cache else None,
                   teacher=teacher_name, teacher_config=teacher.config.to_dict())
     if ckpt is not None:

@@ -86,6 +86,7 @@ def _attn_tensors(cfg, i: int, a) -> dict[str, Tensor]:
     return t
 
 
+# %% ../notebooks/37_export.ipynb #81765fd6
 def _ffn_tensors(i: int, mlp) -> dict[str, Tensor]:
     "Block `i`'s dense SwiGLU, or its router, stacked experts and shared expert, by GGUF name."
     if not isinstance(mlp, MoE):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import check_run_dir, load_checkpoint, load_trained, read_state, run_lock
+from .checkpoint import RESUME_FIXED, check_run_dir, load_checkpoint, load_trained, read_state, run_lock
 from .hf import latest_checkpoint, list_checkpoints
 from .validate import Validated, rule
 from .data import Corpus, load_corpus, pack
@@ -23,7 +23,7 @@ from .moe import Experts
 from .quant import NF4Linear, NF4Tensor, check_block_size, nf4_dequantize, nf4_quantize
 from .tokenizer import ASSISTANT, chat_segments
 from .step import lm_loss, val_loss
-from .train import (RESUME_FIXED, TrainConfig, TrainData, autocast_for, resolve_device,
+from .train import (TrainConfig, TrainData, autocast_for, resolve_device,
                             train_loop)
 
 # %% auto #0

@@ -20,11 +20,11 @@ import torch
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
-from .checkpoint import check_config, check_run_dir, load_checkpoint, read_state, run_lock, save_checkpoint
+from .checkpoint import resume_into, resume_point, run_lock, save_checkpoint
 from .config import PRESETS, ModelConfig
 from .data import get_batch, load_corpus, pack
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
-from .hf import CKPT_PREFIX, CheckpointError, latest_checkpoint, list_checkpoints
+from .hf import list_checkpoints
 from . import dist
 from .model import DeepSeekV3
 from .validate import Validated, check_names, rule, validate_fields
@@ -34,9 +34,8 @@ from .threads import Threads
 from .tokenizer import get_tokenizer
 
 # %% auto #0
-__all__ = ['TRAIN_PRESETS', 'RESUME_FIXED', 'device_problem', 'TrainConfig', 'train_config_for', 'TrainData', 'prepare_data',
-           'SaveFailed', 'resolve_device', 'autocast_for', 'read_metrics', 'TrainResult', 'train_loop', 'resume_into',
-           'train', 'write_summary']
+__all__ = ['TRAIN_PRESETS', 'device_problem', 'TrainConfig', 'train_config_for', 'TrainData', 'prepare_data', 'SaveFailed',
+           'resolve_device', 'autocast_for', 'read_metrics', 'TrainResult', 'train_loop', 'train', 'write_summary']
 
 # %% ../notebooks/22_train.ipynb #009cc7f2
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -383,35 +382,6 @@ def _run(loop: _Loop, sigs: _Signals, threads: Threads, bar: tqdm, on_step, on_e
     return losses, stopped
 
 # %% ../notebooks/22_train.ipynb #6e1ff180
-RESUME_FIXED = ("corpus", "batch_size", "seq_len", "grad_accum", "seed")  # train fields a resume cannot change
-
-
-def _resume_point(run_dir: Path, cfg: ModelConfig, tc: TrainConfig, resume: bool) -> Path | None:
-    "The checkpoint to resume from (checked against the configs), or None for a new run; errors say what to do."
-    check_run_dir(run_dir, resume, tc.corpus)
-    if not resume:
-        return None
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"--resume: no intact checkpoint under {run_dir} (looked for {CKPT_PREFIX}*)")
-    state = read_state(ckpt)
-    try:
-        TrainConfig.from_dict(state.get("train_config") or {})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ckpt / 'state.json'}: bad train_config: {e}") from None
-    check_config(ckpt, state, cfg, tc, RESUME_FIXED)
-    return ckpt
-
-
-def resume_into(ckpt, model, opt, cfg, tc, log=print) -> tuple[int, float]:
-    "Load checkpoint `ckpt` (or nothing when None) into `model` and `opt`: the (step, elapsed seconds) to continue from."
-    if ckpt is None:
-        return 0, 0.0
-    state = load_checkpoint(ckpt, model, opt, cfg, tc=tc, train_keys=RESUME_FIXED)
-    log(f"resumed from {ckpt} at step {state['step']}")
-    return state["step"], state.get("elapsed_s", 0.0)
-
-
 def _parallelized(model, opt, tc: TrainConfig, device, parallelize: Callable):
     "The model after the `parallelize` transform, and a new optimizer over its shards holding `opt`'s state."
     state = dist.optimizer_state_by_name(model, opt)  # whole tensors by name: before the parameters change
@@ -427,7 +397,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = Fal
     "Train `DeepSeekV3(cfg)` with `tc` under `out/`; under torchrun `parallelize(model)` shards it (notebook 28)."
     run_dir = Path(out)
     log = log if dist.is_rank0() else (lambda *a, **k: None)
-    ckpt = _resume_point(run_dir, cfg, tc, resume)
+    ckpt = resume_point(run_dir, cfg, tc, resume)
     device = resolve_device(tc.device)
     data = data or dist.rank0_first(lambda: prepare_data(tc.corpus, cfg.vocab_size, log=log))
     torch.manual_seed(tc.seed)  # every rank builds the same initial model

@@ -10,6 +10,7 @@ import os
 import random
 import secrets
 import shutil
+import threading
 import warnings
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -288,32 +289,6 @@ def _lock_owner(path: Path) -> int | None:
         return None
 
 
-@contextlib.contextmanager
-def run_lock(run_dir: str | Path):
-    "Hold `run_dir/dsv3.lock` while writing: another live writer is refused, a dead one's lock is taken over."
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            pid = _lock_owner(path)
-            if pid is not None and _alive(pid):
-                raise FileExistsError(f"{run_dir} is being written by another process (pid {pid}, {path}); wait "
-                                      "for it or choose another --out") from None
-            warnings.warn(f"{path}: the lock of process {pid}, which is not running: taking the run over",
-                          stacklevel=3)
-            path.unlink(missing_ok=True)
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -322,6 +297,41 @@ def _alive(pid: int) -> bool:
     except OSError:  # it exists, owned by another user
         return True
     return True
+
+# %% ../notebooks/16_checkpoint.ipynb #a089cdc2
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path, fresh: bool = False):
+    """Hold `run_dir/dsv3.lock` while writing: another live writer is refused, a dead one's lock is taken over; with
+    `fresh` (a new run), a folder that another run wrote into since the caller checked it is refused too."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    mine = run_dir / f".{LOCK}.{os.getpid()}.{threading.get_ident()}"  # the lock's content, complete before it appears
+    mine.write_text(str(os.getpid()))
+    try:
+        while True:
+            try:
+                os.link(mine, path)  # atomic, and fails if a lock exists: a reader never sees an empty lock
+                break
+            except FileExistsError:
+                pid = _lock_owner(path)
+                if pid is not None and _alive(pid):
+                    raise FileExistsError(f"{run_dir} is being written by another process (pid {pid}, {path}); "
+                                          "wait for it or choose another --out") from None
+                warnings.warn(f"{path}: the lock of process {pid}, which is not running: taking the run over",
+                              stacklevel=3)
+                path.unlink(missing_ok=True)
+        other = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith((LOCK, f".{LOCK}.")))
+        if fresh and other:  # checked before the lock, written since: the other run finished in between
+            path.unlink()
+            raise FileExistsError(f"{run_dir} already holds another run's files ({', '.join(other[:3])}); add --resume "
+                                  "to continue it, or choose another --out")
+    finally:
+        mine.unlink(missing_ok=True)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
 
 # %% ../notebooks/16_checkpoint.ipynb #41fdea94
 RESUME_FIXED = ("corpus", "batch_size", "seq_len", "grad_accum", "seed")  # train fields a resume cannot change

@@ -339,7 +339,7 @@ def distill(teacher: DeepSeekV3, cfg: ModelConfig, tc, dc: DistillConfig, out: s
     source = _teacher_source(teacher, cfg, tc, dc, cache, device)
     # compiles the student's and the teacher's forwards, not `DistillLoss` (it counts batches)
     loss_fn = DistillLoss(source, dc, start * tc.grad_accum, forward=torch.compile(student) if tc.compile else None)
-    with run_lock(run_dir):  # before the run's first file: a second run started at the same instant is refused
+    with run_lock(run_dir, fresh=not resume):  # before the run's first file: a second run started at the same instant is refused
         write_json(run_dir / "distill.json", record)
         return train_loop(student, opt, data, tc, run_dir, start, elapsed, progress, on_step=on_step, last_ckpt=ckpt,
                           loss_fn=loss_fn, lock=False)

@@ -254,7 +254,7 @@ def finetune(base_path: str | Path, corpus: str | Corpus | TrainData, out: str |
     loss_fn = masked_lm_loss if masked else lm_loss  # masked: targets outside the assistant turns are ignored
     loss_fn = torch.compile(loss_fn) if tc.compile else loss_fn
     opt = make_optimizer(model, tc, device)
-    with run_lock(run_dir):  # before the run's first file: a second run started at the same instant is refused
+    with run_lock(run_dir, fresh=not resume):  # before the run's first file: a second run started at the same instant is refused
         start, elapsed, ckpt = _begin(run_dir, record, model, opt, data, base, tc, device, resume, log)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

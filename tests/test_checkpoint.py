@@ -1,6 +1,7 @@
 """Tests of dsv3_min.checkpoint: exact optimizer/RNG round trips, the checkpoint files and manifest, pruning, the
 config-mismatch error, and the fall back to the newest intact checkpoint when a newer one is damaged."""
 import json
+import os
 import random
 
 import numpy as np
@@ -272,3 +273,20 @@ def test_manifest_entries_outside_the_checkpoint_are_refused(saved, entry):
     assert checkpoint_problem(run / "ckpt-0000003") == f"manifest.json names a file outside the checkpoint ({entry!r})"
     with pytest.warns(CheckpointWarning, match="outside the checkpoint"):
         assert latest_checkpoint(run) == run / "ckpt-0000002"
+
+
+def test_a_fresh_run_lock_refuses_a_folder_another_run_wrote_since_its_check(tmp_path):
+    """`run_lock(fresh=True)`, taken by a new run after its checks, refuses a folder that another run wrote into in
+    between (it finished and released its lock before this one asked): no lock or temp file is left behind; the same
+    folder is fine for a resume (`fresh=False`)."""
+    from dsv3_min.checkpoint import LOCK, run_lock
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="already holds another run's files"):
+        with run_lock(run, fresh=True):
+            pass
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+    with run_lock(run) as lock:
+        assert lock.name == LOCK and lock.read_text() == str(os.getpid())
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]

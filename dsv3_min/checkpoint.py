@@ -321,8 +321,8 @@ def run_lock(run_dir: str | Path, fresh: bool = False):
                 warnings.warn(f"{path}: the lock of process {pid}, which is not running: taking the run over",
                               stacklevel=3)
                 path.unlink(missing_ok=True)
-        other = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith((LOCK, f".{LOCK}.")))
-        if fresh and other:  # checked before the lock, written since: the other run finished in between
+        other = fresh and sorted(p.name for p in run_dir.iterdir() if not p.name.startswith((LOCK, f".{LOCK}.")))
+        if other:  # a new run's folder, checked empty before the lock, written since: the other run finished between
             path.unlink()
             raise FileExistsError(f"{run_dir} already holds another run's files ({', '.join(other[:3])}); add --resume "
                                   "to continue it, or choose another --out")

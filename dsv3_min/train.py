@@ -194,7 +194,7 @@ def _elapsed_now(loop: _Loop) -> float:
     "Training seconds before step `loop.step`: the clock of the last read plus the steps since at the last record's pace."
     return loop.elapsed + len(loop.log) * loop.step_s
 
-
+# %% ../notebooks/22_train.ipynb #3c8e5a47
 def _read(loop: _Loop) -> tuple[dict | None, str | None]:
     "Read the window back (the one wait for the device): its metrics record (None: no finite step) and the error."
     n = len(loop.log)

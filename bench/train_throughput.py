@@ -28,7 +28,8 @@ that), and peak = the bf16 matmul rate measured here (8192^3 `torch.matmul`) and
 Top level: loop_tok_s, bench_tok_s, hf_compiled_tok_s, loop_mfu (of the measured peak), mtp_step_overhead.
 
     python bench/train_throughput.py --corpus plays/ --out $OUT/tp                 # GPU, about 8 min (--deadline 480)
-    python bench/train_throughput.py --preset test-tiny --device cpu --steps 6 --skip 2 --out /tmp/tp   # smoke test
+    python bench/train_throughput.py --preset test-tiny --device cpu --steps 6 --skip 2 --no-compile \
+        --set vocab_size=512 --out /tmp/tp                                                        # CPU smoke test
 """
 from __future__ import annotations
 

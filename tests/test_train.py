@@ -316,3 +316,22 @@ def test_long_phases_are_named_and_threads_zero_records_the_probed_count(tiny_co
     assert re.search(r"final validation: \d+ windows of 16 tokens", err) and "writing checkpoint 2" in err, err
     assert out.index("data: ") < out.index("train / ")
     assert [r.get("threads") for r in read_metrics(tmp_path / "run")] == [1, 1]
+
+
+def test_lr_between_reads_follows_from_the_log_and_the_budget_still_stops_the_run(tiny_corpus, tmp_path):
+    """With a 2-second time budget driving the schedule and `log_every=4`, the lr of each record's step is
+    `lr_at(step, elapsed)` with elapsed = the previous record's `elapsed_s` plus the steps since at its pace
+    (`tokens_per_step / tokens_per_s`; 0 before the first read): the schedule follows from metrics.jsonl alone. The
+    budget, checked at reads only, still stops the run early, with a final evaluation."""
+    from dsv3_min.optim import lr_at
+    from dsv3_min.train import train
+    cfg, tc, data = _tiny_setup(tiny_corpus, max_steps=100000, log_every=4, time_budget=2.0, warmup=0,
+                                eval_every=1000)
+    r = train(cfg, tc, tmp_path / "run", data=data, progress=False, log=lambda *a: None)
+    recs = read_metrics(tmp_path / "run")
+    assert r.stopped == "time_budget" and recs[-1]["elapsed_s"] >= 2.0 and "val_loss" in recs[-1] and len(recs) > 3
+    elapsed, pace = 0.0, 0.0
+    for rec in recs:
+        assert rec["lr"] == lr_at(rec["step"] - 1, tc, elapsed + (rec["steps_logged"] - 1) * pace), rec["step"]
+        elapsed, pace = rec["elapsed_s"], tc.batch_size * tc.seq_len / rec["tokens_per_s"]
+    assert len({rec["lr"] for rec in recs}) > 2  # the clock moved the schedule

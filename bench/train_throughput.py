@@ -1,14 +1,19 @@
 """Training throughput, one call, one GPU: the loop users run, the package's step, and transformers.
 
-Every number is tokens/s of one optimizer step (batch x seq_len tokens), the median over the timed steps after
-`--skip` warm-up steps (compilation):
+Every number is tokens/s of optimizer steps (batch x seq_len tokens) after `--skip` warm-up steps (compilation),
+timed over many steps back to back (no host read between them, as the loop runs them):
 
   loop_tok_s         `python -m dsv3_min train --preset P --set compile=true num_nextn_predict_layers=0` as a
-                     subprocess: the loop users run, its own clock from metrics.jsonl (batch, `train_step`, sync);
-  loop_mtp_tok_s     the same with the preset's MTP module;
+                     subprocess: the loop users run with its default `log_every` (10 on CUDA: one read of the device
+                     per 10 steps), its own clock from metrics.jsonl: the tokens of the records whose window starts
+                     after --skip over their summed seconds;
+  loop_mtp_tok_s     the same with the preset's MTP module (mtp_step_overhead = loop_tok_s / loop_mtp_tok_s - 1: the
+                     step time MTP adds);
+  loop_log1_tok_s    the same as loop_tok_s with `log_every=1`: a read of the device after every step, as the loop
+                     ran before issue 27 (loop_tok_s / loop_log1_tok_s is what dropping the per-step read gives);
   bench_tok_s        this process timing the package's `step.train_step` on the model, optimizer, compiled loss,
-                     autocast and `get_batch` batches that `train` builds (MTP off): the same code as loop_tok_s,
-                     without the loop's logging, so the two should agree within a few percent;
+                     autocast and `get_batch` batches that `train` builds (MTP off), with the device flag `healthy`
+                     (no host read): the same code as loop_tok_s without the loop's logging;
   hf_compiled_tok_s  transformers' DeepseekV3ForCausalLM with the same weights (ours -> save_pretrained ->
                      from_pretrained, MTP off: transformers has none), the same batches, its own loss, and the same
                      `train_step` (clip, AdamW), under plain `torch.compile(model)`; in bf16 weights on the GPU (its
@@ -20,9 +25,11 @@ MFU = F * tokens/s / peak with F = `optim.flops_per_token(cfg, seq_len)` = 6 * N
 (N_matmul: the active parameters that enter a matmul, LM head and MTP included; 6 = 2 (multiply-add) x 3 (forward and
 two backward matmuls); the attention term: a causal query sees S/2 keys, forward 2*H*(S/2)*(d_qk+d_v), backward twice
 that), and peak = the bf16 matmul rate measured here (8192^3 `torch.matmul`) and the 989 TFLOP/s datasheet figure.
+Top level: loop_tok_s, bench_tok_s, hf_compiled_tok_s, loop_mfu (of the measured peak), mtp_step_overhead.
 
     python bench/train_throughput.py --corpus plays/ --out $OUT/tp                 # GPU, about 8 min (--deadline 480)
-    python bench/train_throughput.py --preset test-tiny --device cpu --steps 6 --skip 2 --out /tmp/tp   # smoke test
+    python bench/train_throughput.py --preset test-tiny --device cpu --steps 6 --skip 2 --no-compile \
+        --set vocab_size=512 --out /tmp/tp                                                        # CPU smoke test
 """
 from __future__ import annotations
 
@@ -72,19 +79,21 @@ def matmul_peak(device: torch.device, n: int = 8192) -> float | None:
 
 
 def timed(step, n: int, skip: int, device: torch.device) -> dict:
-    "Run `step(i)` for i < skip + n, synchronized; the median seconds of the last n and the steady-state peak memory."
-    times = []
-    for i in range(skip + n):
-        if i == skip and device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
+    "Run `step(i)` for i < skip + n; the mean seconds of the last n, launched back to back (one sync), and peak memory."
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for i in range(skip):
         step(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
+    sync()
+    warmup = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for i in range(skip, skip + n):
+        step(i)
+    sync()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"step_s_median": statistics.median(times[skip:]), "timed_steps": n, "warmup_s": sum(times[:skip]),
-            "peak_mem_gib": peak}
+    return {"step_s_mean": (time.perf_counter() - t0) / n, "timed_steps": n, "warmup_s": warmup, "peak_mem_gib": peak}
 
 
 def bench_step(a, cfg, tc, device: torch.device, tokens: np.ndarray):
@@ -93,11 +102,11 @@ def bench_step(a, cfg, tc, device: torch.device, tokens: np.ndarray):
     model = DeepSeekV3(cfg).to(device)
     opt = make_optimizer(model, tc, device)
     loss_fn = torch.compile(lm_loss) if tc.compile else lm_loss
-    autocast = autocast_for(tc, device)
+    autocast, healthy = autocast_for(tc, device), torch.ones((), dtype=torch.bool, device=device)
 
     def step(i):
         x, y = get_batch(tokens, i, tc.batch_size, tc.seq_len, tc.seed, device=device)
-        return train_step(model, opt, [(x, y)], loss_fn, tc.lr, tc.grad_clip, autocast)
+        return train_step(model, opt, [(x, y)], loss_fn, tc.lr, tc.grad_clip, autocast, healthy=healthy)
     return model, step
 
 
@@ -113,10 +122,11 @@ def hf_step(hf, tc, device: torch.device, tokens: np.ndarray):
     opt = torch.optim.AdamW(hf.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
                             fused=device.type == "cuda")
     model, autocast = torch.compile(hf) if tc.compile else hf, autocast_for(tc, device)
+    healthy = torch.ones((), dtype=torch.bool, device=device)
 
     def step(i):
         x, y = get_batch(tokens, i, tc.batch_size, tc.seq_len, tc.seed, device=device)
-        return train_step(model, opt, [(x, y)], hf_loss, tc.lr, tc.grad_clip, autocast)
+        return train_step(model, opt, [(x, y)], hf_loss, tc.lr, tc.grad_clip, autocast, healthy=healthy)
     return step
 
 
@@ -127,16 +137,17 @@ def loop_sets(a, mtp: bool) -> list[str]:
     return sets + ([] if mtp else ["num_nextn_predict_layers=0"])
 
 
-def loop_run(a, mtp: bool, out: Path, timeout: float) -> dict:
-    "`python -m dsv3_min train` as users run it (MTP off unless `mtp`); its median tokens/s after `--skip` steps."
+def loop_run(a, mtp: bool, out: Path, timeout: float, sets: tuple[str, ...] = ()) -> dict:
+    "`python -m dsv3_min train` as users run it (MTP off unless `mtp`); tokens/s of its records after `--skip` steps."
     cmd = [sys.executable, "-m", "dsv3_min", "train", "--preset", a.preset, "--out", str(out), "--no-progress",
            "--max-steps", str(a.steps + a.skip), *(["--corpus", a.corpus] if a.corpus else []), "--set",
-           *loop_sets(a, mtp)]
+           *loop_sets(a, mtp), *sets]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    rows = [r for r in read_metrics(out) if r["step"] > a.skip and "val_loss" not in r]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows), "timed_steps": len(rows),
-            "wall_s": time.time() - t0, "command": " ".join(cmd[1:])}
+    rows = [r for r in read_metrics(out) if r["step"] - r["steps_logged"] >= a.skip]  # windows after the warm-up
+    steps = sum(r["steps_logged"] for r in rows)  # a record's tokens_per_s = tokens_per_step * steps_logged / seconds
+    return {"tokens_per_s": steps / sum(r["steps_logged"] / r["tokens_per_s"] for r in rows), "timed_steps": steps,
+            "records": len(rows), "wall_s": time.time() - t0, "command": " ".join(cmd[1:])}
 
 
 def main() -> None:
@@ -171,7 +182,7 @@ def main() -> None:
            "variants": {}}
 
     def record(key, r, mtp=False):
-        r["tokens_per_s"] = r.get("tokens_per_s") or tokens_per_step / r["step_s_median"]
+        r["tokens_per_s"] = r.get("tokens_per_s") or tokens_per_step / r["step_s_mean"]
         f = res["flops_per_token"]["mtp_on" if mtp else "mtp_off"]
         r["mfu_measured_peak"] = f * r["tokens_per_s"] / (peak * 1e12) if peak else None
         r["mfu_datasheet"] = f * r["tokens_per_s"] / (DATASHEET_TFLOPS * 1e12)
@@ -186,9 +197,10 @@ def main() -> None:
         del model, step
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
-        for key, mtp in (("loop_tok_s", False), ("loop_mtp_tok_s", True)):
+        for key, mtp, sets in (("loop_tok_s", False, ()), ("loop_mtp_tok_s", True, ()),
+                               ("loop_log1_tok_s", False, ("log_every=1",))):
             if left() > 60:
-                record(key, loop_run(a, mtp, Path(tmp) / key, left()), mtp)
+                record(key, loop_run(a, mtp, Path(tmp) / key, left(), sets), mtp)
         if not a.no_hf:
             from transformers import DeepseekV3ForCausalLM
             for key, compiled in (("hf_compiled_tok_s", a.compile), ("hf_eager_tok_s", False)):
@@ -209,9 +221,15 @@ def main() -> None:
         res["loop_over_bench"] = res["loop_tok_s"] / res["bench_tok_s"]
     if "hf_compiled_tok_s" in res and "loop_tok_s" in res:
         res["loop_over_hf_compiled"] = res["loop_tok_s"] / res["hf_compiled_tok_s"]
+    if "loop_tok_s" in res:
+        res["loop_mfu"] = res["variants"]["loop_tok_s"]["mfu_measured_peak"]
+    if "loop_mtp_tok_s" in res and "loop_tok_s" in res:
+        res["mtp_step_overhead"] = res["loop_tok_s"] / res["loop_mtp_tok_s"] - 1
+    if "loop_log1_tok_s" in res and "loop_tok_s" in res:
+        res["loop_over_log1"] = res["loop_tok_s"] / res["loop_log1_tok_s"]
     res["wall_s"] = time.time() - t_start
     write_json(Path(a.out) / "train_throughput.json", res)
-    print({k: round(v, 3) for k, v in res.items() if k.startswith(("loop_over", "wall"))})
+    print({k: round(v, 3) for k, v in res.items() if k.startswith(("loop_over", "loop_mfu", "mtp_step", "wall")) and v is not None})
 
 
 if __name__ == "__main__":

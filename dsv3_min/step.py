@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from . import dist
 from .data import iter_val_batches
@@ -14,7 +16,7 @@ from .model import DeepSeekV3, LossParts
 from .moe import MoE
 
 # %% auto #0
-__all__ = ['NonFiniteLoss', 'lm_loss', 'update_router_biases', 'train_step', 'val_loss']
+__all__ = ['NonFiniteLoss', 'lm_loss', 'non_finite', 'update_router_biases', 'train_step', 'StepLog', 'means', 'val_loss']
 
 # %% ../notebooks/19_step.ipynb #607359a2
 class NonFiniteLoss(FloatingPointError):
@@ -26,6 +28,13 @@ def lm_loss(model: DeepSeekV3, x: torch.Tensor, y: torch.Tensor) -> LossParts:
     return model.loss(x, y)
 
 
+def non_finite(loss: float, grad_norm: float) -> str | None:
+    "What was not finite in a step (`'non-finite loss (nan)'`, or the gradient norm's), or None."
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    return None if math.isfinite(grad_norm) else f"non-finite gradient norm ({grad_norm})"
+
+
 @torch.no_grad()
 def update_router_biases(model) -> None:
     "Aux-loss-free balancing on the global load: every MoE's expert counts summed over ranks, then the model's update."
@@ -35,11 +44,42 @@ def update_router_biases(model) -> None:
     if moes:
         model.update_router_biases()
 
+# %% ../notebooks/19_step.ipynb #5e0c3a71
+def _skips_on_device(opt: torch.optim.Optimizer) -> bool:
+    "Whether `opt` takes torch's `found_inf` (fused AdamW/Adam: skip the whole update on the device); not on DTensors."
+    return bool(getattr(opt, "_step_supports_amp_scaling", False)) and not any(
+        isinstance(p, DTensor) for g in opt.param_groups for p in g["params"])
 
+
+@torch.no_grad()
+def _apply(model, opt: torch.optim.Optimizer, healthy: torch.Tensor | None) -> None:
+    "The optimizer step and the router update, only where `healthy` holds (None: always)."
+    if healthy is not None and not _skips_on_device(opt):
+        if not bool(healthy):  # read on the host: free on a CPU, a sync on a GPU
+            return
+        healthy = None
+    if healthy is None:
+        opt.step()
+        update_router_biases(model)  # also keeps this step's expert loads for `model.moe_stats()`
+        return
+    opt.found_inf = (~healthy).float()  # 1.0: the fused kernel leaves weights, moments and step count alone
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf
+    biases = [m.gate.e_score_correction_bias for m in model.modules() if isinstance(m, MoE)]
+    old = [b.clone() for b in biases]
+    update_router_biases(model)
+    for b, o in zip(biases, old):
+        b.copy_(torch.where(healthy, b, o))
+
+# %% ../notebooks/19_step.ipynb #7d2f9e13
 def train_step(model, opt: torch.optim.Optimizer, batches, loss_fn: Callable = lm_loss, lr: float | None = None,
                grad_clip: float = 0.0, autocast: Callable = contextlib.nullcontext,
-               check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    "One optimizer step over micro-batches `[(x, y)]`: ([loss, main, mtp, balance] as a tensor, gradient norm)."
+               healthy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over micro-batches `[(x, y)]`: ([loss, main, mtp, balance] as a tensor, gradient norm). A
+    non-finite step raises `NonFiniteLoss` before it is applied, or with `healthy` (device bool, and-ed in place) is
+    skipped where `healthy` is False, without a host read if the optimizer takes `found_inf`."""
     batches = list(batches)
     parts = None
     for x, y in batches:
@@ -50,16 +90,45 @@ def train_step(model, opt: torch.optim.Optimizer, batches, loss_fn: Callable = l
         parts = p if parts is None else parts + p
     gnorm = dist.clip_grad_norm_(model.parameters(), grad_clip or float("inf"))
     parts = dist.global_mean(parts)
-    if check_finite and not bool(torch.isfinite(parts[0])):
+    finite = torch.isfinite(parts[0]) & torch.isfinite(gnorm)
+    if healthy is None and not bool(finite):
         opt.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"non-finite loss ({float(parts[0])})")
+        raise NonFiniteLoss(non_finite(float(parts[0]), float(gnorm)))
+    if healthy is not None:
+        healthy.logical_and_(finite)
     for g in opt.param_groups:
         if lr is not None:
             g["lr"] = lr
-    opt.step()
+    _apply(model, opt, healthy)
     opt.zero_grad(set_to_none=True)
-    update_router_biases(model)  # also keeps this step's expert loads for `model.moe_stats()`
     return parts, gnorm
+
+# %% ../notebooks/19_step.ipynb #2c4be8e1
+class StepLog:
+    "The outputs of the steps since the last read, kept on the device; `read` copies them to the host in one transfer."
+
+    def __init__(self, device: torch.device):
+        self.healthy = torch.ones((), dtype=torch.bool, device=device)  # every step so far finite (`train_step`)
+        self.rows, self.lrs = [], []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, parts: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        "Keep one step's [loss, main, mtp, balance] and gradient norm (a device tensor of 5) and its learning rate."
+        self.rows.append(torch.cat([parts.float(), grad_norm.float().reshape(1)]))
+        self.lrs.append(lr)
+
+    def read(self) -> tuple[list[list[float]], list[float], int | None]:
+        "(rows [loss, main, mtp, balance, grad_norm], lrs, index of the first non-finite step or None); then empty."
+        rows, lrs = torch.stack(self.rows).tolist(), self.lrs  # the one host read of the window
+        self.rows, self.lrs = [], []
+        return rows, lrs, next((i for i, r in enumerate(rows) if non_finite(r[0], r[4])), None)
+
+
+def means(rows: list[list[float]]) -> list[float]:
+    "The column means of `rows` (math.fsum: exactly rounded, so one row gives itself)."
+    return [math.fsum(col) / len(rows) for col in zip(*rows)]
 
 # %% ../notebooks/19_step.ipynb #a3caaa71
 @torch.no_grad()

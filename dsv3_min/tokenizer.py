@@ -15,18 +15,15 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .chat import ASSISTANT, BOS, DEEPSEEK_V3_CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, USER, chat_segments
 from .data import Corpus, default_cache_dir, load_corpus
 from .files import FileFormatError, atomic_dir, atomic_dir_keeping, read_json, remove_stale_temps, write_json
 
 # %% auto #0
-__all__ = ['BOS', 'EOS', 'PAD', 'USER', 'ASSISTANT', 'SPECIAL_TOKENS', 'DEEPSEEK_V3_CHAT_TEMPLATE', 'TOKENIZER_FORMAT',
-           'chat_segments', 'Tokenizer', 'SentencePieceTokenizer', 'HFTokenizer', 'train_tokenizer', 'bytes_per_token',
+__all__ = ['TOKENIZER_FORMAT', 'Tokenizer', 'SentencePieceTokenizer', 'HFTokenizer', 'train_tokenizer', 'bytes_per_token',
            'tokenizer_stats', 'get_tokenizer']
 
 # %% ../notebooks/04_tokenizer.ipynb #81c7d08a
-BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
-SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)  # ids 0..4 in our tokenizers; BOS = 0 and EOS = 1 as in V3
 _SPECIAL_RE = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
 
 
@@ -39,54 +36,6 @@ def _check_text(text: str) -> None:
     except UnicodeEncodeError as e:
         raise ValueError(f"lone surrogate {text[e.start]!r} at index {e.start}: not a Unicode scalar value, "
                          "so it has no UTF-8 bytes to encode") from e
-
-# %% ../notebooks/04_tokenizer.ipynb #3ddfc364
-DEEPSEEK_V3_CHAT_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='', is_first_sp=true) %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}{%- if ns.is_first_sp %}"
-    "{% set ns.system_prompt = ns.system_prompt + message['content'] %}{% set ns.is_first_sp = false %}{%- else %}"
-    "{% set ns.system_prompt = ns.system_prompt + '\\n\\n' + message['content'] %}{%- endif %}{%- endif %}"
-    "{%- endfor %}{{bos_token}}{{ns.system_prompt}}{%- for message in messages %}{%- if message['role'] == 'user' %}"
-    "{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}"
-    "{%- if message['role'] == 'assistant' and message['content'] is none %}{%- set ns.is_tool = false -%}"
-    "{%- for tool in message['tool_calls']%}{%- if not ns.is_first %}"
-    "{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + "
-    "tool['function']['name'] + '\\n' + '```json' + '\\n' + tool['function']['arguments'] + '\\n' + '```' + "
-    "'<｜tool▁call▁end｜>'}}{%- set ns.is_first = true -%}{%- else %}{{'\\n' + '<｜tool▁call▁begin｜>' + "
-    "tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\\n' + '```json' + '\\n' + "
-    "tool['function']['arguments'] + '\\n' + '```' + '<｜tool▁call▁end｜>'}}"
-    "{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}{%- endif %}{%- endfor %}{%- endif %}"
-    "{%- if message['role'] == 'assistant' and message['content'] is not none %}{%- if ns.is_tool %}"
-    "{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- set ns.is_tool = false -%}"
-    "{%- else %}{{'<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
-    "{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}{%- if ns.is_output_first %}"
-    "{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
-    "{%- set ns.is_output_first = false %}{%- else %}"
-    "{{'\\n<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}{%- endif %}{%- endif %}"
-    "{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}{% endif %}"
-    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}"
-)
-
-
-def chat_segments(messages: Sequence[dict], add_generation_prompt: bool = True) -> list[tuple[str, bool]]:
-    "DeepSeek-V3's chat layout as `(text, is_special)` segments (roles: system, user, assistant)."
-    system, segments = [], []
-    for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"messages[{i}]['role'] = {role!r}: expected 'system', 'user' or 'assistant'")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}]['content'] must be a str, got {type(content).__name__}")
-        if role == "system":
-            system.append(content)
-        elif role == "user":
-            segments += [(USER, True), (content, False)]
-        else:
-            segments += [(ASSISTANT, True), (content, False), (EOS, True)]
-    if add_generation_prompt:
-        segments.append((ASSISTANT, True))
-    return [(BOS, True), ("\n\n".join(system), False), *segments]
 
 # %% ../notebooks/04_tokenizer.ipynb #359b30ff
 class Tokenizer:

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import signal
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -27,9 +26,10 @@ from .files import append_jsonl, read_jsonl, write_json, write_jsonl
 from .hf import list_checkpoints
 from . import dist
 from .model import DeepSeekV3
+from .monitor import Signals, phase, progress_bar
 from .validate import Validated, check_names, rule, validate_fields
 from .optim import flops_per_token, lr_at, make_optimizer, peak_flops
-from .step import NonFiniteLoss, lm_loss, train_step, val_loss
+from .step import NonFiniteLoss, StepLog, lm_loss, means, non_finite, train_step, val_loss
 from .threads import Threads
 from .tokenizer import get_tokenizer
 
@@ -67,6 +67,7 @@ class TrainConfig(Validated):
     beta1: float = rule(0.9, ge=0, le=1)
     beta2: float = rule(0.95, ge=0, le=1)
     grad_clip: float = rule(1.0, ge=0)       # max global gradient norm; 0 disables clipping
+    log_every: int = rule(0, ge=0)           # steps per metrics record (0 = auto: 1 on CPU, 10 on CUDA; see below)
     eval_every: int = rule(100, gt=0)        # steps between evaluations (and always at the last step)
     eval_batches: int = rule(8, gt=0)        # val batches per periodic evaluation (spread over the split)
     final_eval_batches: int = rule(0, ge=0)  # val batches of the final evaluation (0 = the whole val split)
@@ -160,60 +161,62 @@ def autocast_for(tc: TrainConfig, device: torch.device) -> Callable:
     return contextlib.nullcontext
 
 # %% ../notebooks/22_train.ipynb #89243a94
-class _Signals:
-    "Turn SIGINT/SIGTERM into a flag the loop checks after each step (restores the old handlers on exit)."
-
-    def __enter__(self):
-        self.received, self.old = None, {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
-
-
 def read_metrics(run_dir: str | Path) -> list[dict]:
     "Every record of `run_dir/metrics.jsonl` (a partial last line, from a crash, is dropped with a warning)."
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
-def _reset_metrics(path: Path, last_step: int) -> None:
-    "Keep only the records of steps <= last_step, rewriting the file atomically (nothing at all for a new run)."
+def _reset_metrics(path: Path, last_step: int, tokens_per_step: int) -> float:
+    """Keep only the records of steps <= last_step, rewriting the file atomically (nothing at all for a new run);
+    the seconds per step of the record of `last_step` (0 if none), where a resumed run's lr clock goes on from."""
+    kept = [r for r in read_jsonl(path) if r["step"] <= last_step] if path.exists() and last_step else []
     if path.exists():
-        write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= last_step] if last_step else [])
+        write_jsonl(path, kept)
+    return tokens_per_step / kept[-1]["tokens_per_s"] if kept and kept[-1]["step"] == last_step else 0.0
 
 # %% ../notebooks/22_train.ipynb #169762c5
-def _step(loop: _Loop) -> tuple[dict, float]:
-    "Run optimizer step `loop.step` (0-based); (its metrics record without eval, seconds)."
-    t0 = time.perf_counter()
+def _step(loop: _Loop) -> None:
+    "Launch optimizer step `loop.step` (0-based) and read nothing back: its numbers stay on the device in `loop.log`."
     tc = loop.tc
-    lr = lr_at(loop.step, tc, loop.elapsed)
+    if not len(loop.log):  # the clock of a window starts with its first step
+        loop.t0 = time.perf_counter()
+    lr = lr_at(loop.step, tc, _elapsed_now(loop))
     batches = [tuple(dist.my_rows(t) for t in get_batch(loop.data.train, loop.step * tc.grad_accum + micro,
                                                        tc.batch_size, tc.seq_len, tc.seed, device=loop.device))
                for micro in range(tc.grad_accum)]  # the same global batch on every rank: my rows
-    try:
-        parts, gnorm = train_step(loop.model, loop.opt, batches, loop.loss_fn, lr, tc.grad_clip, loop.autocast)
-    except NonFiniteLoss as e:
-        raise NonFiniteLoss(f"{e} at step {loop.step + 1}; the run stopped before applying it; last good "
-                            f"checkpoint: {loop.last_ckpt}") from None
-    (loss, main, mtp, balance), gnorm = parts.tolist(), float(gnorm)
+    parts, gnorm = train_step(loop.model, loop.opt, batches, loop.loss_fn, lr, tc.grad_clip, loop.autocast,
+                              healthy=loop.log.healthy)
+    loop.log.add(parts, gnorm, lr)
+    loop.step += 1
+
+
+def _elapsed_now(loop: _Loop) -> float:
+    "Training seconds before step `loop.step`: the clock of the last read plus the steps since at the last record's pace."
+    return loop.elapsed + len(loop.log) * loop.step_s
+
+# %% ../notebooks/22_train.ipynb #3c8e5a47
+def _read(loop: _Loop) -> tuple[dict | None, str | None]:
+    "Read the window back (the one wait for the device): its metrics record (None: no finite step) and the error."
+    n = len(loop.log)
+    rows, lrs, bad = loop.log.read()
     if loop.device.type == "cuda":
         torch.cuda.synchronize(loop.device)
-    dt = dist.max_over_ranks(time.perf_counter() - t0)[0]  # one clock for all ranks (lr, time budget)
-    loop.step, loop.elapsed = loop.step + 1, loop.elapsed + dt
-    rec = dict(step=loop.step, loss=loss, main=main, mtp=mtp, balance=balance, lr=lr, grad_norm=gnorm,
-               tokens_per_s=loop.tokens_per_step / dt, elapsed_s=loop.elapsed)
+    dt = dist.max_over_ranks(time.perf_counter() - loop.t0)[0]  # one clock for all ranks (lr, time budget)
+    loop.elapsed, error = loop.elapsed + dt, None
+    if bad is not None:  # the model is at the step before it: that one and the rest of the window were skipped
+        loop.step -= n - bad
+        error = (f"{non_finite(rows[bad][0], rows[bad][4])} at step {loop.step + 1}; the run stopped before applying "
+                 f"it; last good checkpoint: {loop.last_ckpt}")
+        rows, lrs = rows[:bad], lrs[:bad]
+    if not rows:
+        return None, error
+    loss, main, mtp, balance, gnorm = means(rows)
+    rec = dict(step=loop.step, steps_logged=len(rows), loss=loss, main=main, mtp=mtp, balance=balance, lr=lrs[-1],
+               grad_norm=gnorm, tokens_per_s=loop.tokens_per_step * len(rows) / dt, elapsed_s=loop.elapsed)
+    loop.step_s = loop.tokens_per_step / rec["tokens_per_s"]  # the pace of the lr estimate, as the log records it
     if loop.peak:
-        rec["mfu"] = loop.flops_per_token * loop.tokens_per_step / dt / loop.peak
-    return rec, dt
+        rec["mfu"] = loop.flops_per_token * rec["tokens_per_s"] / loop.peak
+    return rec, error
 
 
 def _eval_into(loop: _Loop, rec: dict, final: bool) -> None:
@@ -244,6 +247,10 @@ class _Loop:
     tokens_per_step: int = 0
     flops_per_token: float = 0.0
     peak: float | None = None
+    log: StepLog | None = None  # the steps since the last read, on the device
+    log_every: int = 1
+    step_s: float = 0.0         # seconds per step of the last record: the lr's clock between reads
+    t0: float = 0.0             # when the window's first step started
 
 
 def _budget_spent(loop: _Loop) -> bool:
@@ -252,7 +259,15 @@ def _budget_spent(loop: _Loop) -> bool:
     return bool(tc.time_budget) and loop.elapsed >= tc.time_budget and loop.step < tc.max_steps
 
 
-def _stop_reason(loop: _Loop, sigs: _Signals) -> str | None:
+def _read_due(loop: _Loop) -> bool:
+    "Whether to read back after this step: `log_every`, an evaluation, a checkpoint, a stop, or the budget (estimated)."
+    tc, s = loop.tc, loop.step
+    return (s % loop.log_every == 0 or s % tc.eval_every == 0 or s >= tc.max_steps or s == tc.stop_at
+            or bool(tc.ckpt_every and s % tc.ckpt_every == 0)
+            or bool(tc.time_budget and _elapsed_now(loop) >= tc.time_budget))
+
+
+def _stop_reason(loop: _Loop, sigs: Signals) -> str | None:
     "Why the run stops after this step: a signal, the time budget, `stop_at`, the last step; None to go on."
     tc = loop.tc
     signum = dist.max_over_ranks(signal.Signals[sigs.received] if sigs.received else 0)[0]
@@ -281,26 +296,6 @@ def _save(loop: _Loop) -> None:
                          f"the last intact checkpoint is {loop.last_ckpt}") from e
 
 
-def _progress(enabled: bool, tc: TrainConfig, start: int, elapsed: float) -> tqdm:
-    "A tqdm bar on stderr counting steps, or seconds when a time budget ends the run (an honest ETA)."
-    if tc.time_budget:
-        return tqdm(total=tc.time_budget, initial=min(elapsed, tc.time_budget), file=sys.stderr, disable=not enabled,
-                    dynamic_ncols=True, unit="s",
-                    bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}s of training [{elapsed}<{remaining}{postfix}]")
-    return tqdm(total=tc.max_steps, initial=start, file=sys.stderr, disable=not enabled, dynamic_ncols=True,
-                unit="step")
-
-
-@contextlib.contextmanager
-def _phase(bar: tqdm, text: str):
-    "Name a long phase on the bar while it runs (a bar at rest says nothing of a final validation), then clear it."
-    bar.set_description_str(text, refresh=True)
-    try:
-        yield
-    finally:
-        bar.set_description_str("", refresh=True)
-
-
 def _eval_phase(loop: _Loop, final: bool) -> str:
     "What an evaluation is about to do, for the bar."
     tc = loop.tc
@@ -312,10 +307,10 @@ def _eval_phase(loop: _Loop, final: bool) -> str:
 # %% ../notebooks/22_train.ipynb #f4940d3f
 @dataclass
 class TrainResult:
-    "What a run reached: the run directory, steps done, per-step losses of this process, final validation."
+    "What a run reached: the run directory, steps done, the loss of each record this process logged, final validation."
     run_dir: Path
     step: int
-    losses: list[float]
+    losses: list[float]  # one per metrics record: the mean over its `steps_logged` steps
     val_loss: float | None
     val_bpb: float | None
     stopped: str        # "done" | "time_budget" | "stop_at" | "SIGINT" | "SIGTERM"
@@ -332,16 +327,18 @@ def train_loop(model: DeepSeekV3, opt: torch.optim.Optimizer, data: TrainData, t
     device = next(model.parameters()).device
     loop = _Loop(model, opt, data, tc, Path(run_dir), device, autocast_for(tc, device), loss_fn, start, elapsed,
                  last_ckpt, tokens_per_step=tc.batch_size * tc.seq_len * tc.grad_accum,
-                 flops_per_token=flops_per_token(model.config, tc.seq_len), peak=peak_flops(device, tc.peak_tflops))
+                 flops_per_token=flops_per_token(model.config, tc.seq_len), peak=peak_flops(device, tc.peak_tflops),
+                 log=StepLog(device), log_every=tc.log_every or (10 if device.type == "cuda" else 1))
     rank0 = dist.is_rank0()
     with run_lock(run_dir) if rank0 and lock else contextlib.nullcontext():  # one writer per run folder
         if rank0:  # under torchrun only rank 0 writes files
             loop.run_dir.mkdir(parents=True, exist_ok=True)
-            _reset_metrics(loop.run_dir / "metrics.jsonl", start)
+            loop.step_s = _reset_metrics(loop.run_dir / "metrics.jsonl", start, loop.tokens_per_step)
             write_json(loop.run_dir / "train_config.json", {"model": model.config.to_dict(), "train": asdict(tc)})
+        loop.step_s = dist.max_over_ranks(loop.step_s)[0]  # rank 0's: the same lr on every rank
         model.train()
-        with _Signals() as sigs, Threads(tc.threads, device) as threads, \
-                _progress(progress and rank0, tc, start, elapsed) as bar:
+        with Signals() as sigs, Threads(tc.threads, device) as threads, \
+                progress_bar(progress and rank0, tc.max_steps, tc.time_budget, start, elapsed) as bar:
             losses, stopped = _run(loop, sigs, threads, bar, on_step, on_eval)
         val = _last_val(loop.run_dir / "metrics.jsonl") if rank0 else (None, None)
         result = TrainResult(loop.run_dir, loop.step, losses, val[0], val[1], stopped or "done", loop.elapsed,
@@ -351,35 +348,47 @@ def train_loop(model: DeepSeekV3, opt: torch.optim.Optimizer, data: TrainData, t
         return result
 
 # %% ../notebooks/22_train.ipynb #7c32d853
-def _run(loop: _Loop, sigs: _Signals, threads: Threads, bar: tqdm, on_step, on_eval) -> tuple[list[float], str | None]:
-    "The steps until a stop: step, evaluate, log, show, checkpoint; (the losses of this process, why it stopped)."
+def _run(loop: _Loop, sigs: Signals, threads: Threads, bar: tqdm, on_step, on_eval) -> tuple[list[float], str | None]:
+    "Steps launched back to back; at each read: evaluate, log, show, checkpoint; (this process's losses, why it stopped)."
     tc, losses, stopped = loop.tc, [], None
     while loop.step < tc.max_steps:
-        rec, dt = _step(loop)
+        _step(loop)
+        if not _read_due(loop):
+            continue
+        rec, error = _read(loop)
+        if error:
+            if rec:  # the finite steps before the bad one
+                _log(loop, rec, losses, bar, on_step)
+            raise NonFiniteLoss(error)
         final = loop.step >= tc.max_steps or _budget_spent(loop)  # the last step: a full validation
         if final or loop.step % tc.eval_every == 0:  # on every rank: evaluation is a collective under torchrun
-            with _phase(bar, _eval_phase(loop, final)):
+            with phase(bar, _eval_phase(loop, final)):
                 _eval_into(loop, rec, final)
                 if on_eval is not None:  # extra numbers, e.g. benchmark accuracies (the CLI's `eval_tasks` hook)
                     rec.update(on_eval(loop.model, loop.data.tokenizer))
         if threads.auto:
             rec["threads"] = torch.get_num_threads()
-        if dist.is_rank0():
-            append_jsonl(loop.run_dir / "metrics.jsonl", rec)
-        losses.append(rec["loss"])
-        bar.update(min(dt, max(0.0, bar.total - bar.n)) if tc.time_budget else 1)
-        bar.set_postfix(step=loop.step, loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}",
-                        **({"val_bpb": f"{rec['val_bits_per_byte']:.3f}"} if "val_loss" in rec else {}))
-        if on_step is not None:
-            on_step(loop.step, rec)
+        _log(loop, rec, losses, bar, on_step)
         stopped = _stop_reason(loop, sigs)  # again: on_step may have sent a signal
         if stopped or (tc.ckpt_every and loop.step % tc.ckpt_every == 0):
-            with _phase(bar, f"writing checkpoint {loop.step}"):
+            with phase(bar, f"writing checkpoint {loop.step}"):
                 _save(loop)
         if stopped:
             return losses, stopped
         threads.check()
     return losses, stopped
+
+
+def _log(loop: _Loop, rec: dict, losses: list[float], bar: tqdm, on_step) -> None:
+    "Append `rec` to metrics.jsonl (rank 0), show it on the bar, hand it to `on_step`."
+    if dist.is_rank0():
+        append_jsonl(loop.run_dir / "metrics.jsonl", rec)
+    losses.append(rec["loss"])
+    bar.update(max(0.0, min(loop.elapsed, bar.total) - bar.n) if loop.tc.time_budget else rec["steps_logged"])
+    bar.set_postfix(step=loop.step, loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:,.0f}",
+                    **({"val_bpb": f"{rec['val_bits_per_byte']:.3f}"} if "val_loss" in rec else {}))
+    if on_step is not None:
+        on_step(loop.step, rec)
 
 # %% ../notebooks/22_train.ipynb #6e1ff180
 def _parallelized(model, opt, tc: TrainConfig, device, parallelize: Callable):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dsv3_min.model import DeepSeekV3
+from dsv3_min.model import DeepSeekV3, LossParts
 from dsv3_min.optim import make_optimizer
-from dsv3_min.step import train_step, val_loss
+from dsv3_min.step import StepLog, means, non_finite, train_step, val_loss
 from dsv3_min.train import TrainConfig
 
 
@@ -55,3 +55,89 @@ def test_train_step_is_backward_clip_adamw_and_the_router_update():
     after = [m.gate.e_score_correction_bias for m in model.moe_layers()]
     assert all(not torch.equal(a, b) for a, b in zip(before, after))
     assert all(p.grad is None for p in model.parameters())  # ready for the next step
+
+
+def _nan_at(*calls_that_fail):
+    "A loss function that returns NaN parts on the given calls (1-based) and `lm_loss` otherwise."
+    calls = []
+
+    def loss_fn(model, x, y):
+        calls.append(1)
+        lp = model.loss(x, y)
+        return LossParts(*(t * float("nan") for t in lp)) if len(calls) in calls_that_fail else lp
+    return loss_fn
+
+
+def _state(model, opt):
+    "Copies of every tensor of the model's state dict (router biases included) and of the optimizer's state."
+    return [t.clone() for t in model.state_dict().values()] + [t.clone() for s in opt.state.values() for t in s.values()]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_non_finite_step_is_skipped_with_every_later_one_until_the_flag_is_read(fused):
+    """Given the device flag `healthy`, a step whose loss is NaN leaves every weight, router bias and AdamW moment and
+    step count bit for bit as they were and sets the flag False; the next step, finite, is skipped too. A fused AdamW
+    skips on the device (torch's `found_inf`), a non-fused one reads the flag on the host: the same end state. With
+    the flag True again, a finite step does change the weights (the skip is not a no-op step)."""
+    torch.manual_seed(0)
+    model = DeepSeekV3(tiny_config(bias_update_speed=0.01))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    g = torch.Generator().manual_seed(1)
+    batches = [(x[:, :-1], x[:, 1:]) for x in torch.randint(0, model.config.vocab_size, (3, 2, 9), generator=g)]
+    loss_fn = _nan_at(2)
+    healthy = torch.ones((), dtype=torch.bool)
+    train_step(model, opt, batches[:1], loss_fn, 3e-3, 0.5, healthy=healthy)
+    before = _state(model, opt)
+    parts = [train_step(model, opt, [b], loss_fn, 3e-3, 0.5, healthy=healthy)[0] for b in batches[1:]]
+    assert math.isnan(parts[0][0]) and math.isfinite(parts[1][0]) and not bool(healthy)
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(model, opt)))
+    assert all(p.grad is None for p in model.parameters())
+    healthy.fill_(True)
+    train_step(model, opt, batches[:1], loss_fn, 3e-3, 0.5, healthy=healthy)
+    assert bool(healthy) and not all(torch.equal(a, b) for a, b in zip(before, _state(model, opt)))
+
+
+def test_a_step_with_the_device_flag_reads_nothing_back_to_the_host():
+    """With `healthy` and an optimizer that takes `found_inf` (fused AdamW), `train_step` never copies a number to the
+    host (no `aten._local_scalar_dense`, what `.item()`, `bool()` and `float()` of a tensor run); without the flag it
+    reads the loss's finiteness once. A small linear model, so that the model's own forward reads nothing either."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    def loss_fn(model, x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        return LossParts(loss, loss, loss * 0, loss * 0)
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    counts = []
+    for healthy in (torch.ones((), dtype=torch.bool), None):
+        with Reads() as reads:
+            train_step(model, opt, [(x, y)], loss_fn, 1e-3, 1.0, healthy=healthy)
+        counts.append(reads.n)
+    assert counts == [0, 1]
+
+
+def test_step_log_reads_a_window_at_once_and_averages_it_exactly():
+    """`StepLog` keeps each step's [loss, main, mtp, balance, grad_norm] on the device and `read` returns them all with
+    the learning rates and the index of the first non-finite step, then starts empty; `means` of one row is that row,
+    and of several the exactly rounded mean (`math.fsum`)."""
+    log = StepLog(torch.device("cpu"))
+    rows = [[0.1, 0.2, 0.3, 0.4, 0.5], [1.0, 2.0, 3.0, 4.0, 5.0], [float("nan"), 1, 1, 1, 1], [1, 1, 1, 1, float("inf")]]
+    for i, r in enumerate(rows):
+        log.add(torch.tensor(r[:4]), torch.tensor(r[4]), lr=i / 10)
+    got, lrs, bad = log.read()
+    assert len(log) == 0 and lrs == [0.0, 0.1, 0.2, 0.3] and bad == 2
+    f32 = [[float(torch.tensor(v)) for v in r] for r in rows]
+    assert got[:2] == f32[:2] and means(got[:1]) == got[0]
+    assert means(got[:2]) == [math.fsum(c) / 2 for c in zip(*f32[:2])]
+    assert non_finite(*got[3][0:5:4]) == "non-finite gradient norm (inf)" and non_finite(1.0, 2.0) is None

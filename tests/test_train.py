@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny_run import TINY_SET, Child, freeze_at, losses, tiny_corpus_fixture, train_argv, wait_for_step  # noqa: F401
+from safetensors.torch import load_file
 
 from dsv3_min.__main__ import main
 from dsv3_min.checkpoint import load_checkpoint
@@ -117,16 +118,109 @@ def test_sigterm_saves_a_checkpoint_and_resume_errors(tiny_corpus, tmp_path, cap
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path, capsys):
-    """With an absurd learning rate (1e30) the weights overflow; the run stops at the first non-finite loss with an
-    error naming that step N, exit code 1, every logged loss finite, and checkpoint N-1 as the newest."""
+    """With an absurd learning rate (1e30) the weights overflow; the run stops at the first step whose loss or
+    gradient norm is not finite, with an error naming that step N, exit code 1, every logged loss finite, and
+    checkpoint N-1 as the newest, its weights all finite (a step with a finite loss but a NaN gradient is not
+    applied either: here the gradient goes first)."""
     run = tmp_path / "run"
     assert main(train_argv(tiny_corpus, "--out", str(run), "--max-steps", "8", "--ckpt-every", "1", "--set",
                            "lr=1e30", "warmup=0", "grad_clip=0")) == 1
     err = capsys.readouterr().err
-    n = int(re.search(r"non-finite loss \(\w+\) at step (\d+)", err).group(1))
+    n = int(re.search(r"non-finite (?:loss|gradient norm) \(\w+\) at step (\d+)", err).group(1))
     assert 1 < n <= 8 and err.count("\n") == 1
     assert [s for s, _ in losses(run)] == list(range(1, n)) and all(math.isfinite(v) for _, v in losses(run))
     assert list_checkpoints(run)[-1].name == f"ckpt-{n - 1:07d}"
+    weights = load_file(run / f"ckpt-{n - 1:07d}" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())
+
+
+def _tiny_setup(tiny_corpus, **overrides):
+    "The tiny model's configs (`TINY_SET` with `overrides`) and its prepared data."
+    from dsv3_min.__main__ import _configs
+    from dsv3_min.train import prepare_data
+    cfg, tc = _configs("cpu-tiny", [*TINY_SET, *(f"{k}={v}" for k, v in overrides.items())], corpus=str(tiny_corpus))
+    return cfg, tc, prepare_data(tc.corpus, cfg.vocab_size, log=lambda *a: None)
+
+
+def _nan_at_step(n):
+    "`lm_loss`, but NaN on its n-th call (one micro-batch per step: step n)."
+    calls = []
+
+    def loss_fn(model, x, y):
+        calls.append(1)
+        lp = lm_loss(model, x, y)
+        return type(lp)(*(t * float("nan") for t in lp)) if len(calls) == n else lp
+    return loss_fn
+
+
+def test_non_finite_step_between_reads_stops_at_the_next_read_naming_it(tiny_corpus, tmp_path):
+    """With `log_every=4` (reads after steps 4, 8, 12) a step 6 that goes NaN is skipped on the device, and so are
+    steps 7 and 8; the read after step 8 raises `NonFiniteLoss` naming step 6, logs the finite step 5 as one record
+    (step 5, `steps_logged` 1), keeps checkpoint 4, and leaves the model bit for bit as the run with `log_every=1`
+    (which stops at once) leaves it: the state after step 5."""
+    from dsv3_min.step import NonFiniteLoss
+    states = {}
+    for every in (1, 4):
+        cfg, tc, data = _tiny_setup(tiny_corpus, max_steps=12, log_every=every, ckpt_every=4)
+        torch.manual_seed(tc.seed)
+        model = DeepSeekV3(cfg)
+        opt = make_optimizer(model, tc, torch.device("cpu"))
+        with pytest.raises(NonFiniteLoss, match=r"^non-finite loss \(nan\) at step 6; .*last good checkpoint: .*ckpt-0000004"):
+            train_loop(model, opt, data, tc, tmp_path / f"e{every}", progress=False, loss_fn=_nan_at_step(6))
+        recs = read_metrics(tmp_path / f"e{every}")
+        states[every] = model.state_dict()
+        assert [r["step"] for r in recs] == ([1, 2, 3, 4, 5] if every == 1 else [4, 5])
+        assert [c.name for c in list_checkpoints(tmp_path / f"e{every}")] == ["ckpt-0000004"]
+    assert recs[-1]["steps_logged"] == 1
+    assert all(torch.equal(states[1][k], states[4][k]) for k in states[1])
+
+
+def test_log_every_logs_window_means_of_the_very_same_steps(tiny_corpus, tmp_path):
+    """Twenty steps logged every step and every 10 steps (evaluations every 4 steps force a read too): the runs take
+    the same steps bit for bit. The second logs one record per read (steps 4, 8, 10, 12, 16, 20), each the exact mean
+    (`math.fsum`) of the first run's per-step loss, parts and gradient norm over its `steps_logged` steps, with the lr
+    of its step, the same validation numbers at evaluations and the same final weights. Every record has the same
+    keys: step, steps_logged, loss, main, mtp, balance, lr, grad_norm, tokens_per_s, elapsed_s (and the evaluation's)."""
+    runs = {}
+    for every in (1, 10):
+        cfg, tc, data = _tiny_setup(tiny_corpus, max_steps=20, log_every=every, ckpt_every=20)
+        from dsv3_min.train import train
+        train(cfg, tc, tmp_path / f"e{every}", data=data, progress=False, log=lambda *a: None)
+        runs[every] = read_metrics(tmp_path / f"e{every}")
+    one, ten = runs[1], runs[10]
+    assert [r["step"] for r in one] == list(range(1, 21)) and [r["step"] for r in ten] == [4, 8, 10, 12, 16, 20]
+    base = {"step", "steps_logged", "loss", "main", "mtp", "balance", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+    evals = {"val_loss", "val_bits_per_byte", "max_vio", "expert_load"}
+    for r in one + ten:
+        assert set(r) - {"val_full_split"} == base | (evals if r["step"] % 4 == 0 else set()), r.keys()
+    by_step, prev = {r["step"]: r for r in one}, 0
+    for r in ten:
+        window = [by_step[s] for s in range(prev + 1, r["step"] + 1)]
+        assert r["steps_logged"] == len(window) and r["lr"] == by_step[r["step"]]["lr"]
+        for k in ("loss", "main", "mtp", "balance", "grad_norm"):
+            assert r[k] == math.fsum(w[k] for w in window) / len(window), (r["step"], k)
+        for k in evals & set(r):
+            assert r[k] == by_step[r["step"]][k]
+        prev = r["step"]
+    w = [(tmp_path / f"e{e}" / "ckpt-0000020" / "model.safetensors").read_bytes() for e in (1, 10)]
+    assert w[0] == w[1]
+
+
+def test_resume_in_the_middle_of_a_logging_window_logs_the_uninterrupted_records(tiny_corpus, tmp_path):
+    """`log_every=4` with checkpoints every 3 steps: a run killed after its record of step 8 and resumed from
+    checkpoint 6 (the middle of the window 5-8) logs the records of the uninterrupted run, bit for bit in every number
+    but the clock: the reads after steps 3, 4, 6, 8, 9, 12 with the same windows and means."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ("--max-steps", "12", "--ckpt-every", "3", "--set", "log_every=4")
+    assert main(train_argv(tiny_corpus, "--out", str(full), *args)) == 0
+    child = Child(train_argv(tiny_corpus, "--out", str(cut), *args), on_step=freeze_at(8))
+    wait_for_step(cut, 8, child.alive)
+    assert child.kill() == -signal.SIGKILL
+    assert main(train_argv(tiny_corpus, "--out", str(cut), *args, "--resume")) == 0
+    clock = {"tokens_per_s", "elapsed_s"}
+    a, b = ([{k: v for k, v in r.items() if k not in clock} for r in read_metrics(run)] for run in (full, cut))
+    assert [r["step"] for r in a] == [3, 4, 6, 8, 9, 12] and [r["steps_logged"] for r in a] == [3, 1, 2, 2, 1, 3]
+    assert a == b
 
 
 def test_train_loop_continues_a_model_built_elsewhere(tiny_corpus, tmp_path):
@@ -222,3 +316,22 @@ def test_long_phases_are_named_and_threads_zero_records_the_probed_count(tiny_co
     assert re.search(r"final validation: \d+ windows of 16 tokens", err) and "writing checkpoint 2" in err, err
     assert out.index("data: ") < out.index("train / ")
     assert [r.get("threads") for r in read_metrics(tmp_path / "run")] == [1, 1]
+
+
+def test_lr_between_reads_follows_from_the_log_and_the_budget_still_stops_the_run(tiny_corpus, tmp_path):
+    """With a 2-second time budget driving the schedule and `log_every=4`, the lr of each record's step is
+    `lr_at(step, elapsed)` with elapsed = the previous record's `elapsed_s` plus the steps since at its pace
+    (`tokens_per_step / tokens_per_s`; 0 before the first read): the schedule follows from metrics.jsonl alone. The
+    budget, checked at reads only, still stops the run early, with a final evaluation."""
+    from dsv3_min.optim import lr_at
+    from dsv3_min.train import train
+    cfg, tc, data = _tiny_setup(tiny_corpus, max_steps=100000, log_every=4, time_budget=2.0, warmup=0,
+                                eval_every=1000)
+    r = train(cfg, tc, tmp_path / "run", data=data, progress=False, log=lambda *a: None)
+    recs = read_metrics(tmp_path / "run")
+    assert r.stopped == "time_budget" and recs[-1]["elapsed_s"] >= 2.0 and "val_loss" in recs[-1] and len(recs) > 3
+    elapsed, pace = 0.0, 0.0
+    for rec in recs:
+        assert rec["lr"] == lr_at(rec["step"] - 1, tc, elapsed + (rec["steps_logged"] - 1) * pace), rec["step"]
+        elapsed, pace = rec["elapsed_s"], tc.batch_size * tc.seq_len / rec["tokens_per_s"]
+    assert len({rec["lr"] for rec in recs}) > 2  # the clock moved the schedule

@@ -298,10 +298,10 @@ def completion(server, prompt, n, **extra) -> dict:
 
 def test_draft_mtp_greedy_equals_no_draft(server, draft_server, model):
     """`serve --draft mtp`: greedy completions are token for token those of the server without drafting and of
-    `generate` (4 prompts x 40 tokens), with the same log-probabilities; drafts were verified and some accepted."""
+    `generate` (4 prompts x 40 tokens), with the same log-probabilities; drafts were accepted and rejected."""
     m, tok = model
     before = health(draft_server)
-    for prompt in ["the king and the queen", "thou art my love", "speak", "my lord the night is"]:
+    for prompt in ["the king and the queen", "thou art my love", "Love.", "my lord the night is"]:
         kw = {"temperature": 0, "logprobs": 1, "x_routing": True}
         plain, drafted = completion(server, prompt, 40, **kw), completion(draft_server, prompt, 40, **kw)
         ids = [[t["id"] for t in r["choices"][0]["x_routing"]] for r in (plain, drafted)]
@@ -310,7 +310,8 @@ def test_draft_mtp_greedy_equals_no_draft(server, draft_server, model):
         torch.testing.assert_close(torch.tensor(drafted["choices"][0]["logprobs"]["token_logprobs"]),
                                    torch.tensor(plain["choices"][0]["logprobs"]["token_logprobs"]), atol=5e-6, rtol=0)
     after = health(draft_server)
-    assert after["draft"] == "mtp" and after["drafted"] > before["drafted"] and after["accepted"] > before["accepted"]
+    accepted, drafted = after["accepted"] - before["accepted"], after["drafted"] - before["drafted"]
+    assert after["draft"] == "mtp" and 0 < accepted < drafted  # both verdicts ("Love.": every draft rejected)
 
 
 def test_draft_eight_concurrent_clients_equal_single_clients(server, draft_server, model):
@@ -344,8 +345,9 @@ def test_x_draft_flags_agree_with_usage(server, draft_server):
     """Streamed with `x_draft`: one flag per token, as many true flags as `usage.x_draft.accepted`; each verified
     draft gives one token plus a second when accepted (tokens = 1 + drafted + accepted, less the bonus of an accepted
     last token, never sent); the same flags without streaming. Without the opt-in no field; a server that does not draft flags nothing."""
-    for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 11}):
-        body = {"prompt": "the queen", "max_tokens": 30, "x_draft": True, **sampling}
+    counts = []
+    for prompt, sampling in [("Love.", {"temperature": 0}), ("the king and the queen", {"temperature": 1.5, "seed": 3})]:
+        body = {"prompt": prompt, "max_tokens": 30, "x_draft": True, **sampling}
         with httpx.stream("POST", draft_server["url"] + "/v1/completions", timeout=120,
                           json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
             chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
@@ -354,8 +356,10 @@ def test_x_draft_flags_agree_with_usage(server, draft_server):
         assert len(flags) == usage["completion_tokens"] and sum(flags) == usage["x_draft"]["accepted"]
         d = usage["x_draft"]
         assert usage["completion_tokens"] == 1 + d["drafted"] + d["accepted"] - flags[-1]  # an accepted last draft
-        whole = completion(draft_server, "the queen", 30, x_draft=True, **sampling)
+        whole = completion(draft_server, prompt, 30, x_draft=True, **sampling)
         assert whole["choices"][0]["x_draft"] == flags and whole["usage"]["x_draft"] == d
+        counts.append(d)
+    assert sum(d["accepted"] for d in counts) > 0 and all(d["accepted"] < d["drafted"] for d in counts), counts
     plain = completion(draft_server, "the queen", 5, temperature=0)
     assert "x_draft" not in plain["choices"][0] and "x_draft" not in plain["usage"]
     off = completion(server, "the queen", 5, temperature=0, x_draft=True)

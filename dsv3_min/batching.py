@@ -106,7 +106,7 @@ def prompt_logprobs(logits: Tensor, ids: list[int], top_n: int) -> list[tuple[fl
     lp = logits[:-1].float().log_softmax(-1)
     return [(float(lp[t, i]), _top(lp[t], top_n)) for t, i in enumerate(ids[1:])]
 
-# %% ../notebooks/35_batching.ipynb #a7bf67fe
+# %% ../notebooks/35_batching.ipynb #63100f7b
 def check_draft(model: DeepSeekV3, draft: str | None) -> None:
     "Refuse an unknown `draft`, or `draft='mtp'` on a model without an MTP module (one `ValueError` line)."
     if draft not in (None, "mtp"):
@@ -115,6 +115,7 @@ def check_draft(model: DeepSeekV3, draft: str | None) -> None:
         check_mtp(model)
 
 
+# %% ../notebooks/35_batching.ipynb #a7bf67fe
 class Engine:
     "Continuous batching over one static cache of `max_batch` rows: requests join at step boundaries, leave when done."
 
@@ -175,6 +176,20 @@ def _loop(eng: Engine) -> None:
                         eng.rows[r] = None
                         eng._end(s, "error", f"{type(e).__name__}: {e}")
 
+
+def _admit(eng: Engine) -> None:
+    "Prefill waiting requests while a row is free (cancelled ones end at once)."
+    while None in eng.rows and not eng.waiting.empty():
+        seq = eng.waiting.get()
+        try:
+            if seq.cancelled:
+                eng._end(seq, "cancelled")
+            else:
+                _prefill(eng, seq)
+        except Exception as e:
+            eng._end(seq, "error", f"{type(e).__name__}: {e}")
+
+
 # %% ../notebooks/35_batching.ipynb #50d328b2
 def _shift(eng: Engine, d: int) -> None:
     "Move every row's cached tokens by `d` slots (wrapped slots land outside `start..pos`), with `pos` and `start`."
@@ -213,18 +228,6 @@ def _prefill(eng: Engine, seq: Seq) -> None:
     eng.cache.start[row] = P - L
     eng.rows[row] = seq
 
-
-def _admit(eng: Engine) -> None:
-    "Prefill waiting requests while a row is free (cancelled ones end at once)."
-    while None in eng.rows and not eng.waiting.empty():
-        seq = eng.waiting.get()
-        try:
-            if seq.cancelled:
-                eng._end(seq, "cancelled")
-            else:
-                _prefill(eng, seq)
-        except Exception as e:
-            eng._end(seq, "error", f"{type(e).__name__}: {e}")
 
 # %% ../notebooks/35_batching.ipynb #83603552
 def _emit(eng: Engine, seq: Seq, tok: int, logits: Tensor, idx: Tensor, w: Tensor, drafted: bool | None = None) -> bool:

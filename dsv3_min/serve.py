@@ -168,6 +168,7 @@ async def _events(request, seqs: list[Seq], q: asyncio.Queue, choices: list[Choi
             yield i, None, None
 
 
+# %% ../notebooks/36_serve.ipynb #a519632c
 def _usage(seqs, choices, draft: bool = False) -> dict:
     "OpenAI's `usage`: prompt, completion and total token counts; with `draft`, the MTP drafts verified and accepted."
     p, c = sum(len(s.ids) for s in seqs), sum(len(x.ids) for x in choices)
@@ -177,7 +178,7 @@ def _usage(seqs, choices, draft: bool = False) -> dict:
         out["x_draft"] = {"drafted": sum(f is not None for f in flags), "accepted": sum(f is True for f in flags)}
     return out
 
-# %% ../notebooks/36_serve.ipynb #a519632c
+
 def completion_logprobs(tok, c: ChoiceText, prompt_ids: list[int] | None) -> dict:
     "OpenAI's legacy `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset (the prompt's first if echo)."
     piece = lambda i: tok.decode([i])

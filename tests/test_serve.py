@@ -347,7 +347,7 @@ def test_x_draft_flags_agree_with_usage(server, draft_server):
     last token, never sent); the same flags without streaming. Without the opt-in no field; a server that does not draft flags nothing."""
     counts = []
     for prompt, sampling in [("Love.", {"temperature": 0}), ("the king and the queen", {"temperature": 1.5, "seed": 3})]:
-        body = {"prompt": prompt, "max_tokens": 30, "x_draft": True, **sampling}
+        body = {"prompt": prompt, "max_tokens": 60, "x_draft": True, **sampling}
         with httpx.stream("POST", draft_server["url"] + "/v1/completions", timeout=120,
                           json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
             chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
@@ -356,7 +356,7 @@ def test_x_draft_flags_agree_with_usage(server, draft_server):
         assert len(flags) == usage["completion_tokens"] and sum(flags) == usage["x_draft"]["accepted"]
         d = usage["x_draft"]
         assert usage["completion_tokens"] == 1 + d["drafted"] + d["accepted"] - flags[-1]  # an accepted last draft
-        whole = completion(draft_server, prompt, 30, x_draft=True, **sampling)
+        whole = completion(draft_server, prompt, 60, x_draft=True, **sampling)
         assert whole["choices"][0]["x_draft"] == flags and whole["usage"]["x_draft"] == d
         counts.append(d)
     assert sum(d["accepted"] for d in counts) > 0 and all(d["accepted"] < d["drafted"] for d in counts), counts

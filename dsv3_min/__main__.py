@@ -351,6 +351,8 @@ def add_serve_arguments(v: argparse.ArgumentParser) -> None:
     v.add_argument("--port", type=number(int, 0, 65535), default=8000)
     v.add_argument("--max-batch", type=number(int, 1, 1024), default=8, help="decode slots shared by concurrent requests")
     v.add_argument("--device", default="cpu")
+    v.add_argument("--draft", choices=["none", "mtp"], default="none",
+                   help="mtp: self-speculative decoding with the model's MTP module, acceptance shown per token")
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -360,7 +362,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"serve needs the serve extra (pip install -e '.[serve]'): {e}") from None
     model, tok = load_for_sample(a.ckpt, None, resolve_device(a.device))
-    serve(model, tok, a.host, a.port, a.max_batch, name=Path(a.ckpt).resolve().name)
+    serve(model, tok, a.host, a.port, a.max_batch, name=Path(a.ckpt).resolve().name,
+          draft=None if a.draft == "none" else a.draft)
     return 0
 
 # %% ../notebooks/39_main.ipynb #6e79f859

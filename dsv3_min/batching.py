@@ -10,13 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
+from .infer import check_mtp, choose_token, mtp_draft_logits, verify_draft
 from .model import DeepSeekV3, ModelCache, next_token
 from .moe import MoE
 
 # %% auto #0
-__all__ = ['moe_layer_ids', 'RoutingRecorder', 'Seq', 'prompt_logprobs', 'Engine']
+__all__ = ['moe_layer_ids', 'RoutingRecorder', 'Seq', 'prompt_logprobs', 'check_draft', 'Engine']
 
 # %% ../notebooks/35_batching.ipynb #595a0c90
 def moe_layer_ids(model: DeepSeekV3) -> list[int]:
@@ -73,6 +75,8 @@ class Seq:
     generated: int = 0
     last: int = 0
     gen: torch.Generator | None = None  # made on the model's device when the request joins
+    draft: int = 0                      # --draft mtp: MTP's guess for the token after `last`
+    draft_probs: Tensor | None = None   # and the distribution it was drawn from (sampling)
 
     def sampler(self, device) -> torch.Generator:
         "This request's own random stream on `device`: seeded by `seed`, else fresh."
@@ -83,6 +87,10 @@ class Seq:
             else:
                 self.gen.manual_seed(self.seed)
         return self.gen
+
+    def sampling(self, device) -> tuple:
+        "`(temperature, top_k, top_p, generator)` as notebook 25's `choose_token` and `verify_draft` take them."
+        return self.temperature, None, self.top_p, self.sampler(device)
 
 
 def _top(lp: Tensor, n: int) -> list[tuple[int, float]]:
@@ -98,21 +106,32 @@ def prompt_logprobs(logits: Tensor, ids: list[int], top_n: int) -> list[tuple[fl
     lp = logits[:-1].float().log_softmax(-1)
     return [(float(lp[t, i]), _top(lp[t], top_n)) for t, i in enumerate(ids[1:])]
 
+# %% ../notebooks/35_batching.ipynb #63100f7b
+def check_draft(model: DeepSeekV3, draft: str | None) -> None:
+    "Refuse an unknown `draft`, or `draft='mtp'` on a model without an MTP module (one `ValueError` line)."
+    if draft not in (None, "mtp"):
+        raise ValueError(f"draft must be None or 'mtp', got {draft!r}")
+    if draft:
+        check_mtp(model)
+
+
 # %% ../notebooks/35_batching.ipynb #a7bf67fe
 class Engine:
     "Continuous batching over one static cache of `max_batch` rows: requests join at step boundaries, leave when done."
 
-    def __init__(self, model: DeepSeekV3, max_batch: int = 8, eos_id: int | None = None):
+    def __init__(self, model: DeepSeekV3, max_batch: int = 8, eos_id: int | None = None, draft: str | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        check_draft(model, draft)
         self.model, self.eos_id, self.ctx = model.eval(), eos_id, model.config.max_position_embeddings
-        self.device = model.embed_tokens.weight.device
-        self.cache = model.new_cache(max_batch, 2 * self.ctx, static=True)
+        self.device, self.draft = model.embed_tokens.weight.device, draft
+        self.cache = model.new_cache(max_batch, 2 * self.ctx, static=True, mtp=draft is not None)
         self.views: dict[int, ModelCache] = {}  # the first rows of `cache` (a step runs the rows in use only)
         self.rows: list[Seq | None] = [None] * max_batch
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
         self.routing = RoutingRecorder(model)
-        self.stats = {"steps": 0, "shifts": 0, "stop": 0, "length": 0, "cancelled": 0, "error": 0}
+        self.stats = {"steps": 0, "shifts": 0, "stop": 0, "length": 0, "cancelled": 0, "error": 0,
+                      "drafted": 0, "accepted": 0}
         self._wake, self._stopping = threading.Event(), False
         self.thread = threading.Thread(target=_loop, args=(self,), name="dsv3-engine", daemon=True)
         self.thread.start()
@@ -157,41 +176,6 @@ def _loop(eng: Engine) -> None:
                         eng.rows[r] = None
                         eng._end(s, "error", f"{type(e).__name__}: {e}")
 
-# %% ../notebooks/35_batching.ipynb #50d328b2
-def _shift(eng: Engine, d: int) -> None:
-    "Move every row's cached tokens by `d` slots (wrapped slots land outside `start..pos`), with `pos` and `start`."
-    if d and eng.busy:
-        for layer in eng.cache.layers:
-            for buf in layer.buffers.values():
-                buf.copy_(buf.roll(d, dims=1))
-        eng.stats["shifts"] += 1
-    eng.cache.pos.add_(d)
-    eng.cache.start.add_(d)
-
-
-def _prefill(eng: Engine, seq: Seq) -> None:
-    "Run the prompt alone, emit its log-probs (echo) and first token; copy its cache into a free row if it goes on."
-    L = len(seq.ids)
-    small = eng.model.new_cache(1, L, static=True)
-    h = eng.model.hidden_states(torch.tensor([seq.ids], device=eng.device), cache=small)[0]
-    idx, w = eng.routing.take()
-    logits = eng.model.head(h if seq.prompt_logprobs else h[-1:])
-    if seq.prompt_logprobs:
-        seq.emit(("prompt", prompt_logprobs(logits, seq.ids, seq.top_n)))
-    if seq.max_new == 0:
-        return eng._end(seq, "length")
-    if not _choose(eng, seq, logits[-1], idx[-1], w[-1]):
-        return
-    row, P = eng.rows.index(None), int(eng.cache.pos)
-    if P < L:
-        _shift(eng, L - P)
-        P = L
-    for big, sm in zip(eng.cache.layers, small.layers):
-        for name, buf in big.buffers.items():
-            buf[row, P - L:P] = sm.buffers[name][0]
-    eng.cache.start[row] = P - L
-    eng.rows[row] = seq
-
 
 def _admit(eng: Engine) -> None:
     "Prefill waiting requests while a row is free (cancelled ones end at once)."
@@ -205,20 +189,65 @@ def _admit(eng: Engine) -> None:
         except Exception as e:
             eng._end(seq, "error", f"{type(e).__name__}: {e}")
 
+
+# %% ../notebooks/35_batching.ipynb #50d328b2
+def _shift(eng: Engine, d: int) -> None:
+    "Move every row's cached tokens by `d` slots (wrapped slots land outside `start..pos`), with `pos` and `start`."
+    if d and eng.busy:
+        for layer in [*eng.cache.layers, *eng.cache.mtp]:
+            for buf in layer.buffers.values():
+                buf.copy_(buf.roll(d, dims=1))
+        eng.stats["shifts"] += 1
+    eng.cache.pos.add_(d)
+    eng.cache.start.add_(d)
+
+
+def _prefill(eng: Engine, seq: Seq) -> None:
+    "Run the prompt alone, emit its log-probs (echo) and first token; copy its cache into a free row if it goes on."
+    L = len(seq.ids)
+    small = eng.model.new_cache(1, L, static=True, mtp=eng.draft is not None)
+    h = eng.model.hidden_states(torch.tensor([seq.ids], device=eng.device), cache=small)[0]
+    idx, w = eng.routing.take()
+    logits = eng.model.head(h if seq.prompt_logprobs else h[-1:])
+    if seq.prompt_logprobs:
+        seq.emit(("prompt", prompt_logprobs(logits, seq.ids, seq.top_n)))
+    if seq.max_new == 0:
+        return eng._end(seq, "length")
+    if not _choose(eng, seq, logits[-1], idx[-1], w[-1]):
+        return
+    if eng.draft:  # MTP on the prompt (its own cache slots), as notebook 25's `MTPDecoder.start_drafting`
+        nxt = torch.tensor([seq.ids[1:] + [seq.last]], device=eng.device)
+        _set_draft(eng, seq, mtp_draft_logits(eng.model, h[None], nxt, small, torch.tensor(L - 1, device=eng.device)))
+    row, P = eng.rows.index(None), int(eng.cache.pos)
+    if P < L:
+        _shift(eng, L - P)
+        P = L
+    for big, sm in zip([*eng.cache.layers, *eng.cache.mtp], [*small.layers, *small.mtp]):
+        for name, buf in big.buffers.items():
+            buf[row, P - L:P] = sm.buffers[name][0]
+    eng.cache.start[row] = P - L
+    eng.rows[row] = seq
+
+
 # %% ../notebooks/35_batching.ipynb #83603552
-def _choose(eng: Engine, seq: Seq, logits: Tensor, idx: Tensor, w: Tensor) -> bool:
-    "Pick `seq`'s next token from `logits (vocab,)`, emit it with its routing; False once `seq` is done."
-    tok = int(next_token(logits[None], seq.temperature, None, seq.top_p, seq.sampler(eng.device))[0])
+def _emit(eng: Engine, seq: Seq, tok: int, logits: Tensor, idx: Tensor, w: Tensor, drafted: bool | None = None) -> bool:
+    "Emit `seq`'s next token `tok` (drawn from `logits (vocab,)`) with its routing; False once `seq` is done."
     if tok == eng.eos_id:
         eng._end(seq, "stop")
         return False
     lp = logits.float().log_softmax(-1)
     seq.generated, seq.last = seq.generated + 1, tok
-    seq.emit(("token", tok, float(lp[tok]), _top(lp, seq.top_n), idx.tolist(), w.tolist()))
+    seq.emit(("token", tok, float(lp[tok]), _top(lp, seq.top_n), idx.tolist(), w.tolist(), drafted))
     if seq.generated >= seq.max_new:
         eng._end(seq, "length")
         return False
     return True
+
+
+def _choose(eng: Engine, seq: Seq, logits: Tensor, idx: Tensor, w: Tensor) -> bool:
+    "Pick `seq`'s next token from `logits (vocab,)` with its own sampler and emit it; False once `seq` is done."
+    tok = int(next_token(logits[None], seq.temperature, None, seq.top_p, seq.sampler(eng.device))[0])
+    return _emit(eng, seq, tok, logits, idx, w)
 
 # %% ../notebooks/35_batching.ipynb #f73d1ce7
 def _rows(eng: Engine, width: int) -> ModelCache:
@@ -230,7 +259,7 @@ def _rows(eng: Engine, width: int) -> ModelCache:
             v = copy.copy(c)
             v.buffers, v.start = {n: b[:width] for n, b in c.buffers.items()}, c.start[:width]
             return v
-        eng.views[width] = ModelCache([view(c) for c in eng.cache.layers], [])
+        eng.views[width] = ModelCache([view(c) for c in eng.cache.layers], [view(c) for c in eng.cache.mtp])
     return eng.views[width]
 
 
@@ -243,11 +272,17 @@ def _step(eng: Engine) -> None:
     active = [r for r, s in enumerate(eng.rows) if s is not None]
     if not active:
         return
-    if int(eng.cache.pos) == eng.cache.layers[0].max_len:
+    if int(eng.cache.pos) + (2 if eng.draft else 1) > eng.cache.layers[0].max_len:  # a step writes 1 or 2 slots
         _shift(eng, -int(eng.cache.start[active].min()))
     free = [r for r, s in enumerate(eng.rows) if s is None]
     eng.cache.start[free] = eng.cache.pos  # a free row sees only its own slot
     width = active[-1] + 1  # rows are taken lowest first: the step runs rows 0..width-1 only
+    (_verify_step if eng.draft else _decode_step)(eng, active, width)
+    eng.stats["steps"] += 1
+
+
+def _decode_step(eng: Engine, active: list[int], width: int) -> None:
+    "Every row's last token at slot `pos`, one forward of rows `0..width-1`, one token per row."
     tok = torch.zeros(width, 1, dtype=torch.long)
     tok[active, 0] = torch.tensor([eng.rows[r].last for r in active])
     logits = eng.model(tok.to(eng.device), cache=_rows(eng, width))[:, -1]
@@ -256,4 +291,57 @@ def _step(eng: Engine) -> None:
     for r in active:
         if not _choose(eng, eng.rows[r], logits[r], idx[r], w[r]):
             eng.rows[r] = None
-    eng.stats["steps"] += 1
+
+# %% ../notebooks/35_batching.ipynb #858b30d0
+def _set_draft(eng: Engine, seq: Seq, logits: Tensor) -> None:
+    "Draw `seq`'s next draft from MTP's logits `(1, vocab)` with its own sampler (and keep q when sampling)."
+    tok, probs = choose_token(seq.sampling(eng.device), logits)
+    seq.draft, seq.draft_probs = int(tok[0]), None if probs is None else probs[0]
+
+
+def _move_right(eng: Engine, rows: list[int], end: int) -> None:
+    "Move the cached slots `0..end-1` of `rows` one slot right (every main and MTP layer), and their `start`."
+    if rows:
+        for layer in [*eng.cache.layers, *eng.cache.mtp]:
+            for buf in layer.buffers.values():
+                buf[rows, 1:end + 1] = buf[rows, :end]  # the right side is gathered (a copy) first
+        eng.cache.start[rows] += 1
+
+
+def _verify(eng: Engine, active: list[int], logits: Tensor) -> tuple[Tensor, Tensor]:
+    "Each row's verdict on its draft `(width,)` and its two next tokens `(width, 2)`, with its own sampling."
+    ok = torch.zeros(logits.shape[0], dtype=torch.bool)
+    new = torch.zeros(logits.shape[0], 2, dtype=torch.long)
+    for r in active:
+        seq = eng.rows[r]
+        q = None if seq.draft_probs is None else seq.draft_probs[None]
+        a, n = verify_draft(logits[r:r + 1], torch.tensor([seq.draft], device=eng.device), q,
+                            *seq.sampling(eng.device))
+        ok[r], new[r] = a[0], n[0]
+    return ok, new
+
+# %% ../notebooks/35_batching.ipynb #3714bbd8
+def _verify_step(eng: Engine, active: list[int], width: int) -> None:
+    "Verify every row's `[last, draft]`, emit 1 or 2 tokens per row, draft again; rejected rows move right."
+    tok = torch.zeros(width, 2, dtype=torch.long)
+    tok[active] = torch.tensor([[eng.rows[r].last, eng.rows[r].draft] for r in active])
+    rows = _rows(eng, width)
+    h = eng.model.hidden_states(tok.to(eng.device), cache=rows)  # slots pos, pos+1
+    logits = eng.model.head(h)  # (width, 2, vocab)
+    idx, w = (rearrange(x, "(b s) l k -> b s l k", s=2) for x in eng.routing.take())
+    ok, new = _verify(eng, active, logits)
+    drafts = mtp_draft_logits(eng.model, h, new.to(eng.device), rows, ok.long().to(eng.device))
+    end, two = int(eng.cache.pos) + 1, bool(ok[active].any())
+    _move_right(eng, [r for r in active if two and not ok[r]], end)
+    eng.cache.pos.add_(1 + two)
+    for r in active:
+        seq, a = eng.rows[r], bool(ok[r])
+        eng.stats["drafted"] += 1
+        eng.stats["accepted"] += a
+        going = _emit(eng, seq, int(new[r, 0]), logits[r, 0], idx[r, 0], w[r, 0], a)
+        if going and a:
+            going = _emit(eng, seq, int(new[r, 1]), logits[r, 1], idx[r, 1], w[r, 1])
+        if going:
+            _set_draft(eng, seq, drafts[r:r + 1])
+        else:
+            eng.rows[r] = None

@@ -8,14 +8,15 @@ import warnings
 from typing import NamedTuple
 
 import torch
+from einops import repeat
 from torch import Tensor
 
 from .config import ModelConfig, count_params
 from .model import DeepSeekV3, check_generate_args, filtered_logits, next_token, sample_from
 
 # %% auto #0
-__all__ = ['DecodeBytes', 'experts_touched', 'decode_step_bytes', 'Decoder', 'verify_draft', 'MTPDecoder', 'left_padding_starts',
-           'free_decoders', 'generate', 'sample_text']
+__all__ = ['DecodeBytes', 'experts_touched', 'decode_step_bytes', 'choose_token', 'Decoder', 'verify_draft', 'check_mtp',
+           'mtp_draft_logits', 'MTPDecoder', 'left_padding_starts', 'free_decoders', 'generate', 'sample_text']
 
 # %% ../notebooks/25_infer.ipynb #7c7fd53e
 class DecodeBytes(NamedTuple):
@@ -52,7 +53,7 @@ def decode_step_bytes(cfg: ModelConfig, batch: int, context: float, mla_impl: st
     return DecodeBytes(weights, w * batch * cfg.num_hidden_layers * context * per_token)
 
 # %% ../notebooks/25_infer.ipynb #4b17346f
-def _choose(sampling: tuple, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+def choose_token(sampling: tuple, logits: Tensor) -> tuple[Tensor, Tensor | None]:
     "Token `(b,)` from logits `(b, vocab)` under `sampling = (temperature, top_k, top_p, generator)`, and its probs."
     temperature, top_k, top_p, gen = sampling
     if temperature == 0:
@@ -162,14 +163,27 @@ def verify_draft(logits: Tensor, draft: Tensor, draft_probs: Tensor, temperature
     second = sample_from(p[:, 1], generator)  # the bonus token, from the target after the (accepted) draft
     return ok, torch.stack([first, second], dim=1)
 
+# %% ../notebooks/25_infer.ipynb #9d519d44
+def check_mtp(model: DeepSeekV3) -> None:
+    "Refuse MTP drafting on a model without an MTP module (one `ValueError` line)."
+    if not len(model.mtp):
+        raise ValueError("draft='mtp' needs a model with MTP modules; this one has num_nextn_predict_layers="
+                         f"{model.config.num_nextn_predict_layers}")
+
+
+def mtp_draft_logits(model: DeepSeekV3, h: Tensor, next_ids: Tensor, cache, col: Tensor) -> Tensor:
+    "MTP depth 1 on `h (b, s, d)` and `next_ids (b, s)` at the cache's next slots -> draft logits `(b, vocab)` at `col`."
+    g = model.mtp_hidden_states(1, h, next_ids, cache=cache)  # (b, s, d)
+    idx = repeat(col.expand(g.shape[0]), "b -> b 1 d", d=g.shape[-1])  # `col`: one device index, or one per row
+    return model.head(g.gather(1, idx)[:, 0], depth=1)
+
 # %% ../notebooks/25_infer.ipynb #4b90858a
 class _Drafting:
     "The draft-and-verify iteration of `MTPDecoder` (its state: `last`, `draft`, `draft_probs`, `out`, `count`, ...)."
 
     def _draft_from(self, h: Tensor, next_ids: Tensor, row: Tensor) -> None:
         "Run MTP on `h`/`next_ids` at slots `pos..`, draw the draft from its output at `row` (a device index)."
-        g = self.model.mtp_hidden_states(1, h, next_ids, cache=self.cache).index_select(1, row.reshape(1))[:, 0]
-        tok, probs = _choose(self.sampling, self.model.head(g, depth=1))
+        tok, probs = choose_token(self.sampling, mtp_draft_logits(self.model, h, next_ids, self.cache, row))
         self.draft.copy_(tok[:, None])
         if probs is not None:
             self.draft_probs.copy_(probs)
@@ -201,8 +215,7 @@ class MTPDecoder(_Drafting, Decoder):
 
     def __init__(self, model: DeepSeekV3, batch: int, max_len: int, mla_impl: str | None = None,
                  cuda_graph: bool | None = None, compile: bool = False):
-        if not len(model.mtp):
-            raise ValueError("draft='mtp' needs a model with MTP modules (num_nextn_predict_layers >= 1)")
+        check_mtp(model)
         super().__init__(model, batch, max_len, mla_impl, mtp=True, cuda_graph=cuda_graph, compile=compile)
         dev, V = self.device, model.config.vocab_size
         self.last = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # newest token, not yet in the caches
@@ -221,7 +234,7 @@ class MTPDecoder(_Drafting, Decoder):
         "Prefill the main model and MTP on the prompts, choose the first token and the first draft."
         S = ids.shape[1]
         h = self.prefill(ids, start)
-        tok, _ = _choose(self.sampling, self.model.head(h[:, -1:])[:, -1])
+        tok, _ = choose_token(self.sampling, self.model.head(h[:, -1:])[:, -1])
         self._draft_from(h, torch.cat([ids[:, 1:], tok[:, None]], dim=1), torch.tensor(S - 1, device=self.device))
         self.out[:, :S] = ids
         self.out[:, S] = tok

@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from .batching import Engine, Seq, moe_layer_ids
+from .batching import Engine, Seq, check_draft, moe_layer_ids
 from .model import DeepSeekV3
 
 # %% auto #0
@@ -45,6 +45,7 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     x_routing: bool = False  # extension: per token, the top-k experts and weights of each MoE layer
+    x_draft: bool = False    # extension: per token, whether it was an accepted MTP draft (`serve --draft mtp`)
 
 
 class CompletionRequest(_Sampling):
@@ -91,11 +92,13 @@ class ChoiceText:
         self.tok, self.stops = tok, [s for s in stops if s]
         self.ids, self.text, self.sent, self.finish = [], "", 0, None
         self.pieces, self.logprobs, self.routing, self.prompt_lp = [], [], [], None
+        self.drafted = []  # per token: True an accepted MTP draft, False a rejected draft's replacement, else None
 
-    def add(self, tok_id: int, logprob: float, top: list, idx: list, w: list) -> str:
+    def add(self, tok_id: int, logprob: float, top: list, idx: list, w: list, drafted: bool | None = None) -> str:
         "Append a token; the text now safe to stream (held back while it could be the start of a stop sequence)."
         before = self.text
         self.ids.append(tok_id)
+        self.drafted.append(drafted)
         full = self.tok.decode(self.ids, skip_special=True)
         self.pieces.append(full[len(before):] if full.startswith(before) else full)
         self.logprobs.append((logprob, top))
@@ -165,12 +168,17 @@ async def _events(request, seqs: list[Seq], q: asyncio.Queue, choices: list[Choi
             yield i, None, None
 
 
-def _usage(seqs, choices) -> dict:
-    "OpenAI's `usage`: prompt, completion and total token counts of a request."
-    p, c = sum(len(s.ids) for s in seqs), sum(len(x.ids) for x in choices)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
 # %% ../notebooks/36_serve.ipynb #a519632c
+def _usage(seqs, choices, draft: bool = False) -> dict:
+    "OpenAI's `usage`: prompt, completion and total token counts; with `draft`, the MTP drafts verified and accepted."
+    p, c = sum(len(s.ids) for s in seqs), sum(len(x.ids) for x in choices)
+    out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    if draft:  # counted over the tokens returned, so they agree with the per-token `x_draft` flags
+        flags = [f for x in choices for f in x.drafted]
+        out["x_draft"] = {"drafted": sum(f is not None for f in flags), "accepted": sum(f is True for f in flags)}
+    return out
+
+
 def completion_logprobs(tok, c: ChoiceText, prompt_ids: list[int] | None) -> dict:
     "OpenAI's legacy `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset (the prompt's first if echo)."
     piece = lambda i: tok.decode([i])
@@ -206,9 +214,11 @@ async def _stream(request, body, seqs, q, choices, base: dict, chat: bool):
                  "finish_reason": None if k is not None else c.finish}
             if body.x_routing and k is not None:
                 d["x_routing"] = [c.token_routing(k)]
+            if body.x_draft and k is not None:
+                d["x_draft"] = [c.drafted[k] is True]
             yield _chunk(base, [d])
         if body.stream_options is not None and body.stream_options.include_usage:
-            yield _chunk(base, [], usage=_usage(seqs, choices))
+            yield _chunk(base, [], usage=_usage(seqs, choices, body.x_draft))
         yield "data: [DONE]\n\n"
     except RuntimeError as e:
         yield f"data: {json.dumps(_error_body(str(e), 'server_error'))}\n\n"
@@ -237,8 +247,10 @@ async def _respond(request, body, seqs, q, choices, base: dict, chat: bool, tok,
                  if lp else None, finish_reason=c.finish)
         if body.x_routing:
             d["x_routing"] = [c.token_routing(k) for k in range(len(c.ids))]
+        if body.x_draft:
+            d["x_draft"] = [f is True for f in c.drafted]
         out.append(d)
-    return {**base, "choices": out, "usage": _usage(seqs, choices)}
+    return {**base, "choices": out, "usage": _usage(seqs, choices, body.x_draft)}
 
 # %% ../notebooks/36_serve.ipynb #040f83e3
 def _error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code=None) -> dict:
@@ -321,27 +333,28 @@ def _start(app, request: Request, body, prompts: list[list[int]], chat: bool, ec
     return _respond(request, body, seqs, q, choices, base, chat, st.tok, echo)
 
 # %% ../notebooks/36_serve.ipynb #f1b4b499
-def _lifespan(model: DeepSeekV3, max_batch: int, eos_id: int | None):
+def _lifespan(model: DeepSeekV3, max_batch: int, eos_id: int | None, draft: str | None):
     "The engine starts with the server and stops (its hooks removed) with it."
     @asynccontextmanager
     async def lifespan(app):
-        app.state.engine = Engine(model, max_batch, eos_id)
+        app.state.engine = Engine(model, max_batch, eos_id, draft)
         yield
         app.state.engine.close()
     return lifespan
 
 # %% ../notebooks/36_serve.ipynb #dedcb24b
 def build_app(model: DeepSeekV3, tok, name: str = "dsv3_min", max_batch: int = 8,
-              max_body_bytes: int = 1 << 20) -> FastAPI:
+              max_body_bytes: int = 1 << 20, draft: str | None = None) -> FastAPI:
     "The FastAPI app: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, `/health`, the page at `/`."
-    app = FastAPI(title="dsv3_min", lifespan=_lifespan(model, max_batch, tok.eos_id), docs_url=None, redoc_url=None, openapi_url=None)
+    check_draft(model, draft)  # before the server starts: a user's mistake is one line
+    app = FastAPI(title="dsv3_min", lifespan=_lifespan(model, max_batch, tok.eos_id, draft), docs_url=None,
+                  redoc_url=None, openapi_url=None)
     app.state.name, app.state.tok = name, tok
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     _install_errors(app)
     page = resources.files("dsv3_min").joinpath("static", "index.html").read_text()
     cfg, created = model.config, int(time.time())
-    moe = {"layers": moe_layer_ids(model),
-           "n_experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok}
+    moe = {"layers": moe_layer_ids(model), "n_experts": cfg.n_routed_experts, "top_k": cfg.num_experts_per_tok}
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -350,12 +363,14 @@ def build_app(model: DeepSeekV3, tok, name: str = "dsv3_min", max_batch: int = 8
     @app.get("/health")
     async def health():
         e = app.state.engine
-        return {"status": "ok", "max_batch": len(e.rows), "busy": e.busy, "waiting": e.waiting.qsize(), **e.stats}
+        return {"status": "ok", "max_batch": len(e.rows), "draft": draft, "busy": e.busy, "waiting": e.waiting.qsize(),
+                **e.stats}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "dsv3_min",
-                                            "max_model_len": cfg.max_position_embeddings, "x_moe": moe}]}
+                                            "max_model_len": cfg.max_position_embeddings, "x_moe": moe,
+                                            "x_draft": draft}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -397,8 +412,10 @@ class ServerThread:
 
 
 def serve(model: DeepSeekV3, tok, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-          name: str = "dsv3_min") -> None:
-    "Serve until interrupted (`python -m dsv3_min serve`)."
+          name: str = "dsv3_min", draft: str | None = None) -> None:
+    "Serve until interrupted (`python -m dsv3_min serve`); `draft='mtp'` drafts with the model's MTP module."
     import uvicorn
-    print(f"serving {name} on http://{host}:{port} (max batch {max_batch}); the demo page is at /", flush=True)
-    uvicorn.run(build_app(model, tok, name, max_batch), host=host, port=port, log_level="warning")
+    app = build_app(model, tok, name, max_batch, draft=draft)
+    how = f", drafting with {draft}" if draft else ""
+    print(f"serving {name} on http://{host}:{port} (max batch {max_batch}{how}); the demo page is at /", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

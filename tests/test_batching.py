@@ -18,15 +18,18 @@ def _model():
 
 
 class Req:
-    """A request's events: its tokens, its end reason; `on_token(n, fn)` runs `fn` in the engine's thread at token n."""
+    """A request's events: its tokens (and draft flags), its end reason; `on_token(n, fn)` runs `fn` in the engine's
+    thread at token n."""
 
     def __init__(self, ids, max_new, hooks=None):
         self.ids, self.tokens, self.end, self.done, self.hooks = ids, [], None, threading.Event(), hooks or {}
+        self.flags = []  # per token: an accepted MTP draft (True), a rejected one's replacement (False), else None
         self.seq = Seq(ids, max_new, self.emit, temperature=0.0)
 
     def emit(self, ev):
         if ev[0] == "token":
             self.tokens.append(ev[1])
+            self.flags.append(ev[6])
             if fn := self.hooks.get(len(self.tokens)):
                 fn()
         elif ev[0] == "end":
@@ -89,3 +92,53 @@ def test_routing_recorder_hooks_the_routers_and_removes_them():
     for j, (weights, ids, _) in enumerate(seen):
         assert torch.equal(idx[:, j], ids) and torch.equal(w[:, j], weights.float())
     assert all(not g._forward_hooks for g in gates)
+
+
+
+def _mirroring(cfg):
+    """test_infer's agreeing model, its MTP block keeping the main block's attention: MTP's draft is nearly the main
+    model's next prediction, and it depends on MTP's own cache (a draft from a misplaced MTP cache is rejected)."""
+    from test_infer import _agreeing
+    m = _agreeing(cfg, attn_scale=0.3)
+    with torch.no_grad():
+        m.mtp[0].self_attn.o_proj.weight.copy_(m.layers[0].self_attn.o_proj.weight)
+    return m
+
+
+def mtp_greedy(model, ids, n):
+    """Greedy `generate(draft='mtp')` alone (token for token plain greedy's, test_infer): the new tokens, and per new
+    token True an accepted draft, False the replacement of a rejected one, None otherwise (first token, bonus token)."""
+    stats = {}
+    out = generate(model, torch.tensor(ids), n, temperature=0, draft="mtp", stats=stats)[len(ids):].tolist()
+    flags = [None]
+    for ok in stats["accept"][:, 0].tolist():
+        flags += [True, None] if ok else [False]
+    return out, flags[:n]
+
+
+def test_mtp_drafting_engine_decodes_each_request_as_generate():
+    """`Engine(draft="mtp")`, 3 rows, 5 requests joining mid-generation through the cache's shifts, on a random model
+    (drafts mostly rejected) and on one whose MTP mirrors it (rows of one step accept different numbers of drafts, so
+    rejected rows move): greedy requests get exactly the tokens of `generate(draft='mtp')` alone (plain greedy's) and
+    the same drafts accepted and rejected; a seeded sampled one (row 0 throughout) exactly `generate(draft='mtp', seed=7)`'s."""
+    torch.manual_seed(0)
+    cfg = tiny_config(max_position_embeddings=CTX)
+    for m in [DeepSeekV3(cfg).eval(), _mirroring(cfg)]:
+        eng = Engine(m, max_batch=3, draft="mtp")
+        g = torch.Generator().manual_seed(1)
+        reqs = [Req(torch.randint(0, m.config.vocab_size, (n,), generator=g).tolist(), k)
+                for n, k in [(1, 31), (25, 6), (10, 22), (5, 20), (3, 20)]]
+        reqs[0].seq.temperature, reqs[0].seq.seed = 1.0, 7
+        try:
+            for r in reqs:
+                eng.submit(r.seq)
+            assert all(r.done.wait(60) for r in reqs)
+        finally:
+            eng.close()
+        assert eng.stats["shifts"] >= 2 and all(r.end == "length" for r in reqs)
+        assert reqs[0].tokens == generate(m, torch.tensor(reqs[0].ids), 31, temperature=1.0, seed=7,
+                                          draft="mtp")[len(reqs[0].ids):].tolist()
+        for r in reqs[1:]:
+            assert (r.tokens, r.flags) == mtp_greedy(m, r.ids, r.seq.max_new)
+    accepted = [r.flags.count(True) for r in reqs]
+    assert len(set(accepted)) > 1 and any(False in r.flags for r in reqs), accepted  # per-row verdicts taken

@@ -1,6 +1,7 @@
 """dsv3_min.serve (`python -m dsv3_min serve`) as its users see it: a real uvicorn server on loopback, started by the
 CLI in a subprocess with a TINY checkpoint trained here, driven by the official `openai` client, lm-eval's
 `local-completions` model and headless Chromium. Every output is checked against the package's own decoder."""
+import contextlib
 import json
 import os
 import shutil
@@ -34,14 +35,13 @@ def run(tiny_corpus, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def server(run):
-    """`python -m dsv3_min serve --ckpt RUN --port P --max-batch 8` (no --host: loopback) until the module ends."""
+def _serve(run, *flags):
+    """`python -m dsv3_min serve --ckpt RUN --port P --max-batch 8 *flags` (no --host: loopback) until the module ends."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "dsv3_min", "serve", "--ckpt", str(run), "--port", str(port),
-                             "--max-batch", "8"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--max-batch", "8", *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()
     while True:
@@ -56,6 +56,18 @@ def server(run):
     yield {"url": url, "proc": proc, "name": run.name}
     proc.terminate()
     proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    """The server without drafting (the default, `--draft none`)."""
+    yield from _serve(run)
+
+
+@pytest.fixture(scope="module")
+def draft_server(run):
+    """The same checkpoint served with `--draft mtp`: MTP drafts, each row's draft verified on its own."""
+    yield from _serve(run, "--draft", "mtp")
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +290,94 @@ def test_eight_concurrent_clients_equal_single_clients(server, model):
     assert alone[3][0] == greedy_ids(model, tok.encode(prompts[3], bos=True), 36, temperature=1.0, seed=3)
 
 
+def completion(server, prompt, n, **extra) -> dict:
+    """One non-streamed completion through httpx (the extensions in the body as a browser sends them)."""
+    return httpx.post(server["url"] + "/v1/completions", json={"prompt": prompt, "max_tokens": n, **extra},
+                      timeout=120).json()
+
+
+def test_draft_mtp_greedy_equals_no_draft(server, draft_server, model):
+    """`serve --draft mtp`: greedy completions are token for token those of the server without drafting and of
+    `generate` (4 prompts x 40 tokens), with the same log-probabilities; drafts were accepted and rejected."""
+    m, tok = model
+    before = health(draft_server)
+    for prompt in ["the king and the queen", "thou art my love", "Love.", "my lord the night is"]:
+        kw = {"temperature": 0, "logprobs": 1, "x_routing": True}
+        plain, drafted = completion(server, prompt, 40, **kw), completion(draft_server, prompt, 40, **kw)
+        ids = [[t["id"] for t in r["choices"][0]["x_routing"]] for r in (plain, drafted)]
+        assert ids[1] == ids[0] == greedy_ids(model, tok.encode(prompt, bos=True), 40)
+        assert drafted["choices"][0]["text"] == plain["choices"][0]["text"]
+        torch.testing.assert_close(torch.tensor(drafted["choices"][0]["logprobs"]["token_logprobs"]),
+                                   torch.tensor(plain["choices"][0]["logprobs"]["token_logprobs"]), atol=5e-6, rtol=0)
+    after = health(draft_server)
+    accepted, drafted = after["accepted"] - before["accepted"], after["drafted"] - before["drafted"]
+    assert after["draft"] == "mtp" and 0 < accepted < drafted  # both verdicts ("Love.": every draft rejected)
+
+
+def test_draft_eight_concurrent_clients_equal_single_clients(server, draft_server, model):
+    """8 clients at once on the drafting server (arriving while others are mid-generation, so rows of one batch
+    accept different numbers of drafts): greedy clients get exactly the non-drafting server's tokens, seeded
+    sampling clients exactly `generate(draft='mtp', seed=...)`'s (notebook 25's speculative sampling, per row)."""
+    tok = model[1]
+    words = "the king queen lord lady sword crown night".split()
+    prompts = [" ".join(words[i:] + words[:i][: i % 3]) for i in range(8)]
+
+    def ask(srv, i, delay=0.0):
+        time.sleep(delay)
+        sampling = {"temperature": 0} if i % 2 == 0 else {"temperature": 1.0, "seed": i}
+        r = completion(srv, prompts[i], 24 + 4 * i, x_routing=True, x_draft=True, **sampling)["choices"][0]
+        return [t["id"] for t in r["x_routing"]], r["x_draft"]
+
+    steps0 = health(draft_server)["steps"]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, [draft_server] * 8, range(8), [0.03 * i for i in range(8)]))
+    for i, (ids, _) in enumerate(together):
+        prompt = tok.encode(prompts[i], bos=True)
+        want = ask(server, i)[0] if i % 2 == 0 else greedy_ids(model, prompt, 24 + 4 * i, temperature=1.0, seed=i,
+                                                               draft="mtp")
+        assert ids == want, i
+    assert health(draft_server)["steps"] - steps0 < sum(len(x[0]) for x in together)  # rows shared steps
+    accepted = [sum(flags) for _, flags in together]
+    assert len(set(accepted)) > 1 and max(accepted) > 0, accepted  # rows accepted different numbers of drafts
+
+
+def test_x_draft_flags_agree_with_usage(server, draft_server):
+    """Streamed with `x_draft`: one flag per token, as many true flags as `usage.x_draft.accepted`; each verified
+    draft gives one token plus a second when accepted (tokens = 1 + drafted + accepted, less the bonus of an accepted
+    last token, never sent); the same flags without streaming. Without the opt-in no field; a server that does not draft flags nothing."""
+    counts = []
+    for prompt, sampling in [("Love.", {"temperature": 0}), ("the king and the queen", {"temperature": 1.5, "seed": 3})]:
+        body = {"prompt": prompt, "max_tokens": 60, "x_draft": True, **sampling}
+        with httpx.stream("POST", draft_server["url"] + "/v1/completions", timeout=120,
+                          json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+            chunks = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+        flags = [f for c in chunks for ch in c["choices"] for f in ch.get("x_draft", [])]
+        usage = chunks[-1]["usage"]
+        assert len(flags) == usage["completion_tokens"] and sum(flags) == usage["x_draft"]["accepted"]
+        d = usage["x_draft"]
+        assert usage["completion_tokens"] == 1 + d["drafted"] + d["accepted"] - flags[-1]  # an accepted last draft
+        whole = completion(draft_server, prompt, 60, x_draft=True, **sampling)
+        assert whole["choices"][0]["x_draft"] == flags and whole["usage"]["x_draft"] == d
+        counts.append(d)
+    assert sum(d["accepted"] for d in counts) > 0 and all(d["accepted"] < d["drafted"] for d in counts), counts
+    plain = completion(draft_server, "the queen", 5, temperature=0)
+    assert "x_draft" not in plain["choices"][0] and "x_draft" not in plain["usage"]
+    off = completion(server, "the queen", 5, temperature=0, x_draft=True)
+    assert not any(off["choices"][0]["x_draft"]) and off["usage"]["x_draft"] == {"drafted": 0, "accepted": 0}
+
+
+def test_draft_mtp_without_an_mtp_module_is_one_error_line(tiny_corpus, tmp_path, capsys):
+    """`serve --draft mtp` on a checkpoint trained without MTP (num_nextn_predict_layers=0): one `dsv3: error:` line
+    naming MTP, exit 2, no server."""
+    out = tmp_path / "no-mtp"
+    assert main(["train", "--corpus", str(tiny_corpus), "--no-progress", "--out", str(out), "--max-steps", "1",
+                 "--set", *TINY_SET, "num_nextn_predict_layers=0"]) == 0
+    capsys.readouterr()
+    assert main(["serve", "--ckpt", str(out), "--draft", "mtp", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsv3: error:") and "MTP" in err[0], err
+
+
 def test_client_disconnect_frees_the_slot(server):
     """A client that goes away mid-stream ends its generation ('cancelled') and its row is free again."""
     before = health(server)
@@ -348,15 +448,12 @@ def test_lm_eval_local_completions_equals_dsv3_eval(server, run, tmp_path):
     assert sum(accs) / n == pytest.approx(ours["acc,none"], abs=1e-9)
 
 
-def test_browser_page_streams_and_shows_the_routing_of_a_token(server, tmp_path):
-    """Headless Chromium (Debian's, driven by Selenium through chromedriver): load the page, generate, hover a token;
-    the grid shows exactly that token's experts per MoE layer as the API returns them; save a screenshot."""
+@contextlib.contextmanager
+def chromium_page(url):
+    """Debian's headless Chromium, driven by Selenium through chromedriver, on the page at `url`."""
     from selenium import webdriver
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-
-    from dsv3_min.files import atomic_write
     chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver_bin):
         pytest.fail("the browser test needs Debian's chromium and chromium-driver (apt-get install chromium "
@@ -367,16 +464,37 @@ def test_browser_page_streams_and_shows_the_routing_of_a_token(server, tmp_path)
         opts.add_argument(a)
     drv = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=driver_bin))
     try:
+        drv.get(url + "/")
+        WebDriverWait(drv, 60).until(lambda d: "MoE layers" in d.find_element(By.ID, "status").text)
+        yield drv
+    finally:
+        drv.quit()
+
+
+def generate_on_page(drv, settings: dict) -> None:
+    """Fill the page's fields, press Generate and wait until the stream is done."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    for k, v in settings.items():
+        el = drv.find_element(By.ID, k)
+        el.clear()
+        el.send_keys(v)
+    drv.find_element(By.ID, "go").click()
+    WebDriverWait(drv, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "1")
+
+
+def test_browser_page_streams_and_shows_the_routing_of_a_token(server, tmp_path):
+    """Headless Chromium (Debian's, driven by Selenium through chromedriver): load the page, generate, hover a token;
+    the grid shows exactly that token's experts per MoE layer as the API returns them; save a screenshot."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from dsv3_min.files import atomic_write
+    with chromium_page(server["url"]) as drv:
         wait = WebDriverWait(drv, 60)
-        drv.get(server["url"] + "/")
-        wait.until(lambda d: "MoE layers" in d.find_element(By.ID, "status").text)
-        settings = {"prompt": "the king", "max_tokens": "24", "temperature": "1", "seed": "5"}
-        for k, v in settings.items():
-            el = drv.find_element(By.ID, k)
-            el.clear()
-            el.send_keys(v)
-        drv.find_element(By.ID, "go").click()
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "1")
+        generate_on_page(drv, {"prompt": "the king", "max_tokens": "24", "temperature": "1", "seed": "5"})
+        assert not drv.find_element(By.ID, "draftlegend").is_displayed()  # no drafting, no legend
         spans = drv.find_elements(By.CSS_SELECTOR, "#out .tok")
         api = httpx.post(server["url"] + "/v1/completions", json={"prompt": "the king", "max_tokens": 24, "seed": 5,
                                                                   "temperature": 1, "x_routing": True}).json()
@@ -395,8 +513,33 @@ def test_browser_page_streams_and_shows_the_routing_of_a_token(server, tmp_path)
         assert shown.keys() == want.keys()
         assert all(abs(shown[k] - want[k]) < 1e-3 for k in want)
         png = drv.get_screenshot_as_png()
-    finally:
-        drv.quit()
     atomic_write(tmp_path / "serve_page.png", png)
     if os.environ.get("DSV3_SERVE_SCREENSHOT"):
         atomic_write(os.environ["DSV3_SERVE_SCREENSHOT"], png)
+
+
+def test_browser_page_highlights_accepted_drafts(draft_server, tmp_path):
+    """Headless Chromium on the `--draft mtp` server: the page asks for `x_draft`, gives exactly the tokens the API
+    flags as accepted drafts the `draft` class (at least one here), shows the legend and the acceptance rate of the
+    usage counts; a server without drafting shows no legend (the other browser test)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from dsv3_min.files import atomic_write
+    with chromium_page(draft_server["url"]) as drv:
+        assert "drafting with mtp" in drv.find_element(By.ID, "status").text
+        generate_on_page(drv, {"prompt": "the king", "max_tokens": "40", "temperature": "0.7", "seed": "5"})
+        spans = drv.find_elements(By.CSS_SELECTOR, "#out .tok")
+        shown = ["draft" in s.get_attribute("class").split() for s in spans]
+        legend, rate = drv.find_element(By.ID, "draftlegend"), drv.find_element(By.ID, "acceptance")
+        assert legend.is_displayed()
+        api = completion(draft_server, "the king", 40, temperature=0.7, seed=5, x_draft=True)
+        flags, d = api["choices"][0]["x_draft"], api["usage"]["x_draft"]
+        assert shown == flags and sum(flags) >= 1
+        assert (rate.get_attribute("data-accepted"), rate.get_attribute("data-drafted")) == (str(d["accepted"]),
+                                                                                               str(d["drafted"]))
+        assert f"acceptance {100 * d['accepted'] / d['drafted']:.0f}% ({d['accepted']} of {d['drafted']} drafts)" \
+            == rate.text
+        ActionChains(drv).move_to_element(spans[shown.index(True)]).perform()  # the grid of a drafted token
+        png = drv.get_screenshot_as_png()
+    atomic_write(tmp_path / "serve_page_draft.png", png)

@@ -438,6 +438,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'dsv3_min.infer._decode_plain': ('infer.html#_decode_plain', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._engine': ('infer.html#_engine', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._finish': ('infer.html#_finish', 'dsv3_min/infer.py'),
+                                'dsv3_min.infer._first_timed': ('infer.html#_first_timed', 'dsv3_min/infer.py'),
+                                'dsv3_min.infer.decode_defaults': ('infer.html#decode_defaults', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer.decode_step_bytes': ('infer.html#decode_step_bytes', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer.experts_touched': ('infer.html#experts_touched', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer.free_decoders': ('infer.html#free_decoders', 'dsv3_min/infer.py'),

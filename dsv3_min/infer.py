@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import NamedTuple
 
@@ -14,8 +15,8 @@ from .config import ModelConfig, count_params
 from .model import DeepSeekV3, check_generate_args, filtered_logits, next_token, sample_from
 
 # %% auto #0
-__all__ = ['DecodeBytes', 'experts_touched', 'decode_step_bytes', 'Decoder', 'verify_draft', 'MTPDecoder', 'left_padding_starts',
-           'free_decoders', 'generate', 'sample_text']
+__all__ = ['DecodeBytes', 'experts_touched', 'decode_step_bytes', 'decode_defaults', 'Decoder', 'verify_draft', 'MTPDecoder',
+           'left_padding_starts', 'free_decoders', 'generate', 'sample_text']
 
 # %% ../notebooks/25_infer.ipynb #7c7fd53e
 class DecodeBytes(NamedTuple):
@@ -61,6 +62,12 @@ def _choose(sampling: tuple, logits: Tensor) -> tuple[Tensor, Tensor | None]:
     return sample_from(probs, gen), probs
 
 # %% ../notebooks/25_infer.ipynb #f4f63f61
+def decode_defaults(device, cuda_graph: bool | None = None, compile: bool | None = None) -> tuple[bool, bool]:
+    "(cuda_graph, compile): both on CUDA, neither elsewhere, where they pay; an explicit value wins (a graph needs CUDA)."
+    cuda = torch.device(device).type == "cuda"
+    return (cuda if cuda_graph is None else bool(cuda_graph) and cuda), (cuda if compile is None else bool(compile))
+
+
 def _compiled(fn, on: bool):
     "`torch.compile(fn)` (fuses the step's small kernels) when `on`, falling back to `fn` if compiling fails."
     if not on:
@@ -76,6 +83,19 @@ def _compiled(fn, on: bool):
                 warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}); eager", stacklevel=2)
         return fn()
     return call
+
+
+def _first_timed(eng, fn):
+    "`fn()`; the first call's wall seconds (compiling, capturing and one step, device synchronized) go to `eng.compile_s`."
+    if eng.compile_s is not None:
+        return fn()
+    sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    eng.compile_s = time.perf_counter() - t
+    return out
 
 # %% ../notebooks/25_infer.ipynb #acbb832c
 class _Graphed:
@@ -119,14 +139,15 @@ class Decoder:
     "Static caches (`model.new_cache`) for `batch` left-padded sequences of up to `max_len` tokens, and a decode step."
 
     def __init__(self, model: DeepSeekV3, batch: int, max_len: int, mla_impl: str | None = None,
-                 mtp: bool = False, cuda_graph: bool | None = None, compile: bool = False):
+                 mtp: bool = False, cuda_graph: bool | None = None, compile: bool | None = None):
         p = model.embed_tokens.weight
         self.model, self.batch, self.max_len, self.device = model, batch, max_len, p.device
         self.cache = model.new_cache(batch, max_len, static=True, mla_impl=mla_impl, mtp=mtp)
         self.pos = self.cache.pos  # next write slot, shared by every layer's cache; advanced here
-        self.use_graph = p.is_cuda if cuda_graph is None else cuda_graph and p.is_cuda
+        self.use_graph, self.compiled = decode_defaults(p.device, cuda_graph, compile)
+        self.compile_s = None  # the first step's seconds (compile + capture + one step): `_first_timed`
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=p.device)  # the decode step's input
-        step = _compiled(self._decode, compile)
+        step = _compiled(self._decode, self.compiled)
         self._step = _Graphed(step, [self.pos]) if self.use_graph else step
 
     def prefill(self, ids: Tensor, start: Tensor) -> Tensor:
@@ -144,7 +165,7 @@ class Decoder:
     def step(self, tok: Tensor) -> Tensor:
         "Feed `tok (b,)` and return the next logits `(b, vocab)` (a CUDA-graph replay on CUDA)."
         self.tok.copy_(tok[:, None])
-        return self._step()
+        return _first_timed(self, self._step)
 
 # %% ../notebooks/25_infer.ipynb #1b1c0fe6
 def verify_draft(logits: Tensor, draft: Tensor, draft_probs: Tensor, temperature: float, top_k: int | None = None,
@@ -191,7 +212,7 @@ class _Drafting:
     def iterate(self) -> None:
         "Run one speculative iteration (a CUDA-graph replay when greedy on CUDA)."
         if self.sampling[0] == 0:
-            self._iter()
+            _first_timed(self, self._iter)
         else:
             self._verify()
 
@@ -200,7 +221,7 @@ class MTPDecoder(_Drafting, Decoder):
     "A `Decoder` that also drafts with MTP depth 1 and verifies [last, draft] in one forward (self-speculation)."
 
     def __init__(self, model: DeepSeekV3, batch: int, max_len: int, mla_impl: str | None = None,
-                 cuda_graph: bool | None = None, compile: bool = False):
+                 cuda_graph: bool | None = None, compile: bool | None = None):
         if not len(model.mtp):
             raise ValueError("draft='mtp' needs a model with MTP modules (num_nextn_predict_layers >= 1)")
         super().__init__(model, batch, max_len, mla_impl, mtp=True, cuda_graph=cuda_graph, compile=compile)
@@ -214,7 +235,7 @@ class MTPDecoder(_Drafting, Decoder):
         self.ok_log = torch.zeros(max_len, batch, dtype=torch.bool, device=dev)  # per iteration: row accepted?
         self.sampling = (0.0, None, None, None)  # temperature, top_k, top_p, generator
         state = [self.pos, self.count, self.iters, self.last, self.draft]
-        step = _compiled(self._verify, compile)
+        step = _compiled(self._verify, self.compiled)
         self._iter = _Graphed(step, state) if self.use_graph else step
 
     def start_drafting(self, ids: Tensor, start: Tensor) -> None:
@@ -247,15 +268,16 @@ def left_padding_starts(attention_mask: Tensor | None, ids: Tensor) -> Tensor:
 
 
 def _engine(model: DeepSeekV3, kind: type, batch: int, max_len: int, mla_impl, cuda_graph, compile) -> Decoder:
-    "A cached decoder (its CUDA graph stays captured) for these shapes; a handful per model are kept."
+    "A cached decoder (compiled and captured once) for these shapes, and whether this call built it; four per model."
     p = model.embed_tokens.weight
     key = (kind, batch, max_len, mla_impl, cuda_graph, compile, p.dtype, p.device, p.data_ptr())
     engines = model.__dict__.setdefault("_decoders", {})
-    if key not in engines:
+    built = key not in engines
+    if built:
         if len(engines) >= 4:
             engines.pop(next(iter(engines)))
         engines[key] = kind(model, batch, max_len, mla_impl=mla_impl, cuda_graph=cuda_graph, compile=compile)
-    return engines[key]
+    return engines[key], built
 
 
 def free_decoders(model: DeepSeekV3) -> None:
@@ -340,7 +362,7 @@ def _check_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p, dr
 def generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | None = None, attention_mask: Tensor | None = None, draft: str | None = None,
-             mla_impl: str | None = None, cuda_graph: bool | None = None, compile: bool = False,
+             mla_impl: str | None = None, cuda_graph: bool | None = None, compile: bool | None = None,
              check_every: int = 8, stats: dict | None = None) -> Tensor:
     "Prompt (B, S) or (S,) followed by up to `max_new_tokens` tokens, through static caches (and a CUDA graph)."
     squeeze = input_ids.ndim == 1
@@ -356,11 +378,14 @@ def generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperat
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     max_len = -(-(ids.shape[1] + max_new_tokens + 8) // 64) * 64  # slack for graph warm-up; rounded for reuse
     kind, run = (MTPDecoder, _decode_mtp) if draft == "mtp" else (Decoder, _decode_plain)
+    fast = decode_defaults(device, cuda_graph, compile)  # resolved first: one engine for the default and its spelling
     try:
-        eng = _engine(model, kind, ids.shape[0], max_len, mla_impl, cuda_graph, compile)
+        eng, built = _engine(model, kind, ids.shape[0], max_len, mla_impl or model.config.mla_impl, *fast)
         out = run(eng, ids, start, max_new_tokens, temperature, top_k, top_p, gen, eos_token_id, check_every, stats)
     finally:
         model.train(was_training)
+    if stats is not None:  # compile_s: the engine's first step (compile + capture), whichever call ran it
+        stats.update(new_engine=built, compiled=eng.compiled, cuda_graph=eng.use_graph, compile_s=eng.compile_s)
     out = _finish(out, ids.shape[1], eos_token_id)
     return out[0] if squeeze else out
 

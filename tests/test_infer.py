@@ -260,3 +260,37 @@ def test_sampled_text_never_shows_a_replacement_character(backend):
         cut += sum(1 for r in runs if r.decode("utf-8", "replace").count("\ufffd"))
         assert text.startswith("Köln") and "\ufffd" not in text, (seed, text)
     assert cut >= 3, cut
+
+
+def test_fast_settings_are_the_default_on_cuda_only_and_an_explicit_value_wins():
+    """`decode_defaults` (what `generate` and `sample` get when they name nothing): a CUDA graph and torch.compile on
+    CUDA, neither on the CPU or MPS; an explicit `compile=` wins everywhere, and a graph is never asked of a CPU."""
+    from dsv3_min.infer import decode_defaults
+    assert decode_defaults("cuda") == (True, True)
+    assert decode_defaults(torch.device("cuda", 0)) == (True, True)
+    assert decode_defaults("cpu") == (False, False)
+    assert decode_defaults(torch.device("mps")) == (False, False)
+    assert decode_defaults("cuda", compile=False) == (True, False)
+    assert decode_defaults("cuda", cuda_graph=False) == (False, True)
+    assert decode_defaults("cpu", compile=True) == (False, True)
+    assert decode_defaults("cpu", cuda_graph=True) == (False, False)
+
+
+def test_generate_builds_one_engine_per_shape_and_reuses_it():
+    """`generate` builds its engine (caches, compiled step, graph) once per shape and reuses the same object: a second
+    call with a prompt one token longer (same rounded length) and a call spelling the defaults out (`compile=False`
+    on the CPU) get it back with its first-call seconds; another batch size builds a second engine."""
+    torch.manual_seed(0)
+    m = DeepSeekV3(tiny_config()).eval()
+    p = torch.randint(0, m.config.vocab_size, (1, 5))
+    first, again, spelled, other = {}, {}, {}, {}
+    generate(m, p, 4, temperature=0, stats=first)
+    assert first["new_engine"] and not first["compiled"] and not first["cuda_graph"] and first["compile_s"] > 0
+    (eng,) = m._decoders.values()
+    generate(m, torch.cat([p, p[:, :1]], dim=1), 4, temperature=0, stats=again)
+    generate(m, p, 4, temperature=0, compile=False, cuda_graph=False, stats=spelled)
+    assert not again["new_engine"] and not spelled["new_engine"]
+    assert list(m._decoders.values()) == [eng] and list(m._decoders.values())[0] is eng
+    assert again["compile_s"] == spelled["compile_s"] == first["compile_s"]
+    generate(m, p.expand(2, -1), 4, temperature=0, stats=other)
+    assert other["new_engine"] and len(m._decoders) == 2

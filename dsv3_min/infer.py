@@ -85,16 +85,20 @@ def _compiled(fn, on: bool):
     return call
 
 
+def _clock(device: torch.device) -> float:
+    "`time.perf_counter()` once the device has finished the work queued so far."
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _first_timed(eng, fn):
     "`fn()`; the first call's wall seconds (compiling, capturing and one step, device synchronized) go to `eng.compile_s`."
     if eng.compile_s is not None:
         return fn()
-    sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
+    t = _clock(eng.device)
     out = fn()
-    sync()
-    eng.compile_s = time.perf_counter() - t
+    eng.compile_s = _clock(eng.device) - t
     return out
 
 # %% ../notebooks/25_infer.ipynb #acbb832c
@@ -301,7 +305,7 @@ def _finish(out: Tensor, S: int, eos_token_id: int | None) -> Tensor:
 def _decode_plain(eng: Decoder, ids, start, max_new_tokens, temperature, top_k, top_p, gen, eos_token_id,
                   check_every, stats) -> Tensor:
     "Prefill, then one token per step through the (graphed) decode step; EOS checked every `check_every` steps."
-    S = ids.shape[1]
+    S, t0 = ids.shape[1], _clock(eng.device) if stats is not None else 0.0
     h = eng.prefill(ids, start)
     eng.pos.fill_(S)
     logits = eng.model.head(h[:, -1:])[:, -1]
@@ -313,6 +317,8 @@ def _decode_plain(eng: Decoder, ids, start, max_new_tokens, temperature, top_k, 
             nxt = nxt.masked_fill(done, eos_token_id)
             done |= nxt == eos_token_id
         toks.append(nxt)
+        if step == 0 and stats is not None:  # prompt in, first new token out (synchronized: only when asked)
+            stats["ttft_s"] = _clock(eng.device) - t0
         if step + 1 == max_new_tokens or (eos_token_id is not None and (step + 1) % check_every == 0
                                           and bool(done.all())):
             break

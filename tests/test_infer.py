@@ -219,17 +219,30 @@ def test_free_decoders_drops_the_cached_engines_and_generate_rebuilds_them():
     assert torch.equal(generate(m, prompt, 5, temperature=0), first)
 
 
-def test_decode_bench_runs_on_the_cpu_and_writes_its_sections(tmp_path):
-    """`bench/decode.py --cpu` (the lead's GPU benchmark, in its CPU mode) still runs against this package: it writes
-    decode.json with our engine, the reference decoder and transformers, each with tok/s, and decode.png."""
+def test_decode_bench_quick_runs_on_the_cpu_and_reports_bandwidth_use(tmp_path):
+    """`bench/decode.py --quick` (the lead's GPU benchmark, as a CPU smoke) still runs against this package: it writes
+    decode.json with our engine, the reference decoder and transformers, each with tok/s, and decode.png; every entry
+    of ours carries its engine's compile_s and mbu = bytes_per_step / step_s / copy_bandwidth with bytes_per_step
+    from `decode_step_bytes` (fp32: 4 bytes a number), and `mbu_b1` is the b1 entry that gives `ours_b1_tok_s`."""
+    from dsv3_min.config import get_preset
+    from dsv3_min.infer import decode_step_bytes
     script = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
-    r = subprocess.run([sys.executable, str(script), "--cpu", "--new", "2", "--batches", "1", "--reps", "1",
-                        "--skip", "compile,hf_static", "--out", str(tmp_path)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((tmp_path / "decode.json").read_text())
     for name in ("ours_absorb", "ours_naive", "dsv3_plain", "hf_eager"):
         assert out[name]["1"]["tok_s"] > 0, name
+    cfg, bw = get_preset("cpu-tiny"), out["copy_bandwidth"]
+    for name in ("ours_absorb", "ours_naive"):
+        for b in ("1", "8"):
+            e = out[name][b]
+            assert e["compile_s"] > 0 and e["compiled"] is False
+            nbytes = decode_step_bytes(cfg, int(b), 8 + 4 / 2, name.removeprefix("ours_"), 4).total
+            assert e["bytes_per_step"] == pytest.approx(nbytes)
+            assert e["mbu"] == pytest.approx(nbytes * e["decode_tok_s"] / int(b) / bw)
+    best = max(("ours_absorb", "ours_naive"), key=lambda n: out[n]["1"]["tok_s"])
+    assert out["mbu_b1"] == out[best]["1"]["mbu"] and out["ours_b1_tok_s"] == out[best]["1"]["tok_s"]
     assert (tmp_path / "decode.png").exists()
 
 

@@ -51,6 +51,7 @@ from dsv3_min.hf import save_pretrained
 from dsv3_min.infer import decode_step_bytes, generate
 from dsv3_min.model import DeepSeekV3, reference_generate
 
+
 def bench_ours(model, prompts: dict, new: int, reps: int, variants: list[dict], out: dict, left) -> None:
     "Our generate for each variant (mla_impl, compile) and batch size."
     for v in variants:

@@ -7,7 +7,9 @@
 What runs (greedy, prompt 128 random tokens, 256 new tokens, batch 1, 8, 32, 128; random weights, seed 0):
   ours        dsv3_min.infer.generate with its default settings (on CUDA: static caches, the step compiled and
               captured in a CUDA graph): ours_absorb (MLA 'absorb') at every batch, ours_naive at b1 and b32; and
-              ours_absorb_nocompile (compile=False: the graph alone, the old default) at b1 and b32. compile_s = the
+              ours_absorb_nocompile (compile=False: the graph alone, the old default) and ours_absorb_nokernel (the
+              same weights with attn_backend='eager': the absorbed attention in PyTorch instead of notebook 12a's
+              Triton kernel) at b1 and b32. compile_s = the
               engine's first step (compile + capture + one step), once per engine
   dsv3_plain  the 'before': dsv3_min.model.reference_generate (notebook 14: dynamic cache, eager), b1 and b32
   hf_eager    transformers DeepseekV3ForCausalLM.generate, sdpa, dynamic cache
@@ -56,6 +58,7 @@ def bench_ours(model, prompts: dict, new: int, reps: int, variants: list[dict], 
     "Our generate for each variant (mla_impl, compile) and batch size."
     for v in variants:
         name = "ours_" + v["mla_impl"] + {None: "", True: "_compiled", False: "_nocompile"}[v.get("compile")]
+        name += v.get("suffix", "")
         for b in v["batches"]:
             if left() < v.get("need_s", 5):
                 out.setdefault(name, {})[str(b)] = dict(skipped="time")
@@ -158,7 +161,7 @@ def parse_args():
                     "transformers too on the CPU, whose timings are noisy)")
     ap.add_argument("--mtp-prompts", type=int, default=8)
     ap.add_argument("--mtp-eval-s", type=float, default=60.0, help="time kept for the MTP evaluation")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: ours,plain,hf_eager,hf_static,mtp,compile,nocompile")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: ours,plain,hf_eager,hf_static,mtp,compile,nocompile,nokernel")
     return ap.parse_args()
 
 
@@ -197,6 +200,12 @@ def main() -> None:
         if cpu and "compile" not in skip:  # inductor's C++ code; a step with few rows compiles as one graph
             variants += [dict(mla_impl=m, compile=True, batches=batches, need_s=60) for m in ("naive", "absorb")]
         bench_ours(model, prompts, args.new, args.reps, variants, out, left)
+        if not cpu and "nokernel" not in skip:  # the Triton decode attention's before/after, same weights
+            twin = DeepSeekV3(get_preset(args.preset, attn_backend="eager")).to(device, args.dtype).eval()
+            twin.load_state_dict(model.state_dict())
+            bench_ours(twin, prompts, args.new, args.reps, [dict(mla_impl="absorb", batches=b1_32, need_s=60,
+                                                                 suffix="_nokernel")], out, left)
+            del twin
         write_json(path, out)
     if "plain" not in skip:
         bench_plain(model, prompts, args.new, [b for b in (1, 32) if b in batches] or batches[:1], out, left)

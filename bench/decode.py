@@ -91,7 +91,7 @@ def mbu_table(cfg, out: dict, context: float, copy_bw: float, w: int) -> None:
         if not name.startswith("ours_"):
             continue
         for b, r in per_batch.items():
-            if "decode_tok_s" not in r:
+            if "decode_tok_s" not in r or "mbu" in r:  # merged entries keep their own call's bandwidth
                 continue
             nbytes = decode_step_bytes(cfg, int(b), context, "absorb" if "absorb" in name else "naive", w).total
             r.update(bytes_per_step=nbytes, step_s=int(b) / r["decode_tok_s"])
@@ -161,7 +161,8 @@ def parse_args():
                     "transformers too on the CPU, whose timings are noisy)")
     ap.add_argument("--mtp-prompts", type=int, default=8)
     ap.add_argument("--mtp-eval-s", type=float, default=60.0, help="time kept for the MTP evaluation")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: ours,plain,hf_eager,hf_static,mtp,compile,nocompile,nokernel")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: ours (all of ours), absorb, naive, "
+                    "nocompile, nokernel, compile (CPU), plain, hf_eager, hf_static, mtp")
     return ap.parse_args()
 
 
@@ -195,6 +196,7 @@ def main() -> None:
         b1_32 = [b for b in (1, 32) if b in batches] or batches[:1]
         variants = [dict(mla_impl="absorb", batches=batches, need_s=5 if cpu else 60),
                     dict(mla_impl="naive", batches=batches if cpu else b1_32, need_s=5 if cpu else 60)]
+        variants = [v for v in variants if v["mla_impl"] not in skip]  # --skip absorb / naive: the defaults' rows
         if not cpu and "nocompile" not in skip:
             variants.append(dict(mla_impl="absorb", compile=False, batches=b1_32))
         if cpu and "compile" not in skip:  # inductor's C++ code; a step with few rows compiles as one graph

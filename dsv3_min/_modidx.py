@@ -426,6 +426,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'dsv3_min.infer.MTPDecoder.__init__': ('infer.html#mtpdecoder.__init__', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer.MTPDecoder.start_drafting': ('infer.html#mtpdecoder.start_drafting', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._Drafting': ('infer.html#_drafting', 'dsv3_min/infer.py'),
+                                'dsv3_min.infer._Drafting._accept': ('infer.html#_drafting._accept', 'dsv3_min/infer.py'),
+                                'dsv3_min.infer._Drafting._chain': ('infer.html#_drafting._chain', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._Drafting._draft_from': ('infer.html#_drafting._draft_from', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._Drafting._verify': ('infer.html#_drafting._verify', 'dsv3_min/infer.py'),
                                 'dsv3_min.infer._Drafting.iterate': ('infer.html#_drafting.iterate', 'dsv3_min/infer.py'),

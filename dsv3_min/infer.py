@@ -191,26 +191,42 @@ def verify_draft(logits: Tensor, draft: Tensor, draft_probs: Tensor, temperature
 class _Drafting:
     "The draft-and-verify iteration of `MTPDecoder` (its state: `last`, `draft`, `draft_probs`, `out`, `count`, ...)."
 
-    def _draft_from(self, h: Tensor, next_ids: Tensor, row: Tensor) -> None:
-        "Run MTP on `h`/`next_ids` at slots `pos..`, draw the draft from its output at `row` (a device index)."
+    def _draft_from(self, h: Tensor, next_ids: Tensor, row: Tensor) -> Tensor:
+        "Run MTP on `h`/`next_ids` at slots `pos..`, draw the first draft from its output `g` at `row`; returns `g`."
         g = self.model.mtp_hidden_states(1, h, next_ids, cache=self.cache).index_select(1, row.reshape(1))[:, 0]
         tok, probs = _choose(self.sampling, self.model.head(g, depth=1))
-        self.draft.copy_(tok[:, None])
+        self.draft[:, 0].copy_(tok)
         if probs is not None:
             self.draft_probs.copy_(probs)
+        return g
+
+    def _chain(self, g: Tensor) -> None:
+        "Depth 2: MTP once more on its own output `g` and the first draft, at slot `pos` (the new `last`'s): the second."
+        if self.depth == 2:
+            g = self.model.mtp_hidden_states(1, g[:, None], self.draft[:, :1], cache=self.cache)[:, 0]
+            self.draft[:, 1].copy_(self.model.head(g, depth=1).argmax(dim=-1))
+
+    def _accept(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        "Drafts accepted per row `(b,)` and the target's tokens `(b, depth + 1)`, from the logits after `[last, drafts]`."
+        if self.depth == 1:
+            ok, new = verify_draft(logits, self.draft[:, 0], self.draft_probs, *self.sampling)
+            return ok.long(), new
+        target = logits.argmax(dim=-1)  # depth 2 is greedy: a draft counts while it equals the target's argmax
+        return (self.draft == target[:, :-1]).long().cumprod(dim=1).sum(dim=1), target
 
     def _verify(self) -> Tensor:
-        "One iteration: verify `[last, draft]`, keep 1 or 2 tokens, draft the next; advances `pos` and `count`."
-        h = self.model.hidden_states(torch.cat([self.last, self.draft], dim=1), cache=self.cache)  # slots pos, pos+1
-        ok, new = verify_draft(self.model.head(h), self.draft[:, 0], self.draft_probs, *self.sampling)
-        n = ok.all().long()  # the rows share one write slot: keep the second token only if every row accepted
-        self.out.index_copy_(1, self.count + torch.arange(2, device=self.device), new)
+        "One iteration: verify `[last, drafts]`, keep 1 to depth + 1 tokens, draft the next; advances `pos`, `count`."
+        h = self.model.hidden_states(torch.cat([self.last, self.draft], dim=1), cache=self.cache)  # slots pos, pos+1..
+        ok, new = self._accept(self.model.head(h))
+        n = ok.min()  # the rows share one write slot: keep the drafts every row accepted
+        self.out.index_copy_(1, self.count + torch.arange(self.depth + 1, device=self.device), new)
         self.ok_log.index_copy_(0, self.iters.reshape(1), ok[None])
-        self._draft_from(h, new, n)  # MTP rows at the same slots: (h at last, new[0]), (h at draft, new[1])
+        g = self._draft_from(h, new, n)  # MTP rows at the same slots: (h at last, new[0]), (h at draft 1, new[1]), ...
         self.last.copy_(new.gather(1, n.expand(self.batch, 1)))
         self.count += n + 1
         self.pos += n + 1
         self.iters += 1
+        self._chain(g)
         return n
 
     def iterate(self) -> None:
@@ -222,21 +238,24 @@ class _Drafting:
 
 # %% ../notebooks/25_infer.ipynb #40121fec
 class MTPDecoder(_Drafting, Decoder):
-    "A `Decoder` that also drafts with MTP depth 1 and verifies [last, draft] in one forward (self-speculation)."
+    "A `Decoder` that also drafts `depth` tokens with MTP and verifies [last, drafts] in one forward (self-speculation)."
 
     def __init__(self, model: DeepSeekV3, batch: int, max_len: int, mla_impl: str | None = None,
-                 cuda_graph: bool | None = None, compile: bool | None = None):
+                 cuda_graph: bool | None = None, compile: bool | None = None, depth: int = 1):
         if not len(model.mtp):
             raise ValueError("draft='mtp' needs a model with MTP modules (num_nextn_predict_layers >= 1)")
+        if depth not in (1, 2):
+            raise ValueError(f"draft_depth must be 1 or 2, got {depth}")
         super().__init__(model, batch, max_len, mla_impl, mtp=True, cuda_graph=cuda_graph, compile=compile)
         dev, V = self.device, model.config.vocab_size
         self.last = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # newest token, not yet in the caches
-        self.draft = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # MTP's guess for the token after it
+        self.depth = depth
+        self.draft = torch.zeros(batch, depth, dtype=torch.long, device=dev)  # MTP's guesses for the tokens after it
         self.draft_probs = torch.zeros(batch, V, device=dev)  # the distribution it was drawn from (sampling)
-        self.out = torch.zeros(batch, max_len + 2, dtype=torch.long, device=dev)
+        self.out = torch.zeros(batch, max_len + depth + 1, dtype=torch.long, device=dev)
         self.count = torch.zeros((), dtype=torch.long, device=dev)  # tokens in `out`
         self.iters = torch.zeros((), dtype=torch.long, device=dev)
-        self.ok_log = torch.zeros(max_len, batch, dtype=torch.bool, device=dev)  # per iteration: row accepted?
+        self.ok_log = torch.zeros(max_len, batch, dtype=torch.long, device=dev)  # per iteration: drafts row accepted
         self.sampling = (0.0, None, None, None)  # temperature, top_k, top_p, generator
         state = [self.pos, self.count, self.iters, self.last, self.draft]
         step = _compiled(self._verify, self.compiled)
@@ -247,13 +266,14 @@ class MTPDecoder(_Drafting, Decoder):
         S = ids.shape[1]
         h = self.prefill(ids, start)
         tok, _ = _choose(self.sampling, self.model.head(h[:, -1:])[:, -1])
-        self._draft_from(h, torch.cat([ids[:, 1:], tok[:, None]], dim=1), torch.tensor(S - 1, device=self.device))
+        g = self._draft_from(h, torch.cat([ids[:, 1:], tok[:, None]], dim=1), torch.tensor(S - 1, device=self.device))
         self.out[:, :S] = ids
         self.out[:, S] = tok
         self.last.copy_(tok[:, None])
         self.count.fill_(S + 1)
         self.iters.zero_()
         self.pos.fill_(S)
+        self._chain(g)  # depth 2: the second draft, at slot S
 
 # %% ../notebooks/25_infer.ipynb #08a63d50
 def left_padding_starts(attention_mask: Tensor | None, ids: Tensor) -> Tensor:
@@ -271,16 +291,17 @@ def left_padding_starts(attention_mask: Tensor | None, ids: Tensor) -> Tensor:
     return start
 
 
-def _engine(model: DeepSeekV3, kind: type, batch: int, max_len: int, mla_impl, cuda_graph, compile) -> Decoder:
+def _engine(model: DeepSeekV3, kind: type, batch: int, max_len: int, mla_impl, cuda_graph, compile,
+            **extra) -> Decoder:
     "A cached decoder (compiled and captured once) for these shapes, and whether this call built it; four per model."
     p = model.embed_tokens.weight
-    key = (kind, batch, max_len, mla_impl, cuda_graph, compile, p.dtype, p.device, p.data_ptr())
+    key = (kind, batch, max_len, mla_impl, cuda_graph, compile, p.dtype, p.device, p.data_ptr(), *extra.items())
     engines = model.__dict__.setdefault("_decoders", {})
     built = key not in engines
     if built:
         if len(engines) >= 4:
             engines.pop(next(iter(engines)))
-        engines[key] = kind(model, batch, max_len, mla_impl=mla_impl, cuda_graph=cuda_graph, compile=compile)
+        engines[key] = kind(model, batch, max_len, mla_impl=mla_impl, cuda_graph=cuda_graph, compile=compile, **extra)
     return engines[key], built
 
 
@@ -330,33 +351,36 @@ def _decode_plain(eng: Decoder, ids, start, max_new_tokens, temperature, top_k, 
 
 def _decode_mtp(eng: MTPDecoder, ids, start, max_new_tokens, temperature, top_k, top_p, gen, eos_token_id,
                 check_every, stats) -> Tensor:
-    "Self-speculative decoding: each iteration verifies the MTP draft and keeps 1 or 2 tokens."
+    "Self-speculative decoding: each iteration verifies the MTP drafts and keeps 1 to depth + 1 tokens."
     S, target = ids.shape[1], ids.shape[1] + max_new_tokens
     eng.sampling = (temperature, top_k, top_p, gen)
     eng.start_drafting(ids, start)
     count = S + 1
     while count < target:
-        for _ in range(max(1, min(check_every, (target - count) // 2))):  # at most one token past the target
+        for _ in range(max(1, min(check_every, (target - count) // (eng.depth + 1)))):  # <= depth tokens past it
             eng.iterate()
         count = int(eng.count)
         if eos_token_id is not None and bool((eng.out[:, S:count] == eos_token_id).any(dim=1).all()):
             break
     if stats is not None:
-        ok = eng.ok_log[: int(eng.iters)].cpu()  # (iterations, b)
-        n = ok.all(dim=1).long()
+        ok = eng.ok_log[: int(eng.iters)].cpu()  # (iterations, b): drafts each row accepted
+        n = ok.amin(dim=1)  # drafts kept
         first = torch.cumsum(torch.cat([torch.tensor([S + 1]), n[:-1] + 1]), 0)  # `out` column each draft guessed
-        stats.update(forwards=len(ok), accept=ok, draft_index=first, acceptance=ok.float().mean().item(),
+        stats.update(forwards=len(ok), accept=ok, draft_index=first, acceptance=ok.float().mean().item() / eng.depth,
                      tokens_per_forward=(1 + n.float().mean()).item() if len(ok) else 1.0)
     return eng.out[:, : min(count, target)].clone()
 
 # %% ../notebooks/25_infer.ipynb #fc0a1619
-def _check_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p, draft, mla_impl, check_every) -> None:
+def _check_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p, draft, mla_impl, check_every,
+                draft_depth=1) -> None:
     "Raise a one-line ValueError naming the first bad argument of `generate` (notebook 14's checks, then this one's)."
     check_generate_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p)
     problems = {
         f"check_every must be >= 1, got {check_every}": check_every < 1,
         f"draft must be None or 'mtp', got {draft!r}": draft not in (None, "mtp"),
         f"mla_impl must be None, 'naive' or 'absorb', got {mla_impl!r}": mla_impl not in (None, "naive", "absorb"),
+        f"draft_depth must be 1 or 2, got {draft_depth!r}": draft_depth not in (1, 2),
+        "draft_depth=2 drafts greedily: it needs temperature=0": draft_depth == 2 and temperature != 0,
     }
     for message, bad in problems.items():
         if bad:
@@ -369,11 +393,12 @@ def generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperat
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | None = None, attention_mask: Tensor | None = None, draft: str | None = None,
              mla_impl: str | None = None, cuda_graph: bool | None = None, compile: bool | None = None,
-             check_every: int = 8, stats: dict | None = None) -> Tensor:
+             check_every: int = 8, stats: dict | None = None, draft_depth: int = 1) -> Tensor:
     "Prompt (B, S) or (S,) followed by up to `max_new_tokens` tokens, through static caches (and a CUDA graph)."
     squeeze = input_ids.ndim == 1
     ids = input_ids[None] if squeeze else input_ids
-    _check_args(model, ids, input_ids.shape, max_new_tokens, temperature, top_k, top_p, draft, mla_impl, check_every)
+    _check_args(model, ids, input_ids.shape, max_new_tokens, temperature, top_k, top_p, draft, mla_impl, check_every,
+                draft_depth)
     device = model.embed_tokens.weight.device
     start = left_padding_starts(attention_mask, ids).to(device)
     ids = ids.to(device)
@@ -383,10 +408,10 @@ def generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperat
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     max_len = -(-(ids.shape[1] + max_new_tokens + 8) // 64) * 64  # slack for graph warm-up; rounded for reuse
-    kind, run = (MTPDecoder, _decode_mtp) if draft == "mtp" else (Decoder, _decode_plain)
+    kind, run, extra = (MTPDecoder, _decode_mtp, dict(depth=draft_depth)) if draft else (Decoder, _decode_plain, {})
     fast = decode_defaults(device, cuda_graph, compile)  # resolved first: one engine for the default and its spelling
     try:
-        eng, built = _engine(model, kind, ids.shape[0], max_len, mla_impl or model.config.mla_impl, *fast)
+        eng, built = _engine(model, kind, ids.shape[0], max_len, mla_impl or model.config.mla_impl, *fast, **extra)
         out = run(eng, ids, start, max_new_tokens, temperature, top_k, top_p, gen, eos_token_id, check_every, stats)
     finally:
         model.train(was_training)

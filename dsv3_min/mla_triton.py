@@ -3,14 +3,14 @@
 # %% auto #0
 __all__ = ['decode_plan', 'mla_decode_attention', 'cache_decode_attention']
 
-# %% ../notebooks/12a_mla_triton.ipynb #ed1f9352
+# %% ../notebooks/12a_mla_triton.ipynb #495a5741
 import torch
 from einops import einsum, rearrange
 
 # triton, or a stand-in that lets `@triton.jit` parse where it is missing: the one shim, notebook 12's
 from .flash_triton import HAS_TRITON, INTERPRET, LOG2E, tl, triton
 
-# %% ../notebooks/12a_mla_triton.ipynb #762ab8b5
+# %% ../notebooks/12a_mla_triton.ipynb #a3c55c8a
 @triton.jit
 def _mla_decode_kernel(q_lat, q_pe, latent, k_pe, pos_ptr, start_ptr, o, m_out, l_out, S, H, C, R, scale_log2,
                        s_qb, s_qm, s_pb, s_pm, s_lb, s_lt, s_kb, s_kt, s_ob, s_os, s_om, s_mb, s_ms,
@@ -54,7 +54,7 @@ def _mla_decode_kernel(q_lat, q_pe, latent, k_pe, pos_ptr, start_ptr, o, m_out, 
         tl.store(m_out + b * s_mb + split * s_ms + rows, m_i, row_ok)
         tl.store(l_out + b * s_mb + split * s_ms + rows, l_i, row_ok)
 
-# %% ../notebooks/12a_mla_triton.ipynb #c713de26
+# %% ../notebooks/12a_mla_triton.ipynb #3c49d721
 def decode_plan(b: int, M: int, T: int, c: int) -> tuple[int, int, int]:
     "(BLOCK_M, BLOCK_T, splits) for `b` sequences of `M` query rows over a cache of `T` slots of latent width `c`."
     block_m = max(16, min(64, triton.next_power_of_2(M)))
@@ -68,7 +68,7 @@ def _merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.
     w = torch.exp2(m - m.amax(dim=1, keepdim=True))  # each split's rescaling to the common maximum
     return einsum(acc, w, "b k m c, b k m -> b m c") / einsum(l, w, "b k m, b k m -> b m")[..., None]
 
-# %% ../notebooks/12a_mla_triton.ipynb #cc67e24d
+# %% ../notebooks/12a_mla_triton.ipynb #472e764f
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                          pos: torch.Tensor, start: torch.Tensor, scale: float, splits: int | None = None) -> torch.Tensor:
     "`latent_attention` of `s` new rows per sequence at slots `pos..pos+s-1` of a static cache, in one kernel."
@@ -82,15 +82,16 @@ def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.
     splits = splits or auto
     dt = latent.dtype if splits == 1 and q.is_cuda else torch.float32  # the interpreter has no bfloat16
     o = torch.empty(b, splits, M, c, dtype=dt, device=q.device)
-    ml = torch.empty(2, b, splits, M, dtype=torch.float32, device=q.device)  # each split's maximum and sum
+    m = torch.empty(b, splits, M, dtype=torch.float32, device=q.device)  # each split's running maximum ...
+    l = torch.empty_like(m)  # ... and sum (separate tensors: torch.compile tracks what a kernel writes per tensor)
     _mla_decode_kernel[(b, triton.cdiv(M, block_m), splits)](
-        q, qp, latent, k_pe, pos, start, o, ml[0], ml[1], s, h, c, r, scale * LOG2E,
+        q, qp, latent, k_pe, pos, start, o, m, l, s, h, c, r, scale * LOG2E,
         q.stride(0), q.stride(1), qp.stride(0), qp.stride(1), latent.stride(0), latent.stride(1),
-        k_pe.stride(0), k_pe.stride(1), o.stride(0), o.stride(1), o.stride(2), ml.stride(1), ml.stride(2),
+        k_pe.stride(0), k_pe.stride(1), o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
         BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_C=max(16, triton.next_power_of_2(c)),
         BLOCK_R=max(16, triton.next_power_of_2(r)), SPLITS=splits,
         PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    out = o[:, 0] if splits == 1 else _merge_splits(o, ml[0], ml[1])
+    out = o[:, 0] if splits == 1 else _merge_splits(o, m, l)
     return rearrange(out.to(latent.dtype), "b (s h) c -> b s h c", h=h)
 
 

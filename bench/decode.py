@@ -15,6 +15,7 @@ What runs (greedy, prompt 128 random tokens, 256 new tokens, batch 1, 8, 32, 128
   hf_eager    transformers DeepseekV3ForCausalLM.generate, sdpa, dynamic cache
   hf_static   the same with cache_implementation="static" (transformers compiles the forward itself); an error is
               recorded, not raised. The weights travel ours -> dsv3_min.hf.save_pretrained -> from_pretrained.
+  shapes      bench/decode_shapes.py: a 2,000-token prompt at batch 1, a 900-token one at batch 4, ours vs hf_static
   mtp         bench/decode_mtp.py: gpu-small trained here with MTP, then self-speculative decoding (its docstring).
 On the CPU (cpu-tiny, fp32, prompt 64, 128 new tokens, batch 1 and 8): ours with the defaults (eager there) and
 compiled (inductor's C++ code; no graph), transformers eager and with its static cache compiled (asked for with
@@ -23,7 +24,7 @@ tok/s = batch * new tokens / wall time of the whole generate call (prefill inclu
 token (ours: from generate's stats, same engine; transformers: a call with max_new_tokens=1); decode_tok_s =
 B (new - 1) / (wall - ttft); peak_mem_gib = torch.cuda.max_memory_allocated (weights included).
 
-Memory-bandwidth use (notebook 25), for every ours_* entry:
+Memory-bandwidth use (notebook 25), for every ours_* entry (top level: mbu_b1 and compile_s_b1 of the b1 winner):
     mbu = bytes_per_step / step_s / copy_bw,   step_s = B / decode_tok_s,
     bytes_per_step = w (N_dense + N_moe_layers * E_touched(B) * 3 d I) + B L T c w   (`infer.decode_step_bytes`)
 with w the bytes per number (bf16 2, fp32 4), N_dense every weight a step reads once whatever the batch (attention,
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import torch
 from decode_hf import bench_hf, load_hf  # bench/, the script's folder, is first on sys.path
+from decode_shapes import bench_shapes_hf, bench_shapes_ours, shape_prompts
 from decode_timing import copy_bandwidth, free, measure, measure_ours, record
 
 from dsv3_min.config import get_preset
@@ -128,8 +130,9 @@ def summary(out: dict) -> None:
     best = lambda prefix, b: max([r[str(b)]["tok_s"] for k, r in out.items() if k.startswith(prefix)
                                   and isinstance(r, dict) and "tok_s" in r.get(str(b), {})], default=None)
     out["ours_b1_tok_s"], out["ours_b32_tok_s"] = best("ours_", 1), best("ours_", 32)
-    out["mbu_b1"] = next((r["1"].get("mbu") for k, r in out.items() if k.startswith("ours_") and isinstance(r, dict)
-                          and r.get("1", {}).get("tok_s") == out["ours_b1_tok_s"]), None)
+    b1 = next((r["1"] for k, r in out.items() if k.startswith("ours_") and isinstance(r, dict)
+               and r.get("1", {}).get("tok_s") == out["ours_b1_tok_s"]), {})
+    out["mbu_b1"], out["compile_s_b1"] = b1.get("mbu"), b1.get("compile_s")  # that engine's first step
     out["hf_best_b1_tok_s"], out["hf_best_b32_tok_s"] = best("hf_", 1), best("hf_", 32)
     out["mtp_acceptance"] = out.get("mtp", {}).get("acceptance")
     out["mtp_speedup_b1"] = out.get("mtp", {}).get("speedup_b1")
@@ -162,7 +165,7 @@ def parse_args():
     ap.add_argument("--mtp-prompts", type=int, default=8)
     ap.add_argument("--mtp-eval-s", type=float, default=60.0, help="time kept for the MTP evaluation")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: ours (all of ours), absorb, naive, "
-                    "nocompile, nokernel, compile (CPU), plain, hf_eager, hf_static, mtp")
+                    "nocompile, nokernel, shapes, compile (CPU), plain, hf_eager, hf_static, mtp")
     return ap.parse_args()
 
 
@@ -192,7 +195,9 @@ def main() -> None:
     path = args.out / "decode.json"
     if args.merge:  # keep the earlier call's sections (e.g. call 1: --skip mtp; call 2: --skip ours,hf_eager,...)
         out.update({k: v for k, v in read_json(args.merge).items() if isinstance(v, dict)})
+    long = shape_prompts(cfg.vocab_size, device) if not cpu and "shapes" not in skip else {}
     if "ours" not in skip:
+        bench_shapes_ours(model, long, args.new, args.reps, out, left)
         b1_32 = [b for b in (1, 32) if b in batches] or batches[:1]
         variants = [dict(mla_impl="absorb", batches=batches, need_s=5 if cpu else 60),
                     dict(mla_impl="naive", batches=batches if cpu else b1_32, need_s=5 if cpu else 60)]
@@ -226,6 +231,7 @@ def main() -> None:
             first = [b for b in (1, 32) if b in batches]
             bench_hf(hf, prompts, args.new, first + [b for b in batches if b not in first], True, out, left,
                      need_s=args.train_seconds + args.mtp_eval_s + 60 if "mtp" not in skip else 60)
+            bench_shapes_hf(hf, long, args.new, out, left, need_s=60)
             write_json(path, out)
         del hf
     free()

@@ -250,7 +250,8 @@ def test_decode_bench_quick_runs_on_the_cpu_and_reports_bandwidth_use(tmp_path):
     """`bench/decode.py --quick` (the lead's GPU benchmark, as a CPU smoke) still runs against this package: it writes
     decode.json with our engine, the reference decoder and transformers, each with tok/s, and decode.png; every entry
     of ours carries its engine's compile_s and mbu = bytes_per_step / step_s / copy_bandwidth with bytes_per_step
-    from `decode_step_bytes` (fp32: 4 bytes a number), and `mbu_b1` is the b1 entry that gives `ours_b1_tok_s`."""
+    from `decode_step_bytes` (fp32: 4 bytes a number), and `mbu_b1` / `compile_s_b1` are those of the b1 entry that
+    gives `ours_b1_tok_s`."""
     from dsv3_min.config import get_preset
     from dsv3_min.infer import decode_step_bytes
     script = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
@@ -270,6 +271,7 @@ def test_decode_bench_quick_runs_on_the_cpu_and_reports_bandwidth_use(tmp_path):
             assert e["mbu"] == pytest.approx(nbytes * e["decode_tok_s"] / int(b) / bw)
     best = max(("ours_absorb", "ours_naive"), key=lambda n: out[n]["1"]["tok_s"])
     assert out["mbu_b1"] == out[best]["1"]["mbu"] and out["ours_b1_tok_s"] == out[best]["1"]["tok_s"]
+    assert out["compile_s_b1"] == out[best]["1"]["compile_s"]
     assert (tmp_path / "decode.png").exists()
 
 

@@ -174,18 +174,24 @@ class Decoder:
 # %% ../notebooks/25_infer.ipynb #1b1c0fe6
 def verify_draft(logits: Tensor, draft: Tensor, draft_probs: Tensor, temperature: float, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    "Target logits `(b, 2, vocab)` after `[last, draft]` -> draft accepted `(b,)`, the two next tokens `(b, 2)`."
-    if temperature == 0:  # greedy: the draft is right iff it is the target's argmax
-        first, second = logits.argmax(dim=-1).unbind(1)
-        return draft == first, torch.stack([first, second], dim=1)
+    "Target logits `(b, k+1, vocab)` after `[last, drafts]` -> accepted `(b,)`, the next tokens `(b, k+1)`."
+    one = draft.ndim == 1  # one draft `(b,)`, its probs `(b, vocab)`: accepted is a bool; k drafts `(b, k)`: a count
+    d, q = (draft[:, None], draft_probs[:, None]) if one else (draft, draft_probs)
+    k = d.shape[1]
+    if temperature == 0:  # greedy: a draft is right iff it is the target's argmax (and so were the ones before it)
+        tokens = logits.argmax(dim=-1)
+        n = (d == tokens[:, :k]).long().cumprod(dim=1).sum(dim=1)
+        return (n.bool() if one else n), tokens
     # speculative sampling: accept with probability min(1, p(d)/q(d)), else draw from (p - q)+ renormalized
-    p = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (b, 2, vocab)
-    p_d = p[:, 0].gather(1, draft[:, None])[:, 0]
-    q_d = draft_probs.gather(1, draft[:, None])[:, 0]
-    ok = torch.rand(draft.shape, generator=generator, device=draft.device) * q_d < p_d
-    first = torch.where(ok, draft, sample_from((p[:, 0] - draft_probs).clamp(min=0), generator))
-    second = sample_from(p[:, 1], generator)  # the bonus token, from the target after the (accepted) draft
-    return ok, torch.stack([first, second], dim=1)
+    p = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (b, k+1, vocab)
+    p_d, q_d = p[:, :k].gather(2, d[..., None])[..., 0], q.gather(2, d[..., None])[..., 0]
+    ok = torch.rand(d.shape, generator=generator, device=d.device) * q_d < p_d
+    n = ok.long().cumprod(dim=1).sum(dim=1)  # drafts accepted before the first rejection
+    residual = sample_from((p[:, :k] - q).clamp(min=0), generator)  # (b, k): the token at a first rejection
+    bonus = sample_from(p[:, k], generator)  # from the target after every draft (when all were accepted)
+    kept = torch.arange(k + 1, device=d.device) < n[:, None]
+    tokens = torch.where(kept, torch.cat([d, bonus[:, None]], 1), torch.cat([residual, bonus[:, None]], 1))
+    return (n.bool() if one else n), tokens
 
 # %% ../notebooks/25_infer.ipynb #4b90858a
 class _Drafting:
@@ -194,30 +200,25 @@ class _Drafting:
     def _draft_from(self, h: Tensor, next_ids: Tensor, row: Tensor) -> Tensor:
         "Run MTP on `h`/`next_ids` at slots `pos..`, draw the first draft from its output `g` at `row`; returns `g`."
         g = self.model.mtp_hidden_states(1, h, next_ids, cache=self.cache).index_select(1, row.reshape(1))[:, 0]
-        tok, probs = _choose(self.sampling, self.model.head(g, depth=1))
-        self.draft[:, 0].copy_(tok)
-        if probs is not None:
-            self.draft_probs.copy_(probs)
+        self._choose_draft(0, g)
         return g
+
+    def _choose_draft(self, i: int, g: Tensor) -> None:
+        "Draft `i` (and the distribution it was drawn from) from the MTP output `g (b, d)`."
+        tok, probs = _choose(self.sampling, self.model.head(g, depth=1))
+        self.draft[:, i].copy_(tok)
+        if probs is not None:
+            self.draft_probs[:, i].copy_(probs)
 
     def _chain(self, g: Tensor) -> None:
         "Depth 2: MTP once more on its own output `g` and the first draft, at slot `pos` (the new `last`'s): the second."
         if self.depth == 2:
-            g = self.model.mtp_hidden_states(1, g[:, None], self.draft[:, :1], cache=self.cache)[:, 0]
-            self.draft[:, 1].copy_(self.model.head(g, depth=1).argmax(dim=-1))
-
-    def _accept(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        "Drafts accepted per row `(b,)` and the target's tokens `(b, depth + 1)`, from the logits after `[last, drafts]`."
-        if self.depth == 1:
-            ok, new = verify_draft(logits, self.draft[:, 0], self.draft_probs, *self.sampling)
-            return ok.long(), new
-        target = logits.argmax(dim=-1)  # depth 2 is greedy: a draft counts while it equals the target's argmax
-        return (self.draft == target[:, :-1]).long().cumprod(dim=1).sum(dim=1), target
+            self._choose_draft(1, self.model.mtp_hidden_states(1, g[:, None], self.draft[:, :1], cache=self.cache)[:, 0])
 
     def _verify(self) -> Tensor:
         "One iteration: verify `[last, drafts]`, keep 1 to depth + 1 tokens, draft the next; advances `pos`, `count`."
         h = self.model.hidden_states(torch.cat([self.last, self.draft], dim=1), cache=self.cache)  # slots pos, pos+1..
-        ok, new = self._accept(self.model.head(h))
+        ok, new = verify_draft(self.model.head(h), self.draft, self.draft_probs, *self.sampling)  # ok: drafts kept
         n = ok.min()  # the rows share one write slot: keep the drafts every row accepted
         self.out.index_copy_(1, self.count + torch.arange(self.depth + 1, device=self.device), new)
         self.ok_log.index_copy_(0, self.iters.reshape(1), ok[None])
@@ -251,7 +252,7 @@ class MTPDecoder(_Drafting, Decoder):
         self.last = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # newest token, not yet in the caches
         self.depth = depth
         self.draft = torch.zeros(batch, depth, dtype=torch.long, device=dev)  # MTP's guesses for the tokens after it
-        self.draft_probs = torch.zeros(batch, V, device=dev)  # the distribution it was drawn from (sampling)
+        self.draft_probs = torch.zeros(batch, depth, V, device=dev)  # the distributions they were drawn from
         self.out = torch.zeros(batch, max_len + depth + 1, dtype=torch.long, device=dev)
         self.count = torch.zeros((), dtype=torch.long, device=dev)  # tokens in `out`
         self.iters = torch.zeros((), dtype=torch.long, device=dev)
@@ -380,7 +381,6 @@ def _check_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p, dr
         f"draft must be None or 'mtp', got {draft!r}": draft not in (None, "mtp"),
         f"mla_impl must be None, 'naive' or 'absorb', got {mla_impl!r}": mla_impl not in (None, "naive", "absorb"),
         f"draft_depth must be 1 or 2, got {draft_depth!r}": draft_depth not in (1, 2),
-        "draft_depth=2 drafts greedily: it needs temperature=0": draft_depth == 2 and temperature != 0,
     }
     for message, bad in problems.items():
         if bad:

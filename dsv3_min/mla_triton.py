@@ -3,14 +3,14 @@
 # %% auto #0
 __all__ = ['decode_plan', 'mla_decode_attention', 'cache_decode_attention']
 
-# %% ../notebooks/12a_mla_triton.ipynb #495a5741
+# %% ../notebooks/12a_mla_triton.ipynb #7961fd06
 import torch
 from einops import einsum, rearrange
 
 # triton, or a stand-in that lets `@triton.jit` parse where it is missing: the one shim, notebook 12's
 from .flash_triton import HAS_TRITON, INTERPRET, LOG2E, tl, triton
 
-# %% ../notebooks/12a_mla_triton.ipynb #a3c55c8a
+# %% ../notebooks/12a_mla_triton.ipynb #beecc62c
 @triton.jit
 def _mla_decode_kernel(q_lat, q_pe, latent, k_pe, pos_ptr, start_ptr, o, m_out, l_out, S, H, C, R, scale_log2,
                        s_qb, s_qm, s_pb, s_pm, s_lb, s_lt, s_kb, s_kt, s_ob, s_os, s_om, s_mb, s_ms,
@@ -25,7 +25,7 @@ def _mla_decode_kernel(q_lat, q_pe, latent, k_pe, pos_ptr, start_ptr, o, m_out, 
     qp = tl.load(q_pe + b * s_pb + rows[:, None] * s_pm + rr[None, :], row_ok[:, None] & (rr[None, :] < R), 0.0)
     pos, start = tl.load(pos_ptr), tl.load(start_ptr + b)
     lim = pos + rows // H  # the slot of each row's own token: it sees start <= j <= lim (and always j == lim)
-    lo, hi = tl.minimum(start, pos), pos + S
+    lo, hi = tl.maximum(tl.minimum(start, pos), 0), pos + S  # a shifted cache's `start` may be negative
     chunk = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_T) * BLOCK_T
     first = lo + split * chunk
     last = tl.minimum(first + chunk, hi)
@@ -54,7 +54,7 @@ def _mla_decode_kernel(q_lat, q_pe, latent, k_pe, pos_ptr, start_ptr, o, m_out, 
         tl.store(m_out + b * s_mb + split * s_ms + rows, m_i, row_ok)
         tl.store(l_out + b * s_mb + split * s_ms + rows, l_i, row_ok)
 
-# %% ../notebooks/12a_mla_triton.ipynb #3c49d721
+# %% ../notebooks/12a_mla_triton.ipynb #b1d1c1a5
 def decode_plan(b: int, M: int, T: int, c: int) -> tuple[int, int, int]:
     "(BLOCK_M, BLOCK_T, splits) for `b` sequences of `M` query rows over a cache of `T` slots of latent width `c`."
     block_m = max(16, min(64, triton.next_power_of_2(M)))
@@ -68,7 +68,7 @@ def _merge_splits(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.
     w = torch.exp2(m - m.amax(dim=1, keepdim=True))  # each split's rescaling to the common maximum
     return einsum(acc, w, "b k m c, b k m -> b m c") / einsum(l, w, "b k m, b k m -> b m")[..., None]
 
-# %% ../notebooks/12a_mla_triton.ipynb #472e764f
+# %% ../notebooks/12a_mla_triton.ipynb #29661644
 def mla_decode_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                          pos: torch.Tensor, start: torch.Tensor, scale: float, splits: int | None = None) -> torch.Tensor:
     "`latent_attention` of `s` new rows per sequence at slots `pos..pos+s-1` of a static cache, in one kernel."

@@ -23,6 +23,7 @@ KERNEL_CASES = {
     "3_rows_query_in_padding": (2, 3, 2, 24, 8, 20, 2, [0, 4], 2),
     "one_split_c40": (2, 2, 4, 40, 8, 64, 30, [0, 29], 1),
     "more_splits_than_keys": (1, 1, 4, 24, 8, 128, 3, [1], 4),
+    "negative_start_shifted_rows": (2, 1, 4, 24, 8, 40, 20, [-7, 21], 2),  # batching's shift; a free row: start > pos
 }
 
 
@@ -97,7 +98,7 @@ def test_kernel_equals_latent_attention_in_interpreter(interpreter_results, name
     """The kernel, in Triton's CPU interpreter (fp32), returns `latent_attention`'s `(b, s, h, c)` with the static
     cache's own mask to 1e-5 (measured: up to 1.3e-6): one to three new rows per sequence, left padding (a query
     slot inside its row's padding sees only itself), latent widths 24/40/64 (not powers of two), 1 to 4 key splits,
-    splits with no visible key."""
+    splits with no visible key, a negative `start` (rows shifted by the batching engine) and one past `pos`."""
     same_shape, err = interpreter_results[name]
     assert same_shape and err <= 1e-5, err
 

@@ -197,7 +197,6 @@ def main() -> None:
         out.update({k: v for k, v in read_json(args.merge).items() if isinstance(v, dict)})
     long = shape_prompts(cfg.vocab_size, device) if not cpu and "shapes" not in skip else {}
     if "ours" not in skip:
-        bench_shapes_ours(model, long, args.new, args.reps, out, left)
         b1_32 = [b for b in (1, 32) if b in batches] or batches[:1]
         variants = [dict(mla_impl="absorb", batches=batches, need_s=5 if cpu else 60),
                     dict(mla_impl="naive", batches=batches if cpu else b1_32, need_s=5 if cpu else 60)]
@@ -207,6 +206,7 @@ def main() -> None:
         if cpu and "compile" not in skip:  # inductor's C++ code; a step with few rows compiles as one graph
             variants += [dict(mla_impl=m, compile=True, batches=batches, need_s=60) for m in ("naive", "absorb")]
         bench_ours(model, prompts, args.new, args.reps, variants, out, left)
+        bench_shapes_ours(model, long, args.new, args.reps, out, left)
         if not cpu and "nokernel" not in skip:  # the Triton decode attention's before/after, same weights
             twin = DeepSeekV3(get_preset(args.preset, attn_backend="eager")).to(device, args.dtype).eval()
             twin.load_state_dict(model.state_dict())

@@ -17,31 +17,40 @@ def load_hf(path: Path, dtype, device):
     return hf
 
 
-def bench_hf(hf, prompts: dict, new: int, batches: list[int], static: bool, out: dict, left, need_s: float,
-             reps: int = 1) -> None:
-    "transformers' generate, greedy, exactly `new` tokens; `static`: its static cache (and its own compile)."
-    name = "hf_static" if static else "hf_eager"
+def hf_run(hf, ids, static: bool):
+    "`run(n)`: transformers' greedy generate of exactly `n` new tokens after `ids`; `static`: its static cache."
     kw = dict(cache_implementation="static") if static else {}
     if static and hf.device.type == "cpu":  # generate compiles its forward on accelerators only, unless told
         from transformers import CompileConfig
         cc = CompileConfig()
         cc._compile_all_devices = True  # a class-level switch in transformers 5, not an __init__ argument
         kw["compile_config"] = cc
+    return lambda n: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, **kw)
+
+
+def measure_full_call(run, batch: int, new: int, reps: int) -> dict:
+    "tok/s of whole `run(new)` calls (best of `reps` after a warm-up that compiles), no ttft, and peak memory."
+    run(new)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    wall = min(timed(lambda: run(new)) for _ in range(reps))
+    return dict(tok_s=batch * new / wall, wall_s=wall, ttft_s=None, peak_mem_gib=peak_gib())
+
+
+def bench_hf(hf, prompts: dict, new: int, batches: list[int], static: bool, out: dict, left, need_s: float,
+             reps: int = 1) -> None:
+    "transformers' generate, greedy, exactly `new` tokens; `static`: its static cache (and its own compile)."
+    name = "hf_static" if static else "hf_eager"
     for b in batches:
         if left() < need_s:
             out.setdefault(name, {})[str(b)] = dict(skipped="time")
             continue
-        ids = prompts[b]
-        run = lambda n, ids=ids: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                             min_new_tokens=n, do_sample=False, **kw)
+        run = hf_run(hf, prompts[b], static)
         try:
             with torch.no_grad():
                 if static:  # its ttft would compile a second cache size: time the full call only
-                    run(new)
-                    if torch.cuda.is_available():
-                        torch.cuda.reset_peak_memory_stats()
-                    wall = min(timed(lambda run=run: run(new)) for _ in range(reps))
-                    r = dict(tok_s=b * new / wall, wall_s=wall, ttft_s=None, peak_mem_gib=peak_gib())
+                    r = measure_full_call(run, b, new, reps)
                 else:
                     r = measure(run, b, new, reps=reps)
         except Exception as e:

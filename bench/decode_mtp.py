@@ -2,7 +2,10 @@
 
 gpu-small is trained for `--train-seconds` on `--corpus` (MTP on, `dsv3_min.train.train`, the loop the command line
 runs), then greedy decoding of `--mtp-prompts` held-out validation windows runs with and without draft="mtp":
-acceptance, by generated position and by token kind, tokens per forward and the speed-up at batch 1.
+acceptance, by generated position and by token kind, tokens per forward and the speed-up at batch 1; then with
+draft_depth=2 (the MTP module chained to draft two tokens, greedy): `mtp.depth2`, acceptance per draft, tokens per
+forward, speed-up at batch 1 and whether the tokens are the plain greedy ones; then `mtp.sampled`: temperature
+0.7, depth 1 and 2 against plain sampling (acceptance per draft, speed-up at batch 1).
 """
 from __future__ import annotations
 
@@ -64,6 +67,23 @@ def by_bucket(d: dict) -> dict:
     return {k: dict(acceptance=sum(v) / len(v), n=len(v)) for k, v in sorted(d.items(), key=order)}
 
 
+def bench_sampled(model, prompts: list, new: int, temperature: float = 0.7) -> dict:
+    "Speculative sampling (seeded) with draft depth 1 and 2 against plain sampling: acceptance, speed-up at b1."
+    run = lambda p, **kw: generate(model, p, new, temperature=temperature, seed=0, **kw)
+    for kw in ({}, dict(draft="mtp"), dict(draft="mtp", draft_depth=2)):
+        run(prompts[0], **kw)  # warm-up
+    plain = sum(timed(lambda p=p: run(p)) for p in prompts)
+    res = dict(temperature=temperature, plain_tok_s=len(prompts) * new / plain)
+    for depth in (1, 2):
+        spec, acc = 0.0, 0.0
+        for p in prompts:
+            st = {}
+            spec += timed(lambda p=p, st=st, d=depth: run(p, draft="mtp", draft_depth=d, stats=st))
+            acc += st["acceptance"] / len(prompts)
+        res[f"depth{depth}"] = dict(acceptance=acc, spec_tok_s=len(prompts) * new / spec, speedup_b1=plain / spec)
+    return res
+
+
 def bench_mtp(args, device, out: dict, left) -> None:
     "Train gpu-small with MTP, then self-speculative vs plain greedy decoding on held-out text."
     model, tok, data = train_mtp_model(args, device, out, left)
@@ -74,7 +94,9 @@ def bench_mtp(args, device, out: dict, left) -> None:
     # warm-up of both paths (graph capture), then timing
     generate(model, prompts[0].to(device), args.new, temperature=0)
     generate(model, prompts[0].to(device), args.new, temperature=0, draft="mtp")
+    generate(model, prompts[0].to(device), args.new, temperature=0, draft="mtp", draft_depth=2)
     plain_s, spec_s, same, rows = 0.0, 0.0, 0, []
+    deep = dict(s=0.0, same=0, accepted=0.0, tokens_per_forward=0.0)  # draft_depth=2: the MTP module chained
     for p in prompts:
         p = p.to(device)
         plain_s += timed(lambda p=p: generate(model, p, args.new, temperature=0))
@@ -83,6 +105,12 @@ def bench_mtp(args, device, out: dict, left) -> None:
         spec_s += timed(lambda p=p: generate(model, p, args.new, temperature=0, draft="mtp"))
         got = generate(model, p, args.new, temperature=0, draft="mtp", stats=st)
         same += int(torch.equal(got.cpu(), ref.cpu()))
+        st2 = {}
+        deep["s"] += timed(lambda p=p: generate(model, p, args.new, temperature=0, draft="mtp", draft_depth=2))
+        got2 = generate(model, p, args.new, temperature=0, draft="mtp", draft_depth=2, stats=st2)
+        deep["same"] += int(torch.equal(got2.cpu(), ref.cpu()))
+        deep["accepted"] += st2["acceptance"] / n
+        deep["tokens_per_forward"] += st2["tokens_per_forward"] / n
         for ok, idx in zip(st["accept"][:, 0].tolist(), st["draft_index"].tolist()):
             if idx < got.shape[-1]:
                 rows.append((idx - args.prompt, ok, token_kind(tok.decode([int(got[idx])]))))
@@ -94,5 +122,10 @@ def bench_mtp(args, device, out: dict, left) -> None:
     out["mtp"] = dict(acceptance=acc, tokens_per_forward=1 + acc, plain_tok_s=n * args.new / plain_s,
                       spec_tok_s=n * args.new / spec_s, speedup_b1=plain_s / spec_s, prompts=n,
                       identical_to_plain_greedy=f"{same}/{n}", by_position=by_bucket(by_pos), by_kind=by_bucket(by_kind),
+                      depth2=dict(acceptance=deep["accepted"], tokens_per_forward=deep["tokens_per_forward"],
+                                  spec_tok_s=n * args.new / deep["s"], speedup_b1=plain_s / deep["s"],
+                                  identical_to_plain_greedy=f"{deep['same']}/{n}"),
                       reference="DeepSeek-V3 report: 85-90% acceptance of the second token, 1.8x tokens/s")
+    if left() > 60:  # the same at temperature 0.7 (the speculative iteration runs eagerly when sampling)
+        out["mtp"]["sampled"] = bench_sampled(model, [p.to(device) for p in prompts], args.new)
     print(out["mtp"], flush=True)

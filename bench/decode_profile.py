@@ -4,7 +4,8 @@
 
 Random-weight gpu-small in bf16, a 128-token prompt, then greedy decode steps through `dsv3_min.infer.Decoder`
 in three variants: eager (every kernel launched from Python), CUDA graph (one replay per step), and CUDA graph of
-the `torch.compile`d step (fewer, fused kernels). For each, `torch.profiler` records `--steps` steps; from its trace
+the `torch.compile`d step (fewer, fused kernels); then the absorbed MLA compiled in a graph with its one-kernel Triton
+decode attention (notebook 12a) and without it (attn_backend='eager': the same weights, PyTorch attention). For each, `torch.profiler` records `--steps` steps; from its trace
 we count the kernels per step, their summed GPU time ("busy") and the wall time per step, so
     idle fraction = 1 - busy / wall      (the GPU waiting for the host)
 Each profiled step ends with a synchronize, so every kernel falls inside its own step's marker (the committed
@@ -29,8 +30,11 @@ from dsv3_min.config import get_preset
 from dsv3_min.infer import Decoder
 from dsv3_min.model import DeepSeekV3
 
-VARIANTS = {"eager": dict(cuda_graph=False), "cuda_graph": dict(cuda_graph=True),
-            "cuda_graph+compile": dict(cuda_graph=True, compile=True)}
+VARIANTS = {"eager": dict(cuda_graph=False, compile=False), "cuda_graph": dict(cuda_graph=True, compile=False),
+            "cuda_graph+compile": dict(cuda_graph=True, compile=True),  # the three above: MLA 'naive' (the preset's)
+            "absorb+compile": dict(cuda_graph=True, compile=True, mla_impl="absorb"),  # the Triton decode kernel
+            "absorb+compile, eager attention": dict(cuda_graph=True, compile=True, mla_impl="absorb",
+                                                    attn_backend="eager")}  # the same without it (notebook 12a)
 
 
 def wall_us(dec: Decoder, tok: torch.Tensor, n: int) -> float:
@@ -116,10 +120,15 @@ def main() -> None:
     prompt = torch.randint(0, cfg.vocab_size, (1, 128), device="cuda")
     out = dict(preset=a.preset, dtype="bfloat16", batch=1, prompt=128, device=torch.cuda.get_device_name(),
                torch=torch.__version__, steps=a.steps, variants={})
+    twin = DeepSeekV3(get_preset(a.preset, attn_backend="eager")).to("cuda", torch.bfloat16).eval()
+    twin.load_state_dict(model.state_dict())  # same weights; its absorbed attention stays in PyTorch
     for name, kw in VARIANTS.items():
+        kw = dict(kw)
+        m = twin if kw.pop("attn_backend", None) == "eager" else model
+        torch._dynamo.reset()  # each variant compiles afresh (dynamo's recompile limit counts per function)
         try:
             with torch.inference_mode():
-                dec = Decoder(model, 1, 512, **kw)
+                dec = Decoder(m, 1, 512, **kw)
                 dec.prefill(prompt, torch.zeros(1, dtype=torch.long, device="cuda"))
                 tok = prompt[:, -1]
                 for _ in range(8):  # warm-up: capture, compile

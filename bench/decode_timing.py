@@ -20,9 +20,9 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def copy_bandwidth(gib: float = 2.0) -> float:
-    "Measured device copy bandwidth, bytes/s (read + write of a `gib` GiB buffer, best of 10)."
-    x = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda")
+def copy_bandwidth(device, gib: float = 2.0) -> float:
+    "Measured copy bandwidth of `device`, bytes/s: 2 x bytes (read + write) of a `gib` GiB copy / its time, best of 10."
+    x = torch.ones(int(gib * 2**30), dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
     return 2 * x.numel() / min(timed(lambda: y.copy_(x)) for _ in range(10))
@@ -46,10 +46,29 @@ def measure(run, batch: int, new: int, reps: int) -> dict:
                 ttft_s=ttft, peak_mem_gib=peak)
 
 
+def measure_ours(run, batch: int, new: int, reps: int) -> dict:
+    "tok/s of our `run(max_new_tokens, stats)` (best of `reps` after one warm-up that builds, compiles and captures its"
+    " engine), ttft from its stats (same engine), the engine's first-step seconds `compile_s`, and peak memory."
+    first = {}
+    run(new, first)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    calls = []
+    for _ in range(reps):
+        st = {}
+        calls.append((timed(lambda st=st: run(new, st)), st["ttft_s"]))
+    wall, ttft = min(calls)
+    return dict(tok_s=batch * new / wall, decode_tok_s=batch * (new - 1) / max(wall - ttft, 1e-9), wall_s=wall,
+                ttft_s=ttft, peak_mem_gib=peak_gib(), compile_s=first["compile_s"], compiled=first["compiled"],
+                cuda_graph=first["cuda_graph"])
+
+
 def free(model=None):
-    "Drop cached decoders (and their graphs) and collect, so that the next peak-memory reading starts clean."
+    "Drop cached decoders (and their graphs) and dynamo's compiled steps (its recompile limit counts per function, so"
+    " a dozen engines would fall back to eager), and collect: the next engine and peak-memory reading start clean."
     if model is not None:
         free_decoders(model)
+    torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

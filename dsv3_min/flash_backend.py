@@ -10,12 +10,13 @@ import torch
 
 from .attention import attend, check_attention_inputs, register_backend, warn_once
 from .flash import TiledAttention
+from .mla import DECODE_KERNELS
 
 IMPLS = ("auto", "triton", "torch")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # as notebook 12 reads it, once at import
 
 # %% auto #0
-__all__ = ['IMPLS', 'INTERPRET', 'flash_attention']
+__all__ = ['IMPLS', 'INTERPRET', 'MLA_DECODE_ROWS', 'flash_attention']
 
 # %% ../notebooks/13_flash_backend.ipynb #10b0f004
 def flash_attention(q, k, v, causal: bool = True, softmax_scale: float | None = None, impl: str = "auto") -> torch.Tensor:
@@ -48,3 +49,20 @@ def _flash_backend(q, k, v, causal: bool, softmax_scale: float | None, mask) -> 
 
 
 register_backend("flash", _flash_backend)
+
+# %% ../notebooks/13_flash_backend.ipynb #10b0f00b
+MLA_DECODE_ROWS = 4  # new rows per sequence the fused kernel takes (decode: 1; MTP verification: 2)
+
+
+def _mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, cache, scale: float) -> torch.Tensor | None:
+    "Notebook 12a's one-kernel absorbed decode attention on a static `LatentCache` where it runs, else None."
+    if not (q_lat.is_cuda or INTERPRET):
+        return None
+    # loads triton (optional; the shim if missing) on the first CUDA call: the eager prefill, before any compiled step
+    from dsv3_min import mla_triton
+    if not (mla_triton.HAS_TRITON and q_lat.shape[1] <= MLA_DECODE_ROWS):
+        return None
+    return mla_triton.cache_decode_attention(q_lat, q_pe, cache, scale)
+
+
+DECODE_KERNELS.append(_mla_decode)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import NamedTuple
 
@@ -15,8 +16,9 @@ from .config import ModelConfig, count_params
 from .model import DeepSeekV3, check_generate_args, filtered_logits, next_token, sample_from
 
 # %% auto #0
-__all__ = ['DecodeBytes', 'experts_touched', 'decode_step_bytes', 'choose_token', 'Decoder', 'verify_draft', 'check_mtp',
-           'mtp_draft_logits', 'MTPDecoder', 'left_padding_starts', 'free_decoders', 'generate', 'sample_text']
+__all__ = ['DecodeBytes', 'experts_touched', 'decode_step_bytes', 'choose_token', 'decode_defaults', 'Decoder', 'verify_draft',
+           'check_mtp', 'mtp_draft_hidden', 'mtp_draft_logits', 'MTPDecoder', 'left_padding_starts', 'free_decoders',
+           'generate', 'sample_text']
 
 # %% ../notebooks/25_infer.ipynb #7c7fd53e
 class DecodeBytes(NamedTuple):
@@ -62,6 +64,12 @@ def choose_token(sampling: tuple, logits: Tensor) -> tuple[Tensor, Tensor | None
     return sample_from(probs, gen), probs
 
 # %% ../notebooks/25_infer.ipynb #f4f63f61
+def decode_defaults(device, cuda_graph: bool | None = None, compile: bool | None = None) -> tuple[bool, bool]:
+    "(cuda_graph, compile): both on CUDA, neither elsewhere, where they pay; an explicit value wins (a graph needs CUDA)."
+    cuda = torch.device(device).type == "cuda"
+    return (cuda if cuda_graph is None else bool(cuda_graph) and cuda), (cuda if compile is None else bool(compile))
+
+
 def _compiled(fn, on: bool):
     "`torch.compile(fn)` (fuses the step's small kernels) when `on`, falling back to `fn` if compiling fails."
     if not on:
@@ -77,6 +85,23 @@ def _compiled(fn, on: bool):
                 warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}); eager", stacklevel=2)
         return fn()
     return call
+
+
+def _clock(device: torch.device) -> float:
+    "`time.perf_counter()` once the device has finished the work queued so far."
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _first_timed(eng, fn):
+    "`fn()`; the first call's wall seconds (compiling, capturing and one step, device synchronized) go to `eng.compile_s`."
+    if eng.compile_s is not None:
+        return fn()
+    t = _clock(eng.device)
+    out = fn()
+    eng.compile_s = _clock(eng.device) - t
+    return out
 
 # %% ../notebooks/25_infer.ipynb #acbb832c
 class _Graphed:
@@ -120,14 +145,15 @@ class Decoder:
     "Static caches (`model.new_cache`) for `batch` left-padded sequences of up to `max_len` tokens, and a decode step."
 
     def __init__(self, model: DeepSeekV3, batch: int, max_len: int, mla_impl: str | None = None,
-                 mtp: bool = False, cuda_graph: bool | None = None, compile: bool = False):
+                 mtp: bool = False, cuda_graph: bool | None = None, compile: bool | None = None):
         p = model.embed_tokens.weight
         self.model, self.batch, self.max_len, self.device = model, batch, max_len, p.device
         self.cache = model.new_cache(batch, max_len, static=True, mla_impl=mla_impl, mtp=mtp)
         self.pos = self.cache.pos  # next write slot, shared by every layer's cache; advanced here
-        self.use_graph = p.is_cuda if cuda_graph is None else cuda_graph and p.is_cuda
+        self.use_graph, self.compiled = decode_defaults(p.device, cuda_graph, compile)
+        self.compile_s = None  # the first step's seconds (compile + capture + one step): `_first_timed`
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=p.device)  # the decode step's input
-        step = _compiled(self._decode, compile)
+        step = _compiled(self._decode, self.compiled)
         self._step = _Graphed(step, [self.pos]) if self.use_graph else step
 
     def prefill(self, ids: Tensor, start: Tensor) -> Tensor:
@@ -145,23 +171,29 @@ class Decoder:
     def step(self, tok: Tensor) -> Tensor:
         "Feed `tok (b,)` and return the next logits `(b, vocab)` (a CUDA-graph replay on CUDA)."
         self.tok.copy_(tok[:, None])
-        return self._step()
+        return _first_timed(self, self._step)
 
 # %% ../notebooks/25_infer.ipynb #1b1c0fe6
 def verify_draft(logits: Tensor, draft: Tensor, draft_probs: Tensor, temperature: float, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    "Target logits `(b, 2, vocab)` after `[last, draft]` -> draft accepted `(b,)`, the two next tokens `(b, 2)`."
-    if temperature == 0:  # greedy: the draft is right iff it is the target's argmax
-        first, second = logits.argmax(dim=-1).unbind(1)
-        return draft == first, torch.stack([first, second], dim=1)
+    "Target logits `(b, k+1, vocab)` after `[last, drafts]` -> accepted `(b,)`, the next tokens `(b, k+1)`."
+    one = draft.ndim == 1  # one draft `(b,)`, its probs `(b, vocab)`: accepted is a bool; k drafts `(b, k)`: a count
+    d, q = (draft[:, None], draft_probs[:, None]) if one else (draft, draft_probs)
+    k = d.shape[1]
+    if temperature == 0:  # greedy: a draft is right iff it is the target's argmax (and so were the ones before it)
+        tokens = logits.argmax(dim=-1)
+        n = (d == tokens[:, :k]).long().cumprod(dim=1).sum(dim=1)
+        return (n.bool() if one else n), tokens
     # speculative sampling: accept with probability min(1, p(d)/q(d)), else draw from (p - q)+ renormalized
-    p = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (b, 2, vocab)
-    p_d = p[:, 0].gather(1, draft[:, None])[:, 0]
-    q_d = draft_probs.gather(1, draft[:, None])[:, 0]
-    ok = torch.rand(draft.shape, generator=generator, device=draft.device) * q_d < p_d
-    first = torch.where(ok, draft, sample_from((p[:, 0] - draft_probs).clamp(min=0), generator))
-    second = sample_from(p[:, 1], generator)  # the bonus token, from the target after the (accepted) draft
-    return ok, torch.stack([first, second], dim=1)
+    p = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (b, k+1, vocab)
+    p_d, q_d = p[:, :k].gather(2, d[..., None])[..., 0], q.gather(2, d[..., None])[..., 0]
+    ok = torch.rand(d.shape, generator=generator, device=d.device) * q_d < p_d
+    n = ok.long().cumprod(dim=1).sum(dim=1)  # drafts accepted before the first rejection
+    residual = sample_from((p[:, :k] - q).clamp(min=0), generator)  # (b, k): the token at a first rejection
+    bonus = sample_from(p[:, k], generator)  # from the target after every draft (when all were accepted)
+    kept = torch.arange(k + 1, device=d.device) < n[:, None]
+    tokens = torch.where(kept, torch.cat([d, bonus[:, None]], 1), torch.cat([residual, bonus[:, None]], 1))
+    return (n.bool() if one else n), tokens
 
 # %% ../notebooks/25_infer.ipynb #9d519d44
 def check_mtp(model: DeepSeekV3) -> None:
@@ -171,63 +203,83 @@ def check_mtp(model: DeepSeekV3) -> None:
                          f"{model.config.num_nextn_predict_layers}")
 
 
-def mtp_draft_logits(model: DeepSeekV3, h: Tensor, next_ids: Tensor, cache, col: Tensor) -> Tensor:
-    "MTP depth 1 on `h (b, s, d)` and `next_ids (b, s)` at the cache's next slots -> draft logits `(b, vocab)` at `col`."
+def mtp_draft_hidden(model: DeepSeekV3, h: Tensor, next_ids: Tensor, cache, col: Tensor) -> Tensor:
+    "MTP depth 1 on `h (b, s, d)` and `next_ids (b, s)` at the cache's next slots -> its output `(b, d)` at `col`."
     g = model.mtp_hidden_states(1, h, next_ids, cache=cache)  # (b, s, d)
     idx = repeat(col.expand(g.shape[0]), "b -> b 1 d", d=g.shape[-1])  # `col`: one device index, or one per row
-    return model.head(g.gather(1, idx)[:, 0], depth=1)
+    return g.gather(1, idx)[:, 0]
+
+
+def mtp_draft_logits(model: DeepSeekV3, h: Tensor, next_ids: Tensor, cache, col: Tensor) -> Tensor:
+    "The draft logits `(b, vocab)` of `mtp_draft_hidden`."
+    return model.head(mtp_draft_hidden(model, h, next_ids, cache, col), depth=1)
 
 # %% ../notebooks/25_infer.ipynb #4b90858a
 class _Drafting:
     "The draft-and-verify iteration of `MTPDecoder` (its state: `last`, `draft`, `draft_probs`, `out`, `count`, ...)."
 
-    def _draft_from(self, h: Tensor, next_ids: Tensor, row: Tensor) -> None:
-        "Run MTP on `h`/`next_ids` at slots `pos..`, draw the draft from its output at `row` (a device index)."
-        tok, probs = choose_token(self.sampling, mtp_draft_logits(self.model, h, next_ids, self.cache, row))
-        self.draft.copy_(tok[:, None])
+    def _draft_from(self, h: Tensor, next_ids: Tensor, row: Tensor) -> Tensor:
+        "Run MTP on `h`/`next_ids` at slots `pos..`, draw the first draft from its output `g` at `row`; returns `g`."
+        g = mtp_draft_hidden(self.model, h, next_ids, self.cache, row)
+        self._choose_draft(0, g)
+        return g
+
+    def _choose_draft(self, i: int, g: Tensor) -> None:
+        "Draft `i` (and the distribution it was drawn from) from the MTP output `g (b, d)`."
+        tok, probs = choose_token(self.sampling, self.model.head(g, depth=1))
+        self.draft[:, i].copy_(tok)
         if probs is not None:
-            self.draft_probs.copy_(probs)
+            self.draft_probs[:, i].copy_(probs)
+
+    def _chain(self, g: Tensor) -> None:
+        "Depth 2: MTP once more on its own output `g` and the first draft, at slot `pos` (the new `last`'s): the second."
+        if self.depth == 2:
+            self._choose_draft(1, self.model.mtp_hidden_states(1, g[:, None], self.draft[:, :1], cache=self.cache)[:, 0])
 
     def _verify(self) -> Tensor:
-        "One iteration: verify `[last, draft]`, keep 1 or 2 tokens, draft the next; advances `pos` and `count`."
-        h = self.model.hidden_states(torch.cat([self.last, self.draft], dim=1), cache=self.cache)  # slots pos, pos+1
-        ok, new = verify_draft(self.model.head(h), self.draft[:, 0], self.draft_probs, *self.sampling)
-        n = ok.all().long()  # the rows share one write slot: keep the second token only if every row accepted
-        self.out.index_copy_(1, self.count + torch.arange(2, device=self.device), new)
+        "One iteration: verify `[last, drafts]`, keep 1 to depth + 1 tokens, draft the next; advances `pos`, `count`."
+        h = self.model.hidden_states(torch.cat([self.last, self.draft], dim=1), cache=self.cache)  # slots pos, pos+1..
+        ok, new = verify_draft(self.model.head(h), self.draft, self.draft_probs, *self.sampling)  # ok: drafts kept
+        n = ok.min()  # the rows share one write slot: keep the drafts every row accepted
+        self.out.index_copy_(1, self.count + torch.arange(self.depth + 1, device=self.device), new)
         self.ok_log.index_copy_(0, self.iters.reshape(1), ok[None])
-        self._draft_from(h, new, n)  # MTP rows at the same slots: (h at last, new[0]), (h at draft, new[1])
+        g = self._draft_from(h, new, n)  # MTP rows at the same slots: (h at last, new[0]), (h at draft 1, new[1]), ...
         self.last.copy_(new.gather(1, n.expand(self.batch, 1)))
         self.count += n + 1
         self.pos += n + 1
         self.iters += 1
+        self._chain(g)
         return n
 
     def iterate(self) -> None:
         "Run one speculative iteration (a CUDA-graph replay when greedy on CUDA)."
         if self.sampling[0] == 0:
-            self._iter()
+            _first_timed(self, self._iter)
         else:
             self._verify()
 
 # %% ../notebooks/25_infer.ipynb #40121fec
 class MTPDecoder(_Drafting, Decoder):
-    "A `Decoder` that also drafts with MTP depth 1 and verifies [last, draft] in one forward (self-speculation)."
+    "A `Decoder` that also drafts `depth` tokens with MTP and verifies [last, drafts] in one forward (self-speculation)."
 
     def __init__(self, model: DeepSeekV3, batch: int, max_len: int, mla_impl: str | None = None,
-                 cuda_graph: bool | None = None, compile: bool = False):
+                 cuda_graph: bool | None = None, compile: bool | None = None, depth: int = 1):
         check_mtp(model)
+        if depth not in (1, 2):
+            raise ValueError(f"draft_depth must be 1 or 2, got {depth}")
         super().__init__(model, batch, max_len, mla_impl, mtp=True, cuda_graph=cuda_graph, compile=compile)
         dev, V = self.device, model.config.vocab_size
         self.last = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # newest token, not yet in the caches
-        self.draft = torch.zeros(batch, 1, dtype=torch.long, device=dev)  # MTP's guess for the token after it
-        self.draft_probs = torch.zeros(batch, V, device=dev)  # the distribution it was drawn from (sampling)
-        self.out = torch.zeros(batch, max_len + 2, dtype=torch.long, device=dev)
+        self.depth = depth
+        self.draft = torch.zeros(batch, depth, dtype=torch.long, device=dev)  # MTP's guesses for the tokens after it
+        self.draft_probs = torch.zeros(batch, depth, V, device=dev)  # the distributions they were drawn from
+        self.out = torch.zeros(batch, max_len + depth + 1, dtype=torch.long, device=dev)
         self.count = torch.zeros((), dtype=torch.long, device=dev)  # tokens in `out`
         self.iters = torch.zeros((), dtype=torch.long, device=dev)
-        self.ok_log = torch.zeros(max_len, batch, dtype=torch.bool, device=dev)  # per iteration: row accepted?
+        self.ok_log = torch.zeros(max_len, batch, dtype=torch.long, device=dev)  # per iteration: drafts row accepted
         self.sampling = (0.0, None, None, None)  # temperature, top_k, top_p, generator
         state = [self.pos, self.count, self.iters, self.last, self.draft]
-        step = _compiled(self._verify, compile)
+        step = _compiled(self._verify, self.compiled)
         self._iter = _Graphed(step, state) if self.use_graph else step
 
     def start_drafting(self, ids: Tensor, start: Tensor) -> None:
@@ -235,13 +287,14 @@ class MTPDecoder(_Drafting, Decoder):
         S = ids.shape[1]
         h = self.prefill(ids, start)
         tok, _ = choose_token(self.sampling, self.model.head(h[:, -1:])[:, -1])
-        self._draft_from(h, torch.cat([ids[:, 1:], tok[:, None]], dim=1), torch.tensor(S - 1, device=self.device))
+        g = self._draft_from(h, torch.cat([ids[:, 1:], tok[:, None]], dim=1), torch.tensor(S - 1, device=self.device))
         self.out[:, :S] = ids
         self.out[:, S] = tok
         self.last.copy_(tok[:, None])
         self.count.fill_(S + 1)
         self.iters.zero_()
         self.pos.fill_(S)
+        self._chain(g)  # depth 2: the second draft, at slot S
 
 # %% ../notebooks/25_infer.ipynb #08a63d50
 def left_padding_starts(attention_mask: Tensor | None, ids: Tensor) -> Tensor:
@@ -259,16 +312,18 @@ def left_padding_starts(attention_mask: Tensor | None, ids: Tensor) -> Tensor:
     return start
 
 
-def _engine(model: DeepSeekV3, kind: type, batch: int, max_len: int, mla_impl, cuda_graph, compile) -> Decoder:
-    "A cached decoder (its CUDA graph stays captured) for these shapes; a handful per model are kept."
+def _engine(model: DeepSeekV3, kind: type, batch: int, max_len: int, mla_impl, cuda_graph, compile,
+            **extra) -> Decoder:
+    "A cached decoder (compiled and captured once) for these shapes, and whether this call built it; four per model."
     p = model.embed_tokens.weight
-    key = (kind, batch, max_len, mla_impl, cuda_graph, compile, p.dtype, p.device, p.data_ptr())
+    key = (kind, batch, max_len, mla_impl, cuda_graph, compile, p.dtype, p.device, p.data_ptr(), *extra.items())
     engines = model.__dict__.setdefault("_decoders", {})
-    if key not in engines:
+    built = key not in engines
+    if built:
         if len(engines) >= 4:
             engines.pop(next(iter(engines)))
-        engines[key] = kind(model, batch, max_len, mla_impl=mla_impl, cuda_graph=cuda_graph, compile=compile)
-    return engines[key]
+        engines[key] = kind(model, batch, max_len, mla_impl=mla_impl, cuda_graph=cuda_graph, compile=compile, **extra)
+    return engines[key], built
 
 
 def free_decoders(model: DeepSeekV3) -> None:
@@ -292,7 +347,7 @@ def _finish(out: Tensor, S: int, eos_token_id: int | None) -> Tensor:
 def _decode_plain(eng: Decoder, ids, start, max_new_tokens, temperature, top_k, top_p, gen, eos_token_id,
                   check_every, stats) -> Tensor:
     "Prefill, then one token per step through the (graphed) decode step; EOS checked every `check_every` steps."
-    S = ids.shape[1]
+    S, t0 = ids.shape[1], _clock(eng.device) if stats is not None else 0.0
     h = eng.prefill(ids, start)
     eng.pos.fill_(S)
     logits = eng.model.head(h[:, -1:])[:, -1]
@@ -304,6 +359,8 @@ def _decode_plain(eng: Decoder, ids, start, max_new_tokens, temperature, top_k, 
             nxt = nxt.masked_fill(done, eos_token_id)
             done |= nxt == eos_token_id
         toks.append(nxt)
+        if step == 0 and stats is not None:  # prompt in, first new token out (synchronized: only when asked)
+            stats["ttft_s"] = _clock(eng.device) - t0
         if step + 1 == max_new_tokens or (eos_token_id is not None and (step + 1) % check_every == 0
                                           and bool(done.all())):
             break
@@ -315,33 +372,35 @@ def _decode_plain(eng: Decoder, ids, start, max_new_tokens, temperature, top_k, 
 
 def _decode_mtp(eng: MTPDecoder, ids, start, max_new_tokens, temperature, top_k, top_p, gen, eos_token_id,
                 check_every, stats) -> Tensor:
-    "Self-speculative decoding: each iteration verifies the MTP draft and keeps 1 or 2 tokens."
+    "Self-speculative decoding: each iteration verifies the MTP drafts and keeps 1 to depth + 1 tokens."
     S, target = ids.shape[1], ids.shape[1] + max_new_tokens
     eng.sampling = (temperature, top_k, top_p, gen)
     eng.start_drafting(ids, start)
     count = S + 1
     while count < target:
-        for _ in range(max(1, min(check_every, (target - count) // 2))):  # at most one token past the target
+        for _ in range(max(1, min(check_every, (target - count) // (eng.depth + 1)))):  # <= depth tokens past it
             eng.iterate()
         count = int(eng.count)
         if eos_token_id is not None and bool((eng.out[:, S:count] == eos_token_id).any(dim=1).all()):
             break
     if stats is not None:
-        ok = eng.ok_log[: int(eng.iters)].cpu()  # (iterations, b)
-        n = ok.all(dim=1).long()
+        ok = eng.ok_log[: int(eng.iters)].cpu()  # (iterations, b): drafts each row accepted
+        n = ok.amin(dim=1)  # drafts kept
         first = torch.cumsum(torch.cat([torch.tensor([S + 1]), n[:-1] + 1]), 0)  # `out` column each draft guessed
-        stats.update(forwards=len(ok), accept=ok, draft_index=first, acceptance=ok.float().mean().item(),
+        stats.update(forwards=len(ok), accept=ok, draft_index=first, acceptance=ok.float().mean().item() / eng.depth,
                      tokens_per_forward=(1 + n.float().mean()).item() if len(ok) else 1.0)
     return eng.out[:, : min(count, target)].clone()
 
 # %% ../notebooks/25_infer.ipynb #fc0a1619
-def _check_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p, draft, mla_impl, check_every) -> None:
+def _check_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p, draft, mla_impl, check_every,
+                draft_depth=1) -> None:
     "Raise a one-line ValueError naming the first bad argument of `generate` (notebook 14's checks, then this one's)."
     check_generate_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p)
     problems = {
         f"check_every must be >= 1, got {check_every}": check_every < 1,
         f"draft must be None or 'mtp', got {draft!r}": draft not in (None, "mtp"),
         f"mla_impl must be None, 'naive' or 'absorb', got {mla_impl!r}": mla_impl not in (None, "naive", "absorb"),
+        f"draft_depth must be 1 or 2, got {draft_depth!r}": draft_depth not in (1, 2),
     }
     for message, bad in problems.items():
         if bad:
@@ -353,12 +412,13 @@ def _check_args(model, ids, shape, max_new_tokens, temperature, top_k, top_p, dr
 def generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              eos_token_id: int | None = None, attention_mask: Tensor | None = None, draft: str | None = None,
-             mla_impl: str | None = None, cuda_graph: bool | None = None, compile: bool = False,
-             check_every: int = 8, stats: dict | None = None) -> Tensor:
+             mla_impl: str | None = None, cuda_graph: bool | None = None, compile: bool | None = None,
+             check_every: int = 8, stats: dict | None = None, draft_depth: int = 1) -> Tensor:
     "Prompt (B, S) or (S,) followed by up to `max_new_tokens` tokens, through static caches (and a CUDA graph)."
     squeeze = input_ids.ndim == 1
     ids = input_ids[None] if squeeze else input_ids
-    _check_args(model, ids, input_ids.shape, max_new_tokens, temperature, top_k, top_p, draft, mla_impl, check_every)
+    _check_args(model, ids, input_ids.shape, max_new_tokens, temperature, top_k, top_p, draft, mla_impl, check_every,
+                draft_depth)
     device = model.embed_tokens.weight.device
     start = left_padding_starts(attention_mask, ids).to(device)
     ids = ids.to(device)
@@ -368,12 +428,15 @@ def generate(model: DeepSeekV3, input_ids: Tensor, max_new_tokens: int, temperat
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     max_len = -(-(ids.shape[1] + max_new_tokens + 8) // 64) * 64  # slack for graph warm-up; rounded for reuse
-    kind, run = (MTPDecoder, _decode_mtp) if draft == "mtp" else (Decoder, _decode_plain)
+    kind, run, extra = (MTPDecoder, _decode_mtp, dict(depth=draft_depth)) if draft else (Decoder, _decode_plain, {})
+    fast = decode_defaults(device, cuda_graph, compile)  # resolved first: one engine for the default and its spelling
     try:
-        eng = _engine(model, kind, ids.shape[0], max_len, mla_impl, cuda_graph, compile)
+        eng, built = _engine(model, kind, ids.shape[0], max_len, mla_impl or model.config.mla_impl, *fast, **extra)
         out = run(eng, ids, start, max_new_tokens, temperature, top_k, top_p, gen, eos_token_id, check_every, stats)
     finally:
         model.train(was_training)
+    if stats is not None:  # compile_s: the engine's first step (compile + capture), whichever call ran it
+        stats.update(new_engine=built, compiled=eng.compiled, cuda_graph=eng.use_graph, compile_s=eng.compile_s)
     out = _finish(out, ids.shape[1], eos_token_id)
     return out[0] if squeeze else out
 

@@ -13,7 +13,7 @@ from .norm import RMSNorm
 from .rope import apply_rope, mla_softmax_scale
 
 # %% auto #0
-__all__ = ['LatentCache', 'MultiHeadLatentAttention']
+__all__ = ['DECODE_KERNELS', 'LatentCache', 'MultiHeadLatentAttention', 'latent_attention']
 
 # %% ../notebooks/07_mla.ipynb #37638fe3
 class LatentCache(LayerCache):
@@ -67,7 +67,7 @@ class MultiHeadLatentAttention(nn.Module):
         mask = None if cache is None else cache.mask(x.shape[1])  # None unless the cache is static
         if isinstance(cache, LatentCache):
             latent, k_pe = cache.update(latent, k_pe)
-            o = self._absorbed(q_nope, q_pe, latent, k_pe, mask)
+            o = self._absorbed(q_nope, q_pe, latent, k_pe, mask, cache)
         else:
             o = self._naive(q_nope, q_pe, latent, k_pe, cache, mask)
         if self.cfg.gated_attention:
@@ -102,18 +102,31 @@ def _mla_naive(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, lat
 MultiHeadLatentAttention._naive = _mla_naive
 
 # %% ../notebooks/07_mla.ipynb #48ec682d
+def latent_attention(q_lat: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor, scale: float,
+                     mask: Tensor | None = None) -> Tensor:
+    "Attention on the latents: `q_lat (b, s, h, c)`, `q_pe (b, s, h, r)`, keys `(b, t, c)`, `(b, t, r)` -> `(b, s, h, c)`."
+    scores = einsum(q_lat, latent, "b s h c, b t c -> b h s t") + einsum(q_pe, k_pe, "b s h r, b t r -> b h s t")
+    scores = scores * scale
+    visible = causal_mask(scores.shape[-2], scores.shape[-1], scores.device) if mask is None else mask
+    scores = scores.masked_fill(~visible, float("-inf"))  # mask: (b, 1, s, t) from a static cache
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(latent.dtype)
+    return einsum(probs, latent, "b h s t, b t c -> b s h c")  # average the latents (the value absorbed after)
+
+
+DECODE_KERNELS: list = []  # the fused decode attention, `fn(q_lat, q_pe, cache, scale) -> o_lat or None` (13a)
+
+
 def _mla_absorbed(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor,
-                  mask: Tensor | None) -> Tensor:
+                  mask: Tensor | None, cache: LatentCache | None = None) -> Tensor:
     "Attention straight on the latents `(b, t, c)` and shared rotary keys `(b, t, r)`; returns `(b, s, h, v_dim)`."
     w = rearrange(self.kv_b_proj.weight, "(h d) c -> h d c", h=self.n_heads)
     w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (h, nope_dim, c), (h, v_dim, c)
     q_lat = einsum(q_nope, w_uk, "b s h d, h d c -> b s h c")  # W_UK folded into the query
-    scores = einsum(q_lat, latent, "b s h c, b t c -> b h s t") + einsum(q_pe, k_pe, "b s h r, b t r -> b h s t")
-    scores = scores * self.softmax_scale
-    visible = causal_mask(scores.shape[-2], scores.shape[-1], scores.device) if mask is None else mask
-    scores = scores.masked_fill(~visible, float("-inf"))  # mask: (b, 1, s, t) from a static cache
-    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(latent.dtype)
-    o_lat = einsum(probs, latent, "b h s t, b t c -> b s h c")  # average the latents first ...
+    o_lat = None  # a static cache on CUDA: the one-kernel decode attention (notebook 13a) unless attn_backend='eager'
+    if DECODE_KERNELS and cache is not None and cache.static and self.cfg.attn_backend != "eager":
+        o_lat = DECODE_KERNELS[0](q_lat, q_pe, cache, self.softmax_scale)
+    if o_lat is None:
+        o_lat = latent_attention(q_lat, q_pe, latent, k_pe, self.softmax_scale, mask)
     return einsum(o_lat, w_uv, "b s h c, h d c -> b s h d")  # ... then decompress once: W_UV folded into the output
 
 

@@ -113,6 +113,32 @@ def test_mtp_draft_greedy_equals_plain_greedy(depth, kw):
     assert n_all.float().mean() > 0.3, "the agreeing MTP must take the accept-both path often"
 
 
+@pytest.mark.parametrize("kw", KINDS)
+def test_mtp_draft_depth_2_greedy_equals_plain_greedy(kw):
+    """Drafting two tokens per iteration (the MTP module chained on its own output) gives token for token the plain
+    greedy output of a left-padded batch, with a random MTP (drafts mostly rejected) and an agreeing one, which keeps
+    both drafts (three tokens from one forward) often: measured in 43-67% of its iterations, 2.1-2.5 tokens/forward."""
+    torch.manual_seed(2)
+    cfg = tiny_config(**kw)
+    p = torch.randint(1, cfg.vocab_size, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    for m in [DeepSeekV3(cfg).eval(), _agreeing(cfg, attn_scale=0.01)]:
+        stats = {}
+        out = generate(m, p, 30, temperature=0, attention_mask=mask, draft="mtp", draft_depth=2, stats=stats)
+        assert torch.equal(out, generate(m, p, 30, temperature=0, attention_mask=mask))
+    kept = stats["accept"].amin(dim=1)  # drafts kept per iteration (the agreeing model's)
+    assert (kept == 2).float().mean() > 0.25 and stats["tokens_per_forward"] > 1.8, stats["accept"].tolist()
+
+
+def test_draft_depth_is_checked():
+    """`draft_depth` is 1 or 2: anything else is one clear error."""
+    m = DeepSeekV3(tiny_config()).eval()
+    p = torch.randint(0, m.config.vocab_size, (1, 4))
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=f"draft_depth must be 1 or 2, got {bad}"):
+            generate(m, p, 4, temperature=0, draft="mtp", draft_depth=bad)
+
+
 def _exact_marginals(m, prompt, n):
     "Exact distributions of new tokens 1..n after `prompt (S,)` at temperature 1, by enumerating every continuation."
     V = m.config.vocab_size
@@ -138,18 +164,21 @@ def _chi2_pvalue(tokens, expected_probs):
     return torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2, dtype=torch.float64), stat / 2).item()  # chi2 sf
 
 
+@pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("agree", [False, True])
-def test_speculative_sampling_keeps_the_target_distribution(agree):
-    """Speculative sampling with the MTP draft (accept with prob min(1, p/q), else resample from (p - q)+, plus the
-    bonus token) gives new tokens with exactly the target model's distribution: chi-square test of 2,000 samples of
-    tokens 1-3 against the enumerated distribution, failing below p = 0.001. `agree=False`: a random MTP, most drafts
-    rejected (tests the residual); `agree=True`: an MTP that agrees with the model, so the bonus path is taken."""
+def test_speculative_sampling_keeps_the_target_distribution(agree, depth):
+    """Speculative sampling with the MTP drafts (accept each with prob min(1, p/q) until the first rejection, which is
+    resampled from (p - q)+, plus the bonus token after all accepted) gives new tokens with exactly the target model's
+    distribution, with one draft and with two chained ones: chi-square test of 2,000 samples of tokens 1-3 against the
+    enumerated distribution, failing below p = 0.001. `agree=False`: a random MTP, most drafts rejected (tests the
+    residual); `agree=True`: an MTP that agrees with the model, so the bonus path is taken."""
     torch.manual_seed(3)
     cfg = tiny_config(vocab_size=16, initializer_range=0.3)
     m = _agreeing(cfg) if agree else DeepSeekV3(cfg).eval()
     prompt = torch.tensor([3, 1, 4, 1, 5])
     stats = {}
-    out = generate(m, prompt.expand(2000, -1), 3, temperature=1.0, seed=0, draft="mtp", stats=stats)
+    out = generate(m, prompt.expand(2000, -1), 3, temperature=1.0, seed=0, draft="mtp", draft_depth=depth,
+                   stats=stats)
     for i, probs in enumerate(_exact_marginals(m, prompt, 3)):
         assert _chi2_pvalue(out[:, 5 + i], probs) > 1e-3, f"new token {i + 1} does not follow the target"
     assert (stats["acceptance"] > 0.95) if agree else (stats["acceptance"] < 0.5)
@@ -219,17 +248,32 @@ def test_free_decoders_drops_the_cached_engines_and_generate_rebuilds_them():
     assert torch.equal(generate(m, prompt, 5, temperature=0), first)
 
 
-def test_decode_bench_runs_on_the_cpu_and_writes_its_sections(tmp_path):
-    """`bench/decode.py --cpu` (the lead's GPU benchmark, in its CPU mode) still runs against this package: it writes
-    decode.json with our engine, the reference decoder and transformers, each with tok/s, and decode.png."""
+def test_decode_bench_quick_runs_on_the_cpu_and_reports_bandwidth_use(tmp_path):
+    """`bench/decode.py --quick` (the lead's GPU benchmark, as a CPU smoke) still runs against this package: it writes
+    decode.json with our engine, the reference decoder and transformers, each with tok/s, and decode.png; every entry
+    of ours carries its engine's compile_s and mbu = bytes_per_step / step_s / copy_bandwidth with bytes_per_step
+    from `decode_step_bytes` (fp32: 4 bytes a number), and `mbu_b1` / `compile_s_b1` are those of the b1 entry that
+    gives `ours_b1_tok_s`."""
+    from dsv3_min.config import get_preset
+    from dsv3_min.infer import decode_step_bytes
     script = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
-    r = subprocess.run([sys.executable, str(script), "--cpu", "--new", "2", "--batches", "1", "--reps", "1",
-                        "--skip", "compile,hf_static", "--out", str(tmp_path)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads((tmp_path / "decode.json").read_text())
     for name in ("ours_absorb", "ours_naive", "dsv3_plain", "hf_eager"):
         assert out[name]["1"]["tok_s"] > 0, name
+    cfg, bw = get_preset("cpu-tiny"), out["copy_bandwidth"]
+    for name in ("ours_absorb", "ours_naive"):
+        for b in ("1", "8"):
+            e = out[name][b]
+            assert e["compile_s"] > 0 and e["compiled"] is False
+            nbytes = decode_step_bytes(cfg, int(b), 8 + 4 / 2, name.removeprefix("ours_"), 4).total
+            assert e["bytes_per_step"] == pytest.approx(nbytes)
+            assert e["mbu"] == pytest.approx(nbytes * e["decode_tok_s"] / int(b) / bw)
+    best = max(("ours_absorb", "ours_naive"), key=lambda n: out[n]["1"]["tok_s"])
+    assert out["mbu_b1"] == out[best]["1"]["mbu"] and out["ours_b1_tok_s"] == out[best]["1"]["tok_s"]
+    assert out["compile_s_b1"] == out[best]["1"]["compile_s"]
     assert (tmp_path / "decode.png").exists()
 
 
@@ -260,3 +304,37 @@ def test_sampled_text_never_shows_a_replacement_character(backend):
         cut += sum(1 for r in runs if r.decode("utf-8", "replace").count("\ufffd"))
         assert text.startswith("Köln") and "\ufffd" not in text, (seed, text)
     assert cut >= 3, cut
+
+
+def test_fast_settings_are_the_default_on_cuda_only_and_an_explicit_value_wins():
+    """`decode_defaults` (what `generate` and `sample` get when they name nothing): a CUDA graph and torch.compile on
+    CUDA, neither on the CPU or MPS; an explicit `compile=` wins everywhere, and a graph is never asked of a CPU."""
+    from dsv3_min.infer import decode_defaults
+    assert decode_defaults("cuda") == (True, True)
+    assert decode_defaults(torch.device("cuda", 0)) == (True, True)
+    assert decode_defaults("cpu") == (False, False)
+    assert decode_defaults(torch.device("mps")) == (False, False)
+    assert decode_defaults("cuda", compile=False) == (True, False)
+    assert decode_defaults("cuda", cuda_graph=False) == (False, True)
+    assert decode_defaults("cpu", compile=True) == (False, True)
+    assert decode_defaults("cpu", cuda_graph=True) == (False, False)
+
+
+def test_generate_builds_one_engine_per_shape_and_reuses_it():
+    """`generate` builds its engine (caches, compiled step, graph) once per shape and reuses the same object: a second
+    call with a prompt one token longer (same rounded length) and a call spelling the defaults out (`compile=False`
+    on the CPU) get it back with its first-call seconds; another batch size builds a second engine."""
+    torch.manual_seed(0)
+    m = DeepSeekV3(tiny_config()).eval()
+    p = torch.randint(0, m.config.vocab_size, (1, 5))
+    first, again, spelled, other = {}, {}, {}, {}
+    generate(m, p, 4, temperature=0, stats=first)
+    assert first["new_engine"] and not first["compiled"] and not first["cuda_graph"] and first["compile_s"] > 0
+    (eng,) = m._decoders.values()
+    generate(m, torch.cat([p, p[:, :1]], dim=1), 4, temperature=0, stats=again)
+    generate(m, p, 4, temperature=0, compile=False, cuda_graph=False, stats=spelled)
+    assert not again["new_engine"] and not spelled["new_engine"]
+    assert list(m._decoders.values()) == [eng] and list(m._decoders.values())[0] is eng
+    assert again["compile_s"] == spelled["compile_s"] == first["compile_s"]
+    generate(m, p.expand(2, -1), 4, temperature=0, stats=other)
+    assert other["new_engine"] and len(m._decoders) == 2

@@ -174,11 +174,12 @@ class Decoder:
         return _first_timed(self, self._step)
 
 # %% ../notebooks/25_infer.ipynb #1b1c0fe6
-def verify_draft(logits: Tensor, draft: Tensor, draft_probs: Tensor, temperature: float, top_k: int | None = None,
+def verify_draft(logits: Tensor, draft: Tensor, draft_probs: Tensor | None, temperature: float, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     "Target logits `(b, k+1, vocab)` after `[last, drafts]` -> accepted `(b,)`, the next tokens `(b, k+1)`."
     one = draft.ndim == 1  # one draft `(b,)`, its probs `(b, vocab)`: accepted is a bool; k drafts `(b, k)`: a count
-    d, q = (draft[:, None], draft_probs[:, None]) if one else (draft, draft_probs)
+    d = draft[:, None] if one else draft
+    q = draft_probs[:, None] if one and draft_probs is not None else draft_probs  # greedy needs no probs (None)
     k = d.shape[1]
     if temperature == 0:  # greedy: a draft is right iff it is the target's argmax (and so were the ones before it)
         tokens = logits.argmax(dim=-1)

@@ -8,7 +8,7 @@ TFLOP/s against PyTorch's SDPA backends, flex_attention and the naive path, at t
 Writes DIR/attention_bench.json and DIR/attention_bench.png (DIR defaults to $OUT, else results/) and prints a
 short table last. Needs a CUDA GPU and triton.
 
-FLOP count: `dsv3_min.flash.attention_flops` (notebook 11, the convention recorded in docs/reference.md): a causal
+FLOP count: `dsv3_min.flash.attention_flops` (notebook 12, the convention recorded in docs/reference.md): a causal
 forward is B·H·S²·(dqk + dv), forward + backward 3.5 forwards (`FWD_BWD_FLOPS`). Every method is timed on the same
 inputs with the same formula, so the ratios are exact whatever the convention. The inputs, the methods, the timing
 and the table are in bench/attention_common.py; `--package` runs bench/attention_package.py.

@@ -1,5 +1,5 @@
 """What bench/attention.py's timings share: the inputs, every attention method, the timing (triton's do_bench), the
-FLOP count (`dsv3_min.flash.attention_flops`, notebook 11) and the printed table. Needs a CUDA GPU."""
+FLOP count (`dsv3_min.flash.attention_flops`, notebook 12) and the printed table. Needs a CUDA GPU."""
 import time
 
 import torch

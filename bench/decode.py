@@ -8,10 +8,10 @@ What runs (greedy, prompt 128 random tokens, 256 new tokens, batch 1, 8, 32, 128
   ours        dsv3_min.infer.generate with its default settings (on CUDA: static caches, the step compiled and
               captured in a CUDA graph): ours_absorb (MLA 'absorb') at every batch, ours_naive at b1 and b32; and
               ours_absorb_nocompile (compile=False: the graph alone, the old default) and ours_absorb_nokernel (the
-              same weights with attn_backend='eager': the absorbed attention in PyTorch instead of notebook 12a's
+              same weights with attn_backend='eager': the absorbed attention in PyTorch instead of notebook 14's
               Triton kernel) at b1 and b32. compile_s = the
               engine's first step (compile + capture + one step), once per engine
-  dsv3_plain  the 'before': dsv3_min.model.reference_generate (notebook 14: dynamic cache, eager), b1 and b32
+  dsv3_plain  the 'before': dsv3_min.model.reference_generate (notebook 16: dynamic cache, eager), b1 and b32
   hf_eager    transformers DeepseekV3ForCausalLM.generate, sdpa, dynamic cache
   hf_static   the same with cache_implementation="static" (transformers compiles the forward itself); an error is
               recorded, not raised. The weights travel ours -> dsv3_min.hf.save_pretrained -> from_pretrained.
@@ -24,7 +24,7 @@ tok/s = batch * new tokens / wall time of the whole generate call (prefill inclu
 token (ours: from generate's stats, same engine; transformers: a call with max_new_tokens=1); decode_tok_s =
 B (new - 1) / (wall - ttft); peak_mem_gib = torch.cuda.max_memory_allocated (weights included).
 
-Memory-bandwidth use (notebook 25), for every ours_* entry (top level: mbu_b1 and compile_s_b1 of the b1 winner):
+Memory-bandwidth use (notebook 28), for every ours_* entry (top level: mbu_b1 and compile_s_b1 of the b1 winner):
     mbu = bytes_per_step / step_s / copy_bw,   step_s = B / decode_tok_s,
     bytes_per_step = w (N_dense + N_moe_layers * E_touched(B) * 3 d I) + B L T c w   (`infer.decode_step_bytes`)
 with w the bytes per number (bf16 2, fp32 4), N_dense every weight a step reads once whatever the batch (attention,
@@ -78,7 +78,7 @@ def bench_ours(model, prompts: dict, new: int, reps: int, variants: list[dict], 
 
 
 def bench_plain(model, prompts: dict, new: int, batches: list[int], out: dict, left) -> None:
-    "The 'before': notebook 14's `dsv3_min.model.reference_generate` (dynamic cache, eager, one host sync per token)."
+    "The 'before': notebook 16's `dsv3_min.model.reference_generate` (dynamic cache, eager, one host sync per token)."
     for b in batches:
         if left() < 30:
             out.setdefault("dsv3_plain", {})[str(b)] = dict(skipped="time")

@@ -5,11 +5,11 @@
 Random-weight gpu-small in bf16, a 128-token prompt, then greedy decode steps through `dsv3_min.infer.Decoder`
 in three variants: eager (every kernel launched from Python), CUDA graph (one replay per step), and CUDA graph of
 the `torch.compile`d step (fewer, fused kernels); then the absorbed MLA compiled in a graph with its one-kernel Triton
-decode attention (notebook 12a) and without it (attn_backend='eager': the same weights, PyTorch attention). For each, `torch.profiler` records `--steps` steps; from its trace
+decode attention (notebook 14) and without it (attn_backend='eager': the same weights, PyTorch attention). For each, `torch.profiler` records `--steps` steps; from its trace
 we count the kernels per step, their summed GPU time ("busy") and the wall time per step, so
     idle fraction = 1 - busy / wall      (the GPU waiting for the host)
 Each profiled step ends with a synchronize, so every kernel falls inside its own step's marker (the committed
-results/decode_profile.json predates this: its graph rows count part of the dropped first step, see notebook 25;
+results/decode_profile.json predates this: its graph rows count part of the dropped first step, see notebook 28;
 results/decode_profile_synced.json is the re-run with it).
 Writes DIR/decode_profile.json (per variant: wall, busy, kernels per step, the top kernels, and the kernel
 timeline of two steps for the notebook's plot) and DIR/decode_profile.png.
@@ -34,7 +34,7 @@ VARIANTS = {"eager": dict(cuda_graph=False, compile=False), "cuda_graph": dict(c
             "cuda_graph+compile": dict(cuda_graph=True, compile=True),  # the three above: MLA 'naive' (the preset's)
             "absorb+compile": dict(cuda_graph=True, compile=True, mla_impl="absorb"),  # the Triton decode kernel
             "absorb+compile, eager attention": dict(cuda_graph=True, compile=True, mla_impl="absorb",
-                                                    attn_backend="eager")}  # the same without it (notebook 12a)
+                                                    attn_backend="eager")}  # the same without it (notebook 14)
 
 
 def wall_us(dec: Decoder, tok: torch.Tensor, n: int) -> float:

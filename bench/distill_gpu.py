@@ -1,4 +1,4 @@
-"""Distillation at gpu-small scale (issue 33, notebook 34): a stronger MoE teacher trained in the same call, its top-K
+"""Distillation at gpu-small scale (issue 33, notebook 37): a stronger MoE teacher trained in the same call, its top-K
 logits written once and reused, kd_alpha and temperature chosen on a held-out slice, dense students against scratch
 over 3 seeds at equal student steps and at equal total wall clock. One H100, one call of <= 9.5 minutes:
 

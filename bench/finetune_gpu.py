@@ -5,7 +5,7 @@ One call does everything, in about 8 minutes on one H100 or H200 (the lead runs 
 1. pre-trains the `gpu-small` preset (vocabulary 8192) on Shakespeare for `--pretrain-seconds` (the base);
 2. adapts that base to `python-stdlib` with each method for `--method-seconds` of training each (equal wall clock),
    then QLoRA r16 once more for exactly LoRA r16's number of steps (`qlora-r16-steps`: equal steps, same schedule);
-   QLoRA's NF4 base is dequantized by the fused Triton kernel (notebook 31) in the forward and again in the
+   QLoRA's NF4 base is dequantized by the fused Triton kernel (notebook 34) in the forward and again in the
    backward (keeping the bf16 weight between them would cost the memory NF4 saves);
 3. writes `OUT/finetune.json`: per method the trainable parameters, weight bytes, peak GPU memory, tokens/s,
    domain (python-stdlib) and base (Shakespeare) validation bits/byte before and after, the eval curves; the

@@ -6,16 +6,16 @@
     python bench/gpu_runs.py run --out $OUT/gpu_train --steps main    # on the GPU (one call per --steps group)
     python bench/gpu_runs.py report --tar main.tar.gz abl.tar.gz      # here: unpack into results/gpu_train/
 
-Data: `prepare` is `dsv3_min.gpu_mix.prepare_mix` (notebook 23): the mix of the Debian packages' documents with
+Data: `prepare` is `dsv3_min.gpu_mix.prepare_mix` (notebook 26): the mix of the Debian packages' documents with
 shakespeare and python-stdlib, its 16,384-id tokenizer and both splits packed, xz-compressed, into
 `.device_carry/gpu_mix/` (git-ignored, ~35 MB; carry it to the GPU machine); `run` reads it back with
 `gpu_mix.load_mix` and calls the `dsv3_min.train.train` of `python -m dsv3_min train`, with the CLI's presets and
 `--set` overrides (its own `_configs`). The plan of the runs (`MAIN`, `ABL`, `ABLATIONS`, the budgets), the readers
-of their metrics and the plots live in `dsv3_min.report` (notebook 24).
+of their metrics and the plots live in `dsv3_min.report` (notebook 27).
 
 Runs (H200, bf16 autocast, torch.compile, batch 16 x 1024 tokens, gpu-small with a 16,384-id vocabulary, seed 0 so
 every run sees the same batches; the cosine decay spans each run's time budget, cold compile included): `main`
-(`MAIN_BUDGET` s, then samples), the `ablations` of `ABLATIONS` (`ABL_BUDGET` s each; notebook 24 says what each
+(`MAIN_BUDGET` s, then samples), the `ablations` of `ABLATIONS` (`ABL_BUDGET` s each; notebook 27 says what each
 changes) and `bench` (bench/train_throughput.py, if ~95 s remain). `run` starts no work that could not end by
 `--deadline` (seconds after its start; default 595, inside the 10-minute limit per device command): the main run's
 budget shrinks to leave `MAIN_OVERHEAD` for its evaluation and samples, the ablations share what is left. SIGTERM

@@ -2,7 +2,7 @@
 
     python bench/parallel.py --out results/parallel.json            # bytes/token (measured vs closed form),
                                                                      # the 671B closed form, gloo tokens/s at ep 1/2/4
-    python bench/parallel.py --trace notebooks/parallel_trace.json  # the 2-rank dispatch picture of notebook 28
+    python bench/parallel.py --trace notebooks/parallel_trace.json  # the 2-rank dispatch picture of notebook 31
 
 Bytes are counted at the collective: every `dist.all_to_all_single` of the MoE dispatch and combine is wrapped and
 the rows it sends to *other* ranks are summed (rows kept on the own rank cross no link); the routing is counted by a

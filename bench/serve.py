@@ -1,4 +1,4 @@
-"""Serving throughput and latency of `python -m dsv3_min serve` (continuous batching, notebook 35) against the
+"""Serving throughput and latency of `python -m dsv3_min serve` (continuous batching, notebook 38) against the
 number of concurrent clients: total generated tok/s and time to first token (TTFT) at 1, 2, 4, 8, 16 clients.
 
 The server is the CLI, in its own process, on loopback; each client is a closed loop of streamed

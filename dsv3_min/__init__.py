@@ -7,5 +7,5 @@ __all__ = []
 __version__ = "0.1.0"
 from .config import PRESETS, ModelConfig, ParamCount, count_params, get_preset
 from .model import DeepSeekV3, DeepSeekV3ForSequenceClassification, LossParts
-from .infer import generate  # the fast engine (notebook 25); `dsv3_min.model.reference_generate` is its oracle
+from .infer import generate  # the fast engine (notebook 28); `dsv3_min.model.reference_generate` is its oracle
 from .hf import from_pretrained, save_pretrained

@@ -118,11 +118,11 @@ class ModelConfig(_HFFields):
     "Every hyper-parameter of the model: transformers' `DeepseekV3Config` fields, then dsv3_min's extensions."
     attention: str = rule("mla", choices=ATTENTION_KINDS)
     gqa_head_dim: int | None = rule(None, gt=0, le=_MAX_HEAD_DIM)       # GQA head dim; None means hidden_size // num_attention_heads
-    gated_attention: bool = False                     # sigmoid head gate on attention outputs (notebook 08)
-    norm_scheme: str = rule("prenorm", choices=NORM_SCHEMES)   # notebook 10
-    attn_backend: str = rule("sdpa", choices=ATTN_BACKENDS)    # notebooks 06, 11
-    mla_impl: str = rule("naive", choices=MLA_IMPLS)           # notebook 07
-    moe_impl: str = rule("grouped", choices=MOE_IMPLS)         # notebook 09
+    gated_attention: bool = False                     # sigmoid head gate on attention outputs (notebook 09)
+    norm_scheme: str = rule("prenorm", choices=NORM_SCHEMES)   # notebook 11
+    attn_backend: str = rule("sdpa", choices=ATTN_BACKENDS)    # notebooks 07, 12
+    mla_impl: str = rule("naive", choices=MLA_IMPLS)           # notebook 08
+    moe_impl: str = rule("grouped", choices=MOE_IMPLS)         # notebook 10
     aux_loss_alpha: float = rule(1e-4, ge=0)          # α of the sequence-wise balance loss; 0 disables it
     bias_update_speed: float = rule(1e-3, ge=0)       # γ of aux-loss-free balancing; 0 disables it
     mtp_loss_weight: float = rule(0.3, ge=0)          # λ in L_main + (λ/D) Σ_k CE_k

@@ -110,7 +110,7 @@ def test_bad_mask_raises():
 @pytest.mark.parametrize("sq,sk", [(7, 7), (3, 7), (1, 7)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_backends_agree_with_eager(backend, hq, hkv, sq, sk, causal):
-    """sdpa and flash (notebook 11's kernel, SDPA for decode shapes) equal eager in fp32 (atol 1e-5),
+    """sdpa and flash (notebook 12's kernel, SDPA for decode shapes) equal eager in fp32 (atol 1e-5),
     for MHA/GQA/MQA, prefill and decode shapes, causal and not, with dv != dqk."""
     q, k, v = torch.randn(2, hq, sq, 16), torch.randn(2, hkv, sk, 16), torch.randn(2, hkv, sk, 8)
     with warnings.catch_warnings():
@@ -350,7 +350,7 @@ def test_gqa_matches_transformers_llama_attention(kv):
 
 def test_sdpa_with_mla_head_dims_takes_the_fused_cpu_kernel_and_keeps_eager_gradients():
     """MLA's value head (dv) is narrower than its query/key head (dqk): on the CPU the sdpa backend pads v so that torch
-    runs its fused flash kernel rather than the unfused math path (5x slower forward at S=256 in notebook 06's
+    runs its fused flash kernel rather than the unfused math path (5x slower forward at S=256 in notebook 07's
     measurement), and output and all three gradients still equal eager's in fp32."""
     from torch.profiler import profile
     g = torch.Generator().manual_seed(0)

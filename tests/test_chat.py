@@ -1,4 +1,4 @@
-"""Tests of dsv3_min.chat: DeepSeek-V3's special tokens and the chat layout as segments (notebook 04's tests check
+"""Tests of dsv3_min.chat: DeepSeek-V3's special tokens and the chat layout as segments (notebook 05's tests check
 the rendered text and ids against transformers' rendering of the Jinja template)."""
 import pytest
 

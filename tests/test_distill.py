@@ -1,4 +1,4 @@
-"""Distillation (notebook 34): the KD loss against its formula, its conventions, online vs offline teacher, top-K."""
+"""Distillation (notebook 37): the KD loss against its formula, its conventions, online vs offline teacher, top-K."""
 import math
 
 import numpy as np

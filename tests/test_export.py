@@ -1,4 +1,4 @@
-"""Export (notebook 37): GGUF run by the real llama.cpp (llama-cpp-python) and ONNX run by onnxruntime reproduce our
+"""Export (notebook 40): GGUF run by the real llama.cpp (llama-cpp-python) and ONNX run by onnxruntime reproduce our
 logits, tokenization and greedy decoding; configurations llama.cpp cannot represent are refused in one line."""
 import os
 

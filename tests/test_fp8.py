@@ -1,4 +1,4 @@
-"""FP8 with DeepSeek-V3's fine-grained scaling (notebook 20) on CPU: quantization bounds, the emulated GEMM against
+"""FP8 with DeepSeek-V3's fine-grained scaling (notebook 22) on CPU: quantization bounds, the emulated GEMM against
 float64, Float8Linear's gradients, the convert transform's exclusions, and a training run with `fp8=True`."""
 import math
 

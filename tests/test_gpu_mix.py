@@ -1,4 +1,4 @@
-"""The GPU corpus (dsv3_min.gpu_mix, notebook 23): extracting the Debian texts and reading the packed tokens back;
+"""The GPU corpus (dsv3_min.gpu_mix, notebook 26): extracting the Debian texts and reading the packed tokens back;
 and the GPU bench scripts are plain command lines on a CPU machine."""
 import json
 import lzma

@@ -1,5 +1,5 @@
-"""The absorbed-MLA decode attention as one Triton kernel (`dsv3_min.mla_triton`, notebook 12a) and its place in the
-model's forward (`flash_backend` fills `mla.DECODE_KERNELS`): in Triton's CPU interpreter (fp32) against notebook 07's
+"""The absorbed-MLA decode attention as one Triton kernel (`dsv3_min.mla_triton`, notebook 14) and its place in the
+model's forward (`flash_backend` fills `mla.DECODE_KERNELS`): in Triton's CPU interpreter (fp32) against notebook 08's
 `latent_attention`, and on a GPU (skipped without one) in bf16 and through `generate`."""
 import json
 import os

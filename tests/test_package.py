@@ -84,7 +84,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle_between_modules():
     """No dsv3_min module imports, directly or through others (function-level imports counted), a module that imports
-    it back; in particular model.py (notebook 14) does not import hf.py (notebook 15)."""
+    it back; in particular model.py (notebook 16) does not import hf.py (notebook 17)."""
     graph = _import_graph(Path(__file__).resolve().parent.parent / "dsv3_min")
     assert "hf" not in graph["model"]
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"

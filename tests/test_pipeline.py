@@ -1,4 +1,4 @@
-"""The pipeline-schedule simulator (notebook 29) against the DeepSeek-V3 report's Table 2 and every schedule's
+"""The pipeline-schedule simulator (notebook 32) against the DeepSeek-V3 report's Table 2 and every schedule's
 dependencies."""
 import pytest
 
@@ -9,7 +9,7 @@ def test_schedule_bubbles_match_table2():
     """The simulator's worst-device idle time and peak live activations equal the DeepSeek-V3 report's Table 2:
     1F1B (PP-1)(F+B) and ZB1P (PP-1)(F+B-2W) with activations PP, wherever W <= min(F, B-W); DualPipe
     (PP/2-1)(F&B+B-3W) with PP+1, where a forward takes as long as a backward-for-input (F = B-W, W <= F) and the
-    overlapped pair between B and F+B (outside that region the closed form is an approximation: see notebook 28)."""
+    overlapped pair between B and F+B (outside that region the closed form is an approximation: see notebook 31)."""
     import itertools
     for P, (F, B, W) in itertools.product((2, 4, 8), [(1, 2, 0), (1, 2, 0.5), (2, 3, 1), (1, 2, 1), (0.5, 1, 0.5)]):
         for M in (P, 2 * P + 2):

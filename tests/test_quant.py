@@ -70,7 +70,7 @@ def test_nf4_bit_identical_to_bitsandbytes(shape, dtype, double_quant):
 def test_dynamic_codes_equal_bitsandbytes_8bit_quantizer():
     """Our 8-bit rounding rule (nearest of 65,536 grid points, then its nearest level) gives bnb's CPU
     `quantize_blockwise` codes on all of 1M random values (the exact nearest level differs on 1,601 of them,
-    notebook 32); absmax are equal."""
+    notebook 35); absmax are equal."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
     torch.manual_seed(3)
     x = torch.randn(4096 * 256) * torch.rand(4096).repeat_interleave(256)
@@ -169,7 +169,7 @@ def test_absurd_block_size_is_refused_at_once():
     assert check_block_size(MAX_BLOCK_SIZE + 2) and check_block_size(7) and check_block_size(True)
 
 
-# The fused Triton kernel (notebook 31) in Triton's CPU interpreter: TRITON_INTERPRET is read when the kernel is
+# The fused Triton kernel (notebook 34) in Triton's CPU interpreter: TRITON_INTERPRET is read when the kernel is
 # decorated (at import), so the cases run in one subprocess that sets it first.
 _KERNEL_SCRIPT = """
 import json, os

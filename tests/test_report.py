@@ -203,11 +203,11 @@ except ImportError as e:
 
 
 def test_throughput_claims_quote_the_committed_results():
-    """Notebook 24's text and docs/reference.md quote `results/train_throughput_bench_step.json` (the bench-step run) as it is (speed-up, MFU and
+    """Notebook 27's text and docs/reference.md quote `results/train_throughput_bench_step.json` (the bench-step run) as it is (speed-up, MFU and
     tokens/s of the best variant), and none of the superseded run's numbers (2.53x, 43.3%, 431,089) is left."""
     root = RESULTS.parents[1]
     tp = json.loads((root / "results" / "train_throughput_bench_step.json").read_text())
-    nb = json.loads((root / "notebooks" / "24_report.ipynb").read_text())
+    nb = json.loads((root / "notebooks" / "27_report.ipynb").read_text())
     text = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
     reference = (root / "docs" / "reference.md").read_text()
     assert f"{tp['speedup_vs_hf']:.2f}×" in text and f"{tp['mfu']:.1%}" in text

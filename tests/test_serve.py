@@ -317,7 +317,7 @@ def test_draft_mtp_greedy_equals_no_draft(server, draft_server, model):
 def test_draft_eight_concurrent_clients_equal_single_clients(server, draft_server, model):
     """8 clients at once on the drafting server (arriving while others are mid-generation, so rows of one batch
     accept different numbers of drafts): greedy clients get exactly the non-drafting server's tokens, seeded
-    sampling clients exactly `generate(draft='mtp', seed=...)`'s (notebook 25's speculative sampling, per row)."""
+    sampling clients exactly `generate(draft='mtp', seed=...)`'s (notebook 28's speculative sampling, per row)."""
     tok = model[1]
     words = "the king queen lord lady sword crown night".split()
     prompts = [" ".join(words[i:] + words[:i][: i % 3]) for i in range(8)]

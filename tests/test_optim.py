@@ -215,7 +215,7 @@ def test_muon_resume_reproduces_losses_exactly(tiny_corpus, tmp_path, capsys):
     assert main(train_argv(tiny_corpus, "--out", str(cut), *muon, "--set", "stop_at=4")) == 0
     assert [s for s, _ in losses(cut)] == [1, 2, 3, 4]
     capsys.readouterr()
-    assert main(train_argv(tiny_corpus, "--out", str(cut), "--max-steps", "8", "--resume")) == 2
+    assert main(train_argv(tiny_corpus, "--out", str(cut), "--max-steps", "8", "--set", "optimizer=adamw", "--resume")) == 2
     err = capsys.readouterr().err
     assert err.startswith("dsv3: error:") and err.count("\n") == 1, err
     assert main(train_argv(tiny_corpus, "--out", str(cut), *muon, "--resume")) == 0

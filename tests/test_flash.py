@@ -1,6 +1,5 @@
 """Tests for dsv3_min.flash: tiled PyTorch FlashAttention and the Triton kernel (interpreter on CPU, GPU if present)."""
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -8,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from _interpreter import interpreter_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -224,13 +224,7 @@ print("RESULT" + json.dumps(out))
 @pytest.fixture(scope="module")
 def interpreter_results():
     """Run every interpreter case once, in a subprocess with TRITON_INTERPRET=1."""
-    if not HAS_TRITON:
-        pytest.skip("triton not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    script = _INTERPRETER_SCRIPT.format(tests=os.path.dirname(__file__))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.split("RESULT", 1)[1])
+    return interpreter_run(_INTERPRETER_SCRIPT.format(tests=os.path.dirname(__file__)))
 
 
 @pytest.mark.parametrize("name", list(INTERPRETER_CASES))

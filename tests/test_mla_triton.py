@@ -1,13 +1,11 @@
 """The absorbed-MLA decode attention as one Triton kernel (`dsv3_min.mla_triton`, notebook 14) and its place in the
 model's forward (`flash_backend` fills `mla.DECODE_KERNELS`): in Triton's CPU interpreter (fp32) against notebook 08's
 `latent_attention`, and on a GPU (skipped without one) in bf16 and through `generate`."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from _interpreter import interpreter_run
 
 from conftest import tiny_config
 from dsv3_min.mla import LatentCache, latent_attention
@@ -84,13 +82,7 @@ print("RESULT" + json.dumps(out))
 @pytest.fixture(scope="module")
 def interpreter_results():
     """Run every interpreter case once, in a subprocess with TRITON_INTERPRET=1 (read when kernels are decorated)."""
-    if not HAS_TRITON:
-        pytest.skip("triton not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    script = _INTERPRETER_SCRIPT.format(tests=os.path.dirname(__file__))
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.split("RESULT", 1)[1])
+    return interpreter_run(_INTERPRETER_SCRIPT.format(tests=os.path.dirname(__file__)))
 
 
 @pytest.mark.parametrize("name", list(KERNEL_CASES))

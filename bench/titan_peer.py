@@ -1,28 +1,37 @@
 """torchtitan's DeepSeek-V3 as a second training peer of `bench/train_throughput.py` (issue 27, item 1).
 
 Our model saved as a transformers checkpoint (`hf.save_pretrained`) is loaded into torchtitan's own
-`DeepSeekV3Model` through torchtitan's `DeepSeekV3StateDictAdapter.from_hf`, with model arguments built by
-torchtitan's `_build_dsv3_layers` from our `ModelConfig` (`titan_config`), and trained by the package's
-`step.train_step` on the same batches: fp32 weights under bf16 autocast (what torchtitan itself does on one GPU
-without FSDP; its grouped experts cast to bf16 inside), plain `torch.compile(model)`, fused AdamW, and torchtitan's
-own aux-loss-free bias update (`register_moe_load_balancing_hook`, an optimizer pre-hook).
+`DeepSeekV3Model` through torchtitan's `DeepSeekV3StateDictAdapter.from_hf`, with `DeepSeekV3ModelArgs` set from our
+`ModelConfig` (`titan_args`), and trained by the package's `step.train_step` on the same batches: fp32 weights under
+bf16 autocast (what torchtitan does on one GPU without FSDP; its grouped experts cast to bf16 inside), plain
+`torch.compile(model)`, fused AdamW, and torchtitan's own aux-loss-free bias update (the optimizer pre-hook that its
+`build_optimizers_with_moe_load_balancing` registers, moved onto our AdamW).
 
-Equivalent arguments: sigmoid router, `route_norm` = norm_topk_prob, `route_scale` = routed_scaling_factor, expert
-groups = n_group / topk_group (none when n_group is 1), `load_balance_coeff` = bias_update_speed, ComplexRoPE with
-consecutive pairs and no scaling, MLA softmax scale qk_head_dim**-0.5, RMSNorm eps = rms_norm_eps (torchtitan's
-builder leaves its own default, 1e-5, where DeepSeek-V3 has 1e-6: set here), SDPA attention (cuDNN first; torchtitan's
-language models default to FlexAttention with document masks, `attn="flex"` picks it; our batches have no documents).
+Version: torchtitan 0.2.2. The newest, 0.3.0, imports `torch.distributed.fsdp.DataParallelMeshDims` when its
+DeepSeek-V3 module loads, which torch 2.11 (the GPU machine's) does not have (torch >= 2.12); 0.2.2 predates it.
 
-`python bench/titan_peer.py --check`: the CPU self-check (fp32, test-tiny with MTP off): the router's weights and
-expert ids, one attention layer's output and the whole model's logits of torchtitan against ours on the same weights.
+Equivalent arguments: sigmoid router, `route_norm` = norm_topk_prob, `route_scale` = routed_scaling_factor, scores
+applied after the experts (`score_before_experts=False`, as torchtitan's own DeepSeek configs), expert groups =
+n_group / topk_group (none when n_group is 1), `load_balance_coeff` = bias_update_speed, `norm_eps` = rms_norm_eps
+(torchtitan's default 1e-5), no YaRN (`original_seq_len` = seq_len), SDPA attention (`DeepSeekV3ModelArgs`' default),
+grouped-GEMM experts on sm90+ (its default there). One difference torchtitan does not let us set: its final norm is `nn.RMSNorm(dim)` with torch's
+default eps (float32 machine epsilon, 1.2e-7) where ours has rms_norm_eps.
 
-Wheels (torchtitan 0.3.0 imports its model with `--no-deps` plus three of its dependencies; the GPU machine has
-torch, einops, safetensors, typing-extensions already; tyro's typeguard is not imported):
-torchtitan==0.3.0 tyro==1.0.17 docstring_parser==0.18.0 spmd_types==0.2.3. Download them here (python 3.12, x86_64):
+`python bench/titan_peer.py --check`: the CPU self-check (fp32, test-tiny with MTP off) of torchtitan against ours on
+the same weights: the router's weights and expert ids, one attention layer, one MoE layer (its for-loop experts: the
+grouped path pads tokens with a Triton kernel and runs in bf16) and the logits, as shipped and with the final eps equal.
+On the CPU its router's `torch.histc` on int64 ids has no kernel: `CpuHistc` counts them with `bincount` there.
+
+Wheels, all pure-Python, 1.5 MB: torchtitan 0.2.2 installed `--no-deps` imports its DeepSeek-V3 with tyro,
+docstring_parser and torchdata, and with datasets (its `models.deepseek_v3` package imports its text dataloader),
+which needs dill and multiprocess; the GPU machine has the rest (torch, tensorboard, einops, safetensors, pyarrow,
+pandas, xxhash, fsspec, huggingface-hub, requests). datasets 4.8.4 asks pyarrow >= 21 and huggingface-hub < 2.
+Download them here:
 
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform any -d .whl torchtitan==0.3.0 tyro==1.0.17 docstring_parser==0.18.0 spmd_types==0.2.3
+        -d .whl torchtitan==0.2.2 tyro==1.0.17 docstring_parser==0.18.0 torchdata==0.11.0 datasets==4.8.4 \
+        dill==0.4.1 multiprocess==0.70.19
 
 and start the GPU call (carry `.whl`) with
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -31,7 +40,7 @@ and start the GPU call (carry `.whl`) with
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -49,60 +58,42 @@ from dsv3_min.step import train_step  # noqa: E402
 from dsv3_min.train import autocast_for  # noqa: E402
 
 
-def _set_eps(node, eps: float) -> None:
-    "Every RMSNorm config under `node` (dataclasses and lists) gets `eps`."
-    from torchtitan.models.common import RMSNorm
-    if isinstance(node, RMSNorm.Config):
-        node.eps = eps
-    elif isinstance(node, list):
-        for n in node:
-            _set_eps(n, eps)
-    elif dataclasses.is_dataclass(node):
-        for f in dataclasses.fields(node):
-            _set_eps(getattr(node, f.name), eps)
-
-
-def titan_config(cfg: ModelConfig, seq_len: int, attn: str = "sdpa"):
-    "torchtitan's `DeepSeekV3Model.Config` with the arguments of our `cfg` (MTP off), built by its own builder."
-    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
-    from torchtitan.models.common.attention import ScaledDotProductAttention
-    from torchtitan.models.deepseek_v3 import DeepSeekV3Model, _build_dsv3_layers
+def titan_args(cfg: ModelConfig, seq_len: int, attn: str = "sdpa", grouped_mm: bool = True):
+    "torchtitan's `DeepSeekV3ModelArgs` with the arguments of our `cfg` (MTP off)."
+    from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
+    from torchtitan.models.moe import MoEArgs
     if cfg.attention != "mla" or cfg.norm_scheme != "prenorm" or cfg.gated_attention:
         raise ValueError("torchtitan runs DeepSeek-V3's own architecture only (MLA, pre-norm, no gates)")
     groups = cfg.n_group if cfg.n_group > 1 else None
-    layers = _build_dsv3_layers(
-        n_layers=cfg.num_hidden_layers, n_dense_layers=cfg.first_k_dense_replace, dim=cfg.hidden_size,
-        n_heads=cfg.num_attention_heads, q_lora_rank=cfg.q_lora_rank or 0, kv_lora_rank=cfg.kv_lora_rank,
+    moe = MoEArgs(num_experts=cfg.n_routed_experts, num_shared_experts=cfg.n_shared_experts, score_func="sigmoid",
+                  route_norm=cfg.norm_topk_prob, route_scale=cfg.routed_scaling_factor, score_before_experts=False,
+                  top_k=cfg.num_experts_per_tok, num_expert_groups=groups,
+                  num_limited_groups=cfg.topk_group if groups else None, use_grouped_mm=grouped_mm,
+                  load_balance_coeff=cfg.bias_update_speed)
+    args = DeepSeekV3ModelArgs(
+        max_seq_len=seq_len, original_seq_len=seq_len, vocab_size=cfg.vocab_size, dim=cfg.hidden_size,
+        inter_dim=cfg.intermediate_size, moe_inter_dim=cfg.moe_intermediate_size, n_layers=cfg.num_hidden_layers,
+        n_dense_layers=cfg.first_k_dense_replace, n_heads=cfg.num_attention_heads, norm_eps=cfg.rms_norm_eps,
+        moe_args=moe, q_lora_rank=cfg.q_lora_rank or 0, kv_lora_rank=cfg.kv_lora_rank,
         qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
-        mscale=1.0, dense_hidden_dim=cfg.intermediate_size, moe_hidden_dim=cfg.moe_intermediate_size,
-        num_experts=cfg.n_routed_experts, num_shared_experts=cfg.n_shared_experts,
-        router_top_k=cfg.num_experts_per_tok, router_score_func="sigmoid", router_num_expert_groups=groups,
-        router_num_limited_groups=cfg.topk_group if groups else None, router_route_scale=cfg.routed_scaling_factor,
-        router_route_norm=cfg.norm_topk_prob, attn_backend="flex", moe_comm_backend="standard",
-        non_blocking_capacity_factor=None,
-        rope=ComplexRoPE.Config(dim=cfg.qk_rope_head_dim, max_seq_len=seq_len, theta=cfg.rope_theta))
-    for layer in layers:
-        if attn == "sdpa":
-            layer.attention.inner_attention = ScaledDotProductAttention.Config()
-        if layer.moe is not None:
-            layer.moe.load_balance_coeff = cfg.bias_update_speed
-    mc = DeepSeekV3Model.Config(
-        vocab_size=cfg.vocab_size, dim=cfg.hidden_size, layers=layers,
-        tok_embeddings=Embedding.Config(num_embeddings=cfg.vocab_size, embedding_dim=cfg.hidden_size),
-        norm=RMSNorm.Config(normalized_shape=cfg.hidden_size),
-        lm_head=Linear.Config(in_features=cfg.hidden_size, out_features=cfg.vocab_size))
-    _set_eps(mc, cfg.rms_norm_eps)
-    return mc
+        attn_type=attn, rope_theta=cfg.rope_theta)
+    args.moe_impl = "standard"  # what its `update_from_config` sets from the default job config (no DeepEP)
+    return args
 
 
-def load_titan(path, cfg: ModelConfig, seq_len: int, attn: str = "sdpa", device="cpu"):
-    "torchtitan's DeepSeek-V3 holding the weights of the transformers checkpoint at `path` (its adapter's `from_hf`)."
-    from torchtitan.models.deepseek_v3 import DeepSeekV3StateDictAdapter
-    mc = titan_config(cfg, seq_len, attn)
+def load_titan(path, cfg: ModelConfig, seq_len: int, attn: str = "sdpa", device="cpu", grouped_mm: bool | None = None):
+    """torchtitan's DeepSeek-V3 holding the weights of the transformers checkpoint at `path` (its adapter's `from_hf`);
+    grouped-GEMM experts on sm90+ (`grouped_mm=None`), as torchtitan decides, else its for-loop experts."""
+    device = torch.device(device)
+    if grouped_mm is None:
+        grouped_mm = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
+    from torchtitan.models.deepseek_v3.model.state_dict_adapter import DeepSeekV3StateDictAdapter
+    args = titan_args(cfg, seq_len, attn, grouped_mm)
     hf = {k: v for f in sorted(Path(path).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    sd = DeepSeekV3StateDictAdapter(mc, None).from_hf(hf)
+    sd = DeepSeekV3StateDictAdapter(args, None).from_hf(hf)
     with torch.device(device):
-        model = mc.build()
+        model = DeepSeekV3Model(args)
     model.load_state_dict(sd, strict=True)  # every parameter and persistent buffer from the checkpoint
     return model.to(device)
 
@@ -110,11 +101,8 @@ def load_titan(path, cfg: ModelConfig, seq_len: int, attn: str = "sdpa", device=
 def titan_loss(attn: str = "sdpa"):
     "The step's loss function: cross-entropy of torchtitan's logits in fp32 (as its `cross_entropy_loss`), no MTP."
     def loss_fn(model, x: torch.Tensor, y: torch.Tensor) -> LossParts:
-        positions = masks = None
-        if attn == "flex":  # FlexAttention takes a block mask built from the positions (one document per row)
-            positions = torch.arange(x.shape[1], device=x.device).expand_as(x)
-            masks = model.get_attention_masks(positions)
-        logits = model(x, positions, masks)
+        masks = model.get_attention_masks(x, None) if attn == "flex" else None  # "causal": one block mask
+        logits = model(x, masks)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(0, 1))
         zero = loss.new_zeros(())
         return LossParts(loss, loss, zero, zero)
@@ -131,9 +119,13 @@ class OneDevice:
 
 
 def balancing_hook(model, opt: torch.optim.Optimizer) -> None:
-    "torchtitan's aux-loss-free bias update as it registers it (an optimizer pre-hook on this step's counts)."
-    from torchtitan.components.optimizer.optimizer import register_moe_load_balancing_hook
-    register_moe_load_balancing_hook(opt, [model], OneDevice())
+    """torchtitan's aux-loss-free bias update: the step pre-hook its `build_optimizers_with_moe_load_balancing`
+    registers on its optimizer container (a closure reachable only there), registered on `opt` instead."""
+    from torchtitan.components.optimizer import build_optimizers_with_moe_load_balancing
+    from torchtitan.config.job_config import Optimizer
+    container = build_optimizers_with_moe_load_balancing([model], Optimizer(implementation="for-loop"), OneDevice())
+    for hook in container._optimizer_step_pre_hooks.values():
+        opt.register_step_pre_hook(hook)
 
 
 def titan_step(model, tc, device: torch.device, tokens, attn: str = "sdpa"):
@@ -147,13 +139,26 @@ def titan_step(model, tc, device: torch.device, tokens, attn: str = "sdpa"):
 
     def step(i):
         x, y = get_batch(tokens, i, tc.batch_size, tc.seq_len, tc.seed, device=device)
-        return train_step(compiled, opt, [(x, y)], loss_fn, tc.lr, tc.grad_clip, autocast, healthy=healthy)
+        with CpuHistc() if device.type == "cpu" else contextlib.nullcontext():  # a CPU smoke test only
+            return train_step(compiled, opt, [(x, y)], loss_fn, tc.lr, tc.grad_clip, autocast, healthy=healthy)
     return step
 
 
-# about 10x the errors measured on CPU (torch 2.13): 0, 1.9e-9, 6.0e-3 (bf16 experts), 6.7e-4 (logits max 0.6)
-TOLERANCES = {"router_weight_max_abs": 1e-6, "attention_max_abs": 2e-8, "moe_rel": 5e-2,
-              "logits_agreeing_max_abs": 6e-3}
+class CpuHistc(torch.overrides.TorchFunctionMode):
+    """torchtitan 0.2.2's router counts tokens per expert with `torch.histc` on int64 ids, which has a CUDA kernel but
+    no CPU one; inside this mode (on the CPU only) that count is `torch.bincount`, the same numbers."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.histc and not args[0].is_floating_point() and not args[0].is_cuda:
+            bins = kwargs.get("bins", args[1] if len(args) > 1 else 100)
+            return torch.bincount(args[0], minlength=bins)[:bins]  # histc keeps the input dtype
+        return func(*args, **kwargs)
+
+
+# about 10x the errors measured on CPU (torch 2.13, torchtitan 0.2.2, fp32, its for-loop experts)
+TOLERANCES = {"router_weight_max_abs": 1e-6, "attention_max_abs": 2e-8, "moe_rel": 1e-6,
+              "logits_same_final_eps_max_abs": 2e-6}
 
 
 def _routes(routers) -> dict:
@@ -173,11 +178,11 @@ def _layers(ours, titan, cfg) -> dict:
     moe, tmoe = ours.layers[cfg.first_k_dense_replace].mlp, titan.layers[str(cfg.first_k_dense_replace)].moe
     x = torch.randn(2, 32, cfg.hidden_size)
     w, idx, _ = moe.gate(x.flatten(0, 1))
-    tw, tidx, _ = tmoe.router(x, tmoe.expert_bias_E)
-    o, to = idx.sort(-1), tidx.flatten(0, 1).sort(-1)
-    tw = tw.flatten(0, 1).gather(-1, to.indices)
+    tw, tidx, _ = tmoe.router(x.flatten(0, 1), tmoe.expert_bias)
+    o, to = idx.sort(-1), tidx.sort(-1)
+    tw = tw.gather(-1, to.indices)
     cos, sin = ours.rotary(torch.arange(32))
-    attn = ours.layers[0].self_attn(x, cos, sin) - titan.layers["0"].attention(x, None)
+    attn = ours.layers[0].self_attn(x, cos, sin) - titan.layers["0"].attention(x, titan.freqs_cis, None)
     y = moe(x)
     return {"router_ids_equal": bool(torch.equal(o.values, to.values)),
             "router_weight_max_abs": float((w.gather(-1, o.indices) - tw).abs().max()),
@@ -186,14 +191,19 @@ def _layers(ours, titan, cfg) -> dict:
 
 @torch.no_grad()
 def _logits(ours, titan, cfg) -> dict:
-    "Logits on random ids: the largest error over the tokens whose experts agree in every layer, and the flips."
+    """Logits on random ids, over the tokens whose experts agree in every layer (the flips are counted): as torchtitan
+    ships (its final norm's eps is torch's default) and with that eps set to ours (everything else equal)."""
     ids = torch.randint(0, cfg.vocab_size, (2, 32))
     r = _routes([(str(i), b.mlp.gate) for i, b in enumerate(ours.layers) if cfg.is_moe_layer(i)])
     tr = _routes([(k, b.moe.router) for k, b in titan.layers.items() if b.moe_enabled])
-    err = (ours(ids) - titan(ids)).abs().amax(-1).flatten()
+    logits = ours(ids)
+    err = (logits - titan(ids)).abs().amax(-1).flatten()
     agree = torch.stack([(r[k] == tr[k]).all(-1) for k in r]).all(0)
-    return {"tokens_flipped": int((~agree).sum()), "tokens": agree.numel(),
-            "logits_agreeing_max_abs": float(err[agree].max()), "logits_all_max_abs": float(err.max())}
+    titan.norm.eps = cfg.rms_norm_eps
+    same_eps = (logits - titan(ids)).abs().amax(-1).flatten()
+    return {"tokens_flipped": int((~agree).sum()), "tokens": agree.numel(), "logits_max": float(logits.abs().max()),
+            "logits_as_shipped_max_abs": float(err[agree].max()),
+            "logits_same_final_eps_max_abs": float(same_eps[agree].max())}
 
 
 def check(seed: int = 0) -> dict:
@@ -209,8 +219,9 @@ def check(seed: int = 0) -> dict:
                 m.e_score_correction_bias.normal_(0, 0.05)
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(ours, tmp)
-        titan = load_titan(tmp, cfg, seq_len=32).eval()
-    out = {**_layers(ours, titan, cfg), **_logits(ours, titan, cfg)}
+        titan = load_titan(tmp, cfg, seq_len=32, grouped_mm=False).eval()  # its grouped path pads with Triton
+    with CpuHistc():
+        out = {**_layers(ours, titan, cfg), **_logits(ours, titan, cfg)}
     out["passed"] = out["router_ids_equal"] and all(out[k] <= t for k, t in TOLERANCES.items())
     return out
 

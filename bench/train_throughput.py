@@ -20,7 +20,7 @@ timed over many steps back to back (no host read between them, as the loop runs 
                      grouped expert GEMM casts its input to the weight dtype: fp32 master weights would run the
                      experts in fp32), where ours keeps fp32 master weights under bf16 autocast as the loop does;
   hf_eager_tok_s     the same, eager;
-  titan_compiled_tok_s  torchtitan's DeepSeek-V3 (bench/titan_peer.py: same weights, batches, `train_step`, fp32
+  titan_compiled_tok_s  torchtitan 0.2.2's DeepSeek-V3 (bench/titan_peer.py: same weights, batches, `train_step`, fp32
                      weights under bf16 autocast, SDPA, `torch.compile(model)`); needs the wheels its docstring names
                      (else `titan_error` says why, the others stand).
 

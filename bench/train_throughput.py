@@ -19,13 +19,17 @@ timed over many steps back to back (no host read between them, as the loop runs 
                      `train_step` (clip, AdamW), under plain `torch.compile(model)`; in bf16 weights on the GPU (its
                      grouped expert GEMM casts its input to the weight dtype: fp32 master weights would run the
                      experts in fp32), where ours keeps fp32 master weights under bf16 autocast as the loop does;
-  hf_eager_tok_s     the same, eager.
+  hf_eager_tok_s     the same, eager;
+  titan_compiled_tok_s  torchtitan 0.2.2's DeepSeek-V3 (bench/titan_peer.py: same weights, batches, `train_step`, fp32
+                     weights under bf16 autocast, SDPA, `torch.compile(model)`); needs the wheels its docstring names
+                     (else `titan_error` says why, the others stand).
 
 MFU = F * tokens/s / peak with F = `optim.flops_per_token(cfg, seq_len)` = 6 * N_matmul + 3 * L * H * S * (d_qk + d_v)
 (N_matmul: the active parameters that enter a matmul, LM head and MTP included; 6 = 2 (multiply-add) x 3 (forward and
 two backward matmuls); the attention term: a causal query sees S/2 keys, forward 2*H*(S/2)*(d_qk+d_v), backward twice
 that), and peak = the bf16 matmul rate measured here (8192^3 `torch.matmul`) and the 989 TFLOP/s datasheet figure.
-Top level: loop_tok_s, bench_tok_s, hf_compiled_tok_s, loop_mfu (of the measured peak), mtp_step_overhead.
+Top level: loop_tok_s, bench_tok_s, hf_compiled_tok_s, titan_compiled_tok_s (or titan_error), loop_mfu (of the
+measured peak), mtp_step_overhead.
 
     python bench/train_throughput.py --corpus plays/ --out $OUT/tp                 # GPU, about 8 min (--deadline 480)
     python bench/train_throughput.py --preset test-tiny --device cpu --steps 6 --skip 2 --no-compile \
@@ -130,6 +134,18 @@ def hf_step(hf, tc, device: torch.device, tokens: np.ndarray):
     return step
 
 
+def titan_run(a, cfg, tc, device: torch.device, tokens: np.ndarray, path: str, res: dict, record) -> None:
+    "torchtitan's DeepSeek-V3 on the checkpoint at `path`, timed as the others; a failure (no wheels) is `titan_error`."
+    torch._dynamo.reset()
+    try:
+        from titan_peer import load_titan, titan_step
+        step = titan_step(load_titan(path, cfg, tc.seq_len, device=device), tc, device, tokens)
+        record("titan_compiled_tok_s" if a.compile else "titan_eager_tok_s", timed(step, a.steps, a.skip, device))
+    except Exception as e:  # an import error or a failure of the peer is reported, not fatal
+        res["titan_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        print("titan", res["titan_error"], flush=True)
+
+
 def loop_sets(a, mtp: bool) -> list[str]:
     "The `--set` list of the loop's run: compiled (unless --no-compile), no time budget, evaluation only at the end."
     sets = [f"compile={str(a.compile).lower()}", f"device={a.device}", "time_budget=0", "ckpt_every=0",
@@ -161,6 +177,7 @@ def main() -> None:
     ap.add_argument("--deadline", type=float, default=480.0, help="seconds; a measurement that cannot start is skipped")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="eager everywhere")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--no-titan", action="store_true", help="skip torchtitan")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="more --set for both models")
     a = ap.parse_args()
     t_start, device = time.time(), resolve_device(a.device)
@@ -217,10 +234,14 @@ def main() -> None:
                     print(key, res["variants"][key]["error"], flush=True)
                 del hf
                 gc.collect()
+        if not a.no_titan and left() > 45:
+            titan_run(a, cfg, tc, device, tokens, tmp, res, record)
     if "loop_tok_s" in res and "bench_tok_s" in res:
         res["loop_over_bench"] = res["loop_tok_s"] / res["bench_tok_s"]
     if "hf_compiled_tok_s" in res and "loop_tok_s" in res:
         res["loop_over_hf_compiled"] = res["loop_tok_s"] / res["hf_compiled_tok_s"]
+    if "titan_compiled_tok_s" in res and "loop_tok_s" in res:
+        res["loop_over_titan_compiled"] = res["loop_tok_s"] / res["titan_compiled_tok_s"]
     if "loop_tok_s" in res:
         res["loop_mfu"] = res["variants"]["loop_tok_s"]["mfu_measured_peak"]
     if "loop_mtp_tok_s" in res and "loop_tok_s" in res:

@@ -91,8 +91,8 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, softmax_scale: float | 
     sq, sk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     if mask is None and causal and sq != sk:
         mask = causal_mask(sq, sk, q.device)
-    if q.device.type == "cpu" and dv < q.shape[-1]:  # MLA's dv < dqk: the CPU's fused kernel wants one head dim,
-        v = F.pad(v, (0, q.shape[-1] - dv))           # else torch takes its unfused math path (5x slower at S=256)
+    if q.device.type == "cpu" and dv < q.shape[-1] and sq > 1:  # MLA's dv < dqk: the CPU's fused kernel wants one
+        v = F.pad(v, (0, q.shape[-1] - dv))  # head dim, else torch takes its unfused math path (5x slower at S=256)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                        scale=softmax_scale, enable_gqa=q.shape[1] != k.shape[1])
     return o[..., :dv]

@@ -4,6 +4,11 @@
     python bench/decode.py --cpu --out results/      # CPU: cpu-tiny, fp32, 1 thread recommended (OMP_NUM_THREADS=1)
     python bench/decode.py --quick --out /tmp/q      # CPU smoke of the whole script in seconds (tests call it)
 
+On one GPU the rows take three calls (copy each call's decode.json to results/ before the next):
+    python3 bench/decode.py --out $OUT/decode --deadline 520 --skip mtp,plain,hf_eager,naive,nocompile,nokernel
+    python3 bench/decode.py --out $OUT/decode --deadline 520 --skip mtp,absorb,shapes,hf_eager,hf_static --merge results/decode.json
+    python3 bench/decode.py --out $OUT/decode --deadline 560 --skip ours,shapes,plain,hf_eager,hf_static --merge results/decode.json --train-seconds 200
+
 What runs (greedy, prompt 128 random tokens, 256 new tokens, batch 1, 8, 32, 128; random weights, seed 0):
   ours        dsv3_min.infer.generate with its default settings (on CUDA: static caches, the step compiled and
               captured in a CUDA graph): ours_absorb (MLA 'absorb') at every batch, ours_naive at b1 and b32; and

@@ -113,7 +113,7 @@ def latent_attention(q_lat: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor, 
     return einsum(probs, latent, "b h s t, b t c -> b s h c")  # average the latents (the value absorbed after)
 
 
-DECODE_KERNELS: list = []  # the fused decode attention, `fn(q_lat, q_pe, cache, scale) -> o_lat or None` (13a)
+DECODE_KERNELS: list = []  # the fused decode attention, `fn(q_lat, q_pe, cache, scale) -> o_lat or None` (notebook 14)
 
 
 def _mla_absorbed(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor,
@@ -122,7 +122,7 @@ def _mla_absorbed(self: MultiHeadLatentAttention, q_nope: Tensor, q_pe: Tensor, 
     w = rearrange(self.kv_b_proj.weight, "(h d) c -> h d c", h=self.n_heads)
     w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (h, nope_dim, c), (h, v_dim, c)
     q_lat = einsum(q_nope, w_uk, "b s h d, h d c -> b s h c")  # W_UK folded into the query
-    o_lat = None  # a static cache on CUDA: the one-kernel decode attention (notebook 13a) unless attn_backend='eager'
+    o_lat = None  # a static cache on CUDA: the one-kernel decode attention (notebook 14) unless attn_backend='eager'
     if DECODE_KERNELS and cache is not None and cache.static and self.cfg.attn_backend != "eager":
         o_lat = DECODE_KERNELS[0](q_lat, q_pe, cache, self.softmax_scale)
     if o_lat is None:

@@ -623,6 +623,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'dsv3_min.optim': { 'dsv3_min.optim.Muon': ('optim.html#muon', 'dsv3_min/optim.py'),
                                 'dsv3_min.optim.Muon.__init__': ('optim.html#muon.__init__', 'dsv3_min/optim.py'),
                                 'dsv3_min.optim.Muon.step': ('optim.html#muon.step', 'dsv3_min/optim.py'),
+                                'dsv3_min.optim._adamw_kept': ('optim.html#_adamw_kept', 'dsv3_min/optim.py'),
                                 'dsv3_min.optim._is_muon': ('optim.html#_is_muon', 'dsv3_min/optim.py'),
                                 'dsv3_min.optim._like': ('optim.html#_like', 'dsv3_min/optim.py'),
                                 'dsv3_min.optim._whole': ('optim.html#_whole', 'dsv3_min/optim.py'),

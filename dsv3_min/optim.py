@@ -123,21 +123,29 @@ def orthogonalised(updates: list[torch.Tensor], blocks: int) -> list[torch.Tenso
 
 # %% ../notebooks/19_optim.ipynb #bc9db1f8
 @torch.no_grad()
-def muon_step(state: dict, params: list[torch.Tensor], group: dict) -> None:
-    "Nesterov momentum, orthogonalise (per matrix, per block), decoupled decay, step scaled by match_rms_adamw."
+def muon_step(state: dict, params: list[torch.Tensor], group: dict, keep: torch.Tensor | None = None) -> None:
+    """Nesterov momentum, orthogonalise (per matrix, per block), decoupled decay, step scaled by match_rms_adamw.
+    `keep`, a 0-dim 0/1 on the device (None: 1): where 0, weights and momentum stay bit for bit, with no host read."""
     mu, lr, blocks = group["momentum"], group["lr"], group["blocks"]
+    ok = None if keep is None else keep.bool()
     updates = []
     for p in params:
+        g = p.grad if ok is None else torch.where(ok, p.grad, 0.0)  # a skipped step's NaN never reaches a buffer
         buf = state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-        buf.lerp_(p.grad, 1 - mu)
-        updates.append(_whole(p.grad.lerp(buf, mu) if group["nesterov"] else buf))
+        buf.lerp_(g, 1 - mu if keep is None else (1 - mu) * keep)
+        updates.append(_whole(g.lerp(buf, mu) if group["nesterov"] else buf))
     for p, o in zip(params, orthogonalised(updates, blocks) if params else []):
-        p.mul_(1 - lr * group["weight_decay"])
-        p.add_(_like(o, p), alpha=-match_rms_adamw(lr, (p.shape[-2] // blocks, p.shape[-1])))
+        alpha = -match_rms_adamw(lr, (p.shape[-2] // blocks, p.shape[-1]))
+        if keep is None:
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(_like(o, p), alpha=alpha)
+        else:
+            p.mul_(1 - lr * group["weight_decay"] * keep)
+            p.addcmul_(_like(o, p), keep, value=alpha)
 
 
 @torch.no_grad()
-def adamw_step(state: dict, params: list[torch.Tensor], group: dict) -> None:
+def adamw_step(state: dict, params: list[torch.Tensor], group: dict, keep: torch.Tensor | None = None) -> None:
     "AdamW (decoupled decay, bias-corrected moments) on foreach kernels, with torch.optim.AdamW's state names."
     if not params:
         return
@@ -146,8 +154,13 @@ def adamw_step(state: dict, params: list[torch.Tensor], group: dict) -> None:
     for p, st in zip(params, sts):
         if "step" not in st:
             st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        st["step"] += 1
+        if keep is None:
+            st["step"] += 1
+        else:  # the count moves to the device, so that nothing is read back
+            st["step"] = st["step"].to(keep.device) + keep
     grads, m, v = [p.grad for p in params], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts]
+    if keep is not None:
+        return _adamw_kept(params, grads, m, v, [s["step"] for s in sts], group, keep)
     steps = [float(s["step"]) for s in sts]
     torch._foreach_mul_(params, 1 - lr * wd)
     torch._foreach_lerp_(m, grads, 1 - b1)
@@ -158,9 +171,25 @@ def adamw_step(state: dict, params: list[torch.Tensor], group: dict) -> None:
     torch._foreach_add_(denom, group["eps"])
     torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1**t) for t in steps])
 
+# %% ../notebooks/19_optim.ipynb #f3a1c7d2
+def _adamw_kept(params, grads, m, v, steps, group, keep: torch.Tensor) -> None:
+    "`adamw_step` times the device 0/1 `keep` (0: nothing moves), bias corrections from the device step counts."
+    (b1, b2), lr, wd = group["betas"], group["lr"], group["weight_decay"]
+    ok = keep.bool()
+    for p, g, mi, vi, t in zip(params, grads, m, v, steps):
+        g = torch.where(ok, g, 0.0)
+        t = t.clamp(min=1)  # a skipped first step: no 0/0 in the corrections (its update is multiplied by 0)
+        p.mul_(1 - lr * wd * keep)
+        mi.lerp_(g, (1 - b1) * keep)
+        vi.mul_(1 - (1 - b2) * keep).addcmul_(g, g, value=1 - b2)
+        denom = (vi.sqrt() / (1 - b2**t).sqrt()).add_(group["eps"])
+        p.addcmul_(mi / denom, keep / (1 - b1**t), value=-lr)
+
 # %% ../notebooks/19_optim.ipynb #1d0a64ea
 class Muon(torch.optim.Optimizer):
-    "Muon (Nesterov momentum, Newton–Schulz, match_rms_adamw) on groups with muon=True, AdamW on muon=False ones."
+    """Muon (Nesterov momentum, Newton–Schulz, match_rms_adamw) on groups with muon=True, AdamW on muon=False ones.
+    Takes torch's `found_inf` as fused AdamW does: set to a device 1.0, it skips the step without a host read."""
+    takes_found_inf = True
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
@@ -176,11 +205,13 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found = getattr(self, "found_inf", None)
+        keep = None if found is None else 1 - found
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
             use = [p.ndim >= 2 if group["muon"] is None else group["muon"] for p in ps]
-            muon_step(self.state, [p for p, u in zip(ps, use) if u], group)
-            adamw_step(self.state, [p for p, u in zip(ps, use) if not u], group)
+            muon_step(self.state, [p for p, u in zip(ps, use) if u], group, keep)
+            adamw_step(self.state, [p for p, u in zip(ps, use) if not u], group, keep)
         return loss
 
 # %% ../notebooks/19_optim.ipynb #52d0446a

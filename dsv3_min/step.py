@@ -46,8 +46,10 @@ def update_router_biases(model) -> None:
 
 # %% ../notebooks/21_step.ipynb #5e0c3a71
 def _skips_on_device(opt: torch.optim.Optimizer) -> bool:
-    "Whether `opt` takes torch's `found_inf` (fused AdamW/Adam: skip the whole update on the device); not on DTensors."
-    return bool(getattr(opt, "_step_supports_amp_scaling", False)) and not any(
+    """Whether `opt` takes torch's `found_inf` (fused AdamW/Adam, our Muon: skip the whole update on the device); not
+    on DTensors."""
+    takes = getattr(opt, "_step_supports_amp_scaling", False) or getattr(opt, "takes_found_inf", False)
+    return bool(takes) and not any(
         isinstance(p, DTensor) for g in opt.param_groups for p in g["params"])
 
 

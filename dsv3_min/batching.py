@@ -119,13 +119,15 @@ def check_draft(model: DeepSeekV3, draft: str | None) -> None:
 class Engine:
     "Continuous batching over one static cache of `max_batch` rows: requests join at step boundaries, leave when done."
 
-    def __init__(self, model: DeepSeekV3, max_batch: int = 8, eos_id: int | None = None, draft: str | None = None):
+    def __init__(self, model: DeepSeekV3, max_batch: int = 8, eos_id: int | None = None, draft: str | None = None,
+                 mla_impl: str | None = "absorb"):
+        "`mla_impl`: MLA's cache (notebook 08), the latent one by default: a step reads all `2 × context` slots."
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         check_draft(model, draft)
         self.model, self.eos_id, self.ctx = model.eval(), eos_id, model.config.max_position_embeddings
-        self.device, self.draft = model.embed_tokens.weight.device, draft
-        self.cache = model.new_cache(max_batch, 2 * self.ctx, static=True, mtp=draft is not None)
+        self.device, self.draft, self.mla_impl = model.embed_tokens.weight.device, draft, mla_impl
+        self.cache = model.new_cache(max_batch, 2 * self.ctx, static=True, mla_impl=mla_impl, mtp=draft is not None)
         self.views: dict[int, ModelCache] = {}  # the first rows of `cache` (a step runs the rows in use only)
         self.rows: list[Seq | None] = [None] * max_batch
         self.waiting: queue.SimpleQueue = queue.SimpleQueue()
@@ -205,7 +207,7 @@ def _shift(eng: Engine, d: int) -> None:
 def _prefill(eng: Engine, seq: Seq) -> None:
     "Run the prompt alone, emit its log-probs (echo) and first token; copy its cache into a free row if it goes on."
     L = len(seq.ids)
-    small = eng.model.new_cache(1, L, static=True, mtp=eng.draft is not None)
+    small = eng.model.new_cache(1, L, static=True, mla_impl=eng.mla_impl, mtp=eng.draft is not None)
     h = eng.model.hidden_states(torch.tensor([seq.ids], device=eng.device), cache=small)[0]
     idx, w = eng.routing.take()
     logits = eng.model.head(h if seq.prompt_logprobs else h[-1:])

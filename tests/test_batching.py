@@ -2,6 +2,7 @@
 own decoder (`infer.generate`) gives it alone, whenever it joins, through the cache's shifts; routing hooks."""
 import threading
 
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -37,11 +38,13 @@ class Req:
             self.done.set()
 
 
-def test_requests_joining_mid_generation_decode_as_alone():
+@pytest.mark.parametrize("mla_impl", ["absorb", "naive"])
+def test_requests_joining_mid_generation_decode_as_alone(mla_impl):
     """A (1-token prompt) runs alone; B (25-token prompt) joins at A's 3rd token (the rows shift right); C joins at
-    A's 25th and runs past the cache's end (the rows shift left). Each gets exactly `generate`'s greedy tokens."""
+    A's 25th and runs past the cache's end (the rows shift left). Each gets exactly `generate`'s greedy tokens with
+    the same MLA cache (the engine's default, the latent one, and the per-head K/V one)."""
     model = _model()
-    eng = Engine(model, max_batch=3)
+    eng = Engine(model, max_batch=3, mla_impl=mla_impl)
     g = torch.Generator().manual_seed(1)
     prompt = lambda n: torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
     b, c = Req(prompt(25), 6), Req(prompt(10), 22)
@@ -54,7 +57,8 @@ def test_requests_joining_mid_generation_decode_as_alone():
         eng.close()
     assert eng.stats["shifts"] >= 2 and eng.busy == 0
     for r in (a, b, c):
-        want = generate(model, torch.tensor(r.ids), r.seq.max_new, temperature=0)[len(r.ids):].tolist()
+        want = generate(model, torch.tensor(r.ids), r.seq.max_new, temperature=0, mla_impl=eng.mla_impl)[len(r.ids):]
+        want = want.tolist()
         assert (r.tokens, r.end) == (want, "length")
 
 
@@ -109,7 +113,8 @@ def mtp_greedy(model, ids, n):
     """Greedy `generate(draft='mtp')` alone (token for token plain greedy's, test_infer): the new tokens, and per new
     token True an accepted draft, False the replacement of a rejected one, None otherwise (first token, bonus token)."""
     stats = {}
-    out = generate(model, torch.tensor(ids), n, temperature=0, draft="mtp", stats=stats)[len(ids):].tolist()
+    out = generate(model, torch.tensor(ids), n, temperature=0, draft="mtp", stats=stats, mla_impl="absorb")
+    out = out[len(ids):].tolist()
     flags = [None]
     for ok in stats["accept"][:, 0].tolist():
         flags += [True, None] if ok else [False]
@@ -137,7 +142,7 @@ def test_mtp_drafting_engine_decodes_each_request_as_generate():
             eng.close()
         assert eng.stats["shifts"] >= 2 and all(r.end == "length" for r in reqs)
         assert reqs[0].tokens == generate(m, torch.tensor(reqs[0].ids), 31, temperature=1.0, seed=7,
-                                          draft="mtp")[len(reqs[0].ids):].tolist()
+                                          draft="mtp", mla_impl="absorb")[len(reqs[0].ids):].tolist()
         for r in reqs[1:]:
             assert (r.tokens, r.flags) == mtp_greedy(m, r.ids, r.seq.max_new)
     accepted = [r.flags.count(True) for r in reqs]

@@ -88,9 +88,10 @@ def health(server) -> dict:
 
 
 def greedy_ids(model, ids, n, **sampling):
-    """The package's own decoder (`infer.generate`), greedy unless `sampling` says, stopping at EOS: the new ids."""
+    """The package's own decoder (`infer.generate`) with the server's latent MLA cache, greedy unless `sampling`
+    says, stopping at EOS: the new ids."""
     m, tok = model
-    kw = {"temperature": 0, **sampling}
+    kw = {"temperature": 0, "mla_impl": "absorb", **sampling}
     out = generate(m, torch.tensor(ids), n, eos_token_id=tok.eos_id, **kw)[len(ids):].tolist()
     return out[: out.index(tok.eos_id)] if tok.eos_id in out else out
 

@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import Tensor
 
 from .infer import check_mtp, choose_token, mtp_draft_logits, verify_draft
-from .model import DeepSeekV3, ModelCache, next_token
+from .model import DeepSeekV3, ModelCache
 from .moe import MoE
 
 # %% auto #0
@@ -215,11 +215,12 @@ def _prefill(eng: Engine, seq: Seq) -> None:
         seq.emit(("prompt", prompt_logprobs(logits, seq.ids, seq.top_n)))
     if seq.max_new == 0:
         return eng._end(seq, "length")
-    if not _choose(eng, seq, logits[-1], idx[-1], w[-1]):
+    toks, _ = _choose_rows(eng, [seq], logits[-1:])
+    if not _emit(eng, seq, _emit_rows(eng, [seq], toks, logits[-1:], idx[-1:], w[-1:])[0]):
         return
     if eng.draft:  # MTP on the prompt (its own cache slots), as notebook 28's `MTPDecoder.start_drafting`
         nxt = torch.tensor([seq.ids[1:] + [seq.last]], device=eng.device)
-        _set_draft(eng, seq, mtp_draft_logits(eng.model, h[None], nxt, small, torch.tensor(L - 1, device=eng.device)))
+        _set_drafts(eng, [seq], mtp_draft_logits(eng.model, h[None], nxt, small, torch.tensor(L - 1, device=eng.device)))
     row, P = eng.rows.index(None), int(eng.cache.pos)
     if P < L:
         _shift(eng, L - P)
@@ -232,24 +233,48 @@ def _prefill(eng: Engine, seq: Seq) -> None:
 
 
 # %% ../notebooks/38_batching.ipynb #83603552
-def _emit(eng: Engine, seq: Seq, tok: int, logits: Tensor, idx: Tensor, w: Tensor, drafted: bool | None = None) -> bool:
-    "Emit `seq`'s next token `tok` (drawn from `logits (vocab,)`) with its routing; False once `seq` is done."
+def _groups(seqs: list[Seq]) -> list[list[int]]:
+    "Indices of `seqs` by sampling settings (temperature, top-p): each group draws in one call."
+    groups: dict[tuple, list[int]] = {}
+    for j, s in enumerate(seqs):
+        groups.setdefault((s.temperature, s.top_p), []).append(j)
+    return list(groups.values())
+
+
+def _choose_rows(eng: Engine, seqs: list[Seq], logits: Tensor) -> tuple[Tensor, list]:
+    "A token per request from `logits (n, vocab)`, each with its own generator, and the probs it was drawn from."
+    toks, probs = torch.zeros(len(seqs), dtype=torch.long, device=logits.device), [None] * len(seqs)
+    for js in _groups(seqs):
+        s = seqs[js[0]]
+        tok, p = choose_token((s.temperature, None, s.top_p, [seqs[j].sampler(eng.device) for j in js]), logits[js])
+        toks[js] = tok
+        for j, row in zip(js, p if p is not None else []):
+            probs[j] = row
+    return toks, probs
+
+
+def _emit_rows(eng: Engine, seqs: list[Seq], toks: Tensor, logits: Tensor, idx: Tensor, w: Tensor) -> list:
+    "Per request, its token event from `toks (n,)` drawn from `logits (n, vocab)`, routing `idx`/`w (n, L, k)`."
+    lp = logits.float().log_softmax(-1)
+    top = max(s.top_n for s in seqs)
+    v, i = lp.topk(top, dim=-1) if top else (lp[:, :0], lp[:, :0].long())
+    picked = lp.gather(1, toks[:, None])[:, 0]
+    return [(t, p, list(zip(a, b)), ii, ww) for t, p, a, b, ii, ww in
+            zip(toks.tolist(), picked.tolist(), i.tolist(), v.tolist(), idx.tolist(), w.tolist())]
+
+
+def _emit(eng: Engine, seq: Seq, event: tuple, drafted: bool | None = None) -> bool:
+    "Emit `seq`'s next token (`event` from `_emit_rows`); False once `seq` is done."
+    tok, logprob, top, idx, w = event
     if tok == eng.eos_id:
         eng._end(seq, "stop")
         return False
-    lp = logits.float().log_softmax(-1)
     seq.generated, seq.last = seq.generated + 1, tok
-    seq.emit(("token", tok, float(lp[tok]), _top(lp, seq.top_n), idx.tolist(), w.tolist(), drafted))
+    seq.emit(("token", tok, logprob, top[:seq.top_n], idx, w, drafted))
     if seq.generated >= seq.max_new:
         eng._end(seq, "length")
         return False
     return True
-
-
-def _choose(eng: Engine, seq: Seq, logits: Tensor, idx: Tensor, w: Tensor) -> bool:
-    "Pick `seq`'s next token from `logits (vocab,)` with its own sampler and emit it; False once `seq` is done."
-    tok = int(next_token(logits[None], seq.temperature, None, seq.top_p, seq.sampler(eng.device))[0])
-    return _emit(eng, seq, tok, logits, idx, w)
 
 # %% ../notebooks/38_batching.ipynb #f73d1ce7
 def _rows(eng: Engine, width: int) -> ModelCache:
@@ -290,15 +315,18 @@ def _decode_step(eng: Engine, active: list[int], width: int) -> None:
     logits = eng.model(tok.to(eng.device), cache=_rows(eng, width))[:, -1]
     eng.cache.pos.add_(1)
     idx, w = eng.routing.take()
-    for r in active:
-        if not _choose(eng, eng.rows[r], logits[r], idx[r], w[r]):
+    seqs = [eng.rows[r] for r in active]
+    toks, _ = _choose_rows(eng, seqs, logits[active])
+    for r, seq, event in zip(active, seqs, _emit_rows(eng, seqs, toks, logits[active], idx[active], w[active])):
+        if not _emit(eng, seq, event):
             eng.rows[r] = None
 
 # %% ../notebooks/38_batching.ipynb #858b30d0
-def _set_draft(eng: Engine, seq: Seq, logits: Tensor) -> None:
-    "Draw `seq`'s next draft from MTP's logits `(1, vocab)` with its own sampler (and keep q when sampling)."
-    tok, probs = choose_token(seq.sampling(eng.device), logits)
-    seq.draft, seq.draft_probs = int(tok[0]), None if probs is None else probs[0]
+def _set_drafts(eng: Engine, seqs: list[Seq], logits: Tensor) -> None:
+    "Draw each request's next draft from MTP's logits `(n, vocab)` with its own sampler (and keep q when sampling)."
+    toks, probs = _choose_rows(eng, seqs, logits)
+    for seq, tok, p in zip(seqs, toks.tolist(), probs):
+        seq.draft, seq.draft_probs = tok, p
 
 
 def _move_right(eng: Engine, rows: list[int], end: int) -> None:
@@ -310,40 +338,53 @@ def _move_right(eng: Engine, rows: list[int], end: int) -> None:
         eng.cache.start[rows] += 1
 
 
-def _verify(eng: Engine, active: list[int], logits: Tensor) -> tuple[Tensor, Tensor]:
-    "Each row's verdict on its draft `(width,)` and its two next tokens `(width, 2)`, with its own sampling."
-    ok = torch.zeros(logits.shape[0], dtype=torch.bool)
-    new = torch.zeros(logits.shape[0], 2, dtype=torch.long)
-    for r in active:
-        seq = eng.rows[r]
-        q = None if seq.draft_probs is None else seq.draft_probs[None]
-        a, n = verify_draft(logits[r:r + 1], torch.tensor([seq.draft], device=eng.device), q,
-                            *seq.sampling(eng.device))
-        ok[r], new[r] = a[0], n[0]
+def _verify(eng: Engine, seqs: list[Seq], logits: Tensor) -> tuple[Tensor, Tensor]:
+    "Each request's verdict on its draft `(n,)` and its two next tokens `(n, 2)` from `logits (n, 2, vocab)`."
+    ok = torch.zeros(len(seqs), dtype=torch.bool, device=logits.device)
+    new = torch.zeros(len(seqs), 2, dtype=torch.long, device=logits.device)
+    for js in _groups(seqs):
+        s, gens = seqs[js[0]], [seqs[j].sampler(eng.device) for j in js]
+        q = None if s.temperature == 0 else torch.stack([seqs[j].draft_probs for j in js])
+        drafts = torch.tensor([seqs[j].draft for j in js], device=logits.device)
+        ok[js], new[js] = verify_draft(logits[js], drafts, q, s.temperature, None, s.top_p, gens)
     return ok, new
 
 # %% ../notebooks/38_batching.ipynb #3714bbd8
 def _verify_step(eng: Engine, active: list[int], width: int) -> None:
     "Verify every row's `[last, draft]`, emit 1 or 2 tokens per row, draft again; rejected rows move right."
+    seqs = [eng.rows[r] for r in active]
     tok = torch.zeros(width, 2, dtype=torch.long)
-    tok[active] = torch.tensor([[eng.rows[r].last, eng.rows[r].draft] for r in active])
+    tok[active] = torch.tensor([[s.last, s.draft] for s in seqs])
     rows = _rows(eng, width)
     h = eng.model.hidden_states(tok.to(eng.device), cache=rows)  # slots pos, pos+1
     logits = eng.model.head(h)  # (width, 2, vocab)
     idx, w = (rearrange(x, "(b s) l k -> b s l k", s=2) for x in eng.routing.take())
-    ok, new = _verify(eng, active, logits)
-    drafts = mtp_draft_logits(eng.model, h, new.to(eng.device), rows, ok.long().to(eng.device))
-    end, two = int(eng.cache.pos) + 1, bool(ok[active].any())
-    _move_right(eng, [r for r in active if two and not ok[r]], end)
+    ok_a, new_a = _verify(eng, seqs, logits[active])
+    ok = torch.zeros(width, dtype=torch.bool, device=eng.device).index_copy_(0, _index(active, eng), ok_a)
+    new = torch.zeros(width, 2, dtype=torch.long, device=eng.device).index_copy_(0, _index(active, eng), new_a)
+    drafts = mtp_draft_logits(eng.model, h, new, rows, ok.long())
+    events = _emit_rows(eng, [s for s in seqs for _ in (0, 1)], rearrange(new_a, "n s -> (n s)"),
+                        rearrange(logits[active], "n s v -> (n s) v"), rearrange(idx[active], "n s l k -> (n s) l k"),
+                        rearrange(w[active], "n s l k -> (n s) l k"))
+    oks = ok_a.tolist()
+    end, two = int(eng.cache.pos) + 1, any(oks)
+    _move_right(eng, [r for r, a in zip(active, oks) if two and not a], end)
     eng.cache.pos.add_(1 + two)
-    for r in active:
-        seq, a = eng.rows[r], bool(ok[r])
+    going = []
+    for j, (r, seq, a) in enumerate(zip(active, seqs, oks)):
         eng.stats["drafted"] += 1
         eng.stats["accepted"] += a
-        going = _emit(eng, seq, int(new[r, 0]), logits[r, 0], idx[r, 0], w[r, 0], a)
-        if going and a:
-            going = _emit(eng, seq, int(new[r, 1]), logits[r, 1], idx[r, 1], w[r, 1])
-        if going:
-            _set_draft(eng, seq, drafts[r:r + 1])
-        else:
+        on = _emit(eng, seq, events[2 * j], a)
+        if on and a:
+            on = _emit(eng, seq, events[2 * j + 1])
+        going.append(on)
+        if not on:
             eng.rows[r] = None
+    keep = [j for j, on in enumerate(going) if on]
+    if keep:
+        _set_drafts(eng, [seqs[j] for j in keep], drafts[[active[j] for j in keep]])
+
+
+def _index(rows: list[int], eng: Engine) -> Tensor:
+    "Row indices as a device tensor."
+    return torch.tensor(rows, device=eng.device)

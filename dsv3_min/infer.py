@@ -13,7 +13,7 @@ from einops import repeat
 from torch import Tensor
 
 from .config import ModelConfig, count_params
-from .model import DeepSeekV3, check_generate_args, filtered_logits, next_token, sample_from
+from .model import DeepSeekV3, check_generate_args, filtered_logits, next_token, noise, sample_from
 
 # %% auto #0
 __all__ = ['DecodeBytes', 'experts_touched', 'decode_step_bytes', 'choose_token', 'decode_defaults', 'Decoder', 'verify_draft',
@@ -175,7 +175,7 @@ class Decoder:
 
 # %% ../notebooks/28_infer.ipynb #1b1c0fe6
 def verify_draft(logits: Tensor, draft: Tensor, draft_probs: Tensor | None, temperature: float, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                 top_p: float | None = None, generator: torch.Generator | list | None = None) -> tuple[Tensor, Tensor]:
     "Target logits `(b, k+1, vocab)` after `[last, drafts]` -> accepted `(b,)`, the next tokens `(b, k+1)`."
     one = draft.ndim == 1  # one draft `(b,)`, its probs `(b, vocab)`: accepted is a bool; k drafts `(b, k)`: a count
     d = draft[:, None] if one else draft
@@ -188,7 +188,7 @@ def verify_draft(logits: Tensor, draft: Tensor, draft_probs: Tensor | None, temp
     # speculative sampling: accept with probability min(1, p(d)/q(d)), else draw from (p - q)+ renormalized
     p = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)  # (b, k+1, vocab)
     p_d, q_d = p[:, :k].gather(2, d[..., None])[..., 0], q.gather(2, d[..., None])[..., 0]
-    ok = torch.rand(d.shape, generator=generator, device=d.device) * q_d < p_d
+    ok = noise(d.shape, d.device, generator) * q_d < p_d  # a list of generators: one per row
     n = ok.long().cumprod(dim=1).sum(dim=1)  # drafts accepted before the first rejection
     residual = sample_from((p[:, :k] - q).clamp(min=0), generator)  # (b, k): the token at a first rejection
     bonus = sample_from(p[:, k], generator)  # from the target after every draft (when all were accepted)

@@ -21,8 +21,8 @@ from .rope import RotaryEmbedding
 
 # %% auto #0
 __all__ = ['Block', 'DeepNormBlock', 'SharedHead', 'MTPLayer', 'DeepNormMTPLayer', 'LossParts', 'ModelCache', 'DeepSeekV3',
-           'DeepSeekV3ForSequenceClassification', 'filtered_logits', 'sample_from', 'next_token', 'check_generate_args',
-           'reference_generate']
+           'DeepSeekV3ForSequenceClassification', 'filtered_logits', 'noise', 'sample_from', 'next_token',
+           'check_generate_args', 'reference_generate']
 
 # %% ../notebooks/16_model.ipynb #d0133743
 class Block(nn.Module):
@@ -308,12 +308,22 @@ def filtered_logits(logits: Tensor, temperature: float, top_k: int | None = None
     return logits
 
 
-def sample_from(weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def noise(shape, device, generator=None, exponential: bool = False) -> Tensor:
+    """fp32 noise of `shape`, uniform on [0, 1) or Exp(1). A list of generators draws row i (axis 0) from the i-th,
+    the numbers a batch-1 call with it would draw: each request of a batch keeps its own random stream."""
+    def draw(s, g):
+        return (torch.empty(s, device=device).exponential_(1, generator=g) if exponential
+                else torch.rand(s, generator=g, device=device))
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([draw(shape[1:], g) for g in generator])
+    return draw(shape, generator)
+
+
+def sample_from(weights: Tensor, generator: torch.Generator | list | None = None) -> Tensor:
     "One token `(...,)` per row of non-negative `weights (..., vocab)` (need not sum to 1), without a host sync."
     # argmax(w / E) with E ~ Exp(1) picks token i with probability w_i / sum(w): the "exponential race", which is
     # exactly what torch.multinomial does for one sample, minus its validity checks (two host syncs per call)
-    noise = torch.empty_like(weights, dtype=torch.float32).exponential_(1, generator=generator)
-    return (weights.float() / noise).argmax(dim=-1)
+    return (weights.float() / noise(weights.shape, weights.device, generator, exponential=True)).argmax(dim=-1)
 
 
 def next_token(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None,

@@ -338,3 +338,14 @@ def test_generate_builds_one_engine_per_shape_and_reuses_it():
     assert again["compile_s"] == spelled["compile_s"] == first["compile_s"]
     generate(m, p.expand(2, -1), 4, temperature=0, stats=other)
     assert other["new_engine"] and len(m._decoders) == 2
+
+
+@pytest.mark.parametrize("exponential", [False, True])
+def test_noise_with_a_generator_per_row_draws_what_each_row_draws_alone(exponential):
+    """`model.noise` given a list of generators draws row i from the i-th: exactly the numbers of a batch-1 call with
+    that generator (what lets the serving engine draw rows of different seeds in one call)."""
+    from dsv3_min.model import noise
+    rows = noise((3, 2, 5), "cpu", [torch.Generator().manual_seed(s) for s in (1, 2, 3)], exponential)
+    alone = [noise((1, 2, 5), "cpu", torch.Generator().manual_seed(s), exponential)[0] for s in (1, 2, 3)]
+    assert rows.shape == (3, 2, 5) and torch.equal(rows, torch.stack(alone))
+    assert not torch.equal(rows[0], rows[1])

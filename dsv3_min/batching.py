@@ -93,18 +93,19 @@ class Seq:
         return self.temperature, None, self.top_p, self.sampler(device)
 
 
-def _top(lp: Tensor, n: int) -> list[tuple[int, float]]:
-    "The `n` most likely `(id, logprob)` of log-probabilities `lp (vocab,)`."
-    if n == 0:
-        return []
-    v, i = lp.topk(n)
-    return list(zip(i.tolist(), v.tolist()))
+def _logprobs(logits: Tensor, toks: Tensor, top_n: int) -> tuple[list, list]:
+    "Per row of `logits (n, vocab)`: log p of its token `toks (n,)`, and the `top_n` most likely `(id, logprob)`."
+    lp = logits.float().log_softmax(-1)
+    picked = lp.gather(1, toks[:, None])[:, 0].tolist()  # one read for all rows
+    if not top_n:
+        return picked, [[] for _ in picked]
+    v, i = lp.topk(top_n, dim=-1)
+    return picked, [list(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
 
 
 def prompt_logprobs(logits: Tensor, ids: list[int], top_n: int) -> list[tuple[float, list]]:
     "Per prompt token after the first: `(log p(token | before), top_n alternatives)` from logits `(L, vocab)`."
-    lp = logits[:-1].float().log_softmax(-1)
-    return [(float(lp[t, i]), _top(lp[t], top_n)) for t, i in enumerate(ids[1:])]
+    return list(zip(*_logprobs(logits[:-1], torch.tensor(ids[1:], dtype=torch.long, device=logits.device), top_n)))
 
 # %% ../notebooks/38_batching.ipynb #63100f7b
 def check_draft(model: DeepSeekV3, draft: str | None) -> None:
@@ -216,7 +217,7 @@ def _prefill(eng: Engine, seq: Seq) -> None:
     if seq.max_new == 0:
         return eng._end(seq, "length")
     toks, _ = _choose_rows(eng, [seq], logits[-1:])
-    if not _emit(eng, seq, _emit_rows(eng, [seq], toks, logits[-1:], idx[-1:], w[-1:])[0]):
+    if not _emit(eng, seq, _emit_rows([seq], toks, logits[-1:], idx[-1:], w[-1:])[0]):
         return
     if eng.draft:  # MTP on the prompt (its own cache slots), as notebook 28's `MTPDecoder.start_drafting`
         nxt = torch.tensor([seq.ids[1:] + [seq.last]], device=eng.device)
@@ -253,14 +254,10 @@ def _choose_rows(eng: Engine, seqs: list[Seq], logits: Tensor) -> tuple[Tensor, 
     return toks, probs
 
 
-def _emit_rows(eng: Engine, seqs: list[Seq], toks: Tensor, logits: Tensor, idx: Tensor, w: Tensor) -> list:
+def _emit_rows(seqs: list[Seq], toks: Tensor, logits: Tensor, idx: Tensor, w: Tensor) -> list:
     "Per request, its token event from `toks (n,)` drawn from `logits (n, vocab)`, routing `idx`/`w (n, L, k)`."
-    lp = logits.float().log_softmax(-1)
-    top = max(s.top_n for s in seqs)
-    v, i = lp.topk(top, dim=-1) if top else (lp[:, :0], lp[:, :0].long())
-    picked = lp.gather(1, toks[:, None])[:, 0]
-    return [(t, p, list(zip(a, b)), ii, ww) for t, p, a, b, ii, ww in
-            zip(toks.tolist(), picked.tolist(), i.tolist(), v.tolist(), idx.tolist(), w.tolist())]
+    picked, tops = _logprobs(logits, toks, max(s.top_n for s in seqs))
+    return list(zip(toks.tolist(), picked, tops, idx.tolist(), w.tolist()))
 
 
 def _emit(eng: Engine, seq: Seq, event: tuple, drafted: bool | None = None) -> bool:
@@ -317,7 +314,7 @@ def _decode_step(eng: Engine, active: list[int], width: int) -> None:
     idx, w = eng.routing.take()
     seqs = [eng.rows[r] for r in active]
     toks, _ = _choose_rows(eng, seqs, logits[active])
-    for r, seq, event in zip(active, seqs, _emit_rows(eng, seqs, toks, logits[active], idx[active], w[active])):
+    for r, seq, event in zip(active, seqs, _emit_rows(seqs, toks, logits[active], idx[active], w[active])):
         if not _emit(eng, seq, event):
             eng.rows[r] = None
 
@@ -360,10 +357,11 @@ def _verify_step(eng: Engine, active: list[int], width: int) -> None:
     logits = eng.model.head(h)  # (width, 2, vocab)
     idx, w = (rearrange(x, "(b s) l k -> b s l k", s=2) for x in eng.routing.take())
     ok_a, new_a = _verify(eng, seqs, logits[active])
-    ok = torch.zeros(width, dtype=torch.bool, device=eng.device).index_copy_(0, _index(active, eng), ok_a)
-    new = torch.zeros(width, 2, dtype=torch.long, device=eng.device).index_copy_(0, _index(active, eng), new_a)
+    at = torch.tensor(active, device=eng.device)
+    ok = torch.zeros(width, dtype=torch.bool, device=eng.device).index_copy_(0, at, ok_a)
+    new = torch.zeros(width, 2, dtype=torch.long, device=eng.device).index_copy_(0, at, new_a)
     drafts = mtp_draft_logits(eng.model, h, new, rows, ok.long())
-    events = _emit_rows(eng, [s for s in seqs for _ in (0, 1)], rearrange(new_a, "n s -> (n s)"),
+    events = _emit_rows([s for s in seqs for _ in (0, 1)], rearrange(new_a, "n s -> (n s)"),
                         rearrange(logits[active], "n s v -> (n s) v"), rearrange(idx[active], "n s l k -> (n s) l k"),
                         rearrange(w[active], "n s l k -> (n s) l k"))
     oks = ok_a.tolist()
@@ -383,8 +381,3 @@ def _verify_step(eng: Engine, active: list[int], width: int) -> None:
     keep = [j for j, on in enumerate(going) if on]
     if keep:
         _set_drafts(eng, [seqs[j] for j in keep], drafts[[active[j] for j in keep]])
-
-
-def _index(rows: list[int], eng: Engine) -> Tensor:
-    "Row indices as a device tensor."
-    return torch.tensor(rows, device=eng.device)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from dsv3_min.attention import KVCache
 from dsv3_min.batching import Engine, RoutingRecorder, Seq, moe_layer_ids
 from dsv3_min.infer import generate
+from dsv3_min.mla import LatentCache
 from dsv3_min.model import DeepSeekV3
 
 CTX = 32  # a short context: the 64-slot cache shifts left and right within a few requests
@@ -44,7 +46,8 @@ def test_requests_joining_mid_generation_decode_as_alone(mla_impl):
     A's 25th and runs past the cache's end (the rows shift left). Each gets exactly `generate`'s greedy tokens with
     the same MLA cache (the engine's default, the latent one, and the per-head K/V one)."""
     model = _model()
-    eng = Engine(model, max_batch=3, mla_impl=mla_impl)
+    eng = Engine(model, max_batch=3, **({} if mla_impl == "absorb" else {"mla_impl": mla_impl}))
+    assert isinstance(eng.cache.layers[0], LatentCache if mla_impl == "absorb" else KVCache)  # latent by default
     g = torch.Generator().manual_seed(1)
     prompt = lambda n: torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
     b, c = Req(prompt(25), 6), Req(prompt(10), 22)

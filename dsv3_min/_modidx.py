@@ -558,6 +558,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'dsv3_min.model.ModelCache.__repr__': ('model.html#modelcache.__repr__', 'dsv3_min/model.py'),
                                 'dsv3_min.model.ModelCache.pos': ('model.html#modelcache.pos', 'dsv3_min/model.py'),
                                 'dsv3_min.model.ModelCache.reset': ('model.html#modelcache.reset', 'dsv3_min/model.py'),
+                                'dsv3_min.model.ModelCache.set_window': ('model.html#modelcache.set_window', 'dsv3_min/model.py'),
                                 'dsv3_min.model.ModelCache.start': ('model.html#modelcache.start', 'dsv3_min/model.py'),
                                 'dsv3_min.model.SharedHead': ('model.html#sharedhead', 'dsv3_min/model.py'),
                                 'dsv3_min.model.SharedHead.__init__': ('model.html#sharedhead.__init__', 'dsv3_min/model.py'),

@@ -173,6 +173,7 @@ class LayerCache:
         self.pos = torch.zeros((), dtype=torch.long, device=device) if pos is None else pos  # static: next slot
         self.start = torch.zeros(batch, dtype=torch.long, device=device) if start is None else start  # first real slot
         self._slots = torch.arange(max_len, device=device)
+        self.window: slice | None = None  # static: the slots a step reads (None: all; `ModelCache.set_window`)
 
     def __getattr__(self, name: str) -> Tensor:
         "The buffers by name: `cache.k`, `cache.latent`."
@@ -190,13 +191,13 @@ class LayerCache:
         return int(self.pos) if self.static else self._length
 
     def update(self, *new: Tensor) -> tuple[Tensor, ...]:
-        "Store `s` new tokens `(batch, s, ...)` per buffer; dynamic: append, return the prefix; static: full buffers."
+        "Store `s` new tokens `(batch, s, ...)` per buffer; dynamic: append, return the prefix; static: all (or `window`)."
         s = _check_update(self, new)
         if self.static:
             slots = self.pos + self._slots[:s]  # device arithmetic: no host sync, fixed shapes
             for buf, t in zip(self.buffers.values(), new):
                 buf.index_copy_(1, slots, t.to(buf.dtype))
-            return tuple(self.buffers.values())
+            return tuple(b if self.window is None else b[:, self.window] for b in self.buffers.values())
         end = self._length + s
         for buf, t in zip(self.buffers.values(), new):
             buf[:, self._length:end] = t
@@ -210,16 +211,18 @@ class LayerCache:
 
 # %% ../notebooks/07_attention.ipynb #e79bc947
 def _cache_mask(self: LayerCache, q_len: int) -> Tensor | None:
-    "Static: bool `(batch, 1, q_len, max_len)`, True where `start_b <= j <= pos + i` (or `j == pos + i`); dynamic: None."
+    """Static: bool `(batch, 1, q_len, slots)` over every slot j (or the `window`'s), True where `start_b <= j <= pos + i`
+    (or `j == pos + i`); dynamic: None."""
     if not self.static:
         return None
-    i, j = self.pos + self._slots[:q_len], self._slots  # the queries' slots, every key slot
+    i = self.pos + self._slots[:q_len]  # the queries' slots; the keys': every slot, or the window's
+    j = self._slots if self.window is None else self._slots[self.window]
     visible = (j <= i[:, None]) & (j >= self.start[:, None, None])  # (b, q, t)
     return rearrange(visible | (j == i[:, None]), "b q t -> b 1 q t")
 
 def _cache_reset(self: LayerCache) -> None:
     "Forget the cached tokens (the buffers are reused): length 0, or `pos` and `start` 0."
-    self._length = 0
+    self._length, self.window = 0, None
     self.pos.zero_()
     self.start.zero_()
 

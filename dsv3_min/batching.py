@@ -122,7 +122,7 @@ class Engine:
 
     def __init__(self, model: DeepSeekV3, max_batch: int = 8, eos_id: int | None = None, draft: str | None = None,
                  mla_impl: str | None = "absorb"):
-        "`mla_impl`: MLA's cache (notebook 08), the latent one by default: a step reads all `2 × context` slots."
+        "`mla_impl`: MLA's cache (notebook 08), the latent one by default."
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         check_draft(model, draft)
@@ -296,11 +296,14 @@ def _step(eng: Engine) -> None:
     active = [r for r, s in enumerate(eng.rows) if s is not None]
     if not active:
         return
-    if int(eng.cache.pos) + (2 if eng.draft else 1) > eng.cache.layers[0].max_len:  # a step writes 1 or 2 slots
+    new = 2 if eng.draft else 1  # a step writes 1 or 2 slots
+    if int(eng.cache.pos) + new > eng.cache.layers[0].max_len:
         _shift(eng, -int(eng.cache.start[active].min()))
     free = [r for r, s in enumerate(eng.rows) if s is None]
     eng.cache.start[free] = eng.cache.pos  # a free row sees only its own slot
     width = active[-1] + 1  # rows are taken lowest first: the step runs rows 0..width-1 only
+    lo, pos = torch.stack([eng.cache.start[active].min().clamp(min=0), eng.cache.pos]).tolist()
+    _rows(eng, width).set_window(slice(lo, pos + new))  # attend over the rows' span only, not all 2 x context slots
     (_verify_step if eng.draft else _decode_step)(eng, active, width)
     eng.stats["steps"] += 1
 

@@ -117,6 +117,11 @@ class ModelCache:
         for c in [*self.layers, *self.mtp]:
             c.reset()
 
+    def set_window(self, slots: slice | None) -> None:
+        "Static caches: attend over the slots `slots` only (None: all); the batching engine narrows it to its rows' span."
+        for c in [*self.layers, *self.mtp]:
+            c.window = slots
+
     def __repr__(self) -> str:
         return f"ModelCache({len(self.layers)} layers, {len(self.mtp)} MTP; {self.layers[0]!r})"
 

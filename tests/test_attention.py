@@ -229,6 +229,22 @@ def test_static_cache_writes_at_pos_and_masks():
     assert repr(c).startswith("KVCache(static, pos=0, k=(2, 6, 1, 2)")
 
 
+def test_static_cache_window_returns_and_masks_only_its_slots():
+    """With `window` set (the batching engine's rows' span), update still writes at slots [pos, pos + s) but returns
+    only the window's slots, and mask(q_len) is the full mask's columns of those slots; reset clears the window."""
+    c = KVCache(batch=2, max_len=8, n_heads=1, k_dim=2, v_dim=2, static=True)
+    c.start.copy_(torch.tensor([2, 3]))
+    c.pos.fill_(4)
+    full_mask = c.mask(2)
+    c.window = slice(2, 6)
+    k = torch.arange(1.0, 9.0).reshape(2, 2, 1, 2)
+    k_w, v_w = c.update(k, -k)
+    assert k_w.shape == v_w.shape == (2, 4, 1, 2) and torch.equal(k_w, c.k[:, 2:6]) and torch.equal(c.k[:, 4:6], k)
+    assert torch.equal(c.mask(2), full_mask[..., 2:6]) and not full_mask[..., :2].any() and not full_mask[..., 6:].any()
+    c.reset()
+    assert c.window is None and c.mask(1).shape == (2, 1, 1, 8)
+
+
 def assert_static_step_has_no_host_sync(layer, rope, hidden, monkeypatch):
     """One static-cache decoding step (batch 2, slot 3 of 8: cache update, mask, attention, caller's pos += 1) with
     every tensor-to-Python conversion (item, int, bool, index, float, tolist) patched to raise: on a GPU each would be

@@ -82,6 +82,25 @@ def test_cancelled_request_leaves_its_row():
     assert other.end == "length" and len(other.tokens) == 20
 
 
+def test_engine_step_attends_over_its_rows_span_only(monkeypatch):
+    """The cache holds 2 x context = 64 slots, but each decode step attends over the slots its rows span (from the
+    smallest `start` to the new token), not all 64: a 1-token prompt's prefill reads 1 slot, its k-th step k + 1."""
+    import dsv3_min.mla as mla
+    widths, attend = [], mla.latent_attention
+    monkeypatch.setattr(mla, "latent_attention", lambda q, qp, latent, *a, **k: widths.append(latent.shape[1])
+                        or attend(q, qp, latent, *a, **k))
+    model = _model()
+    eng = Engine(model, max_batch=2)
+    r = Req([5], 8)
+    try:
+        eng.submit(r.seq)
+        assert r.done.wait(60)
+    finally:
+        eng.close()
+    assert eng.cache.layers[0].max_len == 2 * CTX and len(r.tokens) == 8
+    assert widths[::model.config.num_hidden_layers] == list(range(1, 9)), widths  # prefill, then 7 steps
+
+
 def test_routing_recorder_hooks_the_routers_and_removes_them():
     """The recorder keeps each MoE router's top-k ids and weights of the last forward, (T, layers, k) in (b s) order,
     as the router computes them; leaving the `with` block removes every hook."""

@@ -12,8 +12,9 @@ from typing import Any, NamedTuple
 from .validate import check_names, rule, type_ok, validate_fields
 
 # %% auto #0
-__all__ = ['ATTENTION_KINDS', 'NORM_SCHEMES', 'ATTN_BACKENDS', 'MLA_IMPLS', 'MOE_IMPLS', 'ROPE_SCALING_KEYS', 'HF_IGNORED_KEYS',
-           'HF_REQUIRED_VALUES', 'PRESETS', 'ModelConfig', 'get_preset', 'ParamCount', 'count_params']
+__all__ = ['ATTENTION_KINDS', 'NORM_SCHEMES', 'ATTN_BACKENDS', 'MLA_IMPLS', 'MOE_IMPLS', 'CE_IMPLS', 'ROPE_SCALING_KEYS',
+           'HF_IGNORED_KEYS', 'HF_REQUIRED_VALUES', 'PRESETS', 'ModelConfig', 'get_preset', 'ParamCount',
+           'count_params']
 
 # %% ../notebooks/01_config.ipynb #3fde4bcc
 ATTENTION_KINDS = ("mla", "gqa")
@@ -21,6 +22,7 @@ NORM_SCHEMES = ("prenorm", "deepnorm")
 ATTN_BACKENDS = ("eager", "sdpa", "flash", "flash_attn")
 MLA_IMPLS = ("naive", "absorb")
 MOE_IMPLS = ("grouped", "loop", "dense")
+CE_IMPLS = ("full", "chunked")
 _YARN_DEFAULTS = dict(beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0)
 _ROPE_NUMBERS = ("factor", "original_max_position_embeddings", "rope_theta", *_YARN_DEFAULTS)
 ROPE_SCALING_KEYS = ("type", "rope_type", *_ROPE_NUMBERS)
@@ -126,6 +128,7 @@ class ModelConfig(_HFFields):
     aux_loss_alpha: float = rule(1e-4, ge=0)          # α of the sequence-wise balance loss; 0 disables it
     bias_update_speed: float = rule(1e-3, ge=0)       # γ of aux-loss-free balancing; 0 disables it
     mtp_loss_weight: float = rule(0.3, ge=0)          # λ in L_main + (λ/D) Σ_k CE_k
+    ce_impl: str = rule("full", choices=CE_IMPLS)     # notebook 16: the training loss without the whole logits
 
     def replace(self, **changes) -> ModelConfig:
         "A copy with `changes` applied (validated, unknown names rejected)."
@@ -216,7 +219,8 @@ _HF_NAMES = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate
              "attention_bias", "hidden_act", "bos_token_id", "eos_token_id", "pad_token_id")
 _HF_READ = ("rope_theta", "rope_scaling", "rope_parameters", "num_mtp_layers", "dsv3_min")
 _EXTENSIONS = ("attention", "num_key_value_heads", "gqa_head_dim", "gated_attention", "norm_scheme", "attn_backend",
-               "mla_impl", "moe_impl", "aux_loss_alpha", "bias_update_speed", "mtp_loss_weight")
+               "mla_impl", "moe_impl", "aux_loss_alpha", "bias_update_speed", "mtp_loss_weight",
+               "ce_impl")
 HF_IGNORED_KEYS = frozenset({
     "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "auto_map", "_name_or_path",
     "use_cache", "id2label", "label2id", "problem_type", "output_attentions", "output_hidden_states",
@@ -294,7 +298,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_attention_heads=4, max_position_embeddings=512, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
         qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
         n_group=2, topk_group=2, routed_scaling_factor=1.0, first_k_dense_replace=1, num_nextn_predict_layers=1,
-        tie_word_embeddings=True, attn_backend="sdpa", bias_update_speed=0.01),
+        tie_word_embeddings=True, attn_backend="sdpa", bias_update_speed=0.01, ce_impl="chunked"),
     "gpu-small": ModelConfig(
         vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512, num_hidden_layers=8,
         num_attention_heads=16, max_position_embeddings=4096, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,

@@ -20,9 +20,9 @@ from .norm import RMSNorm, deepnorm_alpha, deepnorm_beta, deepnorm_depth, deepno
 from .rope import RotaryEmbedding
 
 # %% auto #0
-__all__ = ['Block', 'DeepNormBlock', 'SharedHead', 'MTPLayer', 'DeepNormMTPLayer', 'LossParts', 'ModelCache', 'DeepSeekV3',
-           'DeepSeekV3ForSequenceClassification', 'filtered_logits', 'noise', 'sample_from', 'next_token',
-           'check_generate_args', 'reference_generate']
+__all__ = ['CE_CHUNK', 'Block', 'DeepNormBlock', 'SharedHead', 'MTPLayer', 'DeepNormMTPLayer', 'LossParts', 'ModelCache',
+           'linear_cross_entropy', 'DeepSeekV3', 'DeepSeekV3ForSequenceClassification', 'filtered_logits', 'noise',
+           'sample_from', 'next_token', 'check_generate_args', 'reference_generate']
 
 # %% ../notebooks/16_model.ipynb #d0133743
 class Block(nn.Module):
@@ -143,6 +143,43 @@ def _init_weights(model: nn.Module) -> None:
         for block in [*model.layers, *model.mtp]:
             deepnorm_init_(block, beta)
 
+# %% ../notebooks/16_model.ipynb #b7944ca1
+CE_CHUNK = 2**21  # logits per chunk of `linear_cross_entropy` (8 MB in fp32: what a CPU core's caches can hold)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    "Mean cross-entropy of `h @ wᵀ` against `y` (-100 ignored), a chunk of rows at a time, gradients made on the way."
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, y: Tensor) -> Tensor:
+        rows, valid = max(1, CE_CHUNK // w.shape[0]), y != -100
+        acc = torch.promote_types(h.dtype, torch.float32)  # the softmax and the sums: fp32 at least
+        dh, dw = torch.empty(h.shape, dtype=acc, device=h.device), torch.zeros(w.shape, dtype=acc, device=w.device)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for i in range(0, h.shape[0], rows):
+            hc, yc, ok = h[i:i + rows], y[i:i + rows, None].clamp(min=0), valid[i:i + rows, None]
+            z = (hc @ w.t()).to(acc)  # (rows, vocab): the only logits there ever are
+            lse = z.logsumexp(-1, keepdim=True)
+            total += ((lse - z.gather(1, yc)) * ok).sum()
+            g = z.sub_(lse).exp_().scatter_add_(1, yc, -ok.to(acc)).mul_(ok).to(hc.dtype)  # softmax - one-hot
+            dh[i:i + rows] = g @ w
+            dw += g.t() @ hc
+        n = valid.sum()
+        ctx.save_for_backward(dh, dw, n)
+        ctx.dtypes = h.dtype, w.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        dh, dw, n = ctx.saved_tensors
+        scale = grad / n
+        return (dh * scale).to(ctx.dtypes[0]), (dw * scale).to(ctx.dtypes[1]), None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    "`F.cross_entropy(h @ weightᵀ, targets, ignore_index=-100)` for `h (N, d)`, `weight (V, d)`, never all (N, V) at once."
+    return _LinearCrossEntropy.apply(h, weight, targets)
+
 # %% ../notebooks/16_model.ipynb #37d3e5cc
 class _InputsAndCache:
     "`DeepSeekV3`'s input checks, rotary positions (explicit, after the cache, or 0..S-1) and caches."
@@ -210,9 +247,16 @@ class _LossAndBalance:
 
     def _ce(self, h, targets, depth: int = 0):
         "Cross-entropy of the shared head (after depth `depth`'s norm) on hidden states h (b, s, d) against targets (b, s)."
+        flat = rearrange(targets, "b s -> (b s)")
+        if self.config.ce_impl == "chunked" and type(self.lm_head) is nn.Linear and torch.is_grad_enabled():
+            h = rearrange(self._norm(depth)(h), "b s d -> (b s) d")  # the head's input; its matmul is in the loss
+            return linear_cross_entropy(h, self.lm_head.weight, flat)
         logits = self.head(h, depth)
-        return F.cross_entropy(rearrange(logits.float(), "b s v -> (b s) v"), rearrange(targets, "b s -> (b s)"),
-                               ignore_index=-100)
+        return F.cross_entropy(rearrange(logits.float(), "b s v -> (b s) v"), flat, ignore_index=-100)
+
+    def _norm(self, depth: int = 0) -> nn.Module:
+        "The norm before the shared head: the final one (depth 0) or MTP depth k's."
+        return self.mtp[depth - 1].shared_head.norm if depth else self.norm
 
     @torch.no_grad()
     def update_router_biases(self) -> None:
@@ -266,7 +310,7 @@ class DeepSeekV3(_LossAndBalance, _InputsAndCache, nn.Module):
 
     def head(self, h: Tensor, depth: int = 0) -> Tensor:
         "Logits of the shared LM head on hidden states `h`, after the final norm (depth 0) or MTP depth k's norm."
-        return self.lm_head((self.mtp[depth - 1].shared_head.norm if depth else self.norm)(h))
+        return self.lm_head(self._norm(depth)(h))
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, cache: ModelCache | None = None) -> Tensor:
         "input_ids (B, S) at `positions` ((S,) or (B, S), default: after the cache, else 0..S-1) -> logits (B, S, vocab)."

@@ -14,6 +14,8 @@ timed over many steps back to back (no host read between them, as the loop runs 
   bench_tok_s        this process timing the package's `step.train_step` on the model, optimizer, compiled loss,
                      autocast and `get_batch` batches that `train` builds (MTP off), with the device flag `healthy`
                      (no host read): the same code as loop_tok_s without the loop's logging;
+  loop_chunked_ce_tok_s  loop_tok_s with `ce_impl=chunked` (notebook 16's loss without the whole logits; measured on
+                     the CPU only so far): chunked_ce_over_full = loop_chunked_ce_tok_s / loop_tok_s;
   hf_compiled_tok_s  transformers' DeepseekV3ForCausalLM with the same weights (ours -> save_pretrained ->
                      from_pretrained, MTP off: transformers has none), the same batches, its own loss, and the same
                      `train_step` (clip, AdamW), under plain `torch.compile(model)`; in bf16 weights on the GPU (its
@@ -236,6 +238,8 @@ def main() -> None:
                 gc.collect()
         if not a.no_titan and left() > 45:
             titan_run(a, cfg, tc, device, tokens, tmp, res, record)
+        if left() > 60:  # the chunked loss (notebook 16) in the loop, MTP off: against loop_tok_s
+            record("loop_chunked_ce_tok_s", loop_run(a, False, Path(tmp) / "chunked_ce", left(), ("ce_impl=chunked",)))
     if "loop_tok_s" in res and "bench_tok_s" in res:
         res["loop_over_bench"] = res["loop_tok_s"] / res["bench_tok_s"]
     if "hf_compiled_tok_s" in res and "loop_tok_s" in res:
@@ -246,11 +250,13 @@ def main() -> None:
         res["loop_mfu"] = res["variants"]["loop_tok_s"]["mfu_measured_peak"]
     if "loop_mtp_tok_s" in res and "loop_tok_s" in res:
         res["mtp_step_overhead"] = res["loop_tok_s"] / res["loop_mtp_tok_s"] - 1
+    if "loop_chunked_ce_tok_s" in res and "loop_tok_s" in res:
+        res["chunked_ce_over_full"] = res["loop_chunked_ce_tok_s"] / res["loop_tok_s"]
     if "loop_log1_tok_s" in res and "loop_tok_s" in res:
         res["loop_over_log1"] = res["loop_tok_s"] / res["loop_log1_tok_s"]
     res["wall_s"] = time.time() - t_start
     write_json(Path(a.out) / "train_throughput.json", res)
-    print({k: round(v, 3) for k, v in res.items() if k.startswith(("loop_over", "loop_mfu", "mtp_step", "wall")) and v is not None})
+    print({k: round(v, 3) for k, v in res.items() if k.startswith(("loop_over", "loop_mfu", "mtp_step", "chunked_ce", "wall")) and v is not None})
 
 
 if __name__ == "__main__":

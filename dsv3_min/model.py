@@ -154,7 +154,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: Tensor, w: Tensor, y: Tensor) -> Tensor:
         rows, valid = max(1, CE_CHUNK // w.shape[0]), y != -100
         acc = torch.promote_types(h.dtype, torch.float32)  # the softmax and the sums: fp32 at least
-        dh, dw = torch.empty(h.shape, dtype=acc, device=h.device), torch.zeros(w.shape, dtype=acc, device=w.device)
+        need_h, need_w = ctx.needs_input_grad[:2]  # a frozen head (LoRA) skips dW's matmul
+        dh = torch.empty(h.shape, dtype=acc, device=h.device) if need_h else None
+        dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=h.device)
         for i in range(0, h.shape[0], rows):
             hc, yc, ok = h[i:i + rows], y[i:i + rows, None].clamp(min=0), valid[i:i + rows, None]
@@ -162,8 +164,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = z.logsumexp(-1, keepdim=True)
             total += ((lse - z.gather(1, yc)) * ok).sum()
             g = z.sub_(lse).exp_().scatter_add_(1, yc, -ok.to(acc)).mul_(ok).to(hc.dtype)  # softmax - one-hot
-            dh[i:i + rows] = g @ w
-            dw += g.t() @ hc
+            if need_h:
+                dh[i:i + rows] = g @ w
+            if need_w:
+                dw += g.t() @ hc
         n = valid.sum()
         ctx.save_for_backward(dh, dw, n)
         ctx.dtypes = h.dtype, w.dtype
@@ -173,7 +177,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         dh, dw, n = ctx.saved_tensors
         scale = grad / n
-        return (dh * scale).to(ctx.dtypes[0]), (dw * scale).to(ctx.dtypes[1]), None
+        return tuple(None if d is None else (d * scale).to(t) for d, t in zip((dh, dw), ctx.dtypes)) + (None,)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:

@@ -75,7 +75,8 @@ def test_mtp_loss_is_combined_with_lambda():
 def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(monkeypatch):
     """`linear_cross_entropy(h, W, y)` is `F.cross_entropy(h @ Wᵀ, y, ignore_index=-100)`: its value and both
     gradients, over chunks that do not divide the rows (gradcheck in float64; fp32 within 1e-6 of the full logits'
-    loss, measured 4e-7 relative on the gradients), ignored rows included; all rows ignored gives NaN as torch does."""
+    loss, measured 4e-7 relative on the gradients), ignored rows included; all rows ignored gives NaN as torch does; a
+    frozen weight (a LoRA base) gets no gradient and h the same one."""
     import dsv3_min.model as model_module
     monkeypatch.setattr(model_module, "CE_CHUNK", 50 * 7)  # 7 rows per chunk of a 50-piece vocabulary
     torch.manual_seed(0)
@@ -91,6 +92,10 @@ def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(monkeypatch):
         assert err < 1e-6, err
     assert abs(float(got.detach() - ref.detach())) < 1e-6 * float(ref.detach())
     assert torch.isnan(linear_cross_entropy(h, w, torch.full((40,), -100)))
+    frozen = w.detach()  # a frozen head (LoRA): no dW made, dh the same
+    (dh,) = torch.autograd.grad(3 * linear_cross_entropy(h, frozen, y), [h])
+    (want,) = torch.autograd.grad(3 * torch.nn.functional.cross_entropy(h @ frozen.t(), y, ignore_index=-100), [h])
+    torch.testing.assert_close(dh, want, rtol=0, atol=1e-6 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -297,13 +297,14 @@ def _step(eng: Engine) -> None:
     if not active:
         return
     new = 2 if eng.draft else 1  # a step writes 1 or 2 slots
-    if int(eng.cache.pos) + new > eng.cache.layers[0].max_len:
-        _shift(eng, -int(eng.cache.start[active].min()))
+    low, pos = torch.stack([eng.cache.start[active].min(), eng.cache.pos]).tolist()  # one read of the device
+    if pos + new > eng.cache.layers[0].max_len:
+        _shift(eng, -low)
+        low, pos = 0, pos - low
     free = [r for r, s in enumerate(eng.rows) if s is None]
     eng.cache.start[free] = eng.cache.pos  # a free row sees only its own slot
     width = active[-1] + 1  # rows are taken lowest first: the step runs rows 0..width-1 only
-    lo, pos = torch.stack([eng.cache.start[active].min().clamp(min=0), eng.cache.pos]).tolist()
-    _rows(eng, width).set_window(slice(lo, pos + new))  # attend over the rows' span only, not all 2 x context slots
+    _rows(eng, width).set_window(slice(max(low, 0), pos + new))  # the rows' span only, not all 2 x context slots
     (_verify_step if eng.draft else _decode_step)(eng, active, width)
     eng.stats["steps"] += 1
 
